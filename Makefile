@@ -1,0 +1,33 @@
+# mpitpi: the two commands a new user needs are `make demo` and `make test`.
+# Variables: NP (ranks), MPIEXEC (launcher), PYTHON (interpreter that creates the venv).
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+MPIEXEC ?= $(VENV)/bin/mpiexec
+NP      ?= 3
+STAMP   := $(VENV)/.installed
+
+.PHONY: install test lint clean
+
+# Create .venv and install mpitpi with its test extra. torch is pinned to the CPU build
+# (2.13.0); a bare `torch` would pull a multi-GB CUDA build. The stamp makes reruns instant.
+install: $(STAMP)
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# Run the test suite (multi-rank tests launch $(MPIEXEC) with a timeout each).
+test: install
+	PATH=$(abspath $(VENV))/bin:$$PATH HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# Byte-compile everything: a quick syntax check.
+lint: install
+	$(PY) -m compileall -q mpitpi tests
+
+# Remove the virtualenv and build leftovers (shard caches under ~/.cache/mpitpi are kept).
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from mpitpi.cli import main
+
+raise SystemExit(main())

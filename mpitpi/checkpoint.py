@@ -1,0 +1,140 @@
+"""Read a checkpoint lazily, tensor by tensor, slice by slice.
+
+A checkpoint exposes its ModelArgs and its tensors under Hugging Face names
+(``model.layers.3.self_attn.q_proj.weight``). ``rows``/``cols`` read only the requested slice
+from disk, so splitting a model never holds more than one slice in memory.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import struct
+
+import torch
+
+from mpitpi.config import ModelArgs, load_hf_config
+from mpitpi.errors import MpitpiError
+
+
+class HFCheckpoint:
+    """A Hugging Face folder: config.json + model.safetensors (or sharded + index)."""
+
+    def __init__(self, folder: str):
+        if not os.path.exists(folder):
+            raise MpitpiError(f"model path {folder!r} does not exist. Fix: pass a Hugging Face "
+                              f"model folder (config.json + *.safetensors).")
+        if not os.path.isdir(folder):
+            raise MpitpiError(f"model path {folder!r} is not a folder. Fix: pass a Hugging Face "
+                              f"model folder (config.json + *.safetensors).")
+        self.folder = folder
+        self.args: ModelArgs = load_hf_config(folder)
+        self._handles: dict[str, object] = {}
+        self.weight_map = self._weight_map()
+        tok = os.path.join(folder, "tokenizer.json")
+        self.tokenizer_path = tok if os.path.isfile(tok) else None
+        self._check_names()
+
+    def _weight_map(self) -> dict[str, str]:
+        index = os.path.join(self.folder, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    return dict(json.load(f)["weight_map"])
+            except (OSError, ValueError, KeyError) as e:
+                raise MpitpiError(f"cannot read {index}: {e}. Fix: restore the index file.")
+        files = sorted(glob.glob(os.path.join(self.folder, "*.safetensors")))
+        if not files:
+            raise MpitpiError(f"no *.safetensors file in {self.folder}. Fix: pass a folder with "
+                              f"model.safetensors (or sharded files and their index).")
+        weight_map = {}
+        for path in files:
+            for name in self._open(os.path.basename(path)).keys():
+                weight_map[name] = os.path.basename(path)
+        return weight_map
+
+    def _open(self, filename: str):
+        if filename not in self._handles:
+            from safetensors import safe_open
+            path = os.path.join(self.folder, filename)
+            try:
+                self._handles[filename] = safe_open(path, framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise MpitpiError(f"cannot read {path}: {e}. The file is missing, truncated or "
+                                  f"not safetensors. Fix: download or copy it again.")
+        return self._handles[filename]
+
+    def _check_names(self) -> None:
+        a = self.args
+        need = ["model.embed_tokens.weight", "model.norm.weight"]
+        for i in range(a.n_layers):
+            p = f"model.layers.{i}."
+            need += [p + n + ".weight" for n in (
+                "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                "input_layernorm", "post_attention_layernorm")]
+        missing = [n for n in need if n not in self.weight_map]
+        if missing:
+            raise MpitpiError(f"{self.folder}: {len(missing)} tensors named by config.json are "
+                              f"missing from the safetensors files (first: {missing[0]}). Fix: "
+                              f"check that the checkpoint is complete.")
+        if "lm_head.weight" not in self.weight_map:
+            self.args.tie_embeddings = True
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def _slice(self, name: str):
+        if name not in self.weight_map:
+            raise MpitpiError(f"tensor {name} is not in {self.folder}.")
+        try:
+            return self._open(self.weight_map[name]).get_slice(name)
+        except MpitpiError:
+            raise
+        except Exception as e:
+            raise MpitpiError(f"cannot read tensor {name} from {self.folder}: {e}")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def _read(self, name: str, index) -> torch.Tensor:
+        try:
+            return self._slice(name)[index]
+        except MpitpiError:
+            raise
+        except Exception as e:
+            raise MpitpiError(f"cannot read tensor {name} from {self.folder}: {e}. The file may "
+                              f"be truncated. Fix: download or copy it again.")
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a 2-D tensor, or elements [start, stop) of a 1-D one."""
+        return self._read(name, slice(start, stop))
+
+    def cols(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Columns [start, stop) of a 2-D tensor."""
+        return self._read(name, (slice(None), slice(start, stop)))
+
+    def full(self, name: str) -> torch.Tensor:
+        return self._read(name, slice(None))
+
+    def fingerprint(self) -> str:
+        """A hash of config.json and every weight file's safetensors header and size."""
+        h = hashlib.sha256()
+        with open(os.path.join(self.folder, "config.json"), "rb") as f:
+            h.update(f.read())
+        for filename in sorted(set(self.weight_map.values())):
+            path = os.path.join(self.folder, filename)
+            h.update(filename.encode())
+            h.update(str(os.path.getsize(path)).encode())
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) == 8:
+                    (n,) = struct.unpack("<Q", head)
+                    h.update(f.read(min(n, 1 << 26)))
+        return h.hexdigest()[:16]
+
+
+def open_checkpoint(path: str):
+    """Open a model by path: a Hugging Face folder (GGUF files come in a later reader)."""
+    return HFCheckpoint(path)

@@ -1,0 +1,210 @@
+"""The `mpitpi` command: parse arguments, then call one function.
+
+    mpitpi split MODEL --out DIR --world-size N [--ratios 2,1,1] [--dtype fp32|bf16|fp16]
+    mpiexec -n N mpitpi generate --model MODEL --prompt TEXT [options]
+
+The failure path: an error every rank raised together (a checked step) is printed once by
+rank 0 and every rank exits 2; an error on one rank alone is printed with its rank and host
+and the whole job is aborted, so no rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+from mpitpi.errors import CollectiveError, MpitpiError
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="a Hugging Face model folder (config.json + *.safetensors)")
+    p.add_argument("--shards", help="a shard folder made by `mpitpi split` (default: split once "
+                   "into a cache folder under $MPITPI_CACHE or ~/.cache/mpitpi, then reuse)")
+    p.add_argument("--ratios", help="per-rank shares of heads, FFN columns and vocabulary, "
+                   "e.g. 2,1,1 (default: uniform)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="storage dtype of automatically made shards (default fp32)")
+    p.add_argument("--threads", type=int, help="torch threads per rank (default: the host's "
+                   "cores divided by the ranks on that host, at least 1)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the CRC32 check of shard data at load")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mpitpi", description="Tensor-parallel Llama inference "
+                                 "across MPI ranks. Launch multi-rank commands with mpiexec.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("split", help="write one shard file per rank from a checkpoint")
+    sp.add_argument("model", help="a Hugging Face model folder")
+    sp.add_argument("--out", required=True, help="the shard folder to create (new or empty)")
+    sp.add_argument("--world-size", "-n", type=int, required=True, help="number of ranks")
+    sp.add_argument("--ratios", help="per-rank shares, e.g. 2,1,1 (default: uniform)")
+    sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                    help="storage dtype (default fp32)")
+
+    gp = sub.add_parser("generate", help="generate text (run under mpiexec -n N)")
+    _add_model_options(gp)
+    src = gp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompt-ids", help="comma-separated token ids instead of text")
+    gp.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    gp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gp.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
+    gp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    gp.add_argument("--min-p", type=float, default=0.0,
+                    help="drop tokens below min-p x the top probability (0 = off)")
+    gp.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off")
+    gp.add_argument("--seed", type=int, help="sampling seed")
+    gp.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gp.add_argument("--json", action="store_true", help="print one JSON object at the end "
+                    "instead of streaming text")
+    gp.add_argument("--logits-out", help="save the logits of every generated token as a "
+                    "float32 .npy array [tokens, vocab]")
+    return ap
+
+
+def cmd_split(a) -> int:
+    from mpitpi.checkpoint import open_checkpoint
+    from mpitpi.plan import parse_ratios
+    from mpitpi.shards import check_out_folder, write_shards
+
+    ckpt = open_checkpoint(a.model)
+    ratios = parse_ratios(a.ratios, a.world_size)
+    from mpitpi.plan import plan_for_args
+    plan_for_args(ckpt.args, a.world_size, ratios)   # bad world size / ratios: error first
+    check_out_folder(a.out)
+    man = write_shards(ckpt, a.out, a.world_size, ratios, a.dtype, progress=True)
+    total = sum(f["size"] for f in man["files"]) / 2**20
+    print(f"wrote {a.world_size} shard files ({total:.1f} MiB) and manifest.json to {a.out}")
+    return 0
+
+
+def _threads(comm, requested: int | None) -> int:
+    if requested is not None:
+        if requested < 1:
+            raise MpitpiError(f"--threads must be at least 1, got {requested}.")
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores, (os.cpu_count() or 1) // comm.local_size()))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM) in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _prompt_ids(a, loaded) -> list[int]:
+    """Rank 0: the prompt as token ids, checked against the model."""
+    from mpitpi.generate import check_prompt
+
+    if a.prompt_ids is not None:
+        try:
+            ids = [int(x) for x in a.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise MpitpiError(f"--prompt-ids {a.prompt_ids!r} is not a comma-separated list of "
+                              f"integers. Fix: e.g. --prompt-ids 1,15043,29892")
+    else:
+        if loaded.tokenizer_path is None:
+            raise MpitpiError("the model has no tokenizer.json, so --prompt cannot be "
+                              "tokenized. Fix: pass --prompt-ids 1,2,3 instead.")
+        ids = _tokenizer(loaded).encode(a.prompt)
+    check_prompt(ids, a.max_tokens, loaded.args.vocab_size, loaded.args.max_seq_len)
+    if a.logits_out and os.path.exists(a.logits_out):
+        raise MpitpiError(f"--logits-out {a.logits_out!r} exists; it is not overwritten. "
+                          f"Fix: remove it or choose another name.")
+    return ids
+
+
+_TOKENIZERS: dict = {}
+
+
+def _tokenizer(loaded):
+    from mpitpi.tokenizer import Tokenizer
+
+    if loaded.tokenizer_path not in _TOKENIZERS:
+        _TOKENIZERS[loaded.tokenizer_path] = Tokenizer(loaded.tokenizer_path)
+    return _TOKENIZERS[loaded.tokenizer_path]
+
+
+def cmd_generate(a, comm) -> int:
+    import numpy as np
+    import torch
+
+    from mpitpi.generate import generate
+    from mpitpi.loader import load_model
+    from mpitpi.sampling import Sampler, SamplingParams
+
+    root = comm.rank == 0
+    torch.set_num_threads(comm.checked(_threads, comm, a.threads))
+    params = SamplingParams(a.temperature, a.top_k, a.top_p, a.min_p, a.repeat_penalty, a.seed)
+    comm.checked(params.check)
+    loaded = load_model(comm, a.model, a.shards, a.ratios, a.dtype, verify=not a.no_verify,
+                        progress=root)
+    ids = comm.root_checked(_prompt_ids, a, loaded)
+    decode = _tokenizer(loaded).decode if (root and loaded.tokenizer_path) else None
+
+    def emit(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    res = generate(comm, loaded.model, [s.n_vocab for s in loaded.plan], ids, a.max_tokens,
+                   sampler=Sampler(params) if root else None, eos_ids=loaded.args.eos_token_ids,
+                   decode=decode, stops=a.stop, on_text=None if a.json else emit,
+                   keep_logits=bool(a.logits_out))
+    rss = comm.gather_obj(round(peak_rss_mb(), 1))
+    if not root:
+        return 0
+    if a.logits_out:
+        np.save(a.logits_out, np.stack(res.logits).astype(np.float32))
+    n = len(res.token_ids)
+    if a.json:
+        print(json.dumps({
+            "text": res.text, "token_ids": res.token_ids, "prompt_tokens": res.prompt_tokens,
+            "ttft_ms": round(res.ttft_ms, 3), "ms_per_token": round(res.ms_per_token, 3),
+            "tokens_per_s": round(1e3 / res.ms_per_token, 3) if res.ms_per_token else None,
+            "finish_reason": res.finish_reason, "world_size": comm.size,
+            "peak_rss_mb": rss}))
+    else:
+        print(flush=True)
+        print(f"[mpitpi] {n} tokens on {comm.size} ranks: TTFT {res.ttft_ms:.0f} ms, "
+              f"{res.ms_per_token:.1f} ms/token, peak RSS MB per rank {rss}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.command == "split":
+        try:
+            return cmd_split(a)
+        except MpitpiError as e:
+            print(f"mpitpi: error: {e}", file=sys.stderr)
+            return 2
+    from mpitpi.comm import Comm
+
+    comm = Comm()
+    try:
+        return cmd_generate(a, comm)
+    except CollectiveError as e:
+        if comm.rank == 0:
+            print(f"mpitpi: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except MpitpiError as e:
+        print(f"mpitpi: error on rank {comm.rank} ({comm.host}): {e}", file=sys.stderr)
+        comm.abort(2)
+    except KeyboardInterrupt:
+        print(f"mpitpi: interrupted on rank {comm.rank} ({comm.host})", file=sys.stderr)
+        comm.abort(130)
+    except BaseException as e:  # a bug: show where, then end every rank
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        print(f"mpitpi: internal error on rank {comm.rank} ({comm.host}):", file=sys.stderr)
+        traceback.print_exc()
+        comm.abort(1)
+    return 1

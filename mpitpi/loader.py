@@ -1,0 +1,99 @@
+"""From a model path to this rank's ready Transformer: find or make shards, check, load.
+
+Collective: every rank calls ``load_model`` together. Rank 0 opens the checkpoint, and (when
+no --shards folder is given) splits it once into a cache folder keyed by model fingerprint,
+world size, ratios and dtype. Every rank then reads the manifest and opens only its own file.
+Errors on any rank are raised on every rank (comm.checked), so nobody waits for a rank that
+has given up.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from mpitpi.checkpoint import open_checkpoint
+from mpitpi.config import ModelArgs
+from mpitpi.errors import MpitpiError
+from mpitpi.model import Transformer
+from mpitpi.plan import RankSlice, parse_ratios
+from mpitpi.shards import ShardReader, check_manifest, read_manifest, write_shards
+
+
+def cache_root() -> str:
+    return os.environ.get("MPITPI_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "mpitpi")
+
+
+def cache_folder(model_path: str, fingerprint: str, world_size: int,
+                 ratios: list[float] | None, dtype: str) -> str:
+    key = json.dumps([fingerprint, world_size, ratios, dtype])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    name = os.path.basename(os.path.normpath(model_path)) or "model"
+    return os.path.join(cache_root(), "shards", f"{name}-n{world_size}-{dtype}-{digest}")
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    args: ModelArgs
+    plan: list[RankSlice]
+    shards: str
+    tokenizer_path: str | None
+    fingerprint: str | None
+
+
+def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress) -> dict:
+    """Rank 0: open the checkpoint, find or make the shard folder. Returns what all need."""
+    ratios = parse_ratios(ratios_text, world_size)
+    if model_path is None:
+        if shards is None:
+            raise MpitpiError("no model given. Fix: pass --model MODEL (a Hugging Face folder), "
+                              "or --shards DIR made by `mpitpi split`.")
+        man = read_manifest(shards)
+        tok = os.path.join(man["model"]["path"], "tokenizer.json")
+        return {"shards": shards, "fingerprint": None,
+                "tokenizer": tok if os.path.isfile(tok) else None}
+    ckpt = open_checkpoint(model_path)
+    fp = ckpt.fingerprint()
+    if shards is None:
+        shards = cache_folder(model_path, fp, world_size, ratios, dtype)
+        valid = False
+        if os.path.isfile(os.path.join(shards, "manifest.json")):
+            try:
+                check_manifest(read_manifest(shards), shards, world_size, fp)
+                valid = True
+            except MpitpiError:
+                valid = False
+        if not valid:
+            write_shards(ckpt, shards, world_size, ratios, dtype, progress=progress)
+    return {"shards": shards, "fingerprint": fp, "tokenizer": ckpt.tokenizer_path}
+
+
+def load_model(comm, model_path: str | None, shards: str | None, ratios: str | None,
+               dtype: str = "fp32", verify: bool = True, progress: bool = True) -> Loaded:
+    """Every rank: return this rank's Transformer (its slices of every layer, resident)."""
+    info = comm.root_checked(_resolve_shards, model_path, shards, comm.size, ratios, dtype,
+                             progress)
+
+    def open_own():
+        man = read_manifest(info["shards"])
+        check_manifest(man, info["shards"], comm.size, info["fingerprint"])
+        args = ModelArgs.from_dict(man["args"])
+        plan = [RankSlice.from_dict(d) for d in man["plan"]]
+        reader = ShardReader(info["shards"], comm.rank, man, verify=verify)
+        try:
+            top = {"embed": reader.read("vocab/embed").float(),
+                   "norm": reader.read("norm").float()}
+            if reader.has("vocab/lm_head"):
+                top["lm_head"] = reader.read("vocab/lm_head").float()
+            layers = [{k: v.float() for k, v in reader.layer(i).items()}
+                      for i in range(args.n_layers)]
+        finally:
+            reader.close()
+        return args, plan, top, layers
+
+    args, plan, top, layers = comm.checked(open_own)
+    model = Transformer(args, plan[comm.rank], top, layers, reduce=comm.allreduce_)
+    return Loaded(model, args, plan, info["shards"], info["tokenizer"], info["fingerprint"])

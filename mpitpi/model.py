@@ -1,0 +1,168 @@
+"""The tensor-parallel forward pass of one rank (no MPI here: it calls ``reduce``).
+
+Rank r holds (see plan.py and shards.py): n_q query heads and the n_kv KV heads they read,
+f FFN columns and v vocabulary rows. Per layer it computes its heads' attention and its FFN
+columns, producing partial (T, dim) outputs that ``reduce`` sums across ranks in place:
+
+    x = embed(tokens)                     vocab-parallel rows, reduce #0
+    for each layer:
+        x = x + reduce(attn(norm(x)))     q/k/v column-parallel, o row-parallel
+        x = x + reduce(mlp(norm(x)))      gate/up column-parallel, down row-parallel
+    logits_r = norm(x[-1]) @ vocab_r.T    this rank's vocabulary rows, gathered by the caller
+
+With ``reduce`` the identity and a one-rank plan this is the plain single-process model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from mpitpi.config import ModelArgs
+from mpitpi.plan import RankSlice
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """(head_dim/2,) rotary inverse frequencies, with linear or llama3 scaling applied."""
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = args.rope_scaling
+    if sc is None:
+        return inv
+    if sc["rope_type"] == "linear":
+        return inv / sc["factor"]
+    # llama3: long wavelengths scaled down by `factor`, short ones kept, a smooth ramp between
+    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old_len = sc["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(args: ModelArgs, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables, each (max_len, head_dim), in the rotate-half layout."""
+    inv = rope_inv_freq(args)
+    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv[None, :]  # (L, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)                                    # (L, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (heads, T, hd); cos, sin: (T, hd)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+class Transformer:
+    """One rank's share of the model, its KV cache, and the forward pass.
+
+    ``top``: {"embed": (v, dim), "lm_head": (v, dim) if untied, "norm": (dim,)}.
+    ``layers[i]``: the shards.py per-layer tensors (wqkv, wo, w13, w2, norms, biases).
+    The KV cache and rope tables are allocated by ``reserve(n)`` before a sequence of n
+    positions is run.
+    """
+
+    def __init__(self, args: ModelArgs, s: RankSlice, top: dict, layers: list[dict],
+                 reduce: Reduce | None = None):
+        self.args, self.s = args, s
+        self.reduce = reduce or (lambda t: t)
+        self.embed = top["embed"]                       # (n_vocab_r, dim)
+        self.lm_head = top.get("lm_head", self.embed)   # (n_vocab_r, dim), tied: same matrix
+        self.norm = top["norm"]                         # (dim,)
+        self.layers = layers
+        g = args.group_size
+        # local KV index of each local query head: (n_q,)
+        kv_of_q = torch.arange(s.q_heads[0], s.q_heads[1]) // g - s.kv_heads[0]
+        grouped = torch.arange(s.n_kv).repeat_interleave(max(1, s.n_q // s.n_kv))
+        self.gqa = s.n_q % s.n_kv == 0 and torch.equal(kv_of_q, grouped)
+        self.kv_of_q = kv_of_q
+        hd = args.head_dim
+        self.split_qkv = (s.n_q * hd, s.n_kv * hd, s.n_kv * hd)
+        self.max_len = 0
+        self.reserve(1)
+
+    def reserve(self, n: int) -> None:
+        """Make room for positions [0, n): KV cache and rope tables (kept if already larger)."""
+        if n <= self.max_len:
+            return
+        s, hd = self.s, self.args.head_dim
+        self.cos, self.sin = rope_tables(self.args, n)          # (n, hd) each
+        # KV cache of this rank's KV heads: (n_kv, n, hd) per layer, for k and for v
+        self.cache_k = [torch.zeros(s.n_kv, n, hd) for _ in self.layers]
+        self.cache_v = [torch.zeros(s.n_kv, n, hd) for _ in self.layers]
+        self.max_len = n
+
+    def _mask(self, T: int, start: int) -> torch.Tensor | None:
+        """Boolean (T, start+T) mask of allowed keys, or None when plain causal suffices."""
+        L, w = start + T, self.args.sliding_window
+        windowed = w is not None and L > w
+        if T == 1 and not windowed:
+            return None
+        qpos = torch.arange(start, L)[:, None]
+        kpos = torch.arange(L)[None, :]
+        allowed = kpos <= qpos
+        if windowed:
+            allowed &= (qpos - kpos) < w
+        return allowed
+
+    def attention(self, i: int, x: torch.Tensor, start: int, mask) -> torch.Tensor:
+        """x: (T, dim) normed input -> (T, dim) partial output of this rank's heads."""
+        w, a, s = self.layers[i], self.args, self.s
+        T, hd = x.shape[0], a.head_dim
+        qkv = F.linear(x, w["wqkv"], w.get("bqkv"))              # (T, (n_q + 2 n_kv) hd)
+        q, k, v = qkv.split(self.split_qkv, dim=-1)
+        q = q.view(T, s.n_q, hd).transpose(0, 1)                 # (n_q, T, hd)
+        k = k.view(T, s.n_kv, hd).transpose(0, 1)                # (n_kv, T, hd)
+        v = v.view(T, s.n_kv, hd).transpose(0, 1)                # (n_kv, T, hd)
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        end = start + T
+        self.cache_k[i][:, start:end] = k
+        self.cache_v[i][:, start:end] = v
+        keys, vals = self.cache_k[i][:, :end], self.cache_v[i][:, :end]  # (n_kv, end, hd)
+        if not self.gqa:
+            keys, vals = keys[self.kv_of_q], vals[self.kv_of_q]         # (n_q, end, hd)
+        causal = mask is None and T > 1
+        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.gqa and s.n_q != s.n_kv)
+        o = o.transpose(0, 1).reshape(T, s.n_q * hd)              # (T, n_q hd)
+        return F.linear(o, w["wo"], w.get("bo"))                  # (T, dim) partial
+
+    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, dim) normed input -> (T, dim) partial output of this rank's FFN columns."""
+        w = self.layers[i]
+        gu = F.linear(x, w["w13"], w.get("b13"))                  # (T, 2 f)
+        g, u = gu.chunk(2, dim=-1)                                # (T, f) each
+        return F.linear(F.silu(g) * u, w["w2"], w.get("b2"))      # (T, dim) partial
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (T,) int64 -> (T, dim), summed over the ranks' vocabulary rows."""
+        v0, v1 = self.s.vocab
+        mine = (tokens >= v0) & (tokens < v1)
+        x = torch.zeros(tokens.shape[0], self.args.dim)
+        x[mine] = self.embed[tokens[mine] - v0]
+        return self.reduce(x)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """tokens (T,) at positions [start, start+T) -> (n_vocab_r,) logits of the last one."""
+        eps = self.args.norm_eps
+        mask = self._mask(tokens.shape[0], start)
+        x = self.embed_tokens(tokens)
+        for i, w in enumerate(self.layers):
+            x = x + self.reduce(self.attention(i, rms_norm(x, w["attn_norm"], eps), start, mask))
+            x = x + self.reduce(self.mlp(i, rms_norm(x, w["ffn_norm"], eps)))
+        h = rms_norm(x[-1], self.norm, eps)                       # (dim,)
+        return F.linear(h, self.lm_head)                          # (n_vocab_r,)

@@ -1,0 +1,258 @@
+"""Per-rank shard files: write them from a checkpoint once, read one rank's file many times.
+
+A shard folder holds ``manifest.json`` and ``rank{r}.h5`` for every rank r. Rank r's file holds
+only its slices (see plan.py), one HDF5 group per layer:
+
+    vocab/embed            (n_vocab_r, dim)               rows of the embedding table
+    vocab/lm_head          (n_vocab_r, dim)               rows of lm_head (untied models only)
+    norm                   (dim,)                         final RMSNorm weight
+    layers/{i}/wqkv        ((n_q_r + 2 n_kv_r) hd, dim)   column-parallel: q, k, v rows fused
+    layers/{i}/bqkv        ((n_q_r + 2 n_kv_r) hd,)       q, k, v biases (Qwen2)
+    layers/{i}/wo          (dim, n_q_r hd)                row-parallel: columns of o_proj
+    layers/{i}/bo          (dim,)                         o_proj bias, rank 0 only
+    layers/{i}/w13         (2 f_r, dim)                   column-parallel: gate rows then up rows
+    layers/{i}/b13         (2 f_r,)                       gate/up biases (mlp_bias)
+    layers/{i}/w2          (dim, f_r)                     row-parallel: columns of down_proj
+    layers/{i}/b2          (dim,)                         down_proj bias, rank 0 only
+    layers/{i}/attn_norm   (dim,)
+    layers/{i}/ffn_norm    (dim,)
+
+The manifest names the model (path and fingerprint), ModelArgs, world size, ratios, storage
+dtype, the plan and a CRC32 per dataset. A folder without manifest.json is never trusted:
+split writes into a staging folder and moves it into place only when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mpitpi.config import ModelArgs
+from mpitpi.errors import MpitpiError
+from mpitpi.plan import RankSlice, plan_for_args
+
+FORMAT = "mpitpi-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.h5"
+
+
+def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
+    t = t.to(DTYPES[dtype]).contiguous()
+    if dtype == "bf16":
+        return t.view(torch.uint16).numpy()  # HDF5 has no bfloat16: store the raw bits
+    return t.numpy()
+
+
+def _from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if dtype == "bf16" else t
+
+
+def rank_tensors(ckpt, args: ModelArgs, s: RankSlice, layer: int | None):
+    """Yield (dataset name, tensor) for rank slice ``s``: one layer, or the non-layer tensors."""
+    hd = args.head_dim
+    if layer is None:
+        yield "vocab/embed", ckpt.rows("model.embed_tokens.weight", *s.vocab)
+        if not args.tie_embeddings:
+            yield "vocab/lm_head", ckpt.rows("lm_head.weight", *s.vocab)
+        yield "norm", ckpt.full("model.norm.weight")
+        return
+    p = f"model.layers.{layer}."
+    q0, q1 = s.q_heads[0] * hd, s.q_heads[1] * hd
+    k0, k1 = s.kv_heads[0] * hd, s.kv_heads[1] * hd
+    attn, mlp = p + "self_attn.", p + "mlp."
+    yield "wqkv", torch.cat([ckpt.rows(attn + "q_proj.weight", q0, q1),
+                             ckpt.rows(attn + "k_proj.weight", k0, k1),
+                             ckpt.rows(attn + "v_proj.weight", k0, k1)])
+    if ckpt.has(attn + "q_proj.bias"):
+        yield "bqkv", torch.cat([ckpt.rows(attn + "q_proj.bias", q0, q1),
+                                 ckpt.rows(attn + "k_proj.bias", k0, k1),
+                                 ckpt.rows(attn + "v_proj.bias", k0, k1)])
+    yield "wo", ckpt.cols(attn + "o_proj.weight", q0, q1)
+    if s.rank == 0 and ckpt.has(attn + "o_proj.bias"):
+        yield "bo", ckpt.full(attn + "o_proj.bias")
+    f0, f1 = s.ffn
+    yield "w13", torch.cat([ckpt.rows(mlp + "gate_proj.weight", f0, f1),
+                            ckpt.rows(mlp + "up_proj.weight", f0, f1)])
+    if ckpt.has(mlp + "gate_proj.bias"):
+        yield "b13", torch.cat([ckpt.rows(mlp + "gate_proj.bias", f0, f1),
+                                ckpt.rows(mlp + "up_proj.bias", f0, f1)])
+    yield "w2", ckpt.cols(mlp + "down_proj.weight", f0, f1)
+    if s.rank == 0 and ckpt.has(mlp + "down_proj.bias"):
+        yield "b2", ckpt.full(mlp + "down_proj.bias")
+    yield "attn_norm", ckpt.full(p + "input_layernorm.weight")
+    yield "ffn_norm", ckpt.full(p + "post_attention_layernorm.weight")
+
+
+def is_shard_folder(path: str) -> bool:
+    """True if ``path`` holds an mpitpi manifest and nothing but its own files."""
+    man = os.path.join(path, MANIFEST)
+    if not os.path.isfile(man):
+        return False
+    try:
+        with open(man) as f:
+            if json.load(f).get("format") != FORMAT:
+                return False
+    except (OSError, ValueError):
+        return False
+    return all(n == MANIFEST or (n.startswith("rank") and n.endswith(".h5"))
+               for n in os.listdir(path))
+
+
+def check_out_folder(out: str) -> None:
+    """Refuse an --out that holds anything of the user's (before any work is done)."""
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise MpitpiError(f"--out {out!r} is a file, not a folder. Fix: choose a new folder.")
+        if os.listdir(out) and not is_shard_folder(out):
+            raise MpitpiError(f"--out {out!r} is not empty and is not an mpitpi shard folder; "
+                              f"nothing in it is overwritten. Fix: choose a new or empty folder.")
+
+
+def write_shards(ckpt, out: str, world_size: int, ratios: list[float] | None = None,
+                 dtype: str = "fp32", progress: bool = True) -> dict:
+    """Split ``ckpt`` into ``out``: one HDF5 file per rank + manifest. Returns the manifest.
+
+    Reads the checkpoint slice by slice (never the whole model). Writes into a staging folder
+    beside ``out`` and moves it into place only when every file is complete.
+    """
+    import h5py
+
+    if dtype not in DTYPES:
+        raise MpitpiError(f"--dtype {dtype!r} is not supported; choose one of "
+                          f"{', '.join(DTYPES)}.")
+    args = ckpt.args
+    plan = plan_for_args(args, world_size, ratios)
+    check_out_folder(out)
+    out = os.path.abspath(out)
+    staging = f"{out}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        files = [h5py.File(os.path.join(staging, rank_file(r)), "w") for r in range(world_size)]
+        sums: list[dict[str, int]] = [{} for _ in range(world_size)]
+        try:
+            steps = [None] + list(range(args.n_layers))
+            for layer in tqdm(steps, desc="split", unit="layer", disable=not progress):
+                for s in plan:
+                    prefix = "" if layer is None else f"layers/{layer}/"
+                    for name, t in rank_tensors(ckpt, args, s, layer):
+                        a = _to_numpy(t, dtype)
+                        files[s.rank].create_dataset(prefix + name, data=a)
+                        sums[s.rank][prefix + name] = zlib.crc32(a.tobytes())
+        finally:
+            for f in files:
+                f.close()
+        manifest = {
+            "format": FORMAT, "version": VERSION,
+            "model": {"path": os.path.abspath(ckpt.folder), "fingerprint": ckpt.fingerprint()},
+            "args": args.to_dict(), "world_size": world_size, "ratios": ratios, "dtype": dtype,
+            "plan": [s.to_dict() for s in plan],
+            "files": [{"rank": r, "file": rank_file(r),
+                       "size": os.path.getsize(os.path.join(staging, rank_file(r))),
+                       "checksums": sums[r]} for r in range(world_size)],
+        }
+        with open(os.path.join(staging, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _move_into_place(staging: str, out: str) -> None:
+    if os.path.isdir(out) and not os.listdir(out):
+        os.rmdir(out)
+    if not os.path.exists(out):
+        os.rename(staging, out)
+        return
+    # ``out`` is an old shard folder of ours: swap it out, then delete it.
+    old = f"{out}.old-{os.getpid()}"
+    os.rename(out, old)
+    os.rename(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(folder: str) -> dict:
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        raise MpitpiError(f"{folder!r} is not a shard folder (no {MANIFEST}). Fix: make one with "
+                          f"`mpitpi split MODEL --out {folder} --world-size N`, or leave out "
+                          f"--shards to split automatically.")
+    try:
+        with open(path) as f:
+            man = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MpitpiError(f"cannot read {path}: {e}. Fix: split the model again.")
+    if man.get("format") != FORMAT or man.get("version") != VERSION:
+        raise MpitpiError(f"{path} is not an mpitpi shard manifest of version {VERSION}. "
+                          f"Fix: split the model again.")
+    return man
+
+
+def check_manifest(man: dict, folder: str, world_size: int, fingerprint: str | None) -> None:
+    """Refuse shards made for another world size or another model."""
+    if man["world_size"] != world_size:
+        raise MpitpiError(f"shards in {folder!r} were made for {man['world_size']} ranks but this "
+                          f"job has {world_size}. Fix: run with -n {man['world_size']}, or split "
+                          f"again with --world-size {world_size}.")
+    if fingerprint is not None and man["model"]["fingerprint"] != fingerprint:
+        raise MpitpiError(f"shards in {folder!r} were made from another model "
+                          f"({man['model']['path']}). Fix: split this model again, or pass the "
+                          f"model the shards were made from.")
+
+
+class ShardReader:
+    """Reads rank ``rank``'s file of a shard folder, dataset by dataset, checking CRC32s."""
+
+    def __init__(self, folder: str, rank: int, manifest: dict, verify: bool = True):
+        import h5py
+
+        self.folder, self.rank, self.verify = folder, rank, verify
+        self.dtype = manifest["dtype"]
+        entry = manifest["files"][rank]
+        self.checksums = entry["checksums"]
+        path = os.path.join(folder, entry["file"])
+        if not os.path.isfile(path):
+            raise MpitpiError(f"shard file {path} is missing. Fix: copy it from the host that "
+                              f"made the shards, or split the model again.")
+        if os.path.getsize(path) != entry["size"]:
+            raise MpitpiError(f"shard file {path} is {os.path.getsize(path)} bytes, the manifest "
+                              f"says {entry['size']}: it is truncated or from another split. "
+                              f"Fix: split the model again.")
+        try:
+            self.file = h5py.File(path, "r")
+        except OSError as e:
+            raise MpitpiError(f"cannot open shard file {path}: {e}. Fix: split the model again.")
+        self.path = path
+
+    def has(self, name: str) -> bool:
+        return name in self.checksums
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            a = self.file[name][()]
+        except (KeyError, OSError) as e:
+            raise MpitpiError(f"cannot read {name} from {self.path}: {e}. Fix: split again.")
+        if self.verify and zlib.crc32(a.tobytes()) != self.checksums[name]:
+            raise MpitpiError(f"checksum mismatch for {name} in {self.path}: the file is "
+                              f"corrupt. Fix: split the model again.")
+        return _from_numpy(a, self.dtype)
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        prefix = f"layers/{i}/"
+        return {n[len(prefix):]: self.read(n) for n in self.checksums if n.startswith(prefix)}
+
+    def close(self) -> None:
+        self.file.close()
