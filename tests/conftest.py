@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny reference models on disk and a launcher for multi-rank runs."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import refmodels  # noqa: E402
+
+BIN = os.path.dirname(sys.executable)
+MPIEXEC = os.environ.get("MPIEXEC", os.path.join(BIN, "mpiexec"))
+
+
+def run_mpi(n: int, args: list[str], env: dict | None = None, timeout: float = 180,
+            cwd: str | None = None) -> subprocess.CompletedProcess:
+    """``mpiexec -n n python -m mpitpi ARGS``; a hang past ``timeout`` kills the job and fails."""
+    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpitpi", *args]
+    return run_cmd(cmd, env=env, timeout=timeout, cwd=cwd)
+
+
+def run_cmd(cmd: list[str], env: dict | None = None, timeout: float = 180,
+            cwd: str | None = None) -> subprocess.CompletedProcess:
+    e = refmodels.env()
+    e.update(env or {})
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=e, cwd=cwd, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"timed out after {timeout}s (a hang): {' '.join(cmd)}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """models(name) -> (folder, transformers model), made once per session."""
+    made = {}
+
+    def get(name: str, shard_size: str | None = None):
+        key = (name, shard_size)
+        if key not in made:
+            folder = str(tmp_path_factory.mktemp(name.replace("-", "_")))
+            made[key] = (folder, refmodels.save_model(name, folder, shard_size=shard_size))
+        return made[key]
+    return get
+
+
+@pytest.fixture(autouse=True)
+def shard_cache(tmp_path_factory, monkeypatch):
+    """Keep automatically made shards out of the user's ~/.cache."""
+    monkeypatch.setenv("MPITPI_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
