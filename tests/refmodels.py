@@ -80,3 +80,19 @@ def env() -> dict:
     e = dict(os.environ)
     e["HF_HUB_OFFLINE"] = "1"
     return e
+
+
+def save_tokenizer(folder: str, vocab_size: int = 300) -> None:
+    """Train a small byte-level BPE tokenizer.json (BOS id 1 added) into ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["the quick brown fox jumps over the lazy dog", "hello world, hello mpitpi",
+            "tensor parallel inference on small devices", "ranks reduce their partial sums"]
+    tok.train_from_iterator(text * 20, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(os.path.join(folder, "tokenizer.json"))
