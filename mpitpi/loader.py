@@ -52,7 +52,8 @@ def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress
             raise MpitpiError("no model given. Fix: pass --model MODEL (a Hugging Face folder), "
                               "or --shards DIR made by `mpitpi split`.")
         man = read_manifest(shards)
-        tok = os.path.join(man["model"]["path"], "tokenizer.json")
+        src = man["model"]["path"]
+        tok = src if os.path.isfile(src) else os.path.join(src, "tokenizer.json")
         return {"shards": shards, "fingerprint": None,
                 "tokenizer": tok if os.path.isfile(tok) else None}
     ckpt = open_checkpoint(model_path)

@@ -35,6 +35,8 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
         return inv
     if sc["rope_type"] == "linear":
         return inv / sc["factor"]
+    if sc["rope_type"] == "freq_factors":   # GGUF's rope_freqs tensor: one divisor per pair
+        return inv / torch.tensor(sc["factors"], dtype=torch.float32)
     # llama3: long wavelengths scaled down by `factor`, short ones kept, a smooth ramp between
     factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
     old_len = sc["original_max_position_embeddings"]

@@ -1,27 +1,156 @@
-"""Text <-> token ids (rank 0 only), and streaming detokenization."""
+"""Text <-> token ids and chat templates (rank 0 only), and streaming detokenization.
+
+Sources: a Hugging Face folder (tokenizer.json, chat template from tokenizer_config.json or
+chat_template.jinja) or a GGUF file (tokenizer.ggml.* metadata built into a byte-level BPE
+``tokenizers`` tokenizer, chat template from tokenizer.chat_template).
+"""
 from __future__ import annotations
+
+import json
+import os
 
 from mpitpi.errors import MpitpiError
 
+# Pre-tokenizer split patterns named by GGUF's tokenizer.ggml.pre (regexes are facts of
+# those tokenizers; the default is GPT-2's own, built into ByteLevel).
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+           r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+          r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLIT = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "qwen2": _QWEN2}
+
 
 class Tokenizer:
-    """A ``tokenizers`` tokenizer loaded from a tokenizer.json file."""
+    """A ``tokenizers`` tokenizer plus the model's chat template and special tokens."""
 
-    def __init__(self, path: str):
-        from tokenizers import Tokenizer as HFTokenizer
+    def __init__(self, tok, chat_template: str | None = None, bos: str | None = None,
+                 eos: str | None = None):
+        self.tok = tok
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = bos, eos
 
-        try:
-            self.tok = HFTokenizer.from_file(path)
-        except Exception as e:
-            raise MpitpiError(f"cannot load tokenizer {path}: {e}. Fix: restore tokenizer.json, "
-                              f"or pass --prompt-ids instead of --prompt.")
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` with the tokenizer's own special tokens (e.g. BOS) added."""
-        return self.tok.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of ``text``; ``special``: add the tokenizer's own BOS etc."""
+        return self.tok.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The chat template applied to ``messages`` with the assistant's turn opened."""
+        if not self.chat_template:
+            raise MpitpiError("this model has no chat template, so --chat cannot be used. "
+                              "Fix: pass a plain --prompt without --chat.")
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise TemplateError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=True,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except TemplateError as e:
+            raise MpitpiError(f"the model's chat template failed: {e}")
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.encode(self.render_chat(messages), special=False)
+
+
+def chat_messages(prompt: str, system: str | None = None) -> list[dict]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": prompt}]
+
+
+def load_tokenizer(source: str) -> Tokenizer:
+    """From a GGUF file, or a tokenizer.json path (its folder may hold a chat template)."""
+    try:
+        if source.endswith(".gguf") or _is_gguf(source):
+            return _from_gguf(source)
+        return _from_hf(source)
+    except MpitpiError:
+        raise
+    except Exception as e:
+        raise MpitpiError(f"cannot load the tokenizer from {source}: {e}. Fix: restore the "
+                          f"model's tokenizer, or pass --prompt-ids instead of --prompt.")
+
+
+def _is_gguf(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _from_hf(path: str) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer.from_file(path)
+    folder = os.path.dirname(path)
+    template, bos, eos = None, None, None
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        template = cfg.get("chat_template")
+        if isinstance(template, list):   # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
+    jinja = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja) as f:
+            template = f.read()
+    return Tokenizer(tok, template, bos, eos)
+
+
+def _token_text(v):
+    return v.get("content") if isinstance(v, dict) else v
+
+
+def _from_gguf(path: str) -> Tokenizer:
+    import gguf
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
+    r = gguf.GGUFReader(path, "r")
+
+    def field(key, default=None):
+        f = r.fields.get(key)
+        return default if f is None else f.contents()
+
+    kind = field("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise MpitpiError(f"{path}: tokenizer model {kind!r} is not supported (only byte-level "
+                          f"BPE, 'gpt2'). Fix: pass --prompt-ids instead of --prompt.")
+    tokens = field("tokenizer.ggml.tokens")
+    types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges") or []]
+    pre = field("tokenizer.ggml.pre", "default")
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                     ignore_merges=pre in ("llama-bpe", "llama3"))
+    tok = HFTokenizer(bpe)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in _SPLIT)
+    if pre in _SPLIT:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_SPLIT[pre]), behavior="isolated"), byte_level])
+    elif pre == "smollm":   # digits one by one, then GPT-2's split
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    # control (3) and user-defined (4) tokens match whole, before the BPE runs
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty in (3, 4)])
+    bos_id, eos_id = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
+    bos = tokens[bos_id] if bos_id is not None else None
+    if field("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+    eos = tokens[eos_id] if eos_id is not None else None
+    return Tokenizer(tok, field("tokenizer.chat_template"), bos, eos)
 
 
 class StreamText:

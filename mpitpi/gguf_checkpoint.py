@@ -1,0 +1,190 @@
+"""Read a GGUF file lazily, under Hugging Face tensor names, dequantized to float32.
+
+GGUF stores each 2-D weight as rows of (possibly quantized) blocks, so a row range is read
+and dequantized on its own; a column range dequantizes the whole tensor once. llama.cpp's
+converter permutes the rows of Q and K inside each head (for its rotary layout); ``rows``
+undoes that, so callers see the Hugging Face layout.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import torch
+
+from mpitpi.config import ModelArgs, SUPPORTED_ARCHITECTURES
+from mpitpi.errors import MpitpiError
+
+ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+         "qwen2": "Qwen2ForCausalLM"}
+
+# GGUF name -> Hugging Face name ({i} = layer)
+_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight":
+        "model.norm.weight", "output.weight": "lm_head.weight"}
+_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+          "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+          "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _TOP:
+        return _TOP[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER:
+        return f"model.layers.{parts[1]}.{_LAYER[parts[2]]}.{parts[3]}"
+    return None
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+class GGUFCheckpoint:
+    """A .gguf file: ModelArgs from its metadata, tensors by Hugging Face name."""
+
+    def __init__(self, path: str):
+        import gguf
+
+        if not os.path.isfile(path):
+            raise MpitpiError(f"model file {path!r} does not exist. Fix: pass an existing "
+                              f".gguf file or a Hugging Face folder.")
+        try:
+            self.reader = gguf.GGUFReader(path, "r")
+        except Exception as e:
+            raise MpitpiError(f"{path} is not a readable GGUF file ({e}). Fix: check the file "
+                              f"(a GGUF file starts with the bytes 'GGUF'), or download it again.")
+        self.folder = path   # what the manifest records as the model's path
+        self.path = path
+        self.tensors = {}
+        for t in self.reader.tensors:
+            name = hf_name(t.name)
+            if name is not None:
+                self.tensors[name] = t
+        self.rope_freqs = next((t for t in self.reader.tensors if t.name == "rope_freqs.weight"),
+                               None)
+        self.args = self._args()
+        self.tokenizer_path = path
+        self._full_cache: tuple[str, np.ndarray] | None = None
+        self._check()
+
+    def _args(self) -> ModelArgs:
+        r = self.reader
+        arch_name = _field(r, "general.architecture")
+        if arch_name not in ARCHS:
+            raise MpitpiError(f"unsupported GGUF architecture {arch_name!r} in {self.path}; "
+                              f"supported: {', '.join(ARCHS)} (as "
+                              f"{', '.join(SUPPORTED_ARCHITECTURES)}).")
+        a = arch_name
+
+        def need(key):
+            v = _field(r, f"{a}.{key}")
+            if v is None:
+                raise MpitpiError(f"{self.path}: GGUF metadata {a}.{key} is missing. Fix: "
+                                  f"convert the model again with a current llama.cpp.")
+            return v
+
+        dim, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
+        n_kv = int(_field(r, f"{a}.attention.head_count_kv", n_heads))
+        head_dim = int(_field(r, f"{a}.attention.key_length", dim // n_heads))
+        tokens = _field(r, "tokenizer.ggml.tokens") or []
+        vocab = int(_field(r, f"{a}.vocab_size", len(tokens)) or
+                    self.tensors["model.embed_tokens.weight"].shape[-1])
+        scaling = None
+        stype = _field(r, f"{a}.rope.scaling.type")
+        if stype == "linear":
+            scaling = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
+        elif stype not in (None, "none"):
+            raise MpitpiError(f"{self.path}: rope scaling {stype!r} is not supported.")
+        if self.rope_freqs is not None:
+            factors = np.asarray(self.rope_freqs.data, dtype=np.float32).ravel().tolist()
+            scaling = {"rope_type": "freq_factors", "factors": factors}
+        eos = _field(r, "tokenizer.ggml.eos_token_id")
+        eot = _field(r, "tokenizer.ggml.eot_token_id")
+        eos_ids = sorted({int(x) for x in (eos, eot) if x is not None})
+        qkv_bias = "model.layers.0.self_attn.q_proj.bias" in self.tensors
+        return ModelArgs(
+            architecture=ARCHS[a], dim=dim, n_layers=int(need("block_count")), n_heads=n_heads,
+            n_kv_heads=n_kv, head_dim=head_dim, ffn_dim=int(need("feed_forward_length")),
+            vocab_size=vocab, norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(_field(r, f"{a}.rope.freq_base", 10000.0)),
+            max_seq_len=int(_field(r, f"{a}.context_length", 2048)), rope_scaling=scaling,
+            tie_embeddings="lm_head.weight" not in self.tensors, qkv_bias=qkv_bias,
+            o_bias="model.layers.0.self_attn.o_proj.bias" in self.tensors,
+            mlp_bias="model.layers.0.mlp.up_proj.bias" in self.tensors,
+            bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"), eos_token_ids=eos_ids)
+
+    def _check(self) -> None:
+        from gguf.quants import GGML_QUANT_SIZES, dequantize
+
+        missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight")
+                   if n not in self.tensors]
+        missing += [f"layer {i}" for i in range(self.args.n_layers)
+                    if f"model.layers.{i}.self_attn.q_proj.weight" not in self.tensors]
+        if missing:
+            raise MpitpiError(f"{self.path} lacks tensors the metadata promises "
+                              f"(first: {missing[0]}). Fix: download or convert it again.")
+        for t in {t.tensor_type for t in self.tensors.values()}:
+            try:
+                block, size = GGML_QUANT_SIZES[t]
+                dequantize(np.zeros((1, size), dtype=np.uint8), t)
+            except Exception:
+                raise MpitpiError(f"{self.path} holds tensors of type {t.name}, which mpitpi "
+                                  f"cannot dequantize. Fix: convert the model to F16, Q8_0, "
+                                  f"Q4_0, Q4_1, Q4_K or Q6_K.")
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in reversed(self.tensors[name].shape))
+
+    def _unpermute(self, name: str, x: np.ndarray) -> np.ndarray:
+        """Undo llama.cpp's per-head row permutation of Q and K (rows: whole heads)."""
+        if self.args.architecture == "Qwen2ForCausalLM" or not (
+                ".q_proj." in name or ".k_proj." in name):
+            return x
+        hd = self.args.head_dim
+        rest = x.shape[1:]
+        heads = x.shape[0] // hd
+        # (heads, hd/2, 2, ...) -> (heads, 2, hd/2, ...): rotary pairs back to halves
+        return x.reshape(heads, hd // 2, 2, *rest).swapaxes(1, 2).reshape(x.shape)
+
+    def _dequant(self, name: str, data: np.ndarray) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        t = self.tensors[name]
+        return np.asarray(dequantize(np.asarray(data), t.tensor_type), dtype=np.float32)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) (HF layout: output features), or elements of a 1-D tensor."""
+        t = self.tensors[name]
+        x = self._dequant(name, t.data[start:stop])
+        return torch.from_numpy(self._unpermute(name, x).copy())
+
+    def _whole(self, name: str) -> np.ndarray:
+        """The whole tensor dequantized, cached for the next call (one tensor at a time)."""
+        if self._full_cache is None or self._full_cache[0] != name:
+            x = self._unpermute(name, self._dequant(name, self.tensors[name].data))
+            self._full_cache = (name, x.reshape(self.shape(name)))
+        return self._full_cache[1]
+
+    def full(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(self._whole(name).copy())
+
+    def cols(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Columns [start, stop): dequantizes the tensor once, then serves each rank's range."""
+        return torch.from_numpy(np.ascontiguousarray(self._whole(name)[:, start:stop]))
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(str(os.path.getsize(self.path)).encode())
+        with open(self.path, "rb") as f:
+            h.update(f.read(1 << 22))
+        for t in self.reader.tensors:
+            h.update(f"{t.name}{t.tensor_type}{t.data_offset}".encode())
+        return h.hexdigest()[:16]
