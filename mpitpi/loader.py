@@ -13,12 +13,12 @@ import json
 import os
 from dataclasses import dataclass
 
-from mpitpi.checkpoint import open_checkpoint
+from mpitpi.checkpoint import fingerprint, open_checkpoint, resolve_model
 from mpitpi.config import ModelArgs
 from mpitpi.errors import MpitpiError
 from mpitpi.model import Transformer
 from mpitpi.plan import RankSlice, parse_ratios
-from mpitpi.shards import ShardReader, check_manifest, read_manifest, write_shards
+from mpitpi.shards import MANIFEST, ShardReader, check_manifest, read_manifest, write_shards
 
 
 def cache_root() -> str:
@@ -45,31 +45,38 @@ class Loaded:
 
 
 def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress) -> dict:
-    """Rank 0: open the checkpoint, find or make the shard folder. Returns what all need."""
+    """Rank 0: find (or make, from the checkpoint) the shard folder. Returns what all need.
+
+    The checkpoint is opened only to split it: a valid cached split needs only the model's
+    fingerprint, which reads headers, not tensors.
+    """
     ratios = parse_ratios(ratios_text, world_size)
+    fp = None
     if model_path is None:
         if shards is None:
-            raise MpitpiError("no model given. Fix: pass --model MODEL (a Hugging Face folder), "
-                              "or --shards DIR made by `mpitpi split`.")
-        man = read_manifest(shards)
-        src = man["model"]["path"]
-        tok = src if os.path.isfile(src) else os.path.join(src, "tokenizer.json")
-        return {"shards": shards, "fingerprint": None,
-                "tokenizer": tok if os.path.isfile(tok) else None}
-    ckpt = open_checkpoint(model_path)
-    fp = ckpt.fingerprint()
-    if shards is None:
-        shards = cache_folder(model_path, fp, world_size, ratios, dtype)
-        valid = False
-        if os.path.isfile(os.path.join(shards, "manifest.json")):
-            try:
-                check_manifest(read_manifest(shards), shards, world_size, fp)
-                valid = True
-            except MpitpiError:
-                valid = False
-        if not valid:
-            write_shards(ckpt, shards, world_size, ratios, dtype, progress=progress)
-    return {"shards": shards, "fingerprint": fp, "tokenizer": ckpt.tokenizer_path}
+            raise MpitpiError("no model given. Fix: pass --model MODEL (a Hugging Face folder, "
+                              "a .gguf file or smollm2-135m), or --shards DIR from `mpitpi split`.")
+    else:
+        path = resolve_model(model_path)
+        try:
+            fp = fingerprint(path)
+        except OSError:
+            open_checkpoint(path)   # raises the clear error for a missing or broken model
+            raise
+        if shards is None:
+            shards = cache_folder(model_path, fp, world_size, ratios, dtype)
+            valid = False
+            if os.path.isfile(os.path.join(shards, MANIFEST)):
+                try:
+                    check_manifest(read_manifest(shards), shards, world_size, fp)
+                    valid = True
+                except MpitpiError:
+                    valid = False
+            if not valid:
+                write_shards(open_checkpoint(path), shards, world_size, ratios, dtype,
+                             progress=progress)
+    tok = os.path.join(shards, "tokenizer.json")
+    return {"shards": shards, "fingerprint": fp, "tokenizer": tok if os.path.isfile(tok) else None}
 
 
 def load_model(comm, model_path: str | None, shards: str | None, ratios: str | None,

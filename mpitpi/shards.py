@@ -1,6 +1,7 @@
 """Per-rank shard files: write them from a checkpoint once, read one rank's file many times.
 
-A shard folder holds ``manifest.json`` and ``rank{r}.h5`` for every rank r. Rank r's file holds
+A shard folder holds ``manifest.json``, ``rank{r}.h5`` for every rank r, and the model's
+tokenizer (``tokenizer.json`` + ``chat.json``) when it has one. Rank r's file holds
 only its slices (see plan.py), one HDF5 group per layer:
 
     vocab/embed            (n_vocab_r, dim)               rows of the embedding table
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import zlib
 
 import numpy as np
@@ -39,6 +41,7 @@ from mpitpi.plan import RankSlice, plan_for_args
 FORMAT = "mpitpi-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
+OWN_FILES = (MANIFEST, "tokenizer.json", "chat.json")   # besides rank*.h5
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -105,7 +108,7 @@ def is_shard_folder(path: str) -> bool:
                 return False
     except (OSError, ValueError):
         return False
-    return all(n == MANIFEST or (n.startswith("rank") and n.endswith(".h5"))
+    return all(n in OWN_FILES or (n.startswith("rank") and n.endswith(".h5"))
                for n in os.listdir(path))
 
 
@@ -162,6 +165,14 @@ def write_shards(ckpt, out: str, world_size: int, ratios: list[float] | None = N
                        "size": os.path.getsize(os.path.join(staging, rank_file(r))),
                        "checksums": sums[r]} for r in range(world_size)],
         }
+        try:
+            tok = ckpt.tokenizer()
+        except MpitpiError as e:
+            print(f"mpitpi: warning: shards made without a tokenizer ({e}); prompts must be "
+                  f"given as --prompt-ids.", file=sys.stderr)
+            tok = None
+        if tok is not None:
+            tok.save(staging)   # shards carry the tokenizer: no rank reparses the checkpoint
         with open(os.path.join(staging, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         _move_into_place(staging, out)

@@ -18,6 +18,7 @@ _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
           r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _SPLIT = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "qwen2": _QWEN2}
+CHAT_FILE = "chat.json"   # mpitpi's own record of the chat template, beside tokenizer.json
 
 
 class Tokenizer:
@@ -59,17 +60,25 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.encode(self.render_chat(messages), special=False)
 
+    def save(self, folder: str) -> None:
+        """Write tokenizer.json and chat.json (template, BOS/EOS text) into ``folder``."""
+        self.tok.save(os.path.join(folder, "tokenizer.json"))
+        with open(os.path.join(folder, CHAT_FILE), "w") as f:
+            json.dump({"chat_template": self.chat_template, "bos_token": self.bos_token,
+                       "eos_token": self.eos_token}, f)
+
 
 def chat_messages(prompt: str, system: str | None = None) -> list[dict]:
     msgs = [{"role": "system", "content": system}] if system else []
     return msgs + [{"role": "user", "content": prompt}]
 
 
-def load_tokenizer(source: str) -> Tokenizer:
-    """From a GGUF file, or a tokenizer.json path (its folder may hold a chat template)."""
+def load_tokenizer(source: str, gguf_reader=None) -> Tokenizer:
+    """From a GGUF file (or its open ``gguf_reader``), or a tokenizer.json path whose folder
+    may hold a chat template (chat.json, tokenizer_config.json or chat_template.jinja)."""
     try:
-        if source.endswith(".gguf") or _is_gguf(source):
-            return _from_gguf(source)
+        if gguf_reader is not None or source.endswith(".gguf") or _is_gguf(source):
+            return _from_gguf(source, gguf_reader)
         return _from_hf(source)
     except MpitpiError:
         raise
@@ -102,6 +111,11 @@ def _from_hf(path: str) -> Tokenizer:
     if os.path.isfile(jinja):
         with open(jinja) as f:
             template = f.read()
+    ours = os.path.join(folder, CHAT_FILE)
+    if os.path.isfile(ours):
+        with open(ours) as f:
+            meta = json.load(f)
+        template, bos, eos = meta["chat_template"], meta["bos_token"], meta["eos_token"]
     return Tokenizer(tok, template, bos, eos)
 
 
@@ -109,12 +123,12 @@ def _token_text(v):
     return v.get("content") if isinstance(v, dict) else v
 
 
-def _from_gguf(path: str) -> Tokenizer:
+def _from_gguf(path: str, reader=None) -> Tokenizer:
     import gguf
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as HFTokenizer
 
-    r = gguf.GGUFReader(path, "r")
+    r = reader if reader is not None else gguf.GGUFReader(path, "r")
 
     def field(key, default=None):
         f = r.fields.get(key)

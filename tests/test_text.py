@@ -7,7 +7,7 @@ import torch
 
 from conftest import run_mpi
 from mpitpi.sampling import Sampler, SamplingParams
-from mpitpi.tokenizer import StreamText, Tokenizer
+from mpitpi.tokenizer import StreamText, load_tokenizer
 from refmodels import reference_greedy, save_tokenizer
 
 
@@ -22,7 +22,7 @@ def textmodel(models, tmp_path_factory):
 
 def test_prompt_text_streams_the_greedy_answer(textmodel):
     folder, hf = textmodel
-    tok = Tokenizer(f"{folder}/tokenizer.json")
+    tok = load_tokenizer(f"{folder}/tokenizer.json")
     ids = tok.encode("hello world")
     assert ids[0] == 1
     r = run_mpi(2, ["generate", "--model", folder, "--prompt", "hello world", "--max-tokens",

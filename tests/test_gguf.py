@@ -1,0 +1,85 @@
+"""The bundled SmolLM2-135M-Instruct GGUF: logits against transformers' own GGUF loader,
+its tokenizer against transformers', and golden chat answers identical for N = 1 to 4."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_mpi
+from mpitpi.checkpoint import resolve_model
+from mpitpi.tokenizer import chat_messages, load_tokenizer
+
+GOLDEN = [("What is the capital of France?", "Paris"),
+          ("How many days are in a week?", "7"),
+          ("What color is the sky on a clear day?", "blue")]
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def hf_gguf(gguf_path):
+    from transformers import AutoModelForCausalLM
+    folder, name = os.path.split(gguf_path)
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
+
+
+@pytest.fixture(scope="module")
+def tok(gguf_path):
+    return load_tokenizer(gguf_path)
+
+
+def test_tokenizer_matches_transformers(gguf_path, tok):
+    from transformers import AutoTokenizer
+    folder, name = os.path.split(gguf_path)
+    ref = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    for text in ["Hello world!", "The year 2024 had 366 days.", "  spaces\tand\nnewlines  ",
+                 "naïve café — ünïcödé 😀", "<|im_start|>user\nHi<|im_end|>"]:
+        assert tok.encode(text, special=False) == ref(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(tok.encode(text)) == ref.decode(ref(text)["input_ids"],
+                                                          skip_special_tokens=True)
+
+
+def test_chat_template_renders_like_transformers(gguf_path, tok):
+    from transformers import AutoTokenizer
+    folder, name = os.path.split(gguf_path)
+    ref = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    msgs = chat_messages("Hi there", system="Be brief.")
+    expect = ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert tok.render_chat(msgs) == expect
+    assert "<|im_start|>assistant" in tok.render_chat(chat_messages("Hi"))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_logits_match_transformers_gguf_loader(hf_gguf, tok, tmp_path, n):
+    ids = tok.encode_chat(chat_messages(GOLDEN[0][0]))
+    out = tmp_path / "logits.npy"
+    r = run_mpi(n, ["generate", "--model", "smollm2-135m", "--prompt-ids",
+                    ",".join(map(str, ids)), "--max-tokens", "12", "--json",
+                    "--logits-out", str(out)], timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    ours = np.load(out)
+    gen = res["token_ids"]
+    with torch.no_grad():
+        ref = hf_gguf(torch.tensor([ids + gen])).logits[0, len(ids) - 1:len(ids) - 1 +
+                                                         ours.shape[0]].numpy()
+    err = float(np.abs(ours - ref).max())
+    assert err <= 1e-4, f"max abs logits difference {err}"
+    assert gen == ref.argmax(-1)[:len(gen)].tolist()
+
+
+@pytest.mark.parametrize("question,fact", GOLDEN)
+def test_golden_answers_identical_for_every_world_size(question, fact):
+    texts = []
+    for n in (1, 2, 3, 4):
+        r = run_mpi(n, ["generate", "--model", "smollm2-135m", "--chat", "--prompt", question,
+                        "--max-tokens", "32", "--json"], timeout=300)
+        assert r.returncode == 0, r.stderr
+        texts.append(json.loads(r.stdout)["text"])
+    assert fact in texts[0], texts[0]
+    assert texts == [texts[0]] * 4, texts
