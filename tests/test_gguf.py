@@ -2,12 +2,14 @@
 its tokenizer against transformers', and golden chat answers identical for N = 1 to 4."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_mpi
+from conftest import MPIEXEC, run_mpi
 from mpitpi.checkpoint import resolve_model
 from mpitpi.tokenizer import chat_messages, load_tokenizer
 
@@ -83,3 +85,26 @@ def test_golden_answers_identical_for_every_world_size(question, fact):
         texts.append(json.loads(r.stdout)["text"])
     assert fact in texts[0], texts[0]
     assert texts == [texts[0]] * 4, texts
+
+
+def test_chat_repl_multi_turn_reset_and_end_of_input():
+    lines = "What is the capital of France?\nAnd of Germany?\n/reset\nHow many days are in a week?\n"
+    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "mpitpi", "chat", "--model",
+                        "smollm2-135m", "--max-tokens", "24"], input=lines, text=True,
+                       capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    answers = p.stdout.strip().splitlines()
+    assert len(answers) == 3, p.stdout
+    assert "Paris" in answers[0] and "Berlin" in answers[1] and "7" in answers[2]
+    assert "(conversation reset)" in p.stderr
+
+
+def test_generate_chat_with_system_message(tok):
+    system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face. Be brief."
+    question = "What is the capital of France?"
+    r = run_mpi(2, ["generate", "--model", "smollm2-135m", "--chat", "--system", system,
+                    "--prompt", question, "--max-tokens", "24", "--json"], timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["prompt_tokens"] == len(tok.encode_chat(chat_messages(question, system)))
+    assert "Paris" in res["text"]

@@ -1,0 +1,75 @@
+"""Interactive multi-turn chat: rank 0 reads the user's lines, every rank generates.
+
+Each turn rank 0 broadcasts one command object (``"turn"`` or ``"quit"``), then all ranks
+run ``generate`` together on the whole conversation so far, rendered by the chat template.
+``/reset`` forgets the history, ``/quit`` or end of input (Ctrl-D) ends every rank cleanly.
+"""
+from __future__ import annotations
+
+import sys
+
+from mpitpi.errors import MpitpiError
+from mpitpi.generate import check_prompt, generate
+
+HELP = "commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves"
+
+
+def _read(prompt: str) -> str | None:
+    try:
+        return input(prompt)
+    except EOFError:
+        return None
+
+
+def run_chat(comm, loaded, tokenizer, make_sampler, max_tokens: int,
+             system: str | None = None, interactive: bool | None = None) -> None:
+    """Collective. ``tokenizer`` and ``make_sampler()`` are used on rank 0 only."""
+    root = comm.rank == 0
+    counts = [s.n_vocab for s in loaded.plan]
+    if interactive is None:
+        interactive = sys.stdin.isatty()
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    if root:
+        print(f"mpitpi chat on {comm.size} ranks; {HELP}", file=sys.stderr, flush=True)
+    while True:
+        ids = None
+        if root:
+            line = _read("> " if interactive else "")
+            while line is not None and line.strip() in ("", "/reset", "/help"):
+                if line.strip() == "/reset":
+                    history = history[:1] if system else []
+                    print("(conversation reset)", file=sys.stderr, flush=True)
+                elif line.strip() == "/help":
+                    print(HELP, file=sys.stderr, flush=True)
+                line = _read("> " if interactive else "")
+            if line is None or line.strip() == "/quit":
+                cmd = "quit"
+            else:
+                history.append({"role": "user", "content": line})
+                ids = tokenizer.encode_chat(history)
+                try:
+                    check_prompt(ids, max_tokens, loaded.args.vocab_size,
+                                 loaded.args.max_seq_len)
+                    cmd = "turn"
+                except MpitpiError as e:
+                    print(f"mpitpi: {e} Use /reset to start over.", file=sys.stderr, flush=True)
+                    history.pop()
+                    continue
+        else:
+            cmd = None
+        if comm.bcast_obj(cmd if root else None) == "quit":
+            return
+
+        def emit(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        res = generate(comm, loaded.model, counts, ids, max_tokens,
+                       sampler=make_sampler() if root else None,
+                       eos_ids=loaded.args.eos_token_ids,
+                       decode=tokenizer.decode if root else None, on_text=emit)
+        if root:
+            print(flush=True)
+            print(f"[{len(res.token_ids)} tokens, TTFT {res.ttft_ms:.0f} ms, "
+                  f"{res.ms_per_token:.1f} ms/token]", file=sys.stderr, flush=True)
+            history.append({"role": "assistant", "content": res.text})
