@@ -31,7 +31,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch threads per rank (default: the host's "
                    "cores divided by the ranks on that host, at least 1)")
     p.add_argument("--no-verify", action="store_true",
-                   help="skip the CRC32 check of shard data at load")
+                   help="skip the CRC32 check of shard data as it is read")
+    p.add_argument("--window", type=int, help="stream layers from disk, at most W in memory "
+                   "(default: all layers resident)")
+    p.add_argument("--memory-budget", help="weights this rank may hold, e.g. 1.5G: as many "
+                   "layers as fit stay resident, the rest stream through --window (default 2)")
+    p.add_argument("--drop-cache", action="store_true", help="drop the shard's pages from the "
+                   "page cache after each read, as on a device without spare RAM")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -74,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "instead of streaming text")
     gp.add_argument("--logits-out", help="save the logits of every generated token as a "
                     "float32 .npy array [tokens, vocab]")
+
+    yp = sub.add_parser("synth", help="write a random-weight checkpoint with a real model's "
+                        "shapes (for benchmarks)")
+    yp.add_argument("--shape", required=True, help="llama-3.2-1b, llama-3.1-8b, llama-2-7b, "
+                    "llama-2-70b or smollm2-135m")
+    yp.add_argument("--out", required=True, help="a new or empty folder")
+    yp.add_argument("--layers", type=int, help="keep only this many layers (default: all)")
+    yp.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                    help="dtype of the written weights (default bf16)")
+    yp.add_argument("--seed", type=int, default=0)
 
     cp = sub.add_parser("chat", help="interactive multi-turn chat on rank 0's terminal "
                         "(run under mpiexec -n N)")
@@ -166,8 +182,11 @@ def _start(a, comm):
     torch.set_num_threads(comm.checked(_threads, comm, a.threads))
     params = SamplingParams(a.temperature, a.top_k, a.top_p, a.min_p, a.repeat_penalty, a.seed)
     comm.checked(params.check)
+    if a.window is not None and a.window < 1:
+        raise MpitpiError(f"--window must be at least 1, got {a.window}.")
     loaded = load_model(comm, a.model, a.shards, a.ratios, a.dtype, verify=not a.no_verify,
-                        progress=comm.rank == 0)
+                        progress=comm.rank == 0, window=a.window,
+                        memory_budget=a.memory_budget, drop_cache=a.drop_cache)
     return params, loaded
 
 
@@ -210,6 +229,10 @@ def cmd_generate(a, comm) -> int:
                    eos_ids=[] if a.ignore_eos else loaded.args.eos_token_ids,
                    decode=decode, stops=a.stop, on_text=None if a.json else emit,
                    keep_logits=bool(a.logits_out))
+    layers = loaded.model.layers
+    io_wait = comm.gather_obj(round(layers.wait_s * 1e3 / max(1, len(res_steps(res))), 3))
+    resident = comm.gather_obj(layers.n_resident)
+    layers.close()
     rss = comm.gather_obj(round(peak_rss_mb(), 1))
     if not root:
         return 0
@@ -222,7 +245,8 @@ def cmd_generate(a, comm) -> int:
             "ttft_ms": round(res.ttft_ms, 3), "ms_per_token": round(res.ms_per_token, 3),
             "tokens_per_s": round(1e3 / res.ms_per_token, 3) if res.ms_per_token else None,
             "finish_reason": res.finish_reason, "world_size": comm.size,
-            "peak_rss_mb": rss}))
+            "peak_rss_mb": rss, "io_wait_ms_per_token": io_wait,
+            "resident_layers": resident, "window": getattr(layers, "window", None)}))
     else:
         print(flush=True)
         print(f"[mpitpi] {n} tokens on {comm.size} ranks: TTFT {res.ttft_ms:.0f} ms, "
@@ -230,10 +254,21 @@ def cmd_generate(a, comm) -> int:
     return 0
 
 
+def res_steps(res) -> list:
+    """Forward passes of a generation: the prefill and each decode step."""
+    return [res.ttft_ms] + res.step_ms
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    if a.command == "split":
+    if a.command in ("split", "synth"):
         try:
+            if a.command == "synth":
+                from mpitpi.synth import synth
+                cfg = synth(a.shape, a.out, a.layers, a.dtype, a.seed)
+                print(f"wrote a random {a.shape} ({cfg['num_hidden_layers']} layers, {a.dtype})"
+                      f" to {a.out}")
+                return 0
             return cmd_split(a)
         except MpitpiError as e:
             print(f"mpitpi: error: {e}", file=sys.stderr)

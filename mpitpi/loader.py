@@ -18,6 +18,7 @@ from mpitpi.config import ModelArgs
 from mpitpi.errors import MpitpiError
 from mpitpi.model import Transformer
 from mpitpi.plan import RankSlice, parse_ratios
+from mpitpi.prefetch import Resident, Streamed, layer_bytes_fp32, parse_size, plan_residency
 from mpitpi.shards import MANIFEST, ShardReader, check_manifest, read_manifest, write_shards
 
 
@@ -80,8 +81,14 @@ def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress
 
 
 def load_model(comm, model_path: str | None, shards: str | None, ratios: str | None,
-               dtype: str = "fp32", verify: bool = True, progress: bool = True) -> Loaded:
-    """Every rank: return this rank's Transformer (its slices of every layer, resident)."""
+               dtype: str = "fp32", verify: bool = True, progress: bool = True,
+               window: int | None = None, memory_budget: str | None = None,
+               drop_cache: bool = False) -> Loaded:
+    """Every rank: return this rank's Transformer.
+
+    Its layers are all resident unless ``window`` (stream every layer through that many
+    slots) or ``memory_budget`` (keep as many resident as fit, stream the rest) is given.
+    """
     info = comm.root_checked(_resolve_shards, model_path, shards, comm.size, ratios, dtype,
                              progress)
 
@@ -90,18 +97,28 @@ def load_model(comm, model_path: str | None, shards: str | None, ratios: str | N
         check_manifest(man, info["shards"], comm.size, info["fingerprint"])
         args = ModelArgs.from_dict(man["args"])
         plan = [RankSlice.from_dict(d) for d in man["plan"]]
-        reader = ShardReader(info["shards"], comm.rank, man, verify=verify)
+        reader = ShardReader(info["shards"], comm.rank, man, verify=verify,
+                             drop_cache=drop_cache)
         try:
             top = {"embed": reader.read("vocab/embed").float(),
                    "norm": reader.read("norm").float()}
             if reader.has("vocab/lm_head"):
                 top["lm_head"] = reader.read("vocab/lm_head").float()
-            layers = [{k: v.float() for k, v in reader.layer(i).items()}
-                      for i in range(args.n_layers)]
-        finally:
+            fixed = sum(t.numel() * 4 for t in top.values())
+            n_res, w = plan_residency(args.n_layers, layer_bytes_fp32(reader), fixed,
+                                      budget, window)
+            if w is None:
+                layers = Resident([{k: v.float() for k, v in reader.layer(i).items()}
+                                   for i in range(args.n_layers)])
+                reader.close()
+            else:
+                layers = Streamed(reader, args.n_layers, n_res, w)
+        except BaseException:
             reader.close()
+            raise
         return args, plan, top, layers
 
+    budget = comm.checked(parse_size, memory_budget) if memory_budget else None
     args, plan, top, layers = comm.checked(open_own)
     model = Transformer(args, plan[comm.rank], top, layers, reduce=comm.allreduce_)
     return Loaded(model, args, plan, info["shards"], info["tokenizer"], info["fingerprint"])

@@ -71,19 +71,23 @@ class Transformer:
     """One rank's share of the model, its KV cache, and the forward pass.
 
     ``top``: {"embed": (v, dim), "lm_head": (v, dim) if untied, "norm": (dim,)}.
-    ``layers[i]``: the shards.py per-layer tensors (wqkv, wo, w13, w2, norms, biases).
+    ``layers``: a prefetch.py store (``get(i)``/``done(i)``) or a list of per-layer dicts of
+    the shards.py tensors (wqkv, wo, w13, w2, norms, biases).
     The KV cache and rope tables are allocated by ``reserve(n)`` before a sequence of n
     positions is run.
     """
 
-    def __init__(self, args: ModelArgs, s: RankSlice, top: dict, layers: list[dict],
+    def __init__(self, args: ModelArgs, s: RankSlice, top: dict, layers,
                  reduce: Reduce | None = None):
+        from mpitpi.prefetch import Resident
+
         self.args, self.s = args, s
         self.reduce = reduce or (lambda t: t)
         self.embed = top["embed"]                       # (n_vocab_r, dim)
         self.lm_head = top.get("lm_head", self.embed)   # (n_vocab_r, dim), tied: same matrix
         self.norm = top["norm"]                         # (dim,)
-        self.layers = layers
+        self.layers = Resident(layers) if isinstance(layers, list) else layers
+        self.n_layers = len(self.layers)
         g = args.group_size
         # local KV index of each local query head: (n_q,)
         kv_of_q = torch.arange(s.q_heads[0], s.q_heads[1]) // g - s.kv_heads[0]
@@ -102,8 +106,8 @@ class Transformer:
         s, hd = self.s, self.args.head_dim
         self.cos, self.sin = rope_tables(self.args, n)          # (n, hd) each
         # KV cache of this rank's KV heads: (n_kv, n, hd) per layer, for k and for v
-        self.cache_k = [torch.zeros(s.n_kv, n, hd) for _ in self.layers]
-        self.cache_v = [torch.zeros(s.n_kv, n, hd) for _ in self.layers]
+        self.cache_k = [torch.zeros(s.n_kv, n, hd) for _ in range(self.n_layers)]
+        self.cache_v = [torch.zeros(s.n_kv, n, hd) for _ in range(self.n_layers)]
         self.max_len = n
 
     def _mask(self, T: int, start: int) -> torch.Tensor | None:
@@ -119,9 +123,9 @@ class Transformer:
             allowed &= (qpos - kpos) < w
         return allowed
 
-    def attention(self, i: int, x: torch.Tensor, start: int, mask) -> torch.Tensor:
+    def attention(self, i: int, w: dict, x: torch.Tensor, start: int, mask) -> torch.Tensor:
         """x: (T, dim) normed input -> (T, dim) partial output of this rank's heads."""
-        w, a, s = self.layers[i], self.args, self.s
+        a, s = self.args, self.s
         T, hd = x.shape[0], a.head_dim
         qkv = F.linear(x, w["wqkv"], w.get("bqkv"))              # (T, (n_q + 2 n_kv) hd)
         q, k, v = qkv.split(self.split_qkv, dim=-1)
@@ -142,9 +146,8 @@ class Transformer:
         o = o.transpose(0, 1).reshape(T, s.n_q * hd)              # (T, n_q hd)
         return F.linear(o, w["wo"], w.get("bo"))                  # (T, dim) partial
 
-    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, w: dict, x: torch.Tensor) -> torch.Tensor:
         """x: (T, dim) normed input -> (T, dim) partial output of this rank's FFN columns."""
-        w = self.layers[i]
         gu = F.linear(x, w["w13"], w.get("b13"))                  # (T, 2 f)
         g, u = gu.chunk(2, dim=-1)                                # (T, f) each
         return F.linear(F.silu(g) * u, w["w2"], w.get("b2"))      # (T, dim) partial
@@ -163,8 +166,12 @@ class Transformer:
         eps = self.args.norm_eps
         mask = self._mask(tokens.shape[0], start)
         x = self.embed_tokens(tokens)
-        for i, w in enumerate(self.layers):
-            x = x + self.reduce(self.attention(i, rms_norm(x, w["attn_norm"], eps), start, mask))
-            x = x + self.reduce(self.mlp(i, rms_norm(x, w["ffn_norm"], eps)))
+        for i in range(self.n_layers):
+            w = self.layers.get(i)                                # waits if still loading
+            attn = self.attention(i, w, rms_norm(x, w["attn_norm"], eps), start, mask)
+            x = x + self.reduce(attn)
+            h = self.mlp(w, rms_norm(x, w["ffn_norm"], eps))
+            self.layers.done(i)                                   # the slot may be refilled
+            x = x + self.reduce(h)
         h = rms_norm(x[-1], self.norm, eps)                       # (dim,)
         return F.linear(h, self.lm_head)                          # (n_vocab_r,)

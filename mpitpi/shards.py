@@ -225,16 +225,24 @@ def check_manifest(man: dict, folder: str, world_size: int, fingerprint: str | N
 
 
 class ShardReader:
-    """Reads rank ``rank``'s file of a shard folder, dataset by dataset, checking CRC32s."""
+    """Reads rank ``rank``'s file of a shard folder by raw offset, checking CRC32s.
 
-    def __init__(self, folder: str, rank: int, manifest: dict, verify: bool = True):
+    HDF5 is used only to find each dataset's byte offset (all datasets are contiguous); data
+    is read with ``os.preadv`` into a numpy buffer, which releases the GIL, so a background
+    thread can read while torch computes. ``drop_cache`` advises the kernel to drop each
+    range's pages after reading it (posix_fadvise DONTNEED): the next read comes from disk.
+    """
+
+    def __init__(self, folder: str, rank: int, manifest: dict, verify: bool = True,
+                 drop_cache: bool = False):
         import h5py
 
-        self.folder, self.rank, self.verify = folder, rank, verify
+        self.folder, self.rank, self.verify, self.drop_cache = folder, rank, verify, drop_cache
         self.dtype = manifest["dtype"]
         entry = manifest["files"][rank]
         self.checksums = entry["checksums"]
         path = os.path.join(folder, entry["file"])
+        self.path = path
         if not os.path.isfile(path):
             raise MpitpiError(f"shard file {path} is missing. Fix: copy it from the host that "
                               f"made the shards, or split the model again.")
@@ -242,28 +250,76 @@ class ShardReader:
             raise MpitpiError(f"shard file {path} is {os.path.getsize(path)} bytes, the manifest "
                               f"says {entry['size']}: it is truncated or from another split. "
                               f"Fix: split the model again.")
+        self.index: dict[str, tuple[int, tuple, np.dtype]] = {}
         try:
-            self.file = h5py.File(path, "r")
-        except OSError as e:
-            raise MpitpiError(f"cannot open shard file {path}: {e}. Fix: split the model again.")
-        self.path = path
+            with h5py.File(path, "r") as f:
+                for name in self.checksums:
+                    ds = f[name]
+                    offset = ds.id.get_offset()
+                    if offset is None and ds.size:
+                        raise OSError(f"dataset {name} is not contiguous")
+                    self.index[name] = (offset or 0, tuple(ds.shape), ds.dtype)
+        except (OSError, KeyError) as e:
+            raise MpitpiError(f"cannot read shard file {path}: {e}. Fix: split the model again.")
+        self.fd = os.open(path, os.O_RDONLY)
+        st = os.fstat(self.fd)
+        self.stat = (st.st_size, st.st_mtime_ns)
+        self.verified: set[str] = set()   # CRC32 checked on the first read of each dataset
 
     def has(self, name: str) -> bool:
         return name in self.checksums
 
+    def shape(self, name: str) -> tuple:
+        return self.index[name][1]
+
+    def nbytes(self, name: str) -> int:
+        _, shape, dt = self.index[name]
+        return int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+
+    def empty(self, name: str) -> np.ndarray:
+        """A buffer of the dataset's shape and stored dtype, for ``read_into``."""
+        _, shape, dt = self.index[name]
+        return np.empty(shape, dt)
+
+    def read_into(self, name: str, out: np.ndarray) -> np.ndarray:
+        """Read dataset ``name`` into ``out`` (from ``empty``); GIL released while reading."""
+        offset, shape, dt = self.index[name]
+        nbytes = out.nbytes
+        got = os.preadv(self.fd, [memoryview(out).cast("B")], offset) if nbytes else 0
+        if got != nbytes:
+            raise MpitpiError(f"{self.path}: {name} ended after {got} of {nbytes} bytes: the "
+                              f"file was truncated. Fix: split the model again.")
+        if self.drop_cache and nbytes:
+            os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        if self.verify and name not in self.verified:
+            if zlib.crc32(out) != self.checksums[name]:
+                raise MpitpiError(f"checksum mismatch for {name} in {self.path}: the file is "
+                                  f"corrupt. Fix: split the model again.")
+            self.verified.add(name)
+        return out
+
+    def check_unchanged(self) -> None:
+        """Raise if the file was replaced, truncated or written since it was opened."""
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns) != self.stat:
+            raise MpitpiError(f"shard file {self.path} changed on disk while in use (size "
+                              f"{self.stat[0]} -> {st.st_size} bytes). Fix: do not modify "
+                              f"shards during a run; split the model again.")
+
     def read(self, name: str) -> torch.Tensor:
-        try:
-            a = self.file[name][()]
-        except (KeyError, OSError) as e:
-            raise MpitpiError(f"cannot read {name} from {self.path}: {e}. Fix: split again.")
-        if self.verify and zlib.crc32(a.tobytes()) != self.checksums[name]:
-            raise MpitpiError(f"checksum mismatch for {name} in {self.path}: the file is "
-                              f"corrupt. Fix: split the model again.")
-        return _from_numpy(a, self.dtype)
+        if name not in self.index:
+            raise MpitpiError(f"{self.path} has no dataset {name}. Fix: split the model again.")
+        return _from_numpy(self.read_into(name, self.empty(name)), self.dtype)
+
+    def layer_names(self, i: int) -> list[str]:
+        """Dataset names of layer i, without the ``layers/{i}/`` prefix."""
+        prefix = f"layers/{i}/"
+        return [n[len(prefix):] for n in self.checksums if n.startswith(prefix)]
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
-        prefix = f"layers/{i}/"
-        return {n[len(prefix):]: self.read(n) for n in self.checksums if n.startswith(prefix)}
+        return {n: self.read(f"layers/{i}/{n}") for n in self.layer_names(i)}
 
     def close(self) -> None:
-        self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -26,6 +26,9 @@ SHAPES = {
                       intermediate_size=100, vocab_size=257, num_hidden_layers=3),
     "qwen2": dict(arch="qwen2", tie_word_embeddings=True),
     "mistral": dict(arch="mistral", sliding_window=8),
+    "llama-deep": dict(num_hidden_layers=6, max_position_embeddings=4096),
+    "llama-wide": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=16,
+                       num_attention_heads=8, num_key_value_heads=8, vocab_size=256),
 }
 
 

@@ -1,0 +1,181 @@
+"""Where a rank's layers live: all resident, or streamed from its shard through a window.
+
+The model asks ``layers.get(i)`` for layer i's tensors (a dict, see shards.py) and calls
+``layers.done(i)`` when it has finished with them; it always walks the layers in order,
+0 .. n_layers-1, once per forward pass.
+
+``Streamed`` keeps the first ``n_resident`` layers in memory for good and streams the rest:
+a background thread reads them, in the order the model will ask, into ``window`` preallocated
+slots (a slot is one layer's tensors in fp32), so at most ``window`` streamed layers are in
+memory at once. Reads use ``os.preadv`` (GIL released), so they overlap compute.
+"""
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+
+import numpy as np
+import torch
+
+from mpitpi.errors import MpitpiError
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+
+
+def parse_size(text: str) -> int:
+    """'1.5G' / '800M' / '2GiB' / '123456' -> bytes (powers of 1024)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise MpitpiError(f"--memory-budget {text!r} is not a size. Fix: e.g. 1.5G, 800M.")
+    unit = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
+    return int(float(m.group(1)) * unit)
+
+
+class Resident:
+    """Every layer in memory (the default)."""
+
+    def __init__(self, layers: list[dict]):
+        self.layers = layers
+        self.n_resident = len(layers)
+        self.wait_s = 0.0
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def get(self, i: int) -> dict:
+        return self.layers[i]
+
+    def done(self, i: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _load_fp32(reader, i: int) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in reader.layer(i).items()}
+
+
+class Streamed:
+    """Layers [0, n_resident) resident; the rest read ahead through ``window`` slots.
+
+    ``wait_s`` accumulates the time ``get`` spent waiting for the reader: I/O not hidden
+    behind compute.
+    """
+
+    def __init__(self, reader, n_layers: int, n_resident: int, window: int):
+        if window < 1:
+            raise MpitpiError(f"--window must be at least 1, got {window}.")
+        self.reader, self.n = reader, n_layers
+        self.resident = [_load_fp32(reader, i) for i in range(n_resident)]
+        self.n_resident = n_resident
+        self.streamed = list(range(n_resident, n_layers))
+        self.window = min(window, max(1, len(self.streamed)))
+        self.wait_s = 0.0
+        self._stop = threading.Event()
+        self._free: queue.Queue = queue.Queue()
+        self._ready: queue.Queue = queue.Queue()
+        self._thread = None
+        if not self.streamed:
+            return
+        names = reader.layer_names(self.streamed[0])
+        convert = reader.dtype != "fp32"
+        for _ in range(self.window):
+            raw = {n: reader.empty(f"layers/{self.streamed[0]}/{n}") for n in names}
+            # fp32 storage: the model reads the raw buffers directly; else convert into fp32
+            out = ({n: torch.empty(a.shape, dtype=torch.float32) for n, a in raw.items()}
+                   if convert else {n: torch.from_numpy(a) for n, a in raw.items()})
+            self._free.put((raw, out))
+        self._thread = threading.Thread(target=self._run, name="mpitpi-prefetch", daemon=True)
+        self._thread.start()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _run(self) -> None:
+        from mpitpi.shards import _from_numpy
+
+        i = 0
+        try:
+            while not self._stop.is_set():
+                layer = self.streamed[i % len(self.streamed)]
+                try:
+                    slot = self._free.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                raw, out = slot
+                self.reader.check_unchanged()
+                for name, buf in raw.items():
+                    self.reader.read_into(f"layers/{layer}/{name}", buf)
+                    if out[name].data_ptr() != buf.ctypes.data:
+                        out[name].copy_(_from_numpy(buf, self.reader.dtype))
+                self._ready.put((layer, slot))
+                i += 1
+        except BaseException as e:   # handed to the compute thread, which raises it
+            self._ready.put((None, e))
+
+    def get(self, i: int) -> dict:
+        if i < len(self.resident):
+            return self.resident[i]
+        t0 = time.perf_counter()
+        layer, slot = self._ready.get()
+        self.wait_s += time.perf_counter() - t0
+        if layer is None:
+            err = slot
+            self._stop.set()
+            raise MpitpiError(f"reading layer {i} from {self.reader.path} (rank "
+                              f"{self.reader.rank}) failed: {err}")
+        if layer != i:
+            raise RuntimeError(f"prefetch order broken: wanted layer {i}, got {layer}")
+        self._current = slot
+        return slot[1]
+
+    def done(self, i: int) -> None:
+        if i >= len(self.resident):
+            self._free.put(self._current)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def layer_bytes_fp32(reader, i: int = 0) -> int:
+    """Bytes one layer takes in memory (fp32 compute)."""
+    return sum(int(np.prod(reader.shape(f"layers/{i}/{n}"), dtype=np.int64)) * 4
+               for n in reader.layer_names(i))
+
+
+def _human(n: int, up: bool = False) -> str:
+    """Bytes as a --memory-budget value: 1.5G, 300M, 12K (rounded up when ``up``)."""
+    for unit, size in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if n >= size:
+            v = n / size
+            v = np.ceil(v * 10) / 10 if up else v
+            return f"{v:.1f}{unit}".replace(".0" + unit, unit)
+    return str(n)
+
+
+def plan_residency(n_layers: int, layer_bytes: int, fixed_bytes: int, budget: int | None,
+                   window: int | None) -> tuple[int, int | None]:
+    """(layers kept resident, window for the rest or None when all are resident).
+
+    ``budget`` covers the weights this rank holds in memory: ``fixed_bytes`` (embedding and
+    lm_head rows, norms) + resident layers + ``window`` streaming slots (2 when not given).
+    """
+    if budget is None:
+        return (0, window) if window else (n_layers, None)
+    w = window or 2
+    if fixed_bytes + n_layers * layer_bytes <= budget:
+        return n_layers, None
+    smallest = fixed_bytes + min(w, n_layers) * layer_bytes
+    if budget < smallest:
+        raise MpitpiError(f"--memory-budget {_human(budget)} is too small: this rank's "
+                          f"embedding rows need {_human(fixed_bytes)} and a window of {w} "
+                          f"layers {_human(w * layer_bytes)}. Fix: give at least "
+                          f"--memory-budget {_human(smallest, up=True)}, a smaller --window, "
+                          f"or more ranks.")
+    resident = min(n_layers - 1, (budget - smallest) // layer_bytes)
+    return int(resident), w
