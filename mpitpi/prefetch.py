@@ -6,8 +6,8 @@ The model asks ``layers.get(i)`` for layer i's tensors (a dict, see shards.py) a
 
 ``Streamed`` keeps the first ``n_resident`` layers in memory for good and streams the rest:
 a background thread reads them, in the order the model will ask, into ``window`` preallocated
-slots (a slot is one layer's tensors in fp32), so at most ``window`` streamed layers are in
-memory at once. Reads use ``os.preadv`` (GIL released), so they overlap compute.
+slots, so at most ``window`` streamed layers are in memory at once. Reads use ``os.preadv``,
+which releases the GIL, so they overlap compute.
 """
 from __future__ import annotations
 
@@ -61,8 +61,15 @@ def _load_fp32(reader, i: int) -> dict[str, torch.Tensor]:
 class Streamed:
     """Layers [0, n_resident) resident; the rest read ahead through ``window`` slots.
 
-    ``wait_s`` accumulates the time ``get`` spent waiting for the reader: I/O not hidden
-    behind compute.
+    A background thread walks the streamed layers in the order the model asks for them. For
+    each it takes a free slot, drops whatever the slot held (``_drop``), fills it with the
+    layer (``_fill``) and queues it; ``get`` takes the next queued layer, ``done`` frees its
+    slot. ``wait_s`` accumulates the time ``get`` waited: I/O not hidden behind compute.
+
+    Slots are filled by copying: ``os.preadv`` into preallocated buffers, converted to fp32
+    when the shard stores bf16/fp16. (Mapping the file instead, with MADV_POPULATE_READ to
+    fill and MADV_DONTNEED to drop, was measured slower here: the page-table work cost more
+    than the copy.)
     """
 
     def __init__(self, reader, n_layers: int, n_resident: int, window: int):
@@ -80,57 +87,71 @@ class Streamed:
         self._thread = None
         if not self.streamed:
             return
-        names = reader.layer_names(self.streamed[0])
-        convert = reader.dtype != "fp32"
-        for _ in range(self.window):
-            raw = {n: reader.empty(f"layers/{self.streamed[0]}/{n}") for n in names}
-            # fp32 storage: the model reads the raw buffers directly; else convert into fp32
-            out = ({n: torch.empty(a.shape, dtype=torch.float32) for n, a in raw.items()}
-                   if convert else {n: torch.from_numpy(a) for n, a in raw.items()})
-            self._free.put((raw, out))
+        for slot in self._slots():
+            self._free.put([None, slot])    # [layer it holds, slot]
         self._thread = threading.Thread(target=self._run, name="mpitpi-prefetch", daemon=True)
         self._thread.start()
+
+    def _slots(self) -> list:
+        """``window`` slots: (raw buffers as stored, fp32 tensors the model reads)."""
+        first, names = self.streamed[0], self.reader.layer_names(self.streamed[0])
+        slots = []
+        for _ in range(self.window):
+            raw = {n: self.reader.empty(f"layers/{first}/{n}") for n in names}
+            out = ({n: torch.from_numpy(a) for n, a in raw.items()} if self.reader.dtype == "fp32"
+                   else {n: torch.empty(a.shape, dtype=torch.float32) for n, a in raw.items()})
+            slots.append((raw, out))
+        return slots
+
+    def _fill(self, layer: int, slot) -> dict[str, torch.Tensor]:
+        from mpitpi.shards import _from_numpy
+
+        raw, out = slot
+        for name, buf in raw.items():
+            self.reader.read_into(f"layers/{layer}/{name}", buf)
+            if out[name].data_ptr() != buf.ctypes.data:
+                out[name].copy_(_from_numpy(buf, self.reader.dtype))
+        return out
+
+    def _drop(self, layer: int, slot) -> None:
+        pass   # the next _fill overwrites the buffers
 
     def __len__(self) -> int:
         return self.n
 
     def _run(self) -> None:
-        from mpitpi.shards import _from_numpy
-
         i = 0
         try:
             while not self._stop.is_set():
-                layer = self.streamed[i % len(self.streamed)]
                 try:
-                    slot = self._free.get(timeout=0.2)
+                    entry = self._free.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                raw, out = slot
+                if entry[0] is not None:
+                    self._drop(entry[0], entry[1])
+                layer = self.streamed[i % len(self.streamed)]
                 self.reader.check_unchanged()
-                for name, buf in raw.items():
-                    self.reader.read_into(f"layers/{layer}/{name}", buf)
-                    if out[name].data_ptr() != buf.ctypes.data:
-                        out[name].copy_(_from_numpy(buf, self.reader.dtype))
-                self._ready.put((layer, slot))
+                tensors = self._fill(layer, entry[1])
+                entry[0] = layer
+                self._ready.put((layer, entry, tensors))
                 i += 1
         except BaseException as e:   # handed to the compute thread, which raises it
-            self._ready.put((None, e))
+            self._ready.put((None, e, None))
 
     def get(self, i: int) -> dict:
         if i < len(self.resident):
             return self.resident[i]
         t0 = time.perf_counter()
-        layer, slot = self._ready.get()
+        layer, entry, tensors = self._ready.get()
         self.wait_s += time.perf_counter() - t0
         if layer is None:
-            err = slot
             self._stop.set()
             raise MpitpiError(f"reading layer {i} from {self.reader.path} (rank "
-                              f"{self.reader.rank}) failed: {err}")
+                              f"{self.reader.rank}) failed: {entry}")
         if layer != i:
             raise RuntimeError(f"prefetch order broken: wanted layer {i}, got {layer}")
-        self._current = slot
-        return slot[1]
+        self._current = entry
+        return tensors
 
     def done(self, i: int) -> None:
         if i >= len(self.resident):
@@ -140,6 +161,7 @@ class Streamed:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.reader.close()
 
 
 def layer_bytes_fp32(reader, i: int = 0) -> int:
