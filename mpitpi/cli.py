@@ -91,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype of the written weights (default bf16)")
     yp.add_argument("--seed", type=int, default=0)
 
+    bp = sub.add_parser("bench", help="time repeated generations: TTFT, ms/token, memory, "
+                        "communication (run under mpiexec -n N)")
+    _add_model_options(bp)
+    bp.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
+    bp.add_argument("--gen-len", type=int, default=32, help="tokens per generation (default 32)")
+    bp.add_argument("--reps", type=int, default=3, help="timed repetitions after a warm-up "
+                    "(default 3)")
+    bp.add_argument("--disk", action="store_true", help="also measure each rank's cold read "
+                    "bandwidth of its shard file")
+    bp.add_argument("--json", help="write the results to this JSON file")
+    bp.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+
     cp = sub.add_parser("chat", help="interactive multi-turn chat on rank 0's terminal "
                         "(run under mpiexec -n N)")
     _add_model_options(cp)
@@ -180,7 +192,8 @@ def _start(a, comm):
     from mpitpi.sampling import SamplingParams
 
     torch.set_num_threads(comm.checked(_threads, comm, a.threads))
-    params = SamplingParams(a.temperature, a.top_k, a.top_p, a.min_p, a.repeat_penalty, a.seed)
+    params = SamplingParams(a.temperature, a.top_k, a.top_p, a.min_p, a.repeat_penalty,
+                            getattr(a, "seed", None))
     comm.checked(params.check)
     if a.window is not None and a.window < 1:
         raise MpitpiError(f"--window must be at least 1, got {a.window}.")
@@ -188,6 +201,36 @@ def _start(a, comm):
                         progress=comm.rank == 0, window=a.window,
                         memory_budget=a.memory_budget, drop_cache=a.drop_cache)
     return params, loaded
+
+
+def cmd_bench(a, comm) -> int:
+    from mpitpi.bench import format_bench, run_bench
+
+    def check():
+        if a.prompt_len < 1 or a.gen_len < 1 or a.reps < 1:
+            raise MpitpiError("--prompt-len, --gen-len and --reps must be at least 1.")
+        if a.json and os.path.exists(a.json):
+            raise MpitpiError(f"--json {a.json!r} exists; it is not overwritten. Fix: remove "
+                              f"it or choose another name.")
+    comm.root_checked(check)
+    a.temperature, a.top_k, a.top_p, a.min_p, a.repeat_penalty = 0.0, 0, 1.0, 0.0, 1.0
+    _, loaded = _start(a, comm)
+    comm.root_checked(check_prompt_room, loaded.args, a.prompt_len, a.gen_len)
+    res = run_bench(comm, loaded, a.prompt_len, a.gen_len, a.reps, a.seed, a.disk,
+                    rss_fn=peak_rss_mb)
+    loaded.model.layers.close()
+    if comm.rank == 0:
+        print(format_bench(res))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
+    return 0
+
+
+def check_prompt_room(args, prompt_len: int, gen_len: int) -> None:
+    if prompt_len + gen_len > args.max_seq_len:
+        raise MpitpiError(f"--prompt-len + --gen-len = {prompt_len + gen_len} is beyond the "
+                          f"model's context of {args.max_seq_len}.")
 
 
 def cmd_chat(a, comm) -> int:
@@ -277,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
 
     comm = Comm()
     try:
-        return cmd_chat(a, comm) if a.command == "chat" else cmd_generate(a, comm)
+        cmd = {"chat": cmd_chat, "bench": cmd_bench, "generate": cmd_generate}[a.command]
+        return cmd(a, comm)
     except CollectiveError as e:
         if comm.rank == 0:
             print(f"mpitpi: error: {e}", file=sys.stderr, flush=True)

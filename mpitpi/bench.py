@@ -1,0 +1,131 @@
+"""`mpitpi bench`: timings, memory and traffic of repeated generations (collective).
+
+Every rank runs the same generations; each reports its own figures (peak RSS, time in
+all-reduce, time waiting for layer reads, bytes all-reduced), rank 0 gathers and prints them.
+Also measured in the same run, so ratios hold on any machine: the memory read bandwidth
+(a large tensor copy) and, with ``disk=True``, each rank's cold read bandwidth of its shard.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mpitpi.generate import generate
+
+
+def memory_bandwidth_gbs(nbytes: int = 256 * 2**20, reps: int = 5) -> float:
+    """GB/s of a large tensor copy, counting read bytes only (median of ``reps``)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def disk_bandwidth_gbs(path: str, chunk: int = 64 * 2**20) -> float:
+    """GB/s reading ``path`` cold: its cached pages are dropped first (posix_fadvise)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+        buf = np.empty(chunk, np.uint8)
+        t0, done = time.perf_counter(), 0
+        while done < size:
+            got = os.preadv(fd, [memoryview(buf)[:min(chunk, size - done)]], done)
+            if got <= 0:
+                break
+            done += got
+        dt = time.perf_counter() - t0
+        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+        return done / dt / 1e9
+    finally:
+        os.close(fd)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights this rank reads per token (fp32 compute): its layer slices + lm_head."""
+    layers = model.layers
+    per = sum(t.numel() * 4 for t in layers.get(0).values())
+    layers.done(0)
+    return per * len(layers) + model.lm_head.numel() * 4
+
+
+def run_bench(comm, loaded, prompt_len: int, gen_len: int, reps: int, seed: int = 0,
+              disk: bool = False, rss_fn=None) -> dict | None:
+    """Collective; returns the results dict on rank 0 (None elsewhere)."""
+    root = comm.rank == 0
+    args = loaded.args
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, args.vocab_size, (prompt_len,), generator=g).tolist()
+    counts = [s.n_vocab for s in loaded.plan]
+    layers = loaded.model.layers
+    ttft, steps, comm_ms, io_ms, calls, nbytes = [], [], [], [], [], []
+    bar = tqdm(range(reps + 1), desc="bench", unit="rep", disable=not root)
+    for rep in bar:   # rep 0 warms up (first reads, checksums, allocator) and is not counted
+        comm.barrier()
+        c0, w0 = comm.allreduce_s, layers.wait_s
+        n0, b0 = comm.allreduce_calls, comm.allreduce_bytes
+        res = generate(comm, loaded.model, counts, prompt if root else None, gen_len)
+        if rep == 0:
+            continue
+        passes = 1 + len(res.step_ms)
+        ttft.append(res.ttft_ms)
+        steps.extend(res.step_ms)
+        comm_ms.append((comm.allreduce_s - c0) * 1e3 / passes)
+        io_ms.append((layers.wait_s - w0) * 1e3 / passes)
+        calls.append((comm.allreduce_calls - n0) / passes)
+        nbytes.append((comm.allreduce_bytes - b0) / passes)
+    mine = {
+        "peak_rss_mb": round(rss_fn(), 1) if rss_fn else None,
+        "comm_ms_per_token": round(statistics.median(comm_ms), 3),
+        "io_wait_ms_per_token": round(statistics.median(io_ms), 3),
+        "allreduce_calls_per_token": round(statistics.median(calls), 1),
+        "allreduce_bytes_per_token": int(statistics.median(nbytes)),
+        "weight_bytes_per_token": weight_bytes(loaded.model),
+        "resident_layers": layers.n_resident,
+        "disk_gbs": round(disk_bandwidth_gbs(os.path.join(
+            loaded.shards, f"rank{comm.rank}.h5")), 3) if disk else None,
+    }
+    per_rank = comm.gather_obj(mine)
+    mem_bw = memory_bandwidth_gbs() if root else None
+    if not root:
+        return None
+    ms = statistics.median(steps) if steps else float("nan")
+    out = {
+        "world_size": comm.size, "prompt_len": prompt_len, "gen_len": gen_len, "reps": reps,
+        "window": getattr(layers, "window", None),
+        "ttft_ms": round(statistics.median(ttft), 3), "ms_per_token": round(ms, 3),
+        "tokens_per_s": round(1e3 / ms, 3), "memory_gbs": round(mem_bw, 3),
+        "ranks": per_rank,
+    }
+    slowest = max(r["weight_bytes_per_token"] for r in per_rank)
+    out["roofline_ms_per_token"] = round(slowest / (mem_bw * 1e9) * 1e3, 3)
+    if disk:
+        streamed = max(r["weight_bytes_per_token"] * (1 - r["resident_layers"] /
+                       args.n_layers) / (r["disk_gbs"] * 1e9) * 1e3 for r in per_rank)
+        out["disk_bound_ms_per_token"] = round(streamed, 3)
+    return out
+
+
+def format_bench(r: dict) -> str:
+    lines = [f"ranks {r['world_size']}, prompt {r['prompt_len']}, {r['gen_len']} tokens x "
+             f"{r['reps']} reps, window {r['window']}",
+             f"TTFT {r['ttft_ms']:.1f} ms, {r['ms_per_token']:.2f} ms/token "
+             f"({r['tokens_per_s']:.1f} tok/s); memory roofline {r['roofline_ms_per_token']:.2f}"
+             f" ms/token at {r['memory_gbs']:.1f} GB/s"]
+    if "disk_bound_ms_per_token" in r:
+        lines.append(f"disk-bound estimate {r['disk_bound_ms_per_token']:.1f} ms/token")
+    lines.append("rank  peak MB  comm ms/tok  io wait ms/tok  all-reduce kB/tok  resident layers")
+    for i, x in enumerate(r["ranks"]):
+        lines.append(f"{i:4d}  {x['peak_rss_mb']:7.1f}  {x['comm_ms_per_token']:11.2f}  "
+                     f"{x['io_wait_ms_per_token']:14.2f}  "
+                     f"{x['allreduce_bytes_per_token'] / 1e3:17.1f}  {x['resident_layers']}")
+    return "\n".join(lines)
