@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import traceback
 
@@ -26,12 +27,15 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "into a cache folder under $MPITPI_CACHE or ~/.cache/mpitpi, then reuse)")
     p.add_argument("--ratios", help="per-rank shares of heads, FFN columns and vocabulary, "
                    "e.g. 2,1,1 (default: uniform)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="storage dtype of automatically made shards (default fp32)")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: the host's "
                    "cores divided by the ranks on that host, at least 1)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the CRC32 check of shard data as it is read")
+    p.add_argument("--allreduce", default="mpi", choices=["mpi", "star", "ring"],
+                   help="all-reduce algorithm: MPI's own (default), star through rank 0, or "
+                   "ring")
     p.add_argument("--window", type=int, help="stream layers from disk, at most W in memory "
                    "(default: all layers resident)")
     p.add_argument("--memory-budget", help="weights this rank may hold, e.g. 1.5G: as many "
@@ -68,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(gp)
     src = gp.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
-    src.add_argument("--prompt-ids", help="comma-separated token ids instead of text")
+    src.add_argument("--prompt-file", help="read the prompt text from this UTF-8 file")
+    src.add_argument("--prompt-ids", help="comma-separated token ids instead of text, or "
+                     "@FILE to read them from a file")
     gp.add_argument("--chat", action="store_true", help="apply the model's chat template to "
                     "--prompt as a user message")
     gp.add_argument("--system", help="system message for --chat")
@@ -78,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep generating past end-of-sequence tokens (for benchmarks)")
     gp.add_argument("--json", action="store_true", help="print one JSON object at the end "
                     "instead of streaming text")
+    gp.add_argument("--verbose", "-v", action="store_true", help="print rank 0's timing of "
+                    "every token on stderr: total, compute and all-reduce ms, kB sent")
     gp.add_argument("--logits-out", help="save the logits of every generated token as a "
                     "float32 .npy array [tokens, vocab]")
 
@@ -102,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "bandwidth of its shard file")
     bp.add_argument("--json", help="write the results to this JSON file")
     bp.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+
+    vp = sub.add_parser("serve", help="OpenAI-compatible HTTP server on rank 0 (run under "
+                        "mpiexec -n N)")
+    _add_model_options(vp)
+    vp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    vp.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free)")
+    vp.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
+    vp.add_argument("--name", help="model name in the API (default: from --model)")
+    vp.add_argument("--max-tokens", type=int, default=512,
+                    help="completion length when a request gives none (default 512)")
 
     cp = sub.add_parser("chat", help="interactive multi-turn chat on rank 0's terminal "
                         "(run under mpiexec -n N)")
@@ -146,30 +164,59 @@ def peak_rss_mb() -> float:
     return 0.0
 
 
-def _prompt_ids(a, loaded) -> list[int]:
-    """Rank 0: the prompt as token ids, checked against the model."""
-    from mpitpi.generate import check_prompt
+def _read_text(path: str, what: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise MpitpiError(f"cannot read {what} {path!r}: {e.strerror}. Fix: check the path "
+                          f"and its permissions.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MpitpiError(f"{what} {path!r} is not UTF-8 text (byte {e.start} is invalid). "
+                          f"Fix: save it as UTF-8.")
+    if not text.strip():
+        raise MpitpiError(f"{what} {path!r} is empty. Fix: put the prompt in it.")
+    return text
 
+
+def read_prompt(a) -> tuple[str | None, list[int] | None]:
+    """Rank 0, before any model is loaded: the prompt text, or its ids, from the options."""
     if a.prompt_ids is not None:
+        spec = a.prompt_ids
+        if spec.startswith("@"):
+            spec = _read_text(spec[1:], "prompt-ids file")
         try:
-            ids = [int(x) for x in a.prompt_ids.split(",") if x.strip()]
+            ids = [int(x) for x in re.split(r"[,\s]+", spec) if x]
         except ValueError:
             raise MpitpiError(f"--prompt-ids {a.prompt_ids!r} is not a comma-separated list of "
                               f"integers. Fix: e.g. --prompt-ids 1,15043,29892")
-    else:
+        if not ids:
+            raise MpitpiError("--prompt-ids holds no token ids. Fix: e.g. --prompt-ids 1,2,3")
+        return None, ids
+    if a.prompt_file is not None:
+        return _read_text(a.prompt_file, "prompt file"), None
+    if not a.prompt:
+        raise MpitpiError("--prompt is empty. Fix: give a prompt text.")
+    return a.prompt, None
+
+
+def _prompt_ids(a, loaded, text: str | None, ids: list[int] | None) -> list[int]:
+    """Rank 0: the prompt as token ids, checked against the model."""
+    from mpitpi.generate import check_prompt
+
+    if ids is None:
         if loaded.tokenizer_path is None:
             raise MpitpiError("the model has no tokenizer.json, so --prompt cannot be "
                               "tokenized. Fix: pass --prompt-ids 1,2,3 instead.")
         tok = _tokenizer(loaded)
         if a.chat:
             from mpitpi.tokenizer import chat_messages
-            ids = tok.encode_chat(chat_messages(a.prompt, a.system))
+            ids = tok.encode_chat(chat_messages(text, a.system))
         else:
-            ids = tok.encode(a.prompt)
+            ids = tok.encode(text)
     check_prompt(ids, a.max_tokens, loaded.args.vocab_size, loaded.args.max_seq_len)
-    if a.logits_out and os.path.exists(a.logits_out):
-        raise MpitpiError(f"--logits-out {a.logits_out!r} exists; it is not overwritten. "
-                          f"Fix: remove it or choose another name.")
     return ids
 
 
@@ -218,7 +265,6 @@ def cmd_bench(a, comm) -> int:
     comm.root_checked(check_prompt_room, loaded.args, a.prompt_len, a.gen_len)
     res = run_bench(comm, loaded, a.prompt_len, a.gen_len, a.reps, a.seed, a.disk,
                     rss_fn=peak_rss_mb)
-    loaded.model.layers.close()
     if comm.rank == 0:
         print(format_bench(res))
         if a.json:
@@ -231,6 +277,25 @@ def check_prompt_room(args, prompt_len: int, gen_len: int) -> None:
     if prompt_len + gen_len > args.max_seq_len:
         raise MpitpiError(f"--prompt-len + --gen-len = {prompt_len + gen_len} is beyond the "
                           f"model's context of {args.max_seq_len}.")
+
+
+def cmd_serve(a, comm) -> int:
+    from mpitpi.server import serve
+
+    a.temperature, a.top_k, a.top_p, a.min_p, a.repeat_penalty = 0.0, 0, 1.0, 0.0, 1.0
+    _, loaded = _start(a, comm)
+
+    def need_tokenizer():
+        if loaded.tokenizer_path is None:
+            raise MpitpiError("serve needs a tokenizer and this model has none. Fix: use a "
+                              "model with tokenizer.json or a GGUF file.")
+        _tokenizer(loaded)
+    comm.root_checked(need_tokenizer)
+    name = a.name or os.path.basename(os.path.normpath(a.model or loaded.shards))
+    serve(comm, loaded, _tokenizer(loaded) if comm.rank == 0 else None, name, a.host, a.port,
+          a.api_key, a.max_tokens)
+    loaded.model.layers.close()
+    return 0
 
 
 def cmd_chat(a, comm) -> int:
@@ -259,19 +324,35 @@ def cmd_generate(a, comm) -> int:
     from mpitpi.sampling import Sampler
 
     root = comm.rank == 0
+
+    def early():
+        if a.logits_out and os.path.exists(a.logits_out):
+            raise MpitpiError(f"--logits-out {a.logits_out!r} exists; it is not overwritten. "
+                              f"Fix: remove it or choose another name.")
+        return read_prompt(a)
+    text, given_ids = comm.root_checked(early)
     params, loaded = _start(a, comm)
-    ids = comm.root_checked(_prompt_ids, a, loaded)
+    ids = comm.root_checked(_prompt_ids, a, loaded, text, given_ids)
     decode = _tokenizer(loaded).decode if (root and loaded.tokenizer_path) else None
 
     def emit(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    def step_line(step: int, ms: float, comm_ms: float, nbytes: int) -> None:
+        print(f"[token {step:4d}] {ms:8.2f} ms  compute {ms - comm_ms:8.2f} ms  all-reduce "
+              f"{comm_ms:7.2f} ms  sent {nbytes / 1e3:8.1f} kB", file=sys.stderr, flush=True)
+
+    c0, b0 = comm.allreduce_s, comm.allreduce_bytes
     res = generate(comm, loaded.model, [s.n_vocab for s in loaded.plan], ids, a.max_tokens,
                    sampler=Sampler(params) if root else None,
                    eos_ids=[] if a.ignore_eos else loaded.args.eos_token_ids,
                    decode=decode, stops=a.stop, on_text=None if a.json else emit,
-                   keep_logits=bool(a.logits_out))
+                   keep_logits=bool(a.logits_out),
+                   on_step=step_line if (root and a.verbose) else None)
+    passes = comm.bcast_obj(len(res_steps(res)) if root else None)
+    comm_ms = comm.gather_obj(round((comm.allreduce_s - c0) * 1e3 / passes, 3))
+    sent = comm.gather_obj(int((comm.allreduce_bytes - b0) / passes))
     layers = loaded.model.layers
     io_wait = comm.gather_obj(round(layers.wait_s * 1e3 / max(1, len(res_steps(res))), 3))
     resident = comm.gather_obj(layers.n_resident)
@@ -289,7 +370,9 @@ def cmd_generate(a, comm) -> int:
             "tokens_per_s": round(1e3 / res.ms_per_token, 3) if res.ms_per_token else None,
             "finish_reason": res.finish_reason, "world_size": comm.size,
             "peak_rss_mb": rss, "io_wait_ms_per_token": io_wait,
-            "resident_layers": resident, "window": getattr(layers, "window", None)}))
+            "resident_layers": resident, "window": getattr(layers, "window", None),
+            "allreduce": comm.algorithm, "comm_ms_per_token": comm_ms,
+            "bytes_per_token": sent}))
     else:
         print(flush=True)
         print(f"[mpitpi] {n} tokens on {comm.size} ranks: TTFT {res.ttft_ms:.0f} ms, "
@@ -318,9 +401,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from mpitpi.comm import Comm
 
-    comm = Comm()
+    comm = Comm(algorithm=a.allreduce)
     try:
-        cmd = {"chat": cmd_chat, "bench": cmd_bench, "generate": cmd_generate}[a.command]
+        cmd = {"chat": cmd_chat, "bench": cmd_bench, "generate": cmd_generate,
+               "serve": cmd_serve}[a.command]
         return cmd(a, comm)
     except CollectiveError as e:
         if comm.rank == 0:

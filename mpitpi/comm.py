@@ -18,30 +18,91 @@ import torch
 from mpitpi.errors import CollectiveError, MpitpiError
 
 
+ALGORITHMS = ("mpi", "star", "ring")
+
+
 class Comm:
-    def __init__(self, mpi_comm=None):
+    """One rank's view of the job. ``algorithm`` picks how ``allreduce_`` sums:
+
+    - ``mpi``: MPI's own Allreduce (the library picks its algorithm by size and ranks);
+    - ``star``: every rank sends to rank 0, rank 0 sums in rank order and sends the sum back
+      (2 message latencies; rank 0 moves 2(N-1) messages);
+    - ``ring``: reduce-scatter then all-gather around a ring (2(N-1) latencies; each rank
+      moves 2(N-1)/N of the buffer: bandwidth-optimal).
+
+    Each call is counted: ``allreduce_calls``, ``allreduce_bytes`` (bytes this rank sent),
+    ``allreduce_s`` (wall time inside, including waiting for slower ranks).
+    """
+
+    def __init__(self, mpi_comm=None, algorithm: str = "mpi"):
         from mpi4py import MPI
 
+        if algorithm not in ALGORITHMS:
+            raise MpitpiError(f"--allreduce {algorithm!r} is not one of {', '.join(ALGORITHMS)}.")
         self.MPI = MPI
         self.comm = mpi_comm if mpi_comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.host = socket.gethostname()
+        self.algorithm = algorithm
+        self._reduce = {"mpi": self._mpi, "star": self._star, "ring": self._ring}[algorithm]
+        self._scratch = np.empty(0, np.float32)
         self.allreduce_calls = 0
         self.allreduce_bytes = 0
         self.allreduce_s = 0.0
 
     # -- hot path ------------------------------------------------------------------------
     def allreduce_(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` over all ranks, in place. ``t`` must be contiguous. Returns ``t``."""
+        """Sum the float32 tensor ``t`` over all ranks, in place; every rank ends with the
+        same values. ``t`` must be contiguous. Returns ``t``."""
         if self.size == 1:
             return t
         t0 = time.perf_counter()
-        self.comm.Allreduce(self.MPI.IN_PLACE, t.numpy())
+        self.allreduce_bytes += self._reduce(t.numpy().reshape(-1))
         self.allreduce_s += time.perf_counter() - t0
         self.allreduce_calls += 1
-        self.allreduce_bytes += t.numel() * t.element_size()
         return t
+
+    def _scratch_for(self, n: int) -> np.ndarray:
+        if self._scratch.size < n:
+            self._scratch = np.empty(n, np.float32)
+        return self._scratch[:n]
+
+    def _mpi(self, a: np.ndarray) -> int:
+        self.comm.Allreduce(self.MPI.IN_PLACE, a)
+        return 2 * (self.size - 1) * a.nbytes // self.size   # what a ring would send
+
+    def _star(self, a: np.ndarray) -> int:
+        if self.rank != 0:
+            self.comm.Send(a, dest=0, tag=11)
+            self.comm.Recv(a, source=0, tag=12)
+            return a.nbytes
+        tmp = self._scratch_for(a.size)
+        for r in range(1, self.size):      # fixed order: the same sum on every run
+            self.comm.Recv(tmp, source=r, tag=11)
+            a += tmp
+        reqs = [self.comm.Isend(a, dest=r, tag=12) for r in range(1, self.size)]
+        self.MPI.Request.Waitall(reqs)
+        return (self.size - 1) * a.nbytes
+
+    def _ring(self, a: np.ndarray) -> int:
+        n, r = self.size, self.rank
+        right, left = (r + 1) % n, (r - 1) % n
+        bounds = np.linspace(0, a.size, n + 1).astype(np.int64)
+        chunk = [a[bounds[i]:bounds[i + 1]] for i in range(n)]
+        tmp = self._scratch_for(int(max(c.size for c in chunk)))
+        sent = 0
+        for step in range(n - 1):           # reduce-scatter: rank r ends owning chunk r+1
+            s, q = chunk[(r - step) % n], chunk[(r - step - 1) % n]
+            self.comm.Sendrecv(s, dest=right, sendtag=21, recvbuf=tmp[:q.size], source=left,
+                               recvtag=21)
+            q += tmp[:q.size]
+            sent += s.nbytes
+        for step in range(n - 1):           # all-gather the owned chunks around the ring
+            s, q = chunk[(r + 1 - step) % n], chunk[(r - step) % n]
+            self.comm.Sendrecv(s, dest=right, sendtag=22, recvbuf=q, source=left, recvtag=22)
+            sent += s.nbytes
+        return sent
 
     def bcast_(self, a: np.ndarray, root: int = 0) -> np.ndarray:
         """Broadcast a numpy buffer from ``root`` in place."""
@@ -64,6 +125,21 @@ class Comm:
 
     def gather_obj(self, obj, root: int = 0):
         return self.comm.gather(obj, root=root) if self.size > 1 else [obj]
+
+    def send_command(self, obj) -> None:
+        """Rank 0: wake the followers waiting in ``wait_command`` and hand them ``obj``."""
+        if self.size > 1:
+            self.comm.Ibcast(np.ones(1, np.int64), root=0).Wait()
+            self.comm.bcast(obj, root=0)
+
+    def wait_command(self, poll_s: float = 0.005):
+        """Ranks other than 0: wait for rank 0's next command object without spinning a core
+        (a non-blocking broadcast polled with sleeps), then return it."""
+        flag = np.zeros(1, np.int64)
+        req = self.comm.Ibcast(flag, root=0)
+        while not req.Test():
+            time.sleep(poll_s)
+        return self.comm.bcast(None, root=0)
 
     def barrier(self) -> None:
         if self.size > 1:

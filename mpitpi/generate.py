@@ -7,6 +7,7 @@ the sampler, the text and the timings.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -36,6 +37,16 @@ class Result:
         return float(np.median(self.step_ms)) if self.step_ms else self.ttft_ms
 
 
+def _fault_step(rank: int) -> int | None:
+    """MPITPI_FAULT_INJECT=RANK:STEP makes rank RANK raise at decode step STEP: a way to
+    check that one rank's failure ends the whole job (used by the fault tests)."""
+    spec = os.environ.get("MPITPI_FAULT_INJECT")
+    if not spec:
+        return None
+    r, s = spec.split(":")
+    return int(s) if int(r) == rank else None
+
+
 def check_prompt(ids: list[int], max_tokens: int, vocab_size: int, max_seq_len: int) -> None:
     if not ids:
         raise MpitpiError("the prompt is empty (0 tokens). Fix: give a non-empty --prompt or "
@@ -55,13 +66,18 @@ def check_prompt(ids: list[int], max_tokens: int, vocab_size: int, max_seq_len: 
 def generate(comm, model, vocab_counts: list[int], prompt_ids: list[int] | None, max_tokens: int,
              sampler: Sampler | None = None, eos_ids: list[int] | None = None,
              decode: Callable[[list[int]], str] | None = None, stops: list[str] | None = None,
-             on_text: Callable[[str], None] | None = None, keep_logits: bool = False) -> Result:
+             on_text: Callable[[str], None] | None = None, keep_logits: bool = False,
+             cancel: Callable[[], bool] | None = None,
+             on_step: Callable[[int, float, float, int], None] | None = None) -> Result:
     """Collective: every rank calls it; ``prompt_ids``, ``sampler``, ``decode`` matter on rank 0.
 
     ``vocab_counts[r]``: vocabulary rows rank r holds (the plan's), for gathering logits.
 
-    Stops after ``max_tokens`` tokens, an EOS id, or (with ``decode``) a stop string. On rank 0
-    ``on_text`` receives each piece of final text as it is made.
+    Stops after ``max_tokens`` tokens, an EOS id, (with ``decode``) a stop string, or when
+    ``cancel()`` turns true on rank 0 (finish_reason "cancelled"). On rank 0 ``on_text``
+    receives each piece of final text as it is made. ``on_step(step, ms, comm_ms, bytes)``
+    is called on every rank after each token with that step's wall time, its time inside
+    all-reduces and the bytes this rank sent in them.
     """
     root = comm.rank == 0
     n = comm.bcast_obj(len(prompt_ids) if root else None)
@@ -74,8 +90,12 @@ def generate(comm, model, vocab_counts: list[int], prompt_ids: list[int] | None,
     history = list(ids.tolist())
     msg = np.zeros(2, dtype=np.int64)   # [token, stop]
     tokens, start = torch.from_numpy(ids), 0
+    fault = _fault_step(comm.rank)
     t0 = time.perf_counter()
+    c0, b0 = comm.allreduce_s, comm.allreduce_bytes
     for step in range(max_tokens):
+        if step == fault:
+            raise RuntimeError(f"injected fault at step {step} (MPITPI_FAULT_INJECT)")
         local = model.forward(tokens, start)                       # (n_vocab_r,)
         logits = comm.gather_rows(local, vocab_counts)                   # (vocab,) on rank 0
         if root:
@@ -93,6 +113,8 @@ def generate(comm, model, vocab_counts: list[int], prompt_ids: list[int] | None,
                     stop = stream.stopped
             if stop:
                 res.finish_reason = "stop"
+            elif cancel is not None and cancel():
+                stop, res.finish_reason = True, "cancelled"
             msg[0], msg[1] = tok, stop or step == max_tokens - 1
         comm.bcast_(msg)
         now = time.perf_counter()
@@ -100,6 +122,10 @@ def generate(comm, model, vocab_counts: list[int], prompt_ids: list[int] | None,
             res.ttft_ms = (now - t0) * 1e3
         else:
             res.step_ms.append((now - t0) * 1e3)
+        if on_step is not None:
+            on_step(step, (now - t0) * 1e3, (comm.allreduce_s - c0) * 1e3,
+                    comm.allreduce_bytes - b0)
+            c0, b0 = comm.allreduce_s, comm.allreduce_bytes
         t0 = now
         if msg[1]:
             break

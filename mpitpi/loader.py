@@ -17,7 +17,7 @@ from mpitpi.checkpoint import fingerprint, open_checkpoint, resolve_model
 from mpitpi.config import ModelArgs
 from mpitpi.errors import MpitpiError
 from mpitpi.model import Transformer
-from mpitpi.plan import RankSlice, parse_ratios
+from mpitpi.plan import RankSlice, parse_ratios, plan_for_args
 from mpitpi.prefetch import Resident, Streamed, layer_bytes_fp32, parse_size, plan_residency
 from mpitpi.shards import MANIFEST, ShardReader, check_manifest, read_manifest, write_shards
 
@@ -45,6 +45,21 @@ class Loaded:
     fingerprint: str | None
 
 
+def _check_asked(shards: str, world_size: int, ratios, dtype) -> None:
+    """--ratios / --dtype given with --shards must agree with how the shards were made."""
+    man = read_manifest(shards)
+    if dtype is not None and man["dtype"] != dtype:
+        raise MpitpiError(f"shards in {shards!r} store {man['dtype']}, not the --dtype {dtype} "
+                          f"asked for. Fix: drop --dtype, or split again with --dtype {dtype}.")
+    if ratios is not None and man["world_size"] == world_size:
+        args = ModelArgs.from_dict(man["args"])
+        wanted = [s.to_dict() for s in plan_for_args(args, world_size, ratios)]
+        if json.loads(json.dumps(wanted)) != man["plan"]:
+            raise MpitpiError(f"shards in {shards!r} were made with another split plan "
+                              f"(ratios {man['ratios']}) than --ratios asks for. Fix: drop "
+                              f"--ratios, or split again with these ratios.")
+
+
 def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress) -> dict:
     """Rank 0: find (or make, from the checkpoint) the shard folder. Returns what all need.
 
@@ -52,6 +67,9 @@ def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress
     fingerprint, which reads headers, not tensors.
     """
     ratios = parse_ratios(ratios_text, world_size)
+    if shards is not None:
+        _check_asked(shards, world_size, ratios, dtype)
+    dtype = dtype or "fp32"
     fp = None
     if model_path is None:
         if shards is None:

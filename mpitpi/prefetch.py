@@ -39,6 +39,7 @@ class Resident:
     def __init__(self, layers: list[dict]):
         self.layers = layers
         self.n_resident = len(layers)
+        self.layer_nbytes = sum(t.numel() * t.element_size() for t in layers[0].values())
         self.wait_s = 0.0
 
     def __len__(self) -> int:
@@ -76,6 +77,7 @@ class Streamed:
         if window < 1:
             raise MpitpiError(f"--window must be at least 1, got {window}.")
         self.reader, self.n = reader, n_layers
+        self.layer_nbytes = layer_bytes_fp32(reader)
         self.resident = [_load_fp32(reader, i) for i in range(n_resident)]
         self.n_resident = n_resident
         self.streamed = list(range(n_resident, n_layers))
