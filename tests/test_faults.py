@@ -57,8 +57,8 @@ class Job:
     def __init__(self, n: int, extra_env: dict | None = None):
         self.marker = f"mpitpi-fault-{uuid.uuid4().hex[:8]}"
         cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpitpi", "generate", "--model",
-               "smollm2-135m", "--prompt", "Tell me a very long story.", "--max-tokens", "3000",
-               "--ignore-eos", "--stop", self.marker]
+               "smollm2-135m", "--prompt", f"Tell me a very long story. ({self.marker})",
+               "--max-tokens", "3000", "--ignore-eos"]
         env = {**os.environ, **(extra_env or {})}
         self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   env=env, start_new_session=True)
@@ -117,6 +117,7 @@ def test_kill9_of_a_rank_mid_generation_ends_the_job(victim):
         assert sorted(pids) == [0, 1]
         os.kill(pids[victim], signal.SIGKILL)
         elapsed = job.finish(timeout=30)
+        print(f"[fault-time] kill -9 rank {victim}: {elapsed:.2f} s")
         assert job.p.returncode != 0
         assert elapsed < 15, elapsed
         assert not leftovers(job.marker)
@@ -130,6 +131,7 @@ def test_sigint_to_mpiexec_stops_every_rank():
         job.wait_decoding()
         os.kill(job.p.pid, signal.SIGINT)
         elapsed = job.finish(timeout=30)
+        print(f"[fault-time] SIGINT to mpiexec: {elapsed:.2f} s")
         assert job.p.returncode != 0
         assert elapsed < 10, elapsed
         assert not leftovers(job.marker)
@@ -138,13 +140,17 @@ def test_sigint_to_mpiexec_stops_every_rank():
 
 
 def test_exception_on_one_rank_gives_one_message_and_ends_the_job():
-    job = Job(3, {"MPITPI_FAULT_INJECT": "2:5"})
+    job = Job(3, {"MPITPI_FAULT_INJECT": "2:30"})
     try:
-        elapsed = job.finish(timeout=120)
+        job.wait_decoding()
+        t_text = time.monotonic()
+        job.finish(timeout=120)
+        print(f"[fault-time] exception on rank 2: {time.monotonic() - t_text:.2f} s after "
+              f"the first text")
         err = job.stderr()
         assert job.p.returncode != 0
         assert err.count("internal error on rank") == 1, err
-        assert "internal error on rank 2 (" in err and "injected fault at step 5" in err
+        assert "internal error on rank 2 (" in err and "injected fault at step 30" in err
         assert not leftovers(job.marker)
     finally:
         job.kill()

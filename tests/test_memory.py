@@ -96,6 +96,7 @@ def test_shard_changed_mid_run_fails_promptly_on_every_rank(models, tmp_path):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
+    print(f"[fault-time] shard changed mid-run: {elapsed:.2f} s")
     assert p.returncode != 0
     assert "rank1.h5" in err and "changed on disk" in err and "rank 1" in err, err
     assert elapsed < 15
