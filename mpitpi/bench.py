@@ -51,8 +51,9 @@ def disk_bandwidth_gbs(path: str, chunk: int = 64 * 2**20) -> float:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of weights this rank reads per token (fp32 compute): its layer slices + lm_head."""
-    return model.layers.layer_nbytes * len(model.layers) + model.lm_head.numel() * 4
+    """Bytes of weights this rank reads per token: its layer slices + lm_head rows."""
+    return (model.layers.layer_nbytes * len(model.layers) +
+            model.lm_head.numel() * model.lm_head.element_size())
 
 
 def run_bench(comm, loaded, prompt_len: int, gen_len: int, reps: int, seed: int = 0,

@@ -171,6 +171,33 @@ def is_gguf(path: str) -> bool:
         return f.read(4) == b"GGUF" or path.endswith(".gguf")
 
 
+_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16",
+                "F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+
+
+def natural_dtype(path: str) -> str:
+    """The storage dtype shards get by default: the checkpoint's own float dtype (fp32, bf16
+    or fp16); fp16 for GGUF files, whose quantized weights need a float type to compute in
+    and fp16 is the fastest for decode here (docs/BENCHMARKS.md)."""
+    path = resolve_model(path)
+    if is_gguf(path):
+        return "fp16"
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        name = cfg.get("torch_dtype") or cfg.get("dtype")
+        if name in _DTYPE_NAMES:
+            return _DTYPE_NAMES[name]
+        first = sorted(glob.glob(os.path.join(path, "*.safetensors")))[0]
+        with open(first, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        kinds = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+        return next((_DTYPE_NAMES[k] for k in ("F32", "BF16", "F16") if k in kinds), "fp32")
+    except (OSError, ValueError, IndexError, KeyError, struct.error):
+        return "fp32"
+
+
 def fingerprint(path: str) -> str:
     """The model's fingerprint without parsing it (cheap: headers and sizes)."""
     path = resolve_model(path)

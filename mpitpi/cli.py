@@ -28,7 +28,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratios", help="per-rank shares of heads, FFN columns and vocabulary, "
                    "e.g. 2,1,1 (default: uniform)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
-                   help="storage dtype of automatically made shards (default fp32)")
+                   help="storage and compute dtype of automatically made shards (default: the "
+                   "checkpoint's own; fp16 for GGUF)")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: the host's "
                    "cores divided by the ranks on that host, at least 1)")
     p.add_argument("--no-verify", action="store_true",
@@ -65,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="the shard folder to create (new or empty)")
     sp.add_argument("--world-size", "-n", type=int, required=True, help="number of ranks")
     sp.add_argument("--ratios", help="per-rank shares, e.g. 2,1,1 (default: uniform)")
-    sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                    help="storage dtype (default fp32)")
+    sp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                    help="storage and compute dtype (default: the checkpoint's own; fp16 for "
+                    "GGUF)")
 
     gp = sub.add_parser("generate", help="generate text (run under mpiexec -n N)")
     _add_model_options(gp)
@@ -140,7 +142,9 @@ def cmd_split(a) -> int:
     from mpitpi.plan import plan_for_args
     plan_for_args(ckpt.args, a.world_size, ratios)   # bad world size / ratios: error first
     check_out_folder(a.out)
-    man = write_shards(ckpt, a.out, a.world_size, ratios, a.dtype, progress=True)
+    from mpitpi.checkpoint import natural_dtype
+    man = write_shards(ckpt, a.out, a.world_size, ratios, a.dtype or natural_dtype(a.model),
+                       progress=True)
     total = sum(f["size"] for f in man["files"]) / 2**20
     print(f"wrote {a.world_size} shard files ({total:.1f} MiB) and manifest.json to {a.out}")
     return 0

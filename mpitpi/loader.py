@@ -13,12 +13,13 @@ import json
 import os
 from dataclasses import dataclass
 
-from mpitpi.checkpoint import fingerprint, open_checkpoint, resolve_model
+from mpitpi.checkpoint import fingerprint, natural_dtype, open_checkpoint, resolve_model
 from mpitpi.config import ModelArgs
 from mpitpi.errors import MpitpiError
 from mpitpi.model import Transformer
 from mpitpi.plan import RankSlice, parse_ratios, plan_for_args
-from mpitpi.prefetch import Resident, Streamed, layer_bytes_fp32, parse_size, plan_residency
+from mpitpi.prefetch import (Resident, Streamed, as_compute, layer_bytes, parse_size,
+                             plan_residency)
 from mpitpi.shards import MANIFEST, ShardReader, check_manifest, read_manifest, write_shards
 
 
@@ -69,7 +70,6 @@ def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress
     ratios = parse_ratios(ratios_text, world_size)
     if shards is not None:
         _check_asked(shards, world_size, ratios, dtype)
-    dtype = dtype or "fp32"
     fp = None
     if model_path is None:
         if shards is None:
@@ -83,6 +83,7 @@ def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress
             open_checkpoint(path)   # raises the clear error for a missing or broken model
             raise
         if shards is None:
+            dtype = dtype or natural_dtype(path)
             shards = cache_folder(model_path, fp, world_size, ratios, dtype)
             valid = False
             if os.path.isfile(os.path.join(shards, MANIFEST)):
@@ -99,7 +100,7 @@ def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress
 
 
 def load_model(comm, model_path: str | None, shards: str | None, ratios: str | None,
-               dtype: str = "fp32", verify: bool = True, progress: bool = True,
+               dtype: str | None = None, verify: bool = True, progress: bool = True,
                window: int | None = None, memory_budget: str | None = None,
                drop_cache: bool = False) -> Loaded:
     """Every rank: return this rank's Transformer.
@@ -118,16 +119,14 @@ def load_model(comm, model_path: str | None, shards: str | None, ratios: str | N
         reader = ShardReader(info["shards"], comm.rank, man, verify=verify,
                              drop_cache=drop_cache)
         try:
-            top = {"embed": reader.read("vocab/embed").float(),
-                   "norm": reader.read("norm").float()}
+            # matrices stay in the stored dtype (model.linear computes in it); vectors fp32
+            top = {"embed": reader.read("vocab/embed"), "norm": reader.read("norm").float()}
             if reader.has("vocab/lm_head"):
-                top["lm_head"] = reader.read("vocab/lm_head").float()
-            fixed = sum(t.numel() * 4 for t in top.values())
-            n_res, w = plan_residency(args.n_layers, layer_bytes_fp32(reader), fixed,
-                                      budget, window)
+                top["lm_head"] = reader.read("vocab/lm_head")
+            fixed = sum(t.numel() * t.element_size() for t in top.values())
+            n_res, w = plan_residency(args.n_layers, layer_bytes(reader), fixed, budget, window)
             if w is None:
-                layers = Resident([{k: v.float() for k, v in reader.layer(i).items()}
-                                   for i in range(args.n_layers)])
+                layers = Resident([as_compute(reader.layer(i)) for i in range(args.n_layers)])
                 reader.close()
             else:
                 layers = Streamed(reader, args.n_layers, n_res, w)

@@ -63,6 +63,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rot * sin
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x (T, in) float32 @ w (out, in).T -> (T, out) float32, in the weight's own dtype.
+
+    Half-precision weights are used as stored (the activations are rounded to match), with
+    one exception chosen by measurement on AVX2 CPUs: fp16 matrix-matrix products (prefill)
+    are slow, so fp16 weights go through bf16 there. See docs/BENCHMARKS.md.
+    """
+    if w.dtype == torch.float32:
+        return F.linear(x, w, b)
+    if w.dtype == torch.float16 and x.shape[0] > 1:
+        y = F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)).float()
+    else:
+        y = F.linear(x.to(w.dtype), w).float()
+    return y if b is None else y + b
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
@@ -127,7 +143,7 @@ class Transformer:
         """x: (T, dim) normed input -> (T, dim) partial output of this rank's heads."""
         a, s = self.args, self.s
         T, hd = x.shape[0], a.head_dim
-        qkv = F.linear(x, w["wqkv"], w.get("bqkv"))              # (T, (n_q + 2 n_kv) hd)
+        qkv = linear(x, w["wqkv"], w.get("bqkv"))                # (T, (n_q + 2 n_kv) hd)
         q, k, v = qkv.split(self.split_qkv, dim=-1)
         q = q.view(T, s.n_q, hd).transpose(0, 1)                 # (n_q, T, hd)
         k = k.view(T, s.n_kv, hd).transpose(0, 1)                # (n_kv, T, hd)
@@ -144,20 +160,20 @@ class Transformer:
         o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.gqa and s.n_q != s.n_kv)
         o = o.transpose(0, 1).reshape(T, s.n_q * hd)              # (T, n_q hd)
-        return F.linear(o, w["wo"], w.get("bo"))                  # (T, dim) partial
+        return linear(o, w["wo"], w.get("bo"))                    # (T, dim) partial
 
     def mlp(self, w: dict, x: torch.Tensor) -> torch.Tensor:
         """x: (T, dim) normed input -> (T, dim) partial output of this rank's FFN columns."""
-        gu = F.linear(x, w["w13"], w.get("b13"))                  # (T, 2 f)
+        gu = linear(x, w["w13"], w.get("b13"))                    # (T, 2 f)
         g, u = gu.chunk(2, dim=-1)                                # (T, f) each
-        return F.linear(F.silu(g) * u, w["w2"], w.get("b2"))      # (T, dim) partial
+        return linear(F.silu(g) * u, w["w2"], w.get("b2"))        # (T, dim) partial
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (T,) int64 -> (T, dim), summed over the ranks' vocabulary rows."""
         v0, v1 = self.s.vocab
         mine = (tokens >= v0) & (tokens < v1)
         x = torch.zeros(tokens.shape[0], self.args.dim)
-        x[mine] = self.embed[tokens[mine] - v0]
+        x[mine] = self.embed[tokens[mine] - v0].float()
         return self.reduce(x)
 
     @torch.inference_mode()
@@ -173,5 +189,5 @@ class Transformer:
             h = self.mlp(w, rms_norm(x, w["ffn_norm"], eps))
             self.layers.done(i)                                   # the slot may be refilled
             x = x + self.reduce(h)
-        h = rms_norm(x[-1], self.norm, eps)                       # (dim,)
-        return F.linear(h, self.lm_head)                          # (n_vocab_r,)
+        h = rms_norm(x[-1:], self.norm, eps)                      # (1, dim)
+        return linear(h, self.lm_head)[0]                         # (n_vocab_r,)

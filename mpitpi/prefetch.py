@@ -55,8 +55,9 @@ class Resident:
         pass
 
 
-def _load_fp32(reader, i: int) -> dict[str, torch.Tensor]:
-    return {k: v.float() for k, v in reader.layer(i).items()}
+def as_compute(layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Matrices as stored (model.linear computes in their dtype); vectors as fp32."""
+    return {k: v if v.dim() == 2 else v.float() for k, v in layer.items()}
 
 
 class Streamed:
@@ -67,8 +68,8 @@ class Streamed:
     layer (``_fill``) and queues it; ``get`` takes the next queued layer, ``done`` frees its
     slot. ``wait_s`` accumulates the time ``get`` waited: I/O not hidden behind compute.
 
-    Slots are filled by copying: ``os.preadv`` into preallocated buffers, converted to fp32
-    when the shard stores bf16/fp16. (Mapping the file instead, with MADV_POPULATE_READ to
+    Slots are filled by copying: ``os.preadv`` into preallocated buffers, which the model
+    reads in the stored dtype (1-D vectors are converted to fp32). (Mapping the file instead, with MADV_POPULATE_READ to
     fill and MADV_DONTNEED to drop, was measured slower here: the page-table work cost more
     than the copy.)
     """
@@ -77,8 +78,8 @@ class Streamed:
         if window < 1:
             raise MpitpiError(f"--window must be at least 1, got {window}.")
         self.reader, self.n = reader, n_layers
-        self.layer_nbytes = layer_bytes_fp32(reader)
-        self.resident = [_load_fp32(reader, i) for i in range(n_resident)]
+        self.layer_nbytes = layer_bytes(reader)
+        self.resident = [as_compute(reader.layer(i)) for i in range(n_resident)]
         self.n_resident = n_resident
         self.streamed = list(range(n_resident, n_layers))
         self.window = min(window, max(1, len(self.streamed)))
@@ -95,13 +96,16 @@ class Streamed:
         self._thread.start()
 
     def _slots(self) -> list:
-        """``window`` slots: (raw buffers as stored, fp32 tensors the model reads)."""
+        """``window`` slots: raw buffers as stored, and the tensors the model reads (views of
+        the same memory; 1-D vectors converted to fp32)."""
+        from mpitpi.shards import _from_numpy
+
         first, names = self.streamed[0], self.reader.layer_names(self.streamed[0])
         slots = []
         for _ in range(self.window):
             raw = {n: self.reader.empty(f"layers/{first}/{n}") for n in names}
-            out = ({n: torch.from_numpy(a) for n, a in raw.items()} if self.reader.dtype == "fp32"
-                   else {n: torch.empty(a.shape, dtype=torch.float32) for n, a in raw.items()})
+            out = {n: _from_numpy(a, self.reader.dtype) for n, a in raw.items()}
+            out = {n: t if t.dim() == 2 else torch.empty(t.shape) for n, t in out.items()}
             slots.append((raw, out))
         return slots
 
@@ -111,7 +115,7 @@ class Streamed:
         raw, out = slot
         for name, buf in raw.items():
             self.reader.read_into(f"layers/{layer}/{name}", buf)
-            if out[name].data_ptr() != buf.ctypes.data:
+            if out[name].dim() == 1:
                 out[name].copy_(_from_numpy(buf, self.reader.dtype))
         return out
 
@@ -166,10 +170,9 @@ class Streamed:
         self.reader.close()
 
 
-def layer_bytes_fp32(reader, i: int = 0) -> int:
-    """Bytes one layer takes in memory (fp32 compute)."""
-    return sum(int(np.prod(reader.shape(f"layers/{i}/{n}"), dtype=np.int64)) * 4
-               for n in reader.layer_names(i))
+def layer_bytes(reader, i: int = 0) -> int:
+    """Bytes one layer's slices take in memory (as stored)."""
+    return sum(reader.nbytes(f"layers/{i}/{n}") for n in reader.layer_names(i))
 
 
 def _human(n: int, up: bool = False) -> str:

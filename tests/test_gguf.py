@@ -60,7 +60,7 @@ def test_chat_template_renders_like_transformers(gguf_path, tok):
 def test_logits_match_transformers_gguf_loader(hf_gguf, tok, tmp_path, n):
     ids = tok.encode_chat(chat_messages(GOLDEN[0][0]))
     out = tmp_path / "logits.npy"
-    r = run_mpi(n, ["generate", "--model", "smollm2-135m", "--prompt-ids",
+    r = run_mpi(n, ["generate", "--model", "smollm2-135m", "--dtype", "fp32", "--prompt-ids",
                     ",".join(map(str, ids)), "--max-tokens", "12", "--json",
                     "--logits-out", str(out)], timeout=300)
     assert r.returncode == 0, r.stderr
@@ -73,6 +73,25 @@ def test_logits_match_transformers_gguf_loader(hf_gguf, tok, tmp_path, n):
     err = float(np.abs(ours - ref).max())
     assert err <= 1e-4, f"max abs logits difference {err}"
     assert gen == ref.argmax(-1)[:len(gen)].tolist()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_logits_stay_close(hf_gguf, tok, tmp_path, dtype):
+    """Half-precision shards (fp16 is the GGUF default): logits near fp32, same top token."""
+    ids = tok.encode_chat(chat_messages(GOLDEN[1][0]))
+    out = tmp_path / "logits.npy"
+    r = run_mpi(2, ["generate", "--model", "smollm2-135m", "--dtype", dtype, "--prompt-ids",
+                    ",".join(map(str, ids)), "--max-tokens", "8", "--json",
+                    "--logits-out", str(out)], timeout=300)
+    assert r.returncode == 0, r.stderr
+    gen = json.loads(r.stdout)["token_ids"]
+    ours = np.load(out)
+    with torch.no_grad():
+        ref = hf_gguf(torch.tensor([ids + gen])).logits[0, len(ids) - 1:len(ids) - 1 +
+                                                         ours.shape[0]].numpy()
+    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert rel < (0.02 if dtype == "fp16" else 0.05), rel
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
 
 @pytest.mark.parametrize("question,fact", GOLDEN)
