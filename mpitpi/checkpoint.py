@@ -12,10 +12,60 @@ import json
 import os
 import struct
 
+import numpy as np
 import torch
 
 from mpitpi.config import ModelArgs, load_hf_config
 from mpitpi.errors import MpitpiError
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F64": torch.float64}
+
+
+class SafetensorsFile:
+    """One .safetensors file read with ``os.preadv`` (no mapping): a row range of a tensor is
+    one contiguous read, so the memory used is the slice asked for and nothing more."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+            size = os.fstat(self.fd).st_size
+            (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            if n > size - 8:
+                raise ValueError("the header runs past the end of the file")
+            header = json.loads(os.pread(self.fd, n, 8))
+        except (OSError, ValueError, struct.error) as e:
+            raise MpitpiError(f"cannot read {path}: {e}. The file is missing, truncated or not "
+                              f"safetensors. Fix: download or copy it again.")
+        self.base = 8 + n
+        self.meta = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((v["data_offsets"][1] for v in self.meta.values()), default=0)
+        if self.base + end > size:
+            raise MpitpiError(f"cannot read {path}: it is {size} bytes but its header needs "
+                              f"{self.base + end}. The file is missing, truncated or not "
+                              f"safetensors. Fix: download or copy it again.")
+
+    def keys(self):
+        return self.meta.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.meta[name]["shape"])
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        m = self.meta[name]
+        if m["dtype"] not in _ST_DTYPES:
+            raise MpitpiError(f"{self.path}: tensor {name} has dtype {m['dtype']}; mpitpi reads "
+                              f"F32, F16, BF16 and F64.")
+        dt, shape = _ST_DTYPES[m["dtype"]], m["shape"]
+        row = int(np.prod(shape[1:], dtype=np.int64)) * torch.finfo(dt).bits // 8
+        buf = np.empty((stop - start) * row, np.uint8)
+        offset = self.base + m["data_offsets"][0] + start * row
+        if buf.nbytes and os.preadv(self.fd, [memoryview(buf)], offset) != buf.nbytes:
+            raise MpitpiError(f"{self.path}: tensor {name} is cut short. Fix: download or copy "
+                              f"the file again.")
+        return torch.from_numpy(buf).view(dt).reshape(stop - start, *shape[1:])
 
 
 class HFCheckpoint:
@@ -31,6 +81,7 @@ class HFCheckpoint:
         self.folder = folder
         self.args: ModelArgs = load_hf_config(folder)
         self._handles: dict[str, object] = {}
+        self._cols_cache: tuple[str, torch.Tensor] | None = None
         self.weight_map = self._weight_map()
         tok = os.path.join(folder, "tokenizer.json")
         self.tokenizer_path = tok if os.path.isfile(tok) else None
@@ -54,15 +105,9 @@ class HFCheckpoint:
                 weight_map[name] = os.path.basename(path)
         return weight_map
 
-    def _open(self, filename: str):
+    def _open(self, filename: str) -> "SafetensorsFile":
         if filename not in self._handles:
-            from safetensors import safe_open
-            path = os.path.join(self.folder, filename)
-            try:
-                self._handles[filename] = safe_open(path, framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise MpitpiError(f"cannot read {path}: {e}. The file is missing, truncated or "
-                                  f"not safetensors. Fix: download or copy it again.")
+            self._handles[filename] = SafetensorsFile(os.path.join(self.folder, filename))
         return self._handles[filename]
 
     def _check_names(self) -> None:
@@ -91,38 +136,33 @@ class HFCheckpoint:
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
-    def _slice(self, name: str):
+    def _file(self, name: str) -> "SafetensorsFile":
         if name not in self.weight_map:
             raise MpitpiError(f"tensor {name} is not in {self.folder}.")
-        try:
-            return self._open(self.weight_map[name]).get_slice(name)
-        except MpitpiError:
-            raise
-        except Exception as e:
-            raise MpitpiError(f"cannot read tensor {name} from {self.folder}: {e}")
+        return self._open(self.weight_map[name])
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
-
-    def _read(self, name: str, index) -> torch.Tensor:
-        try:
-            return self._slice(name)[index]
-        except MpitpiError:
-            raise
-        except Exception as e:
-            raise MpitpiError(f"cannot read tensor {name} from {self.folder}: {e}. The file may "
-                              f"be truncated. Fix: download or copy it again.")
+        return self._file(name).shape(name)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a 2-D tensor, or elements [start, stop) of a 1-D one."""
-        return self._read(name, slice(start, stop))
+        return self._file(name).rows(name, start, stop)
 
     def cols(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Columns [start, stop) of a 2-D tensor."""
-        return self._read(name, (slice(None), slice(start, stop)))
+        """Columns [start, stop) of a 2-D tensor: the whole tensor is read once and kept
+        until another tensor's columns are asked for."""
+        if self._cols_cache is None or self._cols_cache[0] != name:
+            self._cols_cache = None
+            self._cols_cache = (name, self.full(name))
+        return self._cols_cache[1][:, start:stop].contiguous()
+
+    def release(self) -> None:
+        """Drop the kept tensor (split calls this after each layer)."""
+        self._cols_cache = None
 
     def full(self, name: str) -> torch.Tensor:
-        return self._read(name, slice(None))
+        f = self._file(name)
+        return f.rows(name, 0, f.shape(name)[0])
 
     def fingerprint(self) -> str:
         return hf_fingerprint(self.folder)

@@ -37,6 +37,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allreduce", default="mpi", choices=["mpi", "star", "ring"],
                    help="all-reduce algorithm: MPI's own (default), star through rank 0, or "
                    "ring")
+    p.add_argument("--local-shards", help="where ranks other than 0 keep their shard file, "
+                   "e.g. /var/tmp/mpitpi ({rank} is replaced by the rank); a missing or stale "
+                   "one is sent from rank 0 once and checked (default: the shard folder)")
     p.add_argument("--window", type=int, help="stream layers from disk, at most W in memory "
                    "(default: all layers resident)")
     p.add_argument("--memory-budget", help="weights this rank may hold, e.g. 1.5G: as many "
@@ -250,7 +253,8 @@ def _start(a, comm):
         raise MpitpiError(f"--window must be at least 1, got {a.window}.")
     loaded = load_model(comm, a.model, a.shards, a.ratios, a.dtype, verify=not a.no_verify,
                         progress=comm.rank == 0, window=a.window,
-                        memory_budget=a.memory_budget, drop_cache=a.drop_cache)
+                        memory_budget=a.memory_budget, drop_cache=a.drop_cache,
+                        local_shards=a.local_shards)
     return params, loaded
 
 

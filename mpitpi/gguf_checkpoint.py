@@ -142,6 +142,16 @@ class GGUFCheckpoint:
 
         return load_tokenizer(self.path, gguf_reader=self.reader)
 
+    def release(self) -> None:
+        """Unmap the pages read so far (the file stays mapped): keeps a split's memory to
+        the tensors in hand, not the whole file."""
+        import mmap
+
+        self._full_cache = None
+        mm = getattr(self.reader.data, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
     def has(self, name: str) -> bool:
         return name in self.tensors
 

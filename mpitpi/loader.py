@@ -20,6 +20,7 @@ from mpitpi.model import Transformer
 from mpitpi.plan import RankSlice, parse_ratios, plan_for_args
 from mpitpi.prefetch import (Resident, Streamed, as_compute, layer_bytes, parse_size,
                              plan_residency)
+from mpitpi.transfer import ensure_shards
 from mpitpi.shards import MANIFEST, ShardReader, check_manifest, read_manifest, write_shards
 
 
@@ -102,7 +103,7 @@ def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress
 def load_model(comm, model_path: str | None, shards: str | None, ratios: str | None,
                dtype: str | None = None, verify: bool = True, progress: bool = True,
                window: int | None = None, memory_budget: str | None = None,
-               drop_cache: bool = False) -> Loaded:
+               drop_cache: bool = False, local_shards: str | None = None) -> Loaded:
     """Every rank: return this rank's Transformer.
 
     Its layers are all resident unless ``window`` (stream every layer through that many
@@ -111,12 +112,16 @@ def load_model(comm, model_path: str | None, shards: str | None, ratios: str | N
     info = comm.root_checked(_resolve_shards, model_path, shards, comm.size, ratios, dtype,
                              progress)
 
+    folder = info["shards"]
+    if comm.size > 1:
+        folder = ensure_shards(comm, info["shards"], local_shards, progress=progress)
+
     def open_own():
-        man = read_manifest(info["shards"])
-        check_manifest(man, info["shards"], comm.size, info["fingerprint"])
+        man = read_manifest(folder)
+        check_manifest(man, folder, comm.size, info["fingerprint"])
         args = ModelArgs.from_dict(man["args"])
         plan = [RankSlice.from_dict(d) for d in man["plan"]]
-        reader = ShardReader(info["shards"], comm.rank, man, verify=verify,
+        reader = ShardReader(folder, comm.rank, man, verify=verify,
                              drop_cache=drop_cache)
         try:
             # matrices stay in the stored dtype (model.linear computes in it); vectors fp32

@@ -152,7 +152,9 @@ def write_shards(ckpt, out: str, world_size: int, ratios: list[float] | None = N
                     for name, t in rank_tensors(ckpt, args, s, layer):
                         a = _to_numpy(t, dtype)
                         files[s.rank].create_dataset(prefix + name, data=a)
-                        sums[s.rank][prefix + name] = zlib.crc32(a.tobytes())
+                        sums[s.rank][prefix + name] = zlib.crc32(a)
+                if hasattr(ckpt, "release"):
+                    ckpt.release()
         finally:
             for f in files:
                 f.close()

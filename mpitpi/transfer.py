@@ -1,0 +1,143 @@
+"""Shards sent once: ranks on hosts without their shard file get it from rank 0 over MPI.
+
+Rank 0 holds the shard folder. Every other rank keeps its shard in a local folder: by default
+the same path on its own host (on a shared filesystem that is rank 0's folder itself, and
+nothing moves), or ``--local-shards``. A rank whose local copy is missing,
+of another size, or from another split receives ``rank{r}.h5`` from rank 0 in chunks, writes
+it under a temporary name, checks every dataset's CRC32 against the manifest, and only then
+renames it into place beside a copy of the manifest. The next run finds it valid and nothing
+is sent again.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from tqdm import tqdm
+
+from mpitpi.errors import MpitpiError
+from mpitpi.shards import MANIFEST, ShardReader, read_manifest
+
+CHUNK = 8 * 2**20
+TAG = 31
+
+
+def local_folder(template: str | None, shards: str, rank: int) -> str:
+    """Where rank ``rank`` keeps its shard: ``template`` with {rank} filled in, or the shard
+    folder itself. Rank 0 always uses the shard folder (it is the source)."""
+    if template is None or rank == 0:
+        return shards
+    return template.replace("{rank}", str(rank))
+
+
+def _sees_source(folder: str, shards: str, man: dict) -> bool:
+    """True when ``folder`` is rank 0's shard folder itself (a shared filesystem): then
+    nothing is sent, and a missing or damaged file there is reported, not replaced."""
+    if os.path.abspath(folder) != os.path.abspath(shards):
+        return False
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            return json.load(f) == man
+    except (OSError, ValueError):
+        return False
+
+
+def _has_valid(folder: str, rank: int, man: dict) -> bool:
+    entry = man["files"][rank]
+    path = os.path.join(folder, entry["file"])
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            theirs = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return (theirs.get("model") == man["model"] and theirs.get("plan") == man["plan"]
+            and theirs.get("dtype") == man["dtype"] and theirs["files"][rank] == entry
+            and os.path.isfile(path) and os.path.getsize(path) == entry["size"])
+
+
+def ensure_shards(comm, shards: str, template: str | None, progress: bool = True) -> str:
+    """Collective. Returns the folder holding this rank's valid shard, sending what is missing.
+
+    Raises (on every rank) if a received file fails its checksums or cannot be written.
+    """
+    man = comm.bcast_obj(read_manifest(shards) if comm.rank == 0 else None)
+    folder = local_folder(template, shards, comm.rank)
+    need = (comm.rank != 0 and not _sees_source(folder, shards, man)
+            and not _has_valid(folder, comm.rank, man))
+    flags = comm.gather_obj(need)                     # collective: every rank calls it
+    needs = comm.bcast_obj([r for r, n in enumerate(flags) if n] if comm.rank == 0 else None)
+
+    def move():
+        if comm.rank == 0:
+            for r in needs:
+                _send(comm, shards, r, man, progress)
+        elif need:
+            _receive(comm, folder, man)
+        return None
+    if needs:
+        comm.checked(move)
+    return folder
+
+
+def _send(comm, shards: str, r: int, man: dict, progress: bool) -> None:
+    entry = man["files"][r]
+    size = entry["size"]
+    buf = np.empty(CHUNK, np.uint8)
+    with open(os.path.join(shards, entry["file"]), "rb") as f, tqdm(
+            total=size, unit="B", unit_scale=True, desc=f"send rank{r}.h5",
+            disable=not progress) as bar:
+        done = 0
+        while done < size:
+            n = f.readinto(memoryview(buf)[:min(CHUNK, size - done)])
+            if not n:   # the source is shorter than the manifest says: send zeros, the
+                n = min(CHUNK, size - done)   # receiver's checksums then fail loudly
+                buf[:n] = 0
+            comm.comm.Send(buf[:n], dest=r, tag=TAG)
+            done += n
+            bar.update(n)
+
+
+def _receive(comm, folder: str, man: dict) -> None:
+    entry = man["files"][comm.rank]
+    size, name = entry["size"], entry["file"]
+    buf = np.empty(CHUNK, np.uint8)
+    error = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.partial-{os.getpid()}")
+        out = open(tmp, "wb")
+    except OSError as e:
+        error, out = e, None
+    done = 0
+    while done < size:   # receive everything even after an error: rank 0 must not block
+        n = min(CHUNK, size - done)
+        comm.comm.Recv(buf[:n], source=0, tag=TAG)
+        if out is not None:
+            try:
+                out.write(memoryview(buf)[:n])
+            except OSError as e:
+                error = error or e
+        done += n
+    if out is not None:
+        out.close()
+    if error is not None:
+        raise MpitpiError(f"cannot write the shard into {folder}: {error}. Fix: give "
+                          f"--local-shards a folder this rank can write.")
+    os.replace(tmp, os.path.join(folder, name))
+    man_path = os.path.join(folder, MANIFEST)
+    with open(man_path + ".partial", "w") as f:
+        json.dump(man, f, indent=1)
+    try:
+        reader = ShardReader(folder, comm.rank, man, verify=True)
+        try:
+            for ds in reader.checksums:
+                reader.read(ds)
+        finally:
+            reader.close()
+    except MpitpiError as e:
+        os.remove(os.path.join(folder, name))
+        os.remove(man_path + ".partial")
+        raise MpitpiError(f"the shard sent to rank {comm.rank} ({comm.host}) failed its "
+                          f"check: {e}")
+    os.replace(man_path + ".partial", man_path)
