@@ -9,7 +9,7 @@ NP      ?= 3
 PROMPT  ?= What is the capital of France? Answer in one sentence.
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test bench lint clean
 
 # Create .venv and install mpitpi with its test extra. torch is pinned to the CPU build
 # (2.13.0); a bare `torch` would pull a multi-GB CUDA build. The stamp makes reruns instant.
@@ -33,6 +33,12 @@ demo: install
 # Run the test suite (multi-rank tests launch $(MPIEXEC) with a timeout each).
 test: install
 	PATH=$(abspath $(VENV))/bin:$$PATH HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# Benchmarks against transformers' generate on the same model, in one run (jobs/bench.sh):
+# JSON, a markdown table and a PNG under bench/. Timings never run as tests.
+bench: install
+	$(PY) -m pip install -q -e '.[test,bench]'
+	./jobs/bench.sh
 
 # Byte-compile everything: a quick syntax check.
 lint: install

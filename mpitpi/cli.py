@@ -26,7 +26,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", help="a shard folder made by `mpitpi split` (default: split once "
                    "into a cache folder under $MPITPI_CACHE or ~/.cache/mpitpi, then reuse)")
     p.add_argument("--ratios", help="per-rank shares of heads, FFN columns and vocabulary, "
-                   "e.g. 2,1,1 (default: uniform)")
+                   "e.g. 2,1,1, or 'auto' to measure each rank (default: uniform)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="storage and compute dtype of automatically made shards (default: the "
                    "checkpoint's own; fp16 for GGUF)")
@@ -126,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     vp.add_argument("--max-tokens", type=int, default=512,
                     help="completion length when a request gives none (default 512)")
 
+    mp = sub.add_parser("commbench", help="all-reduce latency per algorithm and message size "
+                        "(run under mpiexec -n N)")
+    mp.add_argument("--reps", type=int, default=20, help="calls per size (default 20)")
+    mp.add_argument("--json", help="write the results to this JSON file")
+
+    fp = sub.add_parser("profile", help="measure every rank and print the split --ratios auto "
+                        "would choose (run under mpiexec -n N)")
+    fp.add_argument("--model", required=True, help="a Hugging Face folder, a .gguf file, or "
+                    "'smollm2-135m'")
+    fp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                    help="compute dtype to measure (default: the checkpoint's own; fp16 for GGUF)")
+    fp.add_argument("--memory-budget", help="memory each rank may use for weights (default: "
+                    "its available memory)")
+    fp.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
     cp = sub.add_parser("chat", help="interactive multi-turn chat on rank 0's terminal "
                         "(run under mpiexec -n N)")
     _add_model_options(cp)
@@ -140,6 +155,10 @@ def cmd_split(a) -> int:
     from mpitpi.plan import parse_ratios
     from mpitpi.shards import check_out_folder, write_shards
 
+    if a.ratios == "auto":
+        raise MpitpiError("split runs as one process, so it cannot measure the ranks. Fix: "
+                          "let `mpiexec -n N mpitpi generate --ratios auto` split, or run "
+                          "`mpiexec -n N mpitpi profile` and pass the ratios it prints.")
     ckpt = open_checkpoint(a.model)
     ratios = parse_ratios(a.ratios, a.world_size)
     from mpitpi.plan import plan_for_args
@@ -306,6 +325,21 @@ def cmd_serve(a, comm) -> int:
     return 0
 
 
+def cmd_profile(a, comm) -> int:
+    from mpitpi.loader import _auto
+    from mpitpi.plan import parse_ratios, plan_for_args
+
+    ratios, figs = _auto(comm, a.model, None, a.dtype, a.memory_budget, progress=not a.json)
+    if comm.rank == 0 and a.json:
+        from mpitpi.checkpoint import open_checkpoint
+        args = open_checkpoint(a.model).args
+        plan = plan_for_args(args, comm.size, parse_ratios(ratios, comm.size))
+        print(json.dumps({"ratios": ratios, "ranks": figs, "plan": [s.to_dict() for s in plan]}))
+    elif comm.rank == 0:
+        print(f"--ratios auto would use: --ratios {ratios}")
+    return 0
+
+
 def cmd_chat(a, comm) -> int:
     from mpitpi.chat import run_chat
     from mpitpi.sampling import Sampler
@@ -409,9 +443,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from mpitpi.comm import Comm
 
-    comm = Comm(algorithm=a.allreduce)
+    if a.command == "commbench":
+        from mpitpi.commbench import run_commbench
+        res = run_commbench(reps=a.reps)
+        if res is not None:
+            print("all-reduce ms per call (median, slowest rank)")
+            print("bytes".rjust(10) + "".join(alg.rjust(10) for alg in res))
+            for size in next(iter(res.values())):
+                print(f"{size:10d}" + "".join(f"{res[alg][size]:10.3f}" for alg in res))
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump({"world_size": Comm().size, "ms_per_call": res}, f, indent=1)
+        return 0
+    comm = Comm(algorithm=getattr(a, "allreduce", "mpi"))
     try:
-        cmd = {"chat": cmd_chat, "bench": cmd_bench, "generate": cmd_generate,
+        cmd = {"chat": cmd_chat, "profile": cmd_profile, "bench": cmd_bench, "generate": cmd_generate,
                "serve": cmd_serve}[a.command]
         return cmd(a, comm)
     except CollectiveError as e:

@@ -100,6 +100,24 @@ def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress
     return {"shards": shards, "fingerprint": fp, "tokenizer": tok if os.path.isfile(tok) else None}
 
 
+def _auto(comm, model_path, shards, dtype, memory_budget, progress):
+    """--ratios auto: measure the ranks and return ratios (see profile.py)."""
+    import sys
+
+    from mpitpi.profile import auto_ratios
+
+    def model_info():
+        if model_path is None:
+            raise MpitpiError("--ratios auto needs --model (the shards already fix a plan).")
+        path = resolve_model(model_path)
+        args = open_checkpoint(path).args
+        return args, dtype or natural_dtype(path)
+    args, dt = comm.root_checked(model_info)
+    budget = parse_size(memory_budget) if memory_budget else None
+    return auto_ratios(comm, args, dt, budget,
+                       log=(lambda m: print(m, file=sys.stderr, flush=True)) if progress else None)
+
+
 def load_model(comm, model_path: str | None, shards: str | None, ratios: str | None,
                dtype: str | None = None, verify: bool = True, progress: bool = True,
                window: int | None = None, memory_budget: str | None = None,
@@ -109,6 +127,8 @@ def load_model(comm, model_path: str | None, shards: str | None, ratios: str | N
     Its layers are all resident unless ``window`` (stream every layer through that many
     slots) or ``memory_budget`` (keep as many resident as fit, stream the rest) is given.
     """
+    if ratios == "auto":
+        ratios, _ = _auto(comm, model_path, shards, dtype, memory_budget, progress)
     info = comm.root_checked(_resolve_shards, model_path, shards, comm.size, ratios, dtype,
                              progress)
 

@@ -47,7 +47,8 @@ class RankSlice:
 
 
 def parse_ratios(text: str | None, world_size: int) -> list[float] | None:
-    """'2,1,1' -> [2.0, 1.0, 1.0]; None or '' -> None (uniform). Checks count and sign."""
+    """'2,1,1' -> [2.0, 1.0, 1.0]; None or '' -> None (uniform). Checks count and sign.
+    ('auto' is resolved to numbers by loader.py before it gets here.)"""
     if text is None or str(text).strip() == "":
         return None
     try:
