@@ -146,13 +146,16 @@ class Comm:
             self.comm.Barrier()
 
     def local_size(self) -> int:
-        """Ranks of this job on this host."""
+        """Ranks of this job on this host: those sharing memory with this one, or with the
+        same host name (ranks in separate network namespaces of one machine share no memory
+        as far as MPI knows, but they do share its cores)."""
         if self.size == 1:
             return 1
         node = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
         n = node.Get_size()
         node.Free()
-        return n
+        same_name = self.comm.allgather(self.host).count(self.host)
+        return max(n, same_name)
 
     def checked(self, fn, *a, **kw):
         """Run ``fn`` on every rank; if it raised MpitpiError on any rank, raise on all.
