@@ -1,7 +1,8 @@
 """`mpitpi bench`: timings, memory and traffic of repeated generations (collective).
 
 Every rank runs the same generations; each reports its own figures (peak RSS, time in
-all-reduce, time waiting for layer reads, bytes all-reduced), rank 0 gathers and prints them.
+all-reduce per decode step and in the prefill, time waiting for layer reads, bytes
+all-reduced per forward pass), rank 0 gathers and prints them.
 Also measured in the same run, so ratios hold on any machine: the memory read bandwidth
 (a large tensor copy) and, with ``disk=True``, each rank's cold read bandwidth of its shard.
 """
@@ -67,18 +68,22 @@ def run_bench(comm, loaded, prompt_len: int, gen_len: int, reps: int, seed: int 
     layers = loaded.model.layers
     wbytes = weight_bytes(loaded.model)
     ttft, steps, comm_ms, io_ms, calls, nbytes = [], [], [], [], [], []
+    prefill_comm: list[float] = []
     bar = tqdm(range(reps + 1), desc="bench", unit="rep", disable=not root)
     for rep in bar:   # rep 0 warms up (first reads, checksums, allocator) and is not counted
         comm.barrier()
         c0, w0 = comm.allreduce_s, layers.wait_s
         n0, b0 = comm.allreduce_calls, comm.allreduce_bytes
-        res = generate(comm, loaded.model, counts, prompt if root else None, gen_len)
+        step_comm: list[float] = []
+        res = generate(comm, loaded.model, counts, prompt if root else None, gen_len,
+                       on_step=lambda i, ms, c, b: step_comm.append(c))
         if rep == 0:
             continue
         passes = 1 + len(res.step_ms)
         ttft.append(res.ttft_ms)
         steps.extend(res.step_ms)
-        comm_ms.append((comm.allreduce_s - c0) * 1e3 / passes)
+        prefill_comm.append(step_comm[0])
+        comm_ms.extend(step_comm[1:] or step_comm)
         io_ms.append((layers.wait_s - w0) * 1e3 / passes)
         calls.append((comm.allreduce_calls - n0) / passes)
         nbytes.append((comm.allreduce_bytes - b0) / passes)
@@ -86,7 +91,8 @@ def run_bench(comm, loaded, prompt_len: int, gen_len: int, reps: int, seed: int 
     comm.barrier()
     mine = {
         "peak_rss_mb": round(rss_fn(), 1) if rss_fn else None,
-        "comm_ms_per_token": round(statistics.median(comm_ms), 3),
+        "comm_ms_per_token": round(statistics.median(comm_ms), 3),      # decode steps
+        "prefill_comm_ms": round(statistics.median(prefill_comm), 3),
         "io_wait_ms_per_token": round(statistics.median(io_ms), 3),
         "allreduce_calls_per_token": round(statistics.median(calls), 1),
         "allreduce_bytes_per_token": int(statistics.median(nbytes)),
