@@ -119,6 +119,21 @@ class Comm:
         self.comm.Gatherv(local.contiguous().numpy(), recv, root=0)
         return out
 
+    def argmax_rows(self, local: torch.Tensor, offset: int) -> int | None:
+        """Greedy choice without moving the logits: each rank sends its best (value, global
+        index), 16 bytes, and rank 0 takes the largest (the lowest index on ties, as a full
+        argmax would). Returns the token on rank 0, None elsewhere."""
+        i = int(torch.argmax(local))
+        mine = np.array([float(local[i]), offset + i], dtype=np.float64)
+        if self.size == 1:
+            return int(mine[1])
+        every = np.empty((self.size, 2), np.float64) if self.rank == 0 else None
+        self.comm.Gather(mine, every, root=0)
+        if self.rank != 0:
+            return None
+        best = int(np.argmax(every[:, 0]))
+        return int(every[best, 1])
+
     # -- start-up ------------------------------------------------------------------------
     def bcast_obj(self, obj, root: int = 0):
         return self.comm.bcast(obj, root=root) if self.size > 1 else obj

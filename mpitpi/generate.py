@@ -80,7 +80,9 @@ def generate(comm, model, vocab_counts: list[int], prompt_ids: list[int] | None,
     all-reduces and the bytes this rank sent in them.
     """
     root = comm.rank == 0
-    n = comm.bcast_obj(len(prompt_ids) if root else None)
+    # the full logits go to rank 0 only when something needs them; greedy needs the argmax
+    full = keep_logits or (sampler is not None and not sampler.greedy)
+    n, full = comm.bcast_obj((len(prompt_ids), full) if root else None)
     ids = np.array(prompt_ids if root else np.zeros(n), dtype=np.int64)
     comm.bcast_(ids)
     model.reserve(n + max_tokens)

@@ -44,6 +44,11 @@ class Sampler:
         else:
             self.gen.seed()
 
+    @property
+    def greedy(self) -> bool:
+        """True when the choice is the plain argmax of the logits."""
+        return self.p.temperature == 0 and self.p.repeat_penalty == 1.0
+
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         """logits: (vocab,) float32; history: token ids seen so far (prompt + generated)."""
         p = self.p

@@ -85,3 +85,13 @@ def test_bf16_shards_stay_close(models, tmp_path):
     rel = np.abs(ours - expect).max() / np.abs(expect).max()
     assert rel < 0.05
     assert ours[0].argmax() == expect[0].argmax()
+
+
+@pytest.mark.parametrize("shape,n", [("llama-odd", 5), ("qwen2", 3)])
+def test_greedy_without_logits_matches_transformers(models, shape, n):
+    """Greedy runs send each rank's best (value, index) instead of gathering all logits."""
+    folder, hf = models(shape)
+    r = run_mpi(n, ["generate", "--model", folder, "--prompt-ids", ",".join(map(str, PROMPT)),
+                    "--max-tokens", str(N_NEW), "--ignore-eos", "--json"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == reference_greedy(hf, PROMPT, N_NEW)
