@@ -264,7 +264,10 @@ def _start(a, comm):
     from mpitpi.loader import load_model
     from mpitpi.sampling import SamplingParams
 
-    torch.set_num_threads(comm.checked(_threads, comm, a.threads))
+    threads = comm.checked(_threads, comm, a.threads)
+    torch.set_num_threads(threads)
+    # more busy threads than cores on this host: waiting ranks must yield their core
+    comm.polite = comm.local_size() * threads > (os.cpu_count() or 1)
     params = SamplingParams(a.temperature, a.top_k, a.top_p, a.min_p, a.repeat_penalty,
                             getattr(a, "seed", None))
     comm.checked(params.check)

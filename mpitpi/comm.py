@@ -47,6 +47,7 @@ class Comm:
         self.algorithm = algorithm
         self._reduce = {"mpi": self._mpi, "star": self._star, "ring": self._ring}[algorithm]
         self._scratch = np.empty(0, np.float32)
+        self.polite = False   # set when ranks outnumber cores (see cli._threads)
         self.allreduce_calls = 0
         self.allreduce_bytes = 0
         self.allreduce_s = 0.0
@@ -68,21 +69,32 @@ class Comm:
             self._scratch = np.empty(n, np.float32)
         return self._scratch[:n]
 
+    def _wait(self, reqs: list) -> None:
+        """Wait for requests. ``polite``: poll and yield the core between polls, so ranks
+        that share a core (more ranks than cores) are not starved by a spinning waiter."""
+        if not self.polite:
+            self.MPI.Request.Waitall(reqs)
+            return
+        while not self.MPI.Request.Testall(reqs):
+            os.sched_yield()
+
     def _mpi(self, a: np.ndarray) -> int:
-        self.comm.Allreduce(self.MPI.IN_PLACE, a)
+        if self.polite:
+            self._wait([self.comm.Iallreduce(self.MPI.IN_PLACE, a)])
+        else:
+            self.comm.Allreduce(self.MPI.IN_PLACE, a)
         return 2 * (self.size - 1) * a.nbytes // self.size   # what a ring would send
 
     def _star(self, a: np.ndarray) -> int:
         if self.rank != 0:
-            self.comm.Send(a, dest=0, tag=11)
-            self.comm.Recv(a, source=0, tag=12)
+            self._wait([self.comm.Isend(a, dest=0, tag=11)])
+            self._wait([self.comm.Irecv(a, source=0, tag=12)])
             return a.nbytes
         tmp = self._scratch_for(a.size)
         for r in range(1, self.size):      # fixed order: the same sum on every run
-            self.comm.Recv(tmp, source=r, tag=11)
+            self._wait([self.comm.Irecv(tmp, source=r, tag=11)])
             a += tmp
-        reqs = [self.comm.Isend(a, dest=r, tag=12) for r in range(1, self.size)]
-        self.MPI.Request.Waitall(reqs)
+        self._wait([self.comm.Isend(a, dest=r, tag=12) for r in range(1, self.size)])
         return (self.size - 1) * a.nbytes
 
     def _ring(self, a: np.ndarray) -> int:
@@ -94,20 +106,21 @@ class Comm:
         sent = 0
         for step in range(n - 1):           # reduce-scatter: rank r ends owning chunk r+1
             s, q = chunk[(r - step) % n], chunk[(r - step - 1) % n]
-            self.comm.Sendrecv(s, dest=right, sendtag=21, recvbuf=tmp[:q.size], source=left,
-                               recvtag=21)
+            self._wait([self.comm.Isend(s, dest=right, tag=21),
+                        self.comm.Irecv(tmp[:q.size], source=left, tag=21)])
             q += tmp[:q.size]
             sent += s.nbytes
         for step in range(n - 1):           # all-gather the owned chunks around the ring
             s, q = chunk[(r + 1 - step) % n], chunk[(r - step) % n]
-            self.comm.Sendrecv(s, dest=right, sendtag=22, recvbuf=q, source=left, recvtag=22)
+            self._wait([self.comm.Isend(s, dest=right, tag=22),
+                        self.comm.Irecv(q, source=left, tag=22)])
             sent += s.nbytes
         return sent
 
     def bcast_(self, a: np.ndarray, root: int = 0) -> np.ndarray:
         """Broadcast a numpy buffer from ``root`` in place."""
         if self.size > 1:
-            self.comm.Bcast(a, root=root)
+            self._wait([self.comm.Ibcast(a, root=root)])
         return a
 
     def gather_rows(self, local: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
@@ -116,7 +129,7 @@ class Comm:
             return local
         out = torch.empty(sum(counts), dtype=torch.float32) if self.rank == 0 else None
         recv = [out.numpy(), counts] if self.rank == 0 else None
-        self.comm.Gatherv(local.contiguous().numpy(), recv, root=0)
+        self._wait([self.comm.Igatherv(local.contiguous().numpy(), recv, root=0)])
         return out
 
     def argmax_rows(self, local: torch.Tensor, offset: int) -> int | None:
@@ -128,7 +141,7 @@ class Comm:
         if self.size == 1:
             return int(mine[1])
         every = np.empty((self.size, 2), np.float64) if self.rank == 0 else None
-        self.comm.Gather(mine, every, root=0)
+        self._wait([self.comm.Igather(mine, every, root=0)])
         if self.rank != 0:
             return None
         best = int(np.argmax(every[:, 0]))
