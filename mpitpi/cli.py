@@ -277,6 +277,8 @@ def _start(a, comm):
                         progress=comm.rank == 0, window=a.window,
                         memory_budget=a.memory_budget, drop_cache=a.drop_cache,
                         local_shards=a.local_shards)
+    if a.threads is None and threads >= 2 and hasattr(loaded.model.layers, "reader"):
+        torch.set_num_threads(threads - 1)   # leave a core to the layer reader (measured)
     return params, loaded
 
 
