@@ -4,15 +4,17 @@
 # mpitpi runs across them with MPICH's hydra, which starts its proxies through
 # `ip netns exec` instead of ssh. Everything made here is removed on exit (trap).
 #
-#   jobs/edge-cluster.sh [-k K] [-r RATE] [-n RANKS] -- mpitpi ARGS...
+#   jobs/edge-cluster.sh [-k K] [-r RATE] [-d DELAY_MS] [-n RANKS] -- mpitpi ARGS...
 #   e.g. jobs/edge-cluster.sh -k 4 -r 100mbit -- generate --model smollm2-135m --prompt Hi
 #
 # Only addresses inside the namespaces made here (10.77.0.0/24) are used. Needs root,
-# iproute2 and tc (tbf; netem is not in every kernel, so no delay is added here).
+# iproute2 and tc (tbf). -d adds a fixed delay to every packet a device receives, in user
+# space (jobs/netdelay.py: iptables-legacy NFQUEUE + NetfilterQueue), as netem is missing.
 set -euo pipefail
-K=4; RATE=100mbit; RANKS=""; PREFIX=mpitpi-edge-$$
-while getopts "k:r:n:" opt; do
-  case $opt in k) K=$OPTARG;; r) RATE=$OPTARG;; n) RANKS=$OPTARG;; *) exit 2;; esac
+K=4; RATE=100mbit; RANKS=""; DELAY=0; PREFIX=mpitpi-edge-$$
+while getopts "k:r:n:d:" opt; do
+  case $opt in k) K=$OPTARG;; r) RATE=$OPTARG;; n) RANKS=$OPTARG;; d) DELAY=$OPTARG;;
+    *) exit 2;; esac
 done
 shift $((OPTIND - 1)); [ "${1:-}" = "--" ] && shift
 RANKS=${RANKS:-$K}
@@ -21,7 +23,10 @@ VENV=${VENV:-$HERE/.venv}
 BR=$PREFIX-br
 LAUNCH=$(mktemp /tmp/mpitpi-launch.XXXXXX)
 
+DELAYERS=()
 cleanup() {
+  for pid in "${DELAYERS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${DELAYERS[@]}"; do wait "$pid" 2>/dev/null || true; done
   for i in $(seq 0 $((K - 1))); do ip netns del "$PREFIX-$i" 2>/dev/null || true; done
   ip netns del "$BR" 2>/dev/null || true
   rm -f "$LAUNCH"
@@ -49,7 +54,12 @@ for i in $(seq 0 $((K - 1))); do
   ip netns exec "$ns" tc qdisc add dev eth0 root tbf rate "$RATE" burst 32kbit latency 50ms
   ip netns exec "$BR" tc qdisc add dev "b$$-$i" root tbf rate "$RATE" burst 32kbit latency 50ms
   HOSTS+="10.77.0.$((i + 1)),"
+  if [ "$DELAY" != 0 ]; then
+    ip netns exec "$ns" "$VENV/bin/python" "$HERE/jobs/netdelay.py" "$DELAY" &
+    DELAYERS+=($!)
+  fi
 done
+[ "$DELAY" != 0 ] && sleep 1   # let the delayers install their rules
 
 # hydra calls "LAUNCH [ssh options] HOST COMMAND...": run COMMAND inside HOST's namespace
 cat > "$LAUNCH" <<LAUNCHER
@@ -65,7 +75,7 @@ chmod +x "$LAUNCH"
 
 export UCX_TLS=tcp,self          # else UCX finds the other ranks' shared memory
 export FI_PROVIDER=tcp           # the same for an OFI build of MPICH
-echo "edge cluster: $K namespaces at 10.77.0.1-$K, links $RATE each" >&2
+echo "edge cluster: $K namespaces at 10.77.0.1-$K, links $RATE each, delay ${DELAY} ms" >&2
 rc=0
 ip netns exec "$PREFIX-0" "$VENV/bin/mpiexec" -launcher ssh -launcher-exec "$LAUNCH" \
   -iface eth0 -hosts "${HOSTS%,}" -n "$RANKS" -ppn 1 \
