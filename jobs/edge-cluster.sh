@@ -75,7 +75,7 @@ chmod +x "$LAUNCH"
 
 export UCX_TLS=tcp,self          # else UCX finds the other ranks' shared memory
 export FI_PROVIDER=tcp           # the same for an OFI build of MPICH
-echo "edge cluster: $K namespaces at 10.77.0.1-$K, links $RATE each, delay ${DELAY} ms" >&2
+echo "edge cluster $PREFIX: $K namespaces at 10.77.0.1-$K, links $RATE each, delay ${DELAY} ms" >&2
 rc=0
 ip netns exec "$PREFIX-0" "$VENV/bin/mpiexec" -launcher ssh -launcher-exec "$LAUNCH" \
   -iface eth0 -hosts "${HOSTS%,}" -n "$RANKS" -ppn 1 \
