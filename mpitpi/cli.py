@@ -34,9 +34,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "cores divided by the ranks on that host, at least 1)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the CRC32 check of shard data as it is read")
-    p.add_argument("--allreduce", default="mpi", choices=["mpi", "star", "ring"],
-                   help="all-reduce algorithm: MPI's own (default), star through rank 0, or "
-                   "ring")
+    p.add_argument("--allreduce", default="mpi", choices=["mpi", "star", "ring", "auto"],
+                   help="all-reduce algorithm: MPI's own (default), star through rank 0, ring, "
+                   "or auto (measure mpi vs star at start for small messages; for links with "
+                   "several ms of latency)")
     p.add_argument("--local-shards", help="where ranks other than 0 keep their shard file, "
                    "e.g. /var/tmp/mpitpi ({rank} is replaced by the rank); a missing or stale "
                    "one is sent from rank 0 once and checked (default: the shard folder)")
@@ -418,7 +419,8 @@ def cmd_generate(a, comm) -> int:
             "finish_reason": res.finish_reason, "world_size": comm.size,
             "peak_rss_mb": rss, "io_wait_ms_per_token": io_wait,
             "resident_layers": resident, "window": getattr(layers, "window", None),
-            "allreduce": comm.algorithm, "comm_ms_per_token": comm_ms,
+            "allreduce": comm.algorithm + (f" ({comm.small} for small)" if comm.small else ""),
+            "comm_ms_per_token": comm_ms,
             "bytes_per_token": sent}))
     else:
         print(flush=True)

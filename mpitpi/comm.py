@@ -28,7 +28,10 @@ class Comm:
     - ``star``: every rank sends to rank 0, rank 0 sums in rank order and sends the sum back
       (2 message latencies; rank 0 moves 2(N-1) messages);
     - ``ring``: reduce-scatter then all-gather around a ring (2(N-1) latencies; each rank
-      moves 2(N-1)/N of the buffer: bandwidth-optimal).
+      moves 2(N-1)/N of the buffer: bandwidth-optimal);
+    - ``auto``: at start, time a decode-sized all-reduce with ``mpi`` and ``star`` and use
+      the faster for messages up to 64 KiB, ``mpi`` above (measured: the star wins small
+      messages on high-latency links, loses large ones everywhere; docs/BENCHMARKS.md).
 
     Each call is counted: ``allreduce_calls``, ``allreduce_bytes`` (bytes this rank sent),
     ``allreduce_s`` (wall time inside, including waiting for slower ranks).
@@ -37,7 +40,7 @@ class Comm:
     def __init__(self, mpi_comm=None, algorithm: str = "mpi"):
         from mpi4py import MPI
 
-        if algorithm not in ALGORITHMS:
+        if algorithm not in ALGORITHMS + ("auto",):
             raise MpitpiError(f"--allreduce {algorithm!r} is not one of {', '.join(ALGORITHMS)}.")
         self.MPI = MPI
         self.comm = mpi_comm if mpi_comm is not None else MPI.COMM_WORLD
@@ -45,9 +48,13 @@ class Comm:
         self.size = self.comm.Get_size()
         self.host = socket.gethostname()
         self.algorithm = algorithm
-        self._reduce = {"mpi": self._mpi, "star": self._star, "ring": self._ring}[algorithm]
+        self._reduce = {"mpi": self._mpi, "star": self._star, "ring": self._ring,
+                        "auto": self._auto}[algorithm]
         self._scratch = np.empty(0, np.float32)
         self.polite = False   # set when ranks outnumber cores (see cli._threads)
+        self.small = None     # auto: the algorithm chosen for small messages
+        if algorithm == "auto" and self.size > 1:
+            self.small = self._calibrate()
         self.allreduce_calls = 0
         self.allreduce_bytes = 0
         self.allreduce_s = 0.0
@@ -77,6 +84,27 @@ class Comm:
             return
         while not self.MPI.Request.Testall(reqs):
             os.sched_yield()
+
+    def _calibrate(self, nbytes: int = 4096, reps: int = 5) -> str:
+        """Collective: the faster of mpi and star for an ``nbytes`` all-reduce here."""
+        best, best_t = "mpi", float("inf")
+        for name in ("mpi", "star"):
+            f = {"mpi": self._mpi, "star": self._star}[name]
+            buf = np.ones(nbytes // 4, np.float32)
+            f(buf)                                   # warm-up: connections, buffers
+            self.comm.Barrier()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                f(buf)
+            t = self.comm.allreduce(time.perf_counter() - t0, op=self.MPI.MAX)
+            if t < best_t:
+                best, best_t = name, t
+        return best
+
+    def _auto(self, a: np.ndarray) -> int:
+        if a.nbytes <= 64 * 2**10 and self.small == "star":
+            return self._star(a)
+        return self._mpi(a)
 
     def _mpi(self, a: np.ndarray) -> int:
         if self.polite:

@@ -21,9 +21,9 @@ def test_star_and_ring_sum_like_mpi(n):
 def test_generate_same_tokens_with_every_algorithm(models, n):
     folder, _ = models("llama-gqa")
     got = {}
-    for alg in ("mpi", "star", "ring"):
+    for alg in ("mpi", "star", "ring", "auto"):
         r = run_mpi(n, ["generate", "--model", folder, "--prompt-ids", "1,17,42,99",
                         "--max-tokens", "16", "--ignore-eos", "--json", "--allreduce", alg])
         assert r.returncode == 0, r.stderr
         got[alg] = json.loads(r.stdout)["token_ids"]
-    assert got["star"] == got["mpi"] and got["ring"] == got["mpi"]
+    assert got["star"] == got["mpi"] and got["ring"] == got["mpi"] and got["auto"] == got["mpi"]
