@@ -64,8 +64,10 @@ class Job:
                                   env=env, start_new_session=True)
         self.out, self.err = b"", b""
         self.first_text = threading.Event()
-        threading.Thread(target=self._pump, args=("out",), daemon=True).start()
-        threading.Thread(target=self._pump, args=("err",), daemon=True).start()
+        self.pumps = [threading.Thread(target=self._pump, args=(w,), daemon=True)
+                      for w in ("out", "err")]
+        for t in self.pumps:
+            t.start()
 
     def _pump(self, which: str) -> None:
         stream = self.p.stdout if which == "out" else self.p.stderr
@@ -89,6 +91,8 @@ class Job:
             os.killpg(self.p.pid, signal.SIGKILL)
             pytest.fail(f"job still running {timeout}s after the fault: a hang")
         elapsed = time.monotonic() - t0
+        for t in self.pumps:      # read the job's output to its end before looking at it
+            t.join(timeout=10)
         time.sleep(0.5)
         return elapsed
 
