@@ -99,9 +99,17 @@ def generate(comm, model, vocab_counts: list[int], prompt_ids: list[int] | None,
         if step == fault:
             raise RuntimeError(f"injected fault at step {step} (MPITPI_FAULT_INJECT)")
         local = model.forward(tokens, start)                       # (n_vocab_r,)
-        logits = comm.gather_rows(local, vocab_counts)                   # (vocab,) on rank 0
+        if full:
+            logits = comm.gather_rows(local, vocab_counts)         # (vocab,) on rank 0
+        else:
+            best = comm.argmax_rows(local, sum(vocab_counts[:comm.rank]))
         if root:
-            tok = sampler(logits, history) if sampler else int(torch.argmax(logits))
+            if not full:
+                tok = best
+            elif sampler is not None:
+                tok = sampler(logits, history)
+            else:
+                tok = int(torch.argmax(logits))
             if keep_logits:
                 res.logits.append(logits.numpy().copy())
             stop = tok in eos
