@@ -272,8 +272,6 @@ def _start(a, comm):
     params = SamplingParams(a.temperature, a.top_k, a.top_p, a.min_p, a.repeat_penalty,
                             getattr(a, "seed", None))
     comm.checked(params.check)
-    if a.window is not None and a.window < 1:
-        raise MpitpiError(f"--window must be at least 1, got {a.window}.")
     loaded = load_model(comm, a.model, a.shards, a.ratios, a.dtype, verify=not a.no_verify,
                         progress=comm.rank == 0, window=a.window,
                         memory_budget=a.memory_budget, drop_cache=a.drop_cache,

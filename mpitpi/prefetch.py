@@ -69,14 +69,12 @@ class Streamed:
     slot. ``wait_s`` accumulates the time ``get`` waited: I/O not hidden behind compute.
 
     Slots are filled by copying: ``os.preadv`` into preallocated buffers, which the model
-    reads in the stored dtype (1-D vectors are converted to fp32). (Mapping the file instead, with MADV_POPULATE_READ to
-    fill and MADV_DONTNEED to drop, was measured slower here: the page-table work cost more
-    than the copy.)
+    reads in the stored dtype (1-D vectors are converted to fp32). (Mapping the file
+    instead, with MADV_POPULATE_READ to fill and MADV_DONTNEED to drop, was measured slower
+    here: the page-table work cost more than the copy.)
     """
 
     def __init__(self, reader, n_layers: int, n_resident: int, window: int):
-        if window < 1:
-            raise MpitpiError(f"--window must be at least 1, got {window}.")
         self.reader, self.n = reader, n_layers
         self.layer_nbytes = layer_bytes(reader)
         self.resident = [as_compute(reader.layer(i)) for i in range(n_resident)]
@@ -192,6 +190,8 @@ def plan_residency(n_layers: int, layer_bytes: int, fixed_bytes: int, budget: in
     ``budget`` covers the weights this rank holds in memory: ``fixed_bytes`` (embedding and
     lm_head rows, norms) + resident layers + ``window`` streaming slots (2 when not given).
     """
+    if window is not None and window < 1:
+        raise MpitpiError(f"--window must be at least 1, got {window}.")
     if budget is None:
         return (0, window) if window else (n_layers, None)
     w = window or 2

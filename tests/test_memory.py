@@ -72,6 +72,8 @@ def test_plan_residency_and_sizes():
     assert plan_residency(10, 100, 50, 1050, None) == (10, None)
     # room for fixed + window 2 + 3 more layers
     assert plan_residency(10, 100, 50, 50 + 200 + 300, None) == (3, 2)
+    with pytest.raises(MpitpiError, match="--window must be at least 1"):
+        plan_residency(10, 100, 50, None, 0)
     with pytest.raises(MpitpiError, match="at least --memory-budget"):
         plan_residency(10, 2**20, 2**20, 2 * 2**20, None)
 
