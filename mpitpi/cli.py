@@ -49,7 +49,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "page cache after each read, as on a device without spare RAM")
 
 
+SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
+
+
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """The options named in SAMPLING (their dests are SamplingParams' fields)."""
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
@@ -115,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--disk", action="store_true", help="also measure each rank's cold read "
                     "bandwidth of its shard file")
     bp.add_argument("--json", help="write the results to this JSON file")
-    bp.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    bp.add_argument("--seed", dest="prompt_seed", type=int, default=0,
+                    help="seed of the random prompt")
 
     vp = sub.add_parser("serve", help="OpenAI-compatible HTTP server on rank 0 (run under "
                         "mpiexec -n N)")
@@ -258,6 +263,26 @@ def _tokenizer(loaded):
     return _TOKENIZERS[loaded.tokenizer_path]
 
 
+def _need_tokenizer(comm, loaded, command: str, template: bool = False):
+    """Collective: rank 0's tokenizer (None on the others); an error on every rank if the
+    model has none (or, with ``template``, no chat template)."""
+    def check():
+        if loaded.tokenizer_path is None:
+            raise MpitpiError(f"{command} needs a tokenizer and this model has none. Fix: use "
+                              f"a model with tokenizer.json or a GGUF file.")
+        if template:
+            _tokenizer(loaded).render_chat([{"role": "user", "content": "hi"}])
+    comm.root_checked(check)
+    return _tokenizer(loaded) if comm.rank == 0 else None
+
+
+def _refuse_existing(path: str | None, option: str) -> None:
+    """Output files are never overwritten."""
+    if path and os.path.exists(path):
+        raise MpitpiError(f"{option} {path!r} exists; it is not overwritten. Fix: remove it "
+                          f"or choose another name.")
+
+
 def _start(a, comm):
     """Collective: threads, sampling parameters and this rank's model."""
     import torch
@@ -269,8 +294,8 @@ def _start(a, comm):
     torch.set_num_threads(threads)
     # more busy threads than cores on this host: waiting ranks must yield their core
     comm.polite = comm.local_size() * threads > (os.cpu_count() or 1)
-    params = SamplingParams(a.temperature, a.top_k, a.top_p, a.min_p, a.repeat_penalty,
-                            getattr(a, "seed", None))
+    # commands without sampling options (bench, serve) get SamplingParams' greedy defaults
+    params = SamplingParams(**{k: getattr(a, k) for k in SAMPLING if hasattr(a, k)})
     comm.checked(params.check)
     loaded = load_model(comm, a.model, a.shards, a.ratios, a.dtype, verify=not a.no_verify,
                         progress=comm.rank == 0, window=a.window,
@@ -287,14 +312,11 @@ def cmd_bench(a, comm) -> int:
     def check():
         if a.prompt_len < 1 or a.gen_len < 1 or a.reps < 1:
             raise MpitpiError("--prompt-len, --gen-len and --reps must be at least 1.")
-        if a.json and os.path.exists(a.json):
-            raise MpitpiError(f"--json {a.json!r} exists; it is not overwritten. Fix: remove "
-                              f"it or choose another name.")
+        _refuse_existing(a.json, "--json")
     comm.root_checked(check)
-    a.temperature, a.top_k, a.top_p, a.min_p, a.repeat_penalty = 0.0, 0, 1.0, 0.0, 1.0
     _, loaded = _start(a, comm)
     comm.root_checked(check_prompt_room, loaded.args, a.prompt_len, a.gen_len)
-    res = run_bench(comm, loaded, a.prompt_len, a.gen_len, a.reps, a.seed, a.disk,
+    res = run_bench(comm, loaded, a.prompt_len, a.gen_len, a.reps, a.prompt_seed, a.disk,
                     rss_fn=peak_rss_mb)
     if comm.rank == 0:
         print(format_bench(res))
@@ -313,19 +335,27 @@ def check_prompt_room(args, prompt_len: int, gen_len: int) -> None:
 def cmd_serve(a, comm) -> int:
     from mpitpi.server import serve
 
-    a.temperature, a.top_k, a.top_p, a.min_p, a.repeat_penalty = 0.0, 0, 1.0, 0.0, 1.0
     _, loaded = _start(a, comm)
-
-    def need_tokenizer():
-        if loaded.tokenizer_path is None:
-            raise MpitpiError("serve needs a tokenizer and this model has none. Fix: use a "
-                              "model with tokenizer.json or a GGUF file.")
-        _tokenizer(loaded)
-    comm.root_checked(need_tokenizer)
+    tok = _need_tokenizer(comm, loaded, "serve")
     name = a.name or os.path.basename(os.path.normpath(a.model or loaded.shards))
-    serve(comm, loaded, _tokenizer(loaded) if comm.rank == 0 else None, name, a.host, a.port,
-          a.api_key, a.max_tokens)
+    serve(comm, loaded, tok, name, a.host, a.port, a.api_key, a.max_tokens)
     loaded.model.layers.close()
+    return 0
+
+
+def cmd_commbench(a, comm) -> int:
+    from mpitpi.commbench import run_commbench
+
+    comm.root_checked(_refuse_existing, a.json, "--json")
+    res = run_commbench(comm.comm, reps=a.reps)
+    if comm.rank == 0:
+        print("all-reduce ms per call (median, slowest rank)")
+        print("bytes".rjust(10) + "".join(alg.rjust(10) for alg in res))
+        for size in next(iter(res.values())):
+            print(f"{size:10d}" + "".join(f"{res[alg][size]:10.3f}" for alg in res))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"world_size": comm.size, "ms_per_call": res}, f, indent=1)
     return 0
 
 
@@ -349,16 +379,7 @@ def cmd_chat(a, comm) -> int:
     from mpitpi.sampling import Sampler
 
     params, loaded = _start(a, comm)
-
-    def need_tokenizer():
-        if loaded.tokenizer_path is None:
-            raise MpitpiError("chat needs a tokenizer and this model has none. Fix: use a "
-                              "model with tokenizer.json or a GGUF file.")
-        tok = _tokenizer(loaded)
-        tok.render_chat([{"role": "user", "content": "hi"}])   # no template: error now
-        return None
-    comm.root_checked(need_tokenizer)
-    tok = _tokenizer(loaded) if comm.rank == 0 else None
+    tok = _need_tokenizer(comm, loaded, "chat", template=True)
     run_chat(comm, loaded, tok, lambda: Sampler(params), a.max_tokens, a.system)
     return 0
 
@@ -372,9 +393,7 @@ def cmd_generate(a, comm) -> int:
     root = comm.rank == 0
 
     def early():
-        if a.logits_out and os.path.exists(a.logits_out):
-            raise MpitpiError(f"--logits-out {a.logits_out!r} exists; it is not overwritten. "
-                              f"Fix: remove it or choose another name.")
+        _refuse_existing(a.logits_out, "--logits-out")
         return read_prompt(a)
     text, given_ids = comm.root_checked(early)
     params, loaded = _start(a, comm)
@@ -396,11 +415,11 @@ def cmd_generate(a, comm) -> int:
                    decode=decode, stops=a.stop, on_text=None if a.json else emit,
                    keep_logits=bool(a.logits_out),
                    on_step=step_line if (root and a.verbose) else None)
-    passes = comm.bcast_obj(len(res_steps(res)) if root else None)
+    passes = 1 + len(res.step_ms)          # every rank timed the prefill and each step
     comm_ms = comm.gather_obj(round((comm.allreduce_s - c0) * 1e3 / passes, 3))
     sent = comm.gather_obj(int((comm.allreduce_bytes - b0) / passes))
     layers = loaded.model.layers
-    io_wait = comm.gather_obj(round(layers.wait_s * 1e3 / max(1, len(res_steps(res))), 3))
+    io_wait = comm.gather_obj(round(layers.wait_s * 1e3 / passes, 3))
     resident = comm.gather_obj(layers.n_resident)
     layers.close()
     rss = comm.gather_obj(round(peak_rss_mb(), 1))
@@ -427,11 +446,6 @@ def cmd_generate(a, comm) -> int:
     return 0
 
 
-def res_steps(res) -> list:
-    """Forward passes of a generation: the prefill and each decode step."""
-    return [res.ttft_ms] + res.step_ms
-
-
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.command in ("split", "synth"):
@@ -448,22 +462,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from mpitpi.comm import Comm
 
-    if a.command == "commbench":
-        from mpitpi.commbench import run_commbench
-        res = run_commbench(reps=a.reps)
-        if res is not None:
-            print("all-reduce ms per call (median, slowest rank)")
-            print("bytes".rjust(10) + "".join(alg.rjust(10) for alg in res))
-            for size in next(iter(res.values())):
-                print(f"{size:10d}" + "".join(f"{res[alg][size]:10.3f}" for alg in res))
-            if a.json:
-                with open(a.json, "w") as f:
-                    json.dump({"world_size": Comm().size, "ms_per_call": res}, f, indent=1)
-        return 0
     comm = Comm(algorithm=getattr(a, "allreduce", "mpi"))
     try:
-        cmd = {"chat": cmd_chat, "profile": cmd_profile, "bench": cmd_bench, "generate": cmd_generate,
-               "serve": cmd_serve}[a.command]
+        cmd = {"chat": cmd_chat, "profile": cmd_profile, "bench": cmd_bench,
+               "generate": cmd_generate, "serve": cmd_serve, "commbench": cmd_commbench}[a.command]
         return cmd(a, comm)
     except CollectiveError as e:
         if comm.rank == 0:

@@ -33,4 +33,4 @@ def run_commbench(mpi_comm=None, sizes=SIZES, reps: int = 20,
                     times.append(time.perf_counter() - t0)
             worst = comm.comm.allreduce(statistics.median(times), op=comm.MPI.MAX)
             results.setdefault(alg, {})[nbytes] = round(worst * 1e3, 4)
-    return results if Comm(mpi_comm).rank == 0 else None
+    return results if comm.rank == 0 else None
