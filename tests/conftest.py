@@ -37,6 +37,20 @@ def run_cmd(cmd: list[str], env: dict | None = None, timeout: float = 180,
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
+def split(folder: str, out, n: int):
+    """``mpitpi split folder --out out -n n``, which must succeed; returns ``out``."""
+    r = run_mpi(1, ["split", str(folder), "--out", str(out), "-n", str(n)])
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def flip_byte(path, at: int) -> None:
+    """Invert the byte ``at`` (negative: from the end) of the file ``path``, in place."""
+    data = bytearray(open(path, "rb").read())
+    data[at] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
     """models(name) -> (folder, transformers model), made once per session."""

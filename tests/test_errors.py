@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import run_mpi
+from conftest import flip_byte, run_mpi, split
 
 IDS = "1,17,42"
 
@@ -51,8 +51,7 @@ def test_truncated_safetensors(models, tmp_path):
 
 def test_shards_for_another_world_size(models, tmp_path):
     folder, _ = models("llama-gqa")
-    shards = tmp_path / "s"
-    assert run_mpi(1, ["split", folder, "--out", str(shards), "-n", "2"]).returncode == 0
+    shards = split(folder, tmp_path / "s", 2)
     r = run_mpi(3, ["generate", "--model", folder, "--shards", str(shards), "--prompt-ids", IDS])
     fails_with(r, "were made for 2 ranks but this job has 3")
 
@@ -60,8 +59,7 @@ def test_shards_for_another_world_size(models, tmp_path):
 def test_shards_of_another_model(models, tmp_path):
     folder_a, _ = models("llama-gqa")
     folder_b, _ = models("llama-mha")
-    shards = tmp_path / "s"
-    assert run_mpi(1, ["split", folder_a, "--out", str(shards), "-n", "2"]).returncode == 0
+    shards = split(folder_a, tmp_path / "s", 2)
     r = run_mpi(2, ["generate", "--model", folder_b, "--shards", str(shards),
                     "--prompt-ids", IDS])
     fails_with(r, "were made from another model")
@@ -69,12 +67,8 @@ def test_shards_of_another_model(models, tmp_path):
 
 def test_corrupt_shard_fails_its_checksum(models, tmp_path):
     folder, _ = models("llama-gqa")
-    shards = tmp_path / "s"
-    assert run_mpi(1, ["split", folder, "--out", str(shards), "-n", "2"]).returncode == 0
-    f = shards / "rank1.h5"
-    data = bytearray(f.read_bytes())
-    data[-100] ^= 0xFF          # flip bits inside the last dataset's data
-    f.write_bytes(bytes(data))
+    shards = split(folder, tmp_path / "s", 2)
+    flip_byte(shards / "rank1.h5", -100)     # inside the last dataset's data
     r = run_mpi(2, ["generate", "--model", folder, "--shards", str(shards), "--prompt-ids", IDS])
     fails_with(r, "rank1.h5")
     assert "[rank 1]" in r.stderr
@@ -121,8 +115,7 @@ def test_split_never_overwrites_a_users_folder(models, tmp_path):
 
 def test_split_replaces_its_own_shard_folder(models, tmp_path):
     folder, _ = models("llama-gqa")
-    out = tmp_path / "s"
-    assert run_mpi(1, ["split", folder, "--out", str(out), "-n", "2"]).returncode == 0
+    out = split(folder, tmp_path / "s", 2)
     r = run_mpi(1, ["split", folder, "--out", str(out), "-n", "3"])
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == ["manifest.json", "rank0.h5", "rank1.h5", "rank2.h5"]

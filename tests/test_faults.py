@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from conftest import MPIEXEC, run_mpi
+from conftest import MPIEXEC, run_mpi, split
 
 IDS = "1,17,42"
 
@@ -112,35 +112,35 @@ def smollm_shards_for_2_ranks():
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("victim", [1, 0])
-def test_kill9_of_a_rank_mid_generation_ends_the_job(victim):
-    job = Job(2)
+def ends_promptly(job: Job, fault, limit: float, label: str) -> None:
+    """Once the job decodes, apply ``fault``; the job must end non-zero within ``limit``
+    seconds and leave no process behind."""
     try:
         job.wait_decoding()
-        pids = rank_pids(job.marker)
-        assert sorted(pids) == [0, 1]
-        os.kill(pids[victim], signal.SIGKILL)
+        fault()
         elapsed = job.finish(timeout=30)
-        print(f"[fault-time] kill -9 rank {victim}: {elapsed:.2f} s")
+        print(f"[fault-time] {label}: {elapsed:.2f} s")
         assert job.p.returncode != 0
-        assert elapsed < 15, elapsed
+        assert elapsed < limit, elapsed
         assert not leftovers(job.marker)
     finally:
         job.kill()
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_kill9_of_a_rank_mid_generation_ends_the_job(victim):
+    job = Job(2)
+
+    def kill():
+        pids = rank_pids(job.marker)
+        assert sorted(pids) == [0, 1]
+        os.kill(pids[victim], signal.SIGKILL)
+    ends_promptly(job, kill, 15, f"kill -9 rank {victim}")
 
 
 def test_sigint_to_mpiexec_stops_every_rank():
     job = Job(2)
-    try:
-        job.wait_decoding()
-        os.kill(job.p.pid, signal.SIGINT)
-        elapsed = job.finish(timeout=30)
-        print(f"[fault-time] SIGINT to mpiexec: {elapsed:.2f} s")
-        assert job.p.returncode != 0
-        assert elapsed < 10, elapsed
-        assert not leftovers(job.marker)
-    finally:
-        job.kill()
+    ends_promptly(job, lambda: os.kill(job.p.pid, signal.SIGINT), 10, "SIGINT to mpiexec")
 
 
 def test_exception_on_one_rank_gives_one_message_and_ends_the_job():
@@ -186,9 +186,7 @@ def test_a_file_that_is_neither(tmp_path):
 @pytest.fixture
 def split2(models, tmp_path):
     folder, _ = models("llama-gqa")
-    shards = tmp_path / "s"
-    assert run_mpi(1, ["split", folder, "--out", str(shards), "-n", "2"]).returncode == 0
-    return folder, shards
+    return folder, split(folder, tmp_path / "s", 2)
 
 
 def test_shard_file_missing(split2):

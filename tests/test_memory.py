@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import MPIEXEC, run_mpi
+from conftest import MPIEXEC, run_mpi, split
 from mpitpi.errors import MpitpiError
 from mpitpi.prefetch import parse_size, plan_residency
 
@@ -80,8 +80,7 @@ def test_plan_residency_and_sizes():
 
 def test_shard_changed_mid_run_fails_promptly_on_every_rank(models, tmp_path):
     folder, _ = models("llama-deep")
-    shards = tmp_path / "s"
-    assert run_mpi(1, ["split", folder, "--out", str(shards), "-n", "2"]).returncode == 0
+    shards = split(folder, tmp_path / "s", 2)
     cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpitpi", "generate", "--model", folder,
            "--shards", str(shards), "--prompt-ids", IDS, "--max-tokens", "4000",
            "--ignore-eos", "--window", "2", "--json"]

@@ -2,7 +2,7 @@
 import json
 import os
 
-from conftest import run_mpi
+from conftest import flip_byte, run_mpi, split
 
 IDS = "1,17,42,99"
 
@@ -15,8 +15,7 @@ def generate(folder, shards, local, n=3):
 
 def test_missing_shards_arrive_verified_and_are_not_sent_again(models, tmp_path):
     folder, _ = models("llama-gqa")
-    shards = tmp_path / "shards"
-    assert run_mpi(1, ["split", folder, "--out", str(shards), "-n", "3"]).returncode == 0
+    shards = split(folder, tmp_path / "shards", 3)
     ref = run_mpi(3, ["generate", "--model", folder, "--shards", str(shards), "--prompt-ids",
                       IDS, "--max-tokens", "8", "--ignore-eos", "--json"])
     local = tmp_path / "node{rank}"
@@ -40,12 +39,8 @@ def test_missing_shards_arrive_verified_and_are_not_sent_again(models, tmp_path)
 
 def test_a_corrupted_transfer_is_detected_and_not_kept(models, tmp_path):
     folder, _ = models("llama-gqa")
-    shards = tmp_path / "shards"
-    assert run_mpi(1, ["split", folder, "--out", str(shards), "-n", "2"]).returncode == 0
-    src = shards / "rank1.h5"
-    data = bytearray(src.read_bytes())
-    data[-200] ^= 0xFF            # damaged at the source, after it was split
-    src.write_bytes(bytes(data))
+    shards = split(folder, tmp_path / "shards", 2)
+    flip_byte(shards / "rank1.h5", -200)     # damaged at the source, after it was split
     r = generate(folder, shards, tmp_path / "node{rank}", n=2)
     assert r.returncode != 0
     assert "the shard sent to rank 1" in r.stderr and "checksum mismatch" in r.stderr
