@@ -178,13 +178,14 @@ def cmd_split(a) -> int:
     return 0
 
 
-def _threads(comm, requested: int | None) -> int:
+def _threads(local_ranks: int, requested: int | None) -> int:
+    """--threads, or the host's cores divided by the job's ranks on this host."""
     if requested is not None:
         if requested < 1:
             raise MpitpiError(f"--threads must be at least 1, got {requested}.")
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(cores, (os.cpu_count() or 1) // comm.local_size()))
+    return max(1, min(cores, (os.cpu_count() or 1) // local_ranks))
 
 
 def peak_rss_mb() -> float:
@@ -290,10 +291,11 @@ def _start(a, comm):
     from mpitpi.loader import load_model
     from mpitpi.sampling import SamplingParams
 
-    threads = comm.checked(_threads, comm, a.threads)
+    local_ranks = comm.local_size()
+    threads = comm.checked(_threads, local_ranks, a.threads)
     torch.set_num_threads(threads)
     # more busy threads than cores on this host: waiting ranks must yield their core
-    comm.polite = comm.local_size() * threads > (os.cpu_count() or 1)
+    comm.polite = local_ranks * threads > (os.cpu_count() or 1)
     # commands without sampling options (bench, serve) get SamplingParams' greedy defaults
     params = SamplingParams(**{k: getattr(a, k) for k in SAMPLING if hasattr(a, k)})
     comm.checked(params.check)

@@ -51,7 +51,7 @@ class Comm:
         self._reduce = {"mpi": self._mpi, "star": self._star, "ring": self._ring,
                         "auto": self._auto}[algorithm]
         self._scratch = np.empty(0, np.float32)
-        self.polite = False   # set when ranks outnumber cores (see cli._threads)
+        self.polite = False   # set when ranks outnumber cores (see cli._start)
         self.small = None     # auto: the algorithm chosen for small messages
         if algorithm == "auto" and self.size > 1:
             self.small = self._calibrate()
@@ -88,9 +88,8 @@ class Comm:
     def _calibrate(self, nbytes: int = 4096, reps: int = 5) -> str:
         """Collective: the faster of mpi and star for an ``nbytes`` all-reduce here."""
         best, best_t = "mpi", float("inf")
-        for name in ("mpi", "star"):
-            f = {"mpi": self._mpi, "star": self._star}[name]
-            buf = np.ones(nbytes // 4, np.float32)
+        buf = np.ones(nbytes // 4, np.float32)
+        for name, f in (("mpi", self._mpi), ("star", self._star)):
             f(buf)                                   # warm-up: connections, buffers
             self.comm.Barrier()
             t0 = time.perf_counter()
