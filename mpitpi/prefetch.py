@@ -102,7 +102,7 @@ class Streamed:
         slots = []
         for _ in range(self.window):
             raw = {n: self.reader.empty(f"layers/{first}/{n}") for n in names}
-            out = {n: _from_numpy(a, self.reader.dtype) for n, a in raw.items()}
+            out = {n: _from_numpy(a) for n, a in raw.items()}
             out = {n: t if t.dim() == 2 else torch.empty(t.shape) for n, t in out.items()}
             slots.append((raw, out))
         return slots
@@ -114,7 +114,7 @@ class Streamed:
         for name, buf in raw.items():
             self.reader.read_into(f"layers/{layer}/{name}", buf)
             if out[name].dim() == 1:
-                out[name].copy_(_from_numpy(buf, self.reader.dtype))
+                out[name].copy_(_from_numpy(buf))
         return out
 
     def _drop(self, layer: int, slot) -> None:

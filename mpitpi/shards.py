@@ -56,9 +56,10 @@ def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
     return t.numpy()
 
 
-def _from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    """A stored array as a tensor; uint16 arrays are bf16 bits (see _to_numpy)."""
     t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.view(torch.bfloat16) if dtype == "bf16" else t
+    return t.view(torch.bfloat16) if a.dtype == np.uint16 else t
 
 
 def rank_tensors(ckpt, args: ModelArgs, s: RankSlice, layer: int | None):
@@ -311,7 +312,7 @@ class ShardReader:
     def read(self, name: str) -> torch.Tensor:
         if name not in self.index:
             raise MpitpiError(f"{self.path} has no dataset {name}. Fix: split the model again.")
-        return _from_numpy(self.read_into(name, self.empty(name)), self.dtype)
+        return _from_numpy(self.read_into(name, self.empty(name)))
 
     def layer_names(self, i: int) -> list[str]:
         """Dataset names of layer i, without the ``layers/{i}/`` prefix."""

@@ -31,28 +31,27 @@ def local_folder(template: str | None, shards: str, rank: int) -> str:
     return template.replace("{rank}", str(rank))
 
 
-def _sees_source(folder: str, shards: str, man: dict) -> bool:
+def _local_manifest(folder: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _sees_source(folder: str, shards: str, man: dict, theirs: dict | None) -> bool:
     """True when ``folder`` is rank 0's shard folder itself (a shared filesystem): then
     nothing is sent, and a missing or damaged file there is reported, not replaced."""
-    if os.path.abspath(folder) != os.path.abspath(shards):
-        return False
-    try:
-        with open(os.path.join(folder, MANIFEST)) as f:
-            return json.load(f) == man
-    except (OSError, ValueError):
-        return False
+    return os.path.abspath(folder) == os.path.abspath(shards) and theirs == man
 
 
-def _has_valid(folder: str, rank: int, man: dict) -> bool:
+def _has_valid(folder: str, rank: int, man: dict, theirs: dict | None) -> bool:
+    """True when ``folder`` holds this rank's file of the same split, at full size."""
     entry = man["files"][rank]
     path = os.path.join(folder, entry["file"])
-    try:
-        with open(os.path.join(folder, MANIFEST)) as f:
-            theirs = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return (theirs.get("model") == man["model"] and theirs.get("plan") == man["plan"]
-            and theirs.get("dtype") == man["dtype"] and theirs["files"][rank] == entry
+    return (theirs is not None and theirs.get("model") == man["model"]
+            and theirs.get("plan") == man["plan"] and theirs.get("dtype") == man["dtype"]
+            and theirs.get("files", [])[rank:rank + 1] == [entry]
             and os.path.isfile(path) and os.path.getsize(path) == entry["size"])
 
 
@@ -63,8 +62,9 @@ def ensure_shards(comm, shards: str, template: str | None, progress: bool = True
     """
     man = comm.bcast_obj(read_manifest(shards) if comm.rank == 0 else None)
     folder = local_folder(template, shards, comm.rank)
-    need = (comm.rank != 0 and not _sees_source(folder, shards, man)
-            and not _has_valid(folder, comm.rank, man))
+    theirs = _local_manifest(folder) if comm.rank != 0 else None
+    need = (comm.rank != 0 and not _sees_source(folder, shards, man, theirs)
+            and not _has_valid(folder, comm.rank, man, theirs))
     flags = comm.gather_obj(need)                     # collective: every rank calls it
     needs = comm.bcast_obj([r for r, n in enumerate(flags) if n] if comm.rank == 0 else None)
 
