@@ -162,7 +162,9 @@ def auto_ratios(comm, args, dtype: str, budget_bytes: int | None = None,
     """
     from mpitpi.plan import plan_for_args
 
-    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    from mpitpi.shards import DTYPES
+
+    tdt = DTYPES[dtype]
     figs = measure(comm, args.dim, args.ffn_dim, tdt, budget_bytes)
 
     def solve():

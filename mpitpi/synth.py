@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from mpitpi.errors import MpitpiError
+from mpitpi.shards import DTYPES
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -44,7 +45,6 @@ SHAPES = {
                         max_position_embeddings=4096, rope_theta=10000.0,
                         tie_word_embeddings=False, rms_norm_eps=1e-5),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _weight(gen: torch.Generator, shape: tuple[int, ...], dtype) -> torch.Tensor:
@@ -66,8 +66,8 @@ def synth(shape: str, out: str, layers: int | None = None, dtype: str = "bf16",
         raise MpitpiError(f"--out {out!r} exists and is not an empty folder; nothing is "
                           f"overwritten. Fix: choose a new folder.")
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-           "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": {"fp32": "float32",
-           "bf16": "bfloat16", "fp16": "float16"}[dtype], **SHAPES[shape]}
+           "bos_token_id": 1, "eos_token_id": 2,
+           "torch_dtype": str(DTYPES[dtype]).removeprefix("torch."), **SHAPES[shape]}
     if layers is not None:
         if layers < 1:
             raise MpitpiError(f"--layers must be at least 1, got {layers}.")
