@@ -77,7 +77,9 @@ def load_tokenizer(source: str, gguf_reader=None) -> Tokenizer:
     """From a GGUF file (or its open ``gguf_reader``), or a tokenizer.json path whose folder
     may hold a chat template (chat.json, tokenizer_config.json or chat_template.jinja)."""
     try:
-        if gguf_reader is not None or source.endswith(".gguf") or _is_gguf(source):
+        from mpitpi.checkpoint import is_gguf
+
+        if gguf_reader is not None or is_gguf(source):
             return _from_gguf(source, gguf_reader)
         return _from_hf(source)
     except MpitpiError:
@@ -85,11 +87,6 @@ def load_tokenizer(source: str, gguf_reader=None) -> Tokenizer:
     except Exception as e:
         raise MpitpiError(f"cannot load the tokenizer from {source}: {e}. Fix: restore the "
                           f"model's tokenizer, or pass --prompt-ids instead of --prompt.")
-
-
-def _is_gguf(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
 
 
 def _from_hf(path: str) -> Tokenizer:
