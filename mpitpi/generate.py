@@ -93,6 +93,7 @@ def generate(comm, model, vocab_counts: list[int], prompt_ids: list[int] | None,
     msg = np.zeros(2, dtype=np.int64)   # [token, stop]
     tokens, start = torch.from_numpy(ids), 0
     fault = _fault_step(comm.rank)
+    vocab_offset = sum(vocab_counts[:comm.rank])    # this rank's first vocabulary row
     t0 = time.perf_counter()
     c0, b0 = comm.allreduce_s, comm.allreduce_bytes
     for step in range(max_tokens):
@@ -102,7 +103,7 @@ def generate(comm, model, vocab_counts: list[int], prompt_ids: list[int] | None,
         if full:
             logits = comm.gather_rows(local, vocab_counts)         # (vocab,) on rank 0
         else:
-            best = comm.argmax_rows(local, sum(vocab_counts[:comm.rank]))
+            best = comm.argmax_rows(local, vocab_offset)
         if root:
             if not full:
                 tok = best

@@ -64,9 +64,8 @@ class Streamed:
     """Layers [0, n_resident) resident; the rest read ahead through ``window`` slots.
 
     A background thread walks the streamed layers in the order the model asks for them. For
-    each it takes a free slot, drops whatever the slot held (``_drop``), fills it with the
-    layer (``_fill``) and queues it; ``get`` takes the next queued layer, ``done`` frees its
-    slot. ``wait_s`` accumulates the time ``get`` waited: I/O not hidden behind compute.
+    each it takes a free slot, fills it with the layer (``_fill``, overwriting what the slot
+    held) and queues it; ``get`` takes the next queued layer, ``done`` frees its slot. ``wait_s`` accumulates the time ``get`` waited: I/O not hidden behind compute.
 
     Slots are filled by copying: ``os.preadv`` into preallocated buffers, which the model
     reads in the stored dtype (1-D vectors are converted to fp32). (Mapping the file
@@ -89,7 +88,7 @@ class Streamed:
         if not self.streamed:
             return
         for slot in self._slots():
-            self._free.put([None, slot])    # [layer it holds, slot]
+            self._free.put(slot)
         self._thread = threading.Thread(target=self._run, name="mpitpi-prefetch", daemon=True)
         self._thread.start()
 
@@ -117,9 +116,6 @@ class Streamed:
                 out[name].copy_(_from_numpy(buf))
         return out
 
-    def _drop(self, layer: int, slot) -> None:
-        pass   # the next _fill overwrites the buffers
-
     def __len__(self) -> int:
         return self.n
 
@@ -128,16 +124,12 @@ class Streamed:
         try:
             while not self._stop.is_set():
                 try:
-                    entry = self._free.get(timeout=0.2)
+                    slot = self._free.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                if entry[0] is not None:
-                    self._drop(entry[0], entry[1])
                 layer = self.streamed[i % len(self.streamed)]
                 self.reader.check_unchanged()
-                tensors = self._fill(layer, entry[1])
-                entry[0] = layer
-                self._ready.put((layer, entry, tensors))
+                self._ready.put((layer, slot, self._fill(layer, slot)))
                 i += 1
         except BaseException as e:   # handed to the compute thread, which raises it
             self._ready.put((None, e, None))
@@ -146,15 +138,15 @@ class Streamed:
         if i < len(self.resident):
             return self.resident[i]
         t0 = time.perf_counter()
-        layer, entry, tensors = self._ready.get()
+        layer, slot, tensors = self._ready.get()
         self.wait_s += time.perf_counter() - t0
         if layer is None:
             self._stop.set()
             raise MpitpiError(f"reading layer {i} from {self.reader.path} (rank "
-                              f"{self.reader.rank}) failed: {entry}")
+                              f"{self.reader.rank}) failed: {slot}")
         if layer != i:
             raise RuntimeError(f"prefetch order broken: wanted layer {i}, got {layer}")
-        self._current = entry
+        self._current = slot
         return tensors
 
     def done(self, i: int) -> None:
