@@ -1,6 +1,6 @@
 """The `mpitpi` command: parse arguments, then call one function.
 
-    mpitpi split MODEL --out DIR --world-size N [--ratios 2,1,1] [--dtype fp32|bf16|fp16]
+    mpitpi split MODEL --out DIR --world-size N [--ratios 2,1,1] [--dtype fp32|bf16|fp16|int8]
     mpiexec -n N mpitpi generate --model MODEL --prompt TEXT [options]
     mpiexec -n N mpitpi chat --model MODEL [--system TEXT]
 
@@ -27,9 +27,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "into a cache folder under $MPITPI_CACHE or ~/.cache/mpitpi, then reuse)")
     p.add_argument("--ratios", help="per-rank shares of heads, FFN columns and vocabulary, "
                    "e.g. 2,1,1, or 'auto' to measure each rank (default: uniform)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
-                   help="storage and compute dtype of automatically made shards (default: the "
-                   "checkpoint's own; fp16 for GGUF)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8"],
+                   help="weight dtype of automatically made shards; int8 is weight-only with "
+                   "one scale per output row (default: the checkpoint's own; fp16 for GGUF)")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: the host's "
                    "cores divided by the ranks on that host, at least 1)")
     p.add_argument("--no-verify", action="store_true",
@@ -74,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="the shard folder to create (new or empty)")
     sp.add_argument("--world-size", "-n", type=int, required=True, help="number of ranks")
     sp.add_argument("--ratios", help="per-rank shares, e.g. 2,1,1 (default: uniform)")
-    sp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
-                    help="storage and compute dtype (default: the checkpoint's own; fp16 for "
-                    "GGUF)")
+    sp.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8"],
+                    help="weight dtype; int8 is weight-only with one scale per output row "
+                    "(default: the checkpoint's own; fp16 for GGUF)")
 
     gp = sub.add_parser("generate", help="generate text (run under mpiexec -n N)")
     _add_model_options(gp)
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "would choose (run under mpiexec -n N)")
     fp.add_argument("--model", required=True, help="a Hugging Face folder, a .gguf file, or "
                     "'smollm2-135m'")
-    fp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+    fp.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8"],
                     help="compute dtype to measure (default: the checkpoint's own; fp16 for GGUF)")
     fp.add_argument("--memory-budget", help="memory each rank may use for weights (default: "
                     "its available memory)")

@@ -146,8 +146,9 @@ def load_model(comm, model_path: str | None, shards: str | None, ratios: str | N
         try:
             # matrices stay in the stored dtype (model.linear computes in it); vectors fp32
             top = {"embed": reader.read("vocab/embed"), "norm": reader.read("norm").float()}
-            if reader.has("vocab/lm_head"):
-                top["lm_head"] = reader.read("vocab/lm_head")
+            for name in ("lm_head", "embed.scale", "lm_head.scale"):   # untied / int8 only
+                if reader.has(f"vocab/{name}"):
+                    top[name] = reader.read(f"vocab/{name}")
             fixed = sum(t.numel() * t.element_size() for t in top.values())
             n_res, w = plan_residency(args.n_layers, layer_bytes(reader), fixed, budget, window)
             if w is None:

@@ -20,8 +20,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from mpitpi import kernels
 from mpitpi.config import ModelArgs
 from mpitpi.plan import RankSlice
+from mpitpi.quant import dequantize_int8
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -63,16 +65,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rot * sin
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x (T, in) float32 @ w (out, in).T -> (T, out) float32, in the weight's own dtype.
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x (T, in) float32 @ w (out, in).T -> (T, out) float32, reading w as stored.
 
-    Half-precision weights are used as stored (the activations are rounded to match), with
-    one exception chosen by measurement on AVX2 CPUs: fp16 matrix-matrix products (prefill)
-    are slow, so fp16 weights go through bf16 there. See docs/BENCHMARKS.md.
+    ``scale`` (out,) is given exactly for int8 w (quant.py). Chosen by measurement
+    (docs/BENCHMARKS.md): decode (T <= kernels.MAX_T) uses the C kernels, which widen each
+    weight to fp32 in registers; prefill uses torch's matrix-matrix products, on an fp32
+    copy for int8 and through bf16 for fp16 (its fp16 matrix products are slow on CPUs).
     """
-    if w.dtype == torch.float32:
-        return F.linear(x, w, b)
-    if w.dtype == torch.float16 and x.shape[0] > 1:
+    if x.shape[0] <= kernels.MAX_T and kernels.available():
+        y = kernels.matvec(x, w, scale)
+    elif w.dtype == torch.int8:
+        y = F.linear(x, dequantize_int8(w, scale))
+    elif w.dtype == torch.float32:
+        y = F.linear(x, w)
+    elif w.dtype == torch.float16 and x.shape[0] > 1:
         y = F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)).float()
     else:
         y = F.linear(x.to(w.dtype), w).float()
@@ -86,7 +94,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 class Transformer:
     """One rank's share of the model, its KV cache, and the forward pass.
 
-    ``top``: {"embed": (v, dim), "lm_head": (v, dim) if untied, "norm": (dim,)}.
+    ``top``: {"embed": (v, dim), "lm_head": (v, dim) if untied, "norm": (dim,)}, with
+    "embed.scale"/"lm_head.scale" (v,) for int8 shards.
     ``layers``: a prefetch.py store (``get(i)``/``done(i)``) or a list of per-layer dicts of
     the shards.py tensors (wqkv, wo, w13, w2, norms, biases).
     The KV cache and rope tables are allocated by ``reserve(n)`` before a sequence of n
@@ -100,7 +109,11 @@ class Transformer:
         self.args, self.s = args, s
         self.reduce = reduce or (lambda t: t)
         self.embed = top["embed"]                       # (n_vocab_r, dim)
-        self.lm_head = top.get("lm_head", self.embed)   # (n_vocab_r, dim), tied: same matrix
+        self.embed_scale = top.get("embed.scale")      # (n_vocab_r,) int8 only, else None
+        if "lm_head" in top:
+            self.lm_head, self.lm_head_scale = top["lm_head"], top.get("lm_head.scale")
+        else:                                           # tied: the same matrix
+            self.lm_head, self.lm_head_scale = self.embed, self.embed_scale
         self.norm = top["norm"]                         # (dim,)
         self.layers = Resident(layers) if isinstance(layers, list) else layers
         self.n_layers = len(self.layers)
@@ -143,7 +156,7 @@ class Transformer:
         """x: (T, dim) normed input -> (T, dim) partial output of this rank's heads."""
         a, s = self.args, self.s
         T, hd = x.shape[0], a.head_dim
-        qkv = linear(x, w["wqkv"], w.get("bqkv"))                # (T, (n_q + 2 n_kv) hd)
+        qkv = linear(x, w["wqkv"], w.get("bqkv"), w.get("wqkv.scale"))  # (T, (n_q+2n_kv) hd)
         q, k, v = qkv.split(self.split_qkv, dim=-1)
         q = q.view(T, s.n_q, hd).transpose(0, 1)                 # (n_q, T, hd)
         k = k.view(T, s.n_kv, hd).transpose(0, 1)                # (n_kv, T, hd)
@@ -160,20 +173,23 @@ class Transformer:
         o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.gqa and s.n_q != s.n_kv)
         o = o.transpose(0, 1).reshape(T, s.n_q * hd)              # (T, n_q hd)
-        return linear(o, w["wo"], w.get("bo"))                    # (T, dim) partial
+        return linear(o, w["wo"], w.get("bo"), w.get("wo.scale"))          # (T, dim) partial
 
     def mlp(self, w: dict, x: torch.Tensor) -> torch.Tensor:
         """x: (T, dim) normed input -> (T, dim) partial output of this rank's FFN columns."""
-        gu = linear(x, w["w13"], w.get("b13"))                    # (T, 2 f)
+        gu = linear(x, w["w13"], w.get("b13"), w.get("w13.scale"))         # (T, 2 f)
         g, u = gu.chunk(2, dim=-1)                                # (T, f) each
-        return linear(F.silu(g) * u, w["w2"], w.get("b2"))        # (T, dim) partial
+        return linear(F.silu(g) * u, w["w2"], w.get("b2"), w.get("w2.scale"))  # (T, dim)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (T,) int64 -> (T, dim), summed over the ranks' vocabulary rows."""
         v0, v1 = self.s.vocab
         mine = (tokens >= v0) & (tokens < v1)
         x = torch.zeros(tokens.shape[0], self.args.dim)
-        x[mine] = self.embed[tokens[mine] - v0].float()
+        rows = tokens[mine] - v0
+        x[mine] = self.embed[rows].float()
+        if self.embed_scale is not None:
+            x[mine] *= self.embed_scale[rows, None]
         return self.reduce(x)
 
     @torch.inference_mode()
@@ -190,4 +206,4 @@ class Transformer:
             self.layers.done(i)                                   # the slot may be refilled
             x = x + self.reduce(h)
         h = rms_norm(x[-1:], self.norm, eps)                      # (1, dim)
-        return linear(h, self.lm_head)[0]                         # (n_vocab_r,)
+        return linear(h, self.lm_head, scale=self.lm_head_scale)[0]   # (n_vocab_r,)

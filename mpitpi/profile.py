@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mpitpi.errors import MpitpiError
+from mpitpi.shards import BYTES_PER_WEIGHT
 
 
 @dataclass
@@ -38,24 +39,34 @@ def available_memory_mb() -> float:
     return float("inf")
 
 
-def matvec_gbs(dim: int, ffn: int, dtype: torch.dtype, seconds: float = 0.5) -> float:
-    """GB/s of weights streamed by x @ W.T for W of shape (ffn, dim) in ``dtype``, cycling
-    through enough matrices to leave the cache."""
-    per = ffn * dim * torch.finfo(dtype).bits // 8
-    mats = [torch.randn(ffn, dim).to(dtype) for _ in range(max(2, (192 * 2**20) // per))]
-    x = torch.randn(1, dim).to(dtype)
-    for w in mats[:2]:
-        F.linear(x, w)
+def _stored_matrix(ffn: int, dim: int, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from mpitpi.quant import quantize_int8
+    from mpitpi.shards import DTYPES
+
+    w = torch.randn(ffn, dim)
+    return quantize_int8(w) if dtype == "int8" else (w.to(DTYPES[dtype]), None)
+
+
+def matvec_gbs(dim: int, ffn: int, dtype: str, seconds: float = 0.5) -> float:
+    """GB/s of weights streamed by the model's decode product (model.linear) for W of shape
+    (ffn, dim) stored in ``dtype``, cycling through enough matrices to leave the cache."""
+    from mpitpi.model import linear
+
+    per = ffn * dim * BYTES_PER_WEIGHT[dtype]
+    mats = [_stored_matrix(ffn, dim, dtype) for _ in range(max(2, (192 * 2**20) // per))]
+    x = torch.randn(1, dim)
+    for w, s in mats[:2]:
+        linear(x, w, scale=s)
     times, t_end = [], time.perf_counter() + seconds
     while time.perf_counter() < t_end or len(times) < 3:
         t0 = time.perf_counter()
-        for w in mats:
-            F.linear(x, w)
+        for w, s in mats:
+            linear(x, w, scale=s)
         times.append((time.perf_counter() - t0) / len(mats))
     return per / statistics.median(times) / 1e9
 
 
-def measure(comm, dim: int, ffn: int, dtype: torch.dtype,
+def measure(comm, dim: int, ffn: int, dtype: str,
             budget_bytes: int | None = None) -> list[RankFigures] | None:
     """Collective: every rank measures itself at once; rank 0 gets the list (others None)."""
     comm.barrier()
@@ -162,13 +173,10 @@ def auto_ratios(comm, args, dtype: str, budget_bytes: int | None = None,
     """
     from mpitpi.plan import plan_for_args
 
-    from mpitpi.shards import DTYPES
-
-    tdt = DTYPES[dtype]
-    figs = measure(comm, args.dim, args.ffn_dim, tdt, budget_bytes)
+    figs = measure(comm, args.dim, args.ffn_dim, dtype, budget_bytes)
 
     def solve():
-        mb = model_bytes(args, torch.finfo(tdt).bits // 8) / 2**20
+        mb = model_bytes(args, BYTES_PER_WEIGHT[dtype]) / 2**20
         shares = solve_shares([f.gbs for f in figs], [f.memory_mb for f in figs], mb,
                               args.n_heads)
         ratios = quantize(shares)

@@ -18,6 +18,10 @@ only its slices (see plan.py), one HDF5 group per layer:
     layers/{i}/attn_norm   (dim,)
     layers/{i}/ffn_norm    (dim,)
 
+With ``--dtype int8`` every matrix above (embed, lm_head, wqkv, wo, w13, w2) is int8 and has
+a ``.scale`` dataset beside it, (rows,) fp32, one scale per output row of this rank's slice
+(see quant.py); vectors are fp32.
+
 The manifest names the model (path and fingerprint), ModelArgs, world size, ratios, storage
 dtype, the plan and a CRC32 per dataset. A folder without manifest.json is never trusted:
 split writes into a staging folder and moves it into place only when complete.
@@ -43,6 +47,8 @@ VERSION = 1
 MANIFEST = "manifest.json"
 OWN_FILES = (MANIFEST, "tokenizer.json", "chat.json")   # besides rank*.h5
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STORAGE_DTYPES = (*DTYPES, "int8")   # int8: matrices only, with scales (quant.py)
+BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}   # scales not counted
 
 
 def rank_file(rank: int) -> str:
@@ -54,6 +60,24 @@ def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
     if dtype == "bf16":
         return t.view(torch.uint16).numpy()  # HDF5 has no bfloat16: store the raw bits
     return t.numpy()
+
+
+def stored_arrays(name: str, t: torch.Tensor, dtype: str):
+    """Yield (dataset name, array) for tensor ``name`` in storage ``dtype``.
+
+    int8 stores a matrix as ``name`` (int8) + ``name.scale`` (fp32, one per row) and keeps
+    vectors (norms, biases) in fp32; the other dtypes store everything in that dtype.
+    """
+    if dtype != "int8":
+        yield name, _to_numpy(t, dtype)
+    elif t.dim() == 2:
+        from mpitpi.quant import quantize_int8
+
+        q, scale = quantize_int8(t)
+        yield name, q.numpy()
+        yield name + ".scale", scale.numpy()
+    else:
+        yield name, _to_numpy(t, "fp32")
 
 
 def _from_numpy(a: np.ndarray) -> torch.Tensor:
@@ -132,9 +156,9 @@ def write_shards(ckpt, out: str, world_size: int, ratios: list[float] | None = N
     """
     import h5py
 
-    if dtype not in DTYPES:
+    if dtype not in STORAGE_DTYPES:
         raise MpitpiError(f"--dtype {dtype!r} is not supported; choose one of "
-                          f"{', '.join(DTYPES)}.")
+                          f"{', '.join(STORAGE_DTYPES)}.")
     args = ckpt.args
     plan = plan_for_args(args, world_size, ratios)
     check_out_folder(out)
@@ -151,9 +175,9 @@ def write_shards(ckpt, out: str, world_size: int, ratios: list[float] | None = N
                 for s in plan:
                     prefix = "" if layer is None else f"layers/{layer}/"
                     for name, t in rank_tensors(ckpt, args, s, layer):
-                        a = _to_numpy(t, dtype)
-                        files[s.rank].create_dataset(prefix + name, data=a)
-                        sums[s.rank][prefix + name] = zlib.crc32(a)
+                        for dname, a in stored_arrays(name, t, dtype):
+                            files[s.rank].create_dataset(prefix + dname, data=a)
+                            sums[s.rank][prefix + dname] = zlib.crc32(a)
                 ckpt.release()   # both readers drop what they kept for this layer
         finally:
             for f in files:
