@@ -1,7 +1,7 @@
 """Decode matrix-vector products in C (csrc/matvec.c), built for the host on first use.
 
 ``matvec(x, w, scale)`` returns x (T, in) fp32 @ w (out, in).T as (T, out) fp32, reading
-w in its stored dtype (fp32, bf16, fp16, or int8 times ``scale`` (out,) per output row).
+w in its stored dtype (fp32, bf16, fp16, or int8 times its group scales, quant.py).
 On this project's CPUs torch's own fp32 matrix-vector product streams weights at about a
 third of the memory bandwidth and it has no weight-only int8 product worth using; these
 loops run near the bandwidth (docs/BENCHMARKS.md).
@@ -25,6 +25,8 @@ import sys
 import tempfile
 
 import torch
+
+from mpitpi.quant import GROUP
 
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "matvec.c")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
@@ -93,8 +95,9 @@ def _load():
     try:
         lib = ctypes.CDLL(build())
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        for name in _FUNCS.values():
-            getattr(lib, name).argtypes = [p, p, p, p, i64, i64, i64]
+        for name in _FUNCS.values():   # (x, w, y, T, in, out); int8: (x, w, scale, ...group)
+            getattr(lib, name).argtypes = ([p, p, p, p, i64, i64, i64, i64]
+                                           if name == "matvec_i8" else [p, p, p, i64, i64, i64])
             getattr(lib, name).restype = None
         _lib = lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
@@ -111,9 +114,10 @@ def available() -> bool:
 
 def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (T, in) fp32 @ w (out, in).T [* scale (out,)] -> (T, out) fp32.
+    """x (T, in) fp32 @ w (out, in).T -> (T, out) fp32; int8 w is times its ``scale``.
 
-    Contract: ``available()`` is True; w is contiguous; int8 w needs ``scale`` (fp32).
+    Contract: ``available()`` is True; w and scale are contiguous; int8 w comes with
+    ``scale`` (out, ceil(in / quant.GROUP)) fp32 (quant.py), other dtypes without.
     """
     lib = _load()
     x = x.contiguous()
@@ -121,9 +125,12 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     n_out = w.shape[0]
     if out is None:
         out = torch.empty(T, n_out)
-    fn = getattr(lib, _FUNCS[w.dtype])
-    fn(x.data_ptr(), w.data_ptr(), None if scale is None else scale.data_ptr(),
-       out.data_ptr(), T, n_in, n_out)
+    if w.dtype == torch.int8:
+        lib.matvec_i8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), out.data_ptr(),
+                      T, n_in, n_out, GROUP)
+    else:
+        getattr(lib, _FUNCS[w.dtype])(x.data_ptr(), w.data_ptr(), out.data_ptr(),
+                                      T, n_in, n_out)
     return out
 
 

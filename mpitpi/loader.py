@@ -31,7 +31,10 @@ def cache_root() -> str:
 
 def cache_folder(model_path: str, fingerprint: str, world_size: int,
                  ratios: list[float] | None, dtype: str) -> str:
-    key = json.dumps([fingerprint, world_size, ratios, dtype])
+    from mpitpi.quant import GROUP
+
+    key = json.dumps([fingerprint, world_size, ratios, dtype] +
+                     ([GROUP] if dtype == "int8" else []))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     name = os.path.basename(os.path.normpath(model_path)) or "model"
     return os.path.join(cache_root(), "shards", f"{name}-n{world_size}-{dtype}-{digest}")

@@ -69,7 +69,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
            scale: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, in) float32 @ w (out, in).T -> (T, out) float32, reading w as stored.
 
-    ``scale`` (out,) is given exactly for int8 w (quant.py). Chosen by measurement
+    ``scale`` (out, G) is given exactly for int8 w (quant.py). Chosen by measurement
     (docs/BENCHMARKS.md): decode (T <= kernels.MAX_T) uses the C kernels, which widen each
     weight to fp32 in registers; prefill uses torch's matrix-matrix products, on an fp32
     copy for int8 and through bf16 for fp16 (its fp16 matrix products are slow on CPUs).
@@ -95,7 +95,7 @@ class Transformer:
     """One rank's share of the model, its KV cache, and the forward pass.
 
     ``top``: {"embed": (v, dim), "lm_head": (v, dim) if untied, "norm": (dim,)}, with
-    "embed.scale"/"lm_head.scale" (v,) for int8 shards.
+    "embed.scale"/"lm_head.scale" (v, G) for int8 shards (quant.py).
     ``layers``: a prefetch.py store (``get(i)``/``done(i)``) or a list of per-layer dicts of
     the shards.py tensors (wqkv, wo, w13, w2, norms, biases).
     The KV cache and rope tables are allocated by ``reserve(n)`` before a sequence of n
@@ -109,7 +109,7 @@ class Transformer:
         self.args, self.s = args, s
         self.reduce = reduce or (lambda t: t)
         self.embed = top["embed"]                       # (n_vocab_r, dim)
-        self.embed_scale = top.get("embed.scale")      # (n_vocab_r,) int8 only, else None
+        self.embed_scale = top.get("embed.scale")      # (n_vocab_r, G) int8 only, else None
         if "lm_head" in top:
             self.lm_head, self.lm_head_scale = top["lm_head"], top.get("lm_head.scale")
         else:                                           # tied: the same matrix
@@ -187,9 +187,10 @@ class Transformer:
         mine = (tokens >= v0) & (tokens < v1)
         x = torch.zeros(tokens.shape[0], self.args.dim)
         rows = tokens[mine] - v0
-        x[mine] = self.embed[rows].float()
-        if self.embed_scale is not None:
-            x[mine] *= self.embed_scale[rows, None]
+        if self.embed_scale is None:
+            x[mine] = self.embed[rows].float()
+        else:
+            x[mine] = dequantize_int8(self.embed[rows], self.embed_scale[rows])
         return self.reduce(x)
 
     @torch.inference_mode()

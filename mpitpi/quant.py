@@ -1,25 +1,36 @@
-"""Weight-only int8: symmetric, one fp32 scale per output row (pure functions).
+"""Weight-only int8: symmetric, one fp32 scale per output row and group of input columns.
 
-A matrix w (out, in) is stored as q (out, in) int8 and scale (out,) fp32 with
-w ~= q * scale[:, None]; |q| <= 127 and the largest |w| of each row maps to 127, so the
-error of each weight is at most scale / 2 = max|w_row| / 254. Activations stay in fp32:
-nothing about the input is quantised, which is what keeps the logits close to fp32.
+A matrix w (out, in) is stored as q (out, in) int8 and scale (out, ceil(in / GROUP)) fp32
+with w[o, i] ~= q[o, i] * scale[o, i // GROUP]; |q| <= 127 and the largest |w| of each
+group maps to 127, so each weight is off by at most scale / 2. Per-row groups rather than
+one scale per row: with one scale per row SmolLM2's greedy text left fp32's after a few
+tokens on one of the golden prompts (docs/BENCHMARKS.md). Activations stay in fp32.
 """
 from __future__ import annotations
 
 import torch
 
+GROUP = 64   # input columns per scale: 1/16 byte of scale per weight
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (out, in) any float dtype -> q (out, in) int8, scale (out,) fp32."""
+
+def quantize_int8(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, in) any float dtype -> q (out, in) int8, scale (out, ceil(in/group)) fp32."""
     w = w.float()
-    amax = w.abs().amax(dim=1)                                   # (out,)
+    out, n_in = w.shape
+    n_groups = -(-n_in // group)
+    padded = torch.nn.functional.pad(w, (0, n_groups * group - n_in))     # (out, G*group)
+    amax = padded.view(out, n_groups, group).abs().amax(dim=2)            # (out, G)
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.round(w / expand(scale, n_in, group)).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q (out, in) int8, scale (out,) -> (out, in) in ``dtype``."""
-    return (q.to(torch.float32) * scale[:, None]).to(dtype)
+def expand(scale: torch.Tensor, n_in: int, group: int = GROUP) -> torch.Tensor:
+    """scale (rows, G) -> (rows, n_in): each group's scale repeated over its columns."""
+    return scale.repeat_interleave(group, dim=1)[:, :n_in]
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
+                    group: int = GROUP) -> torch.Tensor:
+    """q (rows, in) int8, scale (rows, G) -> (rows, in) in ``dtype``."""
+    return (q.to(torch.float32) * expand(scale, q.shape[1], group)).to(dtype)

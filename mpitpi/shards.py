@@ -19,8 +19,9 @@ only its slices (see plan.py), one HDF5 group per layer:
     layers/{i}/ffn_norm    (dim,)
 
 With ``--dtype int8`` every matrix above (embed, lm_head, wqkv, wo, w13, w2) is int8 and has
-a ``.scale`` dataset beside it, (rows,) fp32, one scale per output row of this rank's slice
-(see quant.py); vectors are fp32.
+a ``.scale`` dataset beside it, (rows, ceil(cols / 64)) fp32: one scale per output row and
+group of 64 columns of this rank's slice (quant.py, recorded as the manifest's int8_group);
+vectors are fp32.
 
 The manifest names the model (path and fingerprint), ModelArgs, world size, ratios, storage
 dtype, the plan and a CRC32 per dataset. A folder without manifest.json is never trusted:
@@ -41,6 +42,7 @@ from tqdm import tqdm
 from mpitpi.config import ModelArgs
 from mpitpi.errors import MpitpiError
 from mpitpi.plan import RankSlice, plan_for_args
+from mpitpi.quant import GROUP, quantize_int8
 
 FORMAT = "mpitpi-shards"
 VERSION = 1
@@ -65,14 +67,12 @@ def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
 def stored_arrays(name: str, t: torch.Tensor, dtype: str):
     """Yield (dataset name, array) for tensor ``name`` in storage ``dtype``.
 
-    int8 stores a matrix as ``name`` (int8) + ``name.scale`` (fp32, one per row) and keeps
+    int8 stores a matrix as ``name`` (int8) + ``name.scale`` (fp32, quant.py) and keeps
     vectors (norms, biases) in fp32; the other dtypes store everything in that dtype.
     """
     if dtype != "int8":
         yield name, _to_numpy(t, dtype)
     elif t.dim() == 2:
-        from mpitpi.quant import quantize_int8
-
         q, scale = quantize_int8(t)
         yield name, q.numpy()
         yield name + ".scale", scale.numpy()
@@ -186,6 +186,7 @@ def write_shards(ckpt, out: str, world_size: int, ratios: list[float] | None = N
             "format": FORMAT, "version": VERSION,
             "model": {"path": os.path.abspath(ckpt.folder), "fingerprint": ckpt.fingerprint()},
             "args": args.to_dict(), "world_size": world_size, "ratios": ratios, "dtype": dtype,
+            "int8_group": GROUP if dtype == "int8" else None,
             "plan": [s.to_dict() for s in plan],
             "files": [{"rank": r, "file": rank_file(r),
                        "size": os.path.getsize(os.path.join(staging, rank_file(r))),
@@ -239,7 +240,11 @@ def read_manifest(folder: str) -> dict:
 
 
 def check_manifest(man: dict, folder: str, world_size: int, fingerprint: str | None) -> None:
-    """Refuse shards made for another world size or another model."""
+    """Refuse shards made for another world size, another model or another int8 layout."""
+    if man["dtype"] == "int8" and man.get("int8_group") != GROUP:
+        raise MpitpiError(f"int8 shards in {folder!r} use groups of {man.get('int8_group')} "
+                          f"columns per scale; this version reads groups of {GROUP}. "
+                          f"Fix: split the model again.")
     if man["world_size"] != world_size:
         raise MpitpiError(f"shards in {folder!r} were made for {man['world_size']} ranks but this "
                           f"job has {world_size}. Fix: run with -n {man['world_size']}, or split "
