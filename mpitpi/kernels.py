@@ -30,7 +30,9 @@ from mpitpi.quant import GROUP
 
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "matvec.c")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-MAX_T = 4   # rows of x up to which the kernels beat torch (measured, docs/BENCHMARKS.md)
+# rows of x up to which the kernels beat torch's products (measured on AVX-512 and AVX2 hosts,
+# docs/BENCHMARKS.md); int8 always: torch has no fast weight-only int8 product
+MAX_T = {torch.float32: 8, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1 << 30}
 
 _FUNCS = {torch.float32: "matvec_f32", torch.bfloat16: "matvec_bf16",
           torch.float16: "matvec_f16", torch.int8: "matvec_i8"}

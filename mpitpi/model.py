@@ -70,11 +70,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     """x (T, in) float32 @ w (out, in).T -> (T, out) float32, reading w as stored.
 
     ``scale`` (out, G) is given exactly for int8 w (quant.py). Chosen by measurement
-    (docs/BENCHMARKS.md): decode (T <= kernels.MAX_T) uses the C kernels, which widen each
-    weight to fp32 in registers; prefill uses torch's matrix-matrix products, on an fp32
-    copy for int8 and through bf16 for fp16 (its fp16 matrix products are slow on CPUs).
+    (docs/BENCHMARKS.md): decode and short inputs (T <= kernels.MAX_T[dtype]; int8: always)
+    use the C kernels, which widen each weight to fp32 in registers; longer inputs use
+    torch's matrix-matrix products, through bf16 for fp16 (its fp16 products are slow on
+    CPUs). Without the kernels int8 runs on an fp32 copy of w.
     """
-    if x.shape[0] <= kernels.MAX_T and kernels.available():
+    if x.shape[0] <= kernels.MAX_T[w.dtype] and kernels.available():
         y = kernels.matvec(x, w, scale)
     elif w.dtype == torch.int8:
         y = F.linear(x, dequantize_int8(w, scale))

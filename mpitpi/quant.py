@@ -33,4 +33,9 @@ def expand(scale: torch.Tensor, n_in: int, group: int = GROUP) -> torch.Tensor:
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
                     group: int = GROUP) -> torch.Tensor:
     """q (rows, in) int8, scale (rows, G) -> (rows, in) in ``dtype``."""
-    return (q.to(torch.float32) * expand(scale, q.shape[1], group)).to(dtype)
+    w = q.to(torch.float32)
+    full = q.shape[1] // group
+    w[:, :full * group].unflatten(1, (full, group)).mul_(scale[:, :full, None])
+    if full < scale.shape[1]:                       # the short last group
+        w[:, full * group:].mul_(scale[:, full:])
+    return w.to(dtype)

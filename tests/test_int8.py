@@ -1,0 +1,109 @@
+"""The C decode kernels against torch, int8 quantisation, and int8 models against fp32."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_mpi
+from mpitpi import kernels
+from mpitpi.quant import GROUP, dequantize_int8, quantize_int8
+from refmodels import reference_logits
+
+PROMPT = [1, 17, 42, 99, 7, 230, 5]
+
+# (T, in, out): one and several rows of x; rows shorter than a group, a short last group,
+# rows past 4096 (the four-rows-at-a-time path) with an odd number of output rows
+SHAPES = [(1, 7, 5), (3, 100, 33), (1, 576, 1728), (4, 192, 65), (2, 4100, 11)]
+
+
+def test_the_kernels_build_on_this_host():
+    assert kernels.available(), kernels._why_not
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,n_in,n_out", SHAPES)
+def test_float_kernels_match_torch(dtype, T, n_in, n_out):
+    g = torch.Generator().manual_seed(n_in * 7 + T)
+    x = torch.randn(T, n_in, generator=g)
+    w = torch.randn(n_out, n_in, generator=g).to(dtype)
+    expect = x.double() @ w.double().T
+    got = kernels.matvec(x, w)
+    assert got.shape == (T, n_out) and got.dtype == torch.float32
+    rel = ((got.double() - expect).abs().max() / expect.abs().max()).item()
+    assert rel < 1e-5, rel
+
+
+@pytest.mark.parametrize("T,n_in,n_out", SHAPES)
+def test_int8_kernel_matches_dequantized_product(T, n_in, n_out):
+    g = torch.Generator().manual_seed(n_in + T)
+    x = torch.randn(T, n_in, generator=g)
+    x[:, 3] = 40.0   # an outlier column: the activations' int16 steps follow each group's max
+    q, scale = quantize_int8(torch.randn(n_out, n_in, generator=g))
+    expect = x.double() @ dequantize_int8(q, scale).double().T
+    got = kernels.matvec(x, q, scale)
+    rel = ((got.double() - expect).abs().max() / expect.abs().max()).item()
+    assert rel < 1e-4, rel
+
+
+@pytest.mark.parametrize("n_in", [5, 64, 100, 130])
+def test_quantize_int8_error_is_at_most_half_a_step(n_in):
+    w = torch.randn(9, n_in) * torch.logspace(-3, 1, 9)[:, None]   # rows of very different size
+    w[4] = 0.0                                                     # an all-zero row
+    q, scale = quantize_int8(w)
+    n_groups = -(-n_in // GROUP)
+    assert q.dtype == torch.int8 and scale.shape == (9, n_groups)
+    assert int(q.abs().max()) == 127 and q[4].abs().max() == 0
+    step = scale.repeat_interleave(GROUP, dim=1)[:, :n_in]
+    assert ((dequantize_int8(q, scale) - w).abs() <= step / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("shape,n", [("llama-gqa", 1), ("llama-gqa", 2), ("qwen2", 3),
+                                     ("llama-odd", 3)])
+def test_int8_logits_close_to_fp32(models, tmp_path, shape, n):
+    """int8 weights, fp32 activations: logits within 5% (relative to the largest) of the fp32
+    reference along the generated tokens, the same top-1 at 90% of the steps or more (a
+    near-tie may flip), N = 1, 2, 3."""
+    folder, hf = models(shape)
+    out = tmp_path / "logits.npy"
+    r = run_mpi(n, ["generate", "--model", folder, "--dtype", "int8", "--prompt-ids",
+                    ",".join(map(str, PROMPT)), "--max-tokens", "12", "--ignore-eos", "--json",
+                    "--logits-out", str(out)])
+    assert r.returncode == 0, r.stderr
+    ids = json.loads(r.stdout)["token_ids"]
+    expect = reference_logits(hf, PROMPT, ids).numpy()
+    ours = np.load(out)
+    rel = np.abs(ours - expect).max() / np.abs(expect).max()
+    agree = (ours.argmax(-1) == expect.argmax(-1)).mean()
+    print(f"{shape} N={n}: relative logit error {rel:.4f}, top-1 agreement {agree:.2f}")
+    assert rel < 0.05, rel
+    assert agree >= 0.9, agree
+
+
+def test_int8_split_stores_scales_and_refuses_another_group(models, tmp_path):
+    folder, _ = models("llama-gqa")
+    shards = tmp_path / "shards"
+    r = run_mpi(1, ["split", folder, "--out", str(shards), "-n", "2", "--dtype", "int8"])
+    assert r.returncode == 0, r.stderr
+    man = json.loads((shards / "manifest.json").read_text())
+    names = man["files"][1]["checksums"]
+    assert man["int8_group"] == GROUP
+    assert {"layers/0/wqkv.scale", "layers/0/w2.scale", "vocab/embed.scale"} <= set(names)
+    man["int8_group"] = GROUP * 2
+    (shards / "manifest.json").write_text(json.dumps(man))
+    r = run_mpi(2, ["generate", "--model", folder, "--shards", str(shards), "--prompt-ids",
+                    "1,2,3", "--max-tokens", "2"], timeout=60)
+    assert r.returncode != 0 and "split the model again" in r.stderr, r.stderr
+
+
+def test_torch_fallback_gives_the_same_tokens(models):
+    """MPITPI_KERNELS=0 (no compiler) decodes with torch alone: same greedy tokens."""
+    folder, _ = models("llama-gqa")
+    runs = []
+    for env in ({}, {"MPITPI_KERNELS": "0"}):
+        r = run_mpi(2, ["generate", "--model", folder, "--dtype", "int8", "--prompt-ids",
+                        ",".join(map(str, PROMPT)), "--max-tokens", "16", "--ignore-eos",
+                        "--json"], env=env)
+        assert r.returncode == 0, r.stderr
+        runs.append(json.loads(r.stdout)["token_ids"])
+    assert runs[0] == runs[1]
