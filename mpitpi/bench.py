@@ -103,7 +103,14 @@ def run_bench(comm, loaded, prompt_len: int, gen_len: int, reps: int, seed: int 
             loaded.shards, f"rank{comm.rank}.h5")), 3) if disk else None,
     }
     comm.barrier()
-    mem_bw = memory_bandwidth_gbs() if root else None
+    mem_bw = None
+    if root:   # with every core of the host: ranks sharing it share its bandwidth
+        threads = torch.get_num_threads()
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        try:
+            mem_bw = memory_bandwidth_gbs()
+        finally:
+            torch.set_num_threads(threads)
     per_rank = comm.gather_obj(mine)
     if not root:
         return None

@@ -107,7 +107,7 @@ MATVEC(matvec_bf16, uint16_t, LOAD_BF16)
  * the last group of a row may be shorter): scale is (out, ceil(in / group)), see quant.py.
  * x is quantised per group to int16 (error 1/65534 of the group's largest |x|, far below
  * the weights' own) so that AVX2's vpmaddwd multiplies 16 pairs and adds them pairwise
- * into int32 in one instruction; each group's int32 sum is then converted once and scaled
+ * into int32 in one instruction (with VNNI, vpdpwssd also accumulates); each group's int32 sum is then converted once and scaled
  * by (weight scale x activation scale). The short last group is done in fp32. */
 static void quantize_x(const float *x, int64_t in, int64_t group, int16_t *xq, float *xs) {
     for (int64_t g0 = 0, g = 0; g0 < in; g0 += group, g++) {
@@ -119,6 +119,14 @@ static void quantize_x(const float *x, int64_t in, int64_t group, int16_t *xq, f
         xs[g] = s;
     }
 }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)   /* multiply-add-accumulate in one */
+#define DPWSSD(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
+#elif defined(__AVXVNNI__)
+#define DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
+#else
+#define DPWSSD(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#endif
 
 static float dot_i8_row(const int8_t *w, const int16_t *xq, const float *ws, const float *xs,
                         const float *x, int64_t in, int64_t group, int64_t full) {
@@ -132,10 +140,8 @@ static float dot_i8_row(const int8_t *w, const int16_t *xq, const float *ws, con
         for (int64_t i = 0; i < group; i += 32) {
             __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + i)));
             __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + i + 16)));
-            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(
-                     w0, _mm256_loadu_si256((const __m256i *)(xg + i))));
-            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(
-                     w1, _mm256_loadu_si256((const __m256i *)(xg + i + 16))));
+            a0 = DPWSSD(a0, w0, _mm256_loadu_si256((const __m256i *)(xg + i)));
+            a1 = DPWSSD(a1, w1, _mm256_loadu_si256((const __m256i *)(xg + i + 16)));
         }
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)),
                               _mm256_set1_ps(ws[g] * xs[g]), acc);
