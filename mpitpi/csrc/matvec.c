@@ -107,8 +107,9 @@ MATVEC(matvec_bf16, uint16_t, LOAD_BF16)
  * the last group of a row may be shorter): scale is (out, ceil(in / group)), see quant.py.
  * x is quantised per group to int16 (error 1/65534 of the group's largest |x|, far below
  * the weights' own) so that AVX2's vpmaddwd multiplies 16 pairs and adds them pairwise
- * into int32 in one instruction (with VNNI, vpdpwssd also accumulates); each group's int32 sum is then converted once and scaled
- * by (weight scale x activation scale). The short last group is done in fp32. */
+ * into int32 in one instruction (with VNNI, vpdpwssd also accumulates); each group's int32
+ * sum is then converted once and scaled by (weight scale x activation scale). The short
+ * last group is done in fp32. */
 static void quantize_x(const float *x, int64_t in, int64_t group, int16_t *xq, float *xs) {
     for (int64_t g0 = 0, g = 0; g0 < in; g0 += group, g++) {
         int64_t g1 = g0 + group < in ? g0 + group : in;
