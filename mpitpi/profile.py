@@ -14,7 +14,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mpitpi.errors import MpitpiError
 from mpitpi.shards import BYTES_PER_WEIGHT

@@ -18,16 +18,12 @@ def quantize_int8(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, to
     w = w.float()
     out, n_in = w.shape
     n_groups = -(-n_in // group)
-    padded = torch.nn.functional.pad(w, (0, n_groups * group - n_in))     # (out, G*group)
-    amax = padded.view(out, n_groups, group).abs().amax(dim=2)            # (out, G)
+    padded = torch.nn.functional.pad(w, (0, n_groups * group - n_in))
+    groups = padded.view(out, n_groups, group)                            # (out, G, group)
+    amax = groups.abs().amax(dim=2)                                       # (out, G)
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.round(w / expand(scale, n_in, group)).clamp_(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def expand(scale: torch.Tensor, n_in: int, group: int = GROUP) -> torch.Tensor:
-    """scale (rows, G) -> (rows, n_in): each group's scale repeated over its columns."""
-    return scale.repeat_interleave(group, dim=1)[:, :n_in]
+    q = torch.round(groups / scale[:, :, None]).clamp_(-127, 127).to(torch.int8)
+    return q.view(out, -1)[:, :n_in].contiguous(), scale
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
