@@ -4,7 +4,7 @@ Every rank runs the same generations; each reports its own figures (peak RSS, ti
 all-reduce per decode step and in the prefill, time waiting for layer reads, bytes
 all-reduced per forward pass), rank 0 gathers and prints them.
 Also measured in the same run, so ratios hold on any machine: the memory read bandwidth
-(a large tensor copy) and, with ``disk=True``, each rank's cold read bandwidth of its shard.
+(every rank sums a large tensor at once; a host's figure is the sum of its ranks') and, with ``disk=True``, each rank's cold read bandwidth of its shard.
 """
 from __future__ import annotations
 

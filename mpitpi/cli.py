@@ -29,7 +29,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "e.g. 2,1,1, or 'auto' to measure each rank (default: uniform)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8"],
                    help="weight dtype of automatically made shards; int8 is weight-only with "
-                   "one scale per output row (default: the checkpoint's own; fp16 for GGUF)")
+                   "one scale per row and 64 columns (default: the checkpoint's own; fp16 for GGUF)")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: the host's "
                    "cores divided by the ranks on that host, at least 1)")
     p.add_argument("--no-verify", action="store_true",
@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--world-size", "-n", type=int, required=True, help="number of ranks")
     sp.add_argument("--ratios", help="per-rank shares, e.g. 2,1,1 (default: uniform)")
     sp.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8"],
-                    help="weight dtype; int8 is weight-only with one scale per output row "
-                    "(default: the checkpoint's own; fp16 for GGUF)")
+                    help="weight dtype; int8 is weight-only with one scale per row and 64 "
+                    "columns (default: the checkpoint's own; fp16 for GGUF)")
 
     gp = sub.add_parser("generate", help="generate text (run under mpiexec -n N)")
     _add_model_options(gp)

@@ -1,9 +1,9 @@
 /* Matrix-vector products for decode: y (T, out) = x (T, in) @ W (out, in)^T, small T.
  *
  * Decode reads every weight once per token, so it is bound by memory bandwidth when the
- * loop keeps up with it. These loops do: four weight rows at a time share each load of x
- * (x stays in L1 even for long rows) and give four independent accumulator chains; the
- * compiler vectorises them for the host it is built on (-march=native, see kernels.py).
+ * loop keeps up with it. The float loops are plain C that the compiler vectorises for the
+ * host it is built on (-march=native, see kernels.py), one row at a time while x fits in
+ * L1 and four rows sharing each load of x beyond; int8 is written with AVX2 intrinsics.
  * Weights stay in their storage dtype and are widened to fp32 in registers:
  *   f32, bf16 (raw bits), f16 (raw bits, F16C), i8 (times fp32 scales, see quant.py).
  * Work is split over output rows with OpenMP (the same runtime torch uses).
