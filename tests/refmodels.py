@@ -71,6 +71,15 @@ def reference_logits(model, prompt: list[int], new_tokens: list[int]) -> torch.T
     return out[len(prompt) - 1:]
 
 
+def logits_vs_reference(model, prompt: list[int], new_tokens: list[int], ours):
+    """ours: (n, vocab) logits that chose new_tokens -> (largest |difference| relative to the
+    largest reference logit, (n,) bool: same top-1 as the reference at each step)."""
+    expect = reference_logits(model, prompt, new_tokens).numpy()
+    assert ours.shape == expect.shape
+    rel = float(abs(ours - expect).max() / abs(expect).max())
+    return rel, ours.argmax(-1) == expect.argmax(-1)
+
+
 @torch.no_grad()
 def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt])
