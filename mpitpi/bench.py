@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mpitpi.generate import generate
+from mpitpi.generate import Session, generate
 
 
 def memory_bandwidth_gbs(nbytes: int = 256 * 2**20, reps: int = 5) -> float:
@@ -53,8 +53,7 @@ def disk_bandwidth_gbs(path: str, chunk: int = 64 * 2**20) -> float:
 
 def weight_bytes(model) -> int:
     """Bytes of weights this rank reads per token: its layer slices + lm_head rows."""
-    return (model.layers.layer_nbytes * len(model.layers) +
-            model.lm_head.numel() * model.lm_head.element_size())
+    return model.layers.layer_nbytes * len(model.layers) + model.top.lm_head.nbytes
 
 
 def run_bench(comm, loaded, prompt_len: int, gen_len: int, reps: int, seed: int = 0,
@@ -64,7 +63,6 @@ def run_bench(comm, loaded, prompt_len: int, gen_len: int, reps: int, seed: int 
     args = loaded.args
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(3, args.vocab_size, (prompt_len,), generator=g).tolist()
-    counts = [s.n_vocab for s in loaded.plan]
     layers = loaded.model.layers
     wbytes = weight_bytes(loaded.model)
     ttft, steps, comm_ms, io_ms, calls, nbytes = [], [], [], [], [], []
@@ -75,7 +73,7 @@ def run_bench(comm, loaded, prompt_len: int, gen_len: int, reps: int, seed: int 
         c0, w0 = comm.allreduce_s, layers.wait_s
         n0, b0 = comm.allreduce_calls, comm.allreduce_bytes
         step_comm: list[float] = []
-        res = generate(comm, loaded.model, counts, prompt if root else None, gen_len,
+        res = generate(comm, loaded.model, Session(prompt, gen_len) if root else None,
                        on_step=lambda i, ms, c, b: step_comm.append(c))
         if rep == 0:
             continue
@@ -111,7 +109,7 @@ def run_bench(comm, loaded, prompt_len: int, gen_len: int, reps: int, seed: int 
     ms = statistics.median(steps) if steps else float("nan")
     out = {
         "world_size": comm.size, "prompt_len": prompt_len, "gen_len": gen_len, "reps": reps,
-        "window": getattr(layers, "window", None),
+        "window": layers.window,
         "ttft_ms": round(statistics.median(ttft), 3), "ms_per_token": round(ms, 3),
         "tokens_per_s": round(1e3 / ms, 3),
         "ranks": per_rank,

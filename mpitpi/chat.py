@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from mpitpi.errors import MpitpiError
-from mpitpi.generate import check_prompt, generate
+from mpitpi.generate import Session, check_prompt, generate
 
 HELP = "commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves"
 
@@ -25,7 +25,6 @@ def run_chat(comm, loaded, tokenizer, make_sampler, max_tokens: int,
              system: str | None = None, interactive: bool | None = None) -> None:
     """Collective. ``tokenizer`` and ``make_sampler()`` are used on rank 0 only."""
     root = comm.rank == 0
-    counts = [s.n_vocab for s in loaded.plan]
     if interactive is None:
         interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -64,10 +63,9 @@ def run_chat(comm, loaded, tokenizer, make_sampler, max_tokens: int,
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        res = generate(comm, loaded.model, counts, ids, max_tokens,
-                       sampler=make_sampler() if root else None,
-                       eos_ids=loaded.args.eos_token_ids,
-                       decode=tokenizer.decode if root else None, on_text=emit)
+        session = Session(ids, max_tokens, make_sampler(), loaded.args.eos_token_ids,
+                          tokenizer.decode, on_text=emit) if root else None
+        res = generate(comm, loaded.model, session)
         if root:
             print(flush=True)
             print(f"[{len(res.token_ids)} tokens, TTFT {res.ttft_ms:.0f} ms, "

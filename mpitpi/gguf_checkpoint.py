@@ -8,13 +8,17 @@ undoes that, so callers see the Hugging Face layout.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 
+import gguf
 import numpy as np
 import torch
+from gguf.quants import GGML_QUANT_SIZES, dequantize
 
-from mpitpi.config import ModelArgs, SUPPORTED_ARCHITECTURES
+from mpitpi.config import SUPPORTED_ARCHITECTURES, ModelArgs
 from mpitpi.errors import MpitpiError
+from mpitpi.files import gguf_field
 
 ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
          "qwen2": "Qwen2ForCausalLM"}
@@ -37,19 +41,10 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
-
-
 class GGUFCheckpoint:
     """A .gguf file: ModelArgs from its metadata, tensors by Hugging Face name."""
 
     def __init__(self, path: str):
-        import gguf
-
         if not os.path.isfile(path):
             raise MpitpiError(f"model file {path!r} does not exist. Fix: pass an existing "
                               f".gguf file or a Hugging Face folder.")
@@ -60,6 +55,7 @@ class GGUFCheckpoint:
                               f"(a GGUF file starts with the bytes 'GGUF'), or download it again.")
         self.folder = path   # what the manifest records as the model's path
         self.path = path
+        self.tokenizer_path = path   # the tokenizer is in the metadata (tokenizer.py)
         self.tensors = {}
         for t in self.reader.tensors:
             name = hf_name(t.name)
@@ -73,7 +69,7 @@ class GGUFCheckpoint:
 
     def _args(self) -> ModelArgs:
         r = self.reader
-        arch_name = _field(r, "general.architecture")
+        arch_name = gguf_field(r, "general.architecture")
         if arch_name not in ARCHS:
             raise MpitpiError(f"unsupported GGUF architecture {arch_name!r} in {self.path}; "
                               f"supported: {', '.join(ARCHS)} (as "
@@ -81,20 +77,21 @@ class GGUFCheckpoint:
         a = arch_name
 
         def need(key):
-            v = _field(r, f"{a}.{key}")
+            v = gguf_field(r, f"{a}.{key}")
             if v is None:
                 raise MpitpiError(f"{self.path}: GGUF metadata {a}.{key} is missing. Fix: "
                                   f"convert the model again with a current llama.cpp.")
             return v
 
         dim, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
-        n_kv = int(_field(r, f"{a}.attention.head_count_kv", n_heads))
-        head_dim = int(_field(r, f"{a}.attention.key_length", dim // n_heads))
-        tokens = _field(r, "tokenizer.ggml.tokens") or []
-        vocab = int(_field(r, f"{a}.vocab_size", len(tokens)) or
+        n_kv = int(gguf_field(r, f"{a}.attention.head_count_kv", n_heads))
+        head_dim = int(gguf_field(r, f"{a}.attention.key_length",
+                                  dim // n_heads if n_heads > 0 else 0))
+        tokens = gguf_field(r, "tokenizer.ggml.tokens") or []
+        vocab = int(gguf_field(r, f"{a}.vocab_size", len(tokens)) or
                     self.tensors["model.embed_tokens.weight"].shape[-1])
         scaling = None
-        stype = _field(r, f"{a}.rope.scaling.type")
+        stype = gguf_field(r, f"{a}.rope.scaling.type")
         if stype == "linear":
             scaling = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
         elif stype not in (None, "none"):
@@ -102,24 +99,23 @@ class GGUFCheckpoint:
         if self.rope_freqs is not None:
             factors = np.asarray(self.rope_freqs.data, dtype=np.float32).ravel().tolist()
             scaling = {"rope_type": "freq_factors", "factors": factors}
-        eos = _field(r, "tokenizer.ggml.eos_token_id")
-        eot = _field(r, "tokenizer.ggml.eot_token_id")
+        eos = gguf_field(r, "tokenizer.ggml.eos_token_id")
+        eot = gguf_field(r, "tokenizer.ggml.eot_token_id")
         eos_ids = sorted({int(x) for x in (eos, eot) if x is not None})
         qkv_bias = "model.layers.0.self_attn.q_proj.bias" in self.tensors
         return ModelArgs(
             architecture=ARCHS[a], dim=dim, n_layers=int(need("block_count")), n_heads=n_heads,
             n_kv_heads=n_kv, head_dim=head_dim, ffn_dim=int(need("feed_forward_length")),
             vocab_size=vocab, norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(_field(r, f"{a}.rope.freq_base", 10000.0)),
-            max_seq_len=int(_field(r, f"{a}.context_length", 2048)), rope_scaling=scaling,
+            rope_theta=float(gguf_field(r, f"{a}.rope.freq_base", 10000.0)),
+            max_seq_len=int(gguf_field(r, f"{a}.context_length", 2048)), rope_scaling=scaling,
             tie_embeddings="lm_head.weight" not in self.tensors, qkv_bias=qkv_bias,
             o_bias="model.layers.0.self_attn.o_proj.bias" in self.tensors,
             mlp_bias="model.layers.0.mlp.up_proj.bias" in self.tensors,
-            bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"), eos_token_ids=eos_ids)
+            bos_token_id=gguf_field(r, "tokenizer.ggml.bos_token_id"),
+            eos_token_ids=eos_ids).check(self.path)
 
     def _check(self) -> None:
-        from gguf.quants import GGML_QUANT_SIZES, dequantize
-
         missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight")
                    if n not in self.tensors]
         missing += [f"layer {i}" for i in range(self.args.n_layers)
@@ -136,17 +132,9 @@ class GGUFCheckpoint:
                                   f"cannot dequantize. Fix: convert the model to F16, Q8_0, "
                                   f"Q4_0, Q4_1, Q4_K or Q6_K.")
 
-    def tokenizer(self):
-        """The tokenizer built from this file's tokenizer.ggml.* metadata."""
-        from mpitpi.tokenizer import load_tokenizer
-
-        return load_tokenizer(self.path, gguf_reader=self.reader)
-
     def release(self) -> None:
         """Unmap the pages read so far (the file stays mapped): keeps a split's memory to
         the tensors in hand, not the whole file."""
-        import mmap
-
         self._full_cache = None
         mm = getattr(self.reader.data, "_mmap", None)
         if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
@@ -170,8 +158,6 @@ class GGUFCheckpoint:
         return x.reshape(heads, hd // 2, 2, *rest).swapaxes(1, 2).reshape(x.shape)
 
     def _dequant(self, name: str, data: np.ndarray) -> np.ndarray:
-        from gguf.quants import dequantize
-
         t = self.tensors[name]
         return np.asarray(dequantize(np.asarray(data), t.tensor_type), dtype=np.float32)
 

@@ -23,9 +23,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
+from mpitpi.files import cache_root
 from mpitpi.quant import GROUP
 
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "matvec.c")
@@ -56,8 +58,6 @@ def _compiler() -> str | None:
 
 
 def library_path(cc: str) -> str:
-    from mpitpi.loader import cache_root
-
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     with open(SOURCE, "rb") as f:
         key = f.read() + " ".join(FLAGS).encode() + version.encode() + _cpu_id().encode()
@@ -114,8 +114,7 @@ def available() -> bool:
     return _load() is not None
 
 
-def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, in) fp32 @ w (out, in).T -> (T, out) fp32; int8 w is times its ``scale``.
 
     Contract: ``available()`` is True; w and scale are contiguous; int8 w comes with
@@ -125,8 +124,7 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     x = x.contiguous()
     T, n_in = x.shape
     n_out = w.shape[0]
-    if out is None:
-        out = torch.empty(T, n_out)
+    out = torch.empty(T, n_out)
     if w.dtype == torch.int8:
         lib.matvec_i8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), out.data_ptr(),
                       T, n_in, n_out, GROUP)
@@ -137,8 +135,6 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
 
 
 if __name__ == "__main__":   # `python -m mpitpi.kernels`: build now (make install runs it)
-    import time
-
     t0 = time.perf_counter()
     try:
         path = build()

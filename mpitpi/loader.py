@@ -11,28 +11,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 from mpitpi.checkpoint import fingerprint, natural_dtype, open_checkpoint, resolve_model
+from mpitpi.comm import Comm
 from mpitpi.config import ModelArgs
 from mpitpi.errors import MpitpiError
+from mpitpi.files import cache_root
 from mpitpi.model import Transformer
 from mpitpi.plan import RankSlice, parse_ratios, plan_for_args
-from mpitpi.prefetch import (Resident, Streamed, as_compute, layer_bytes, parse_size,
-                             plan_residency)
-from mpitpi.transfer import ensure_shards
+from mpitpi.prefetch import (LayerStore, Resident, Streamed, layer_bytes, parse_size,
+                             plan_residency, read_layer)
+from mpitpi.profile import auto_ratios
+from mpitpi.quant import GROUP
 from mpitpi.shards import MANIFEST, ShardReader, check_manifest, read_manifest, write_shards
-
-
-def cache_root() -> str:
-    return os.environ.get("MPITPI_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "mpitpi")
+from mpitpi.transfer import ensure_shards
+from mpitpi.weights import TopWeights, vectors_fp32
 
 
 def cache_folder(model_path: str, fingerprint: str, world_size: int,
                  ratios: list[float] | None, dtype: str) -> str:
-    from mpitpi.quant import GROUP
-
     key = json.dumps([fingerprint, world_size, ratios, dtype] +
                      ([GROUP] if dtype == "int8" else []))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -103,12 +102,10 @@ def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress
     return {"shards": shards, "fingerprint": fp, "tokenizer": tok if os.path.isfile(tok) else None}
 
 
-def _auto(comm, model_path, shards, dtype, memory_budget, progress):
-    """--ratios auto: measure the ranks and return ratios (see profile.py)."""
-    import sys
-
-    from mpitpi.profile import auto_ratios
-
+def measure_ratios(comm: Comm, model_path: str | None, dtype: str | None,
+                   memory_budget: str | None, progress: bool) -> tuple[str, list[dict]]:
+    """Collective (--ratios auto, `mpitpi profile`): measure the ranks; returns the ratios
+    and every rank's figures (see profile.py)."""
     def model_info():
         if model_path is None:
             raise MpitpiError("--ratios auto needs --model (the shards already fix a plan).")
@@ -121,50 +118,53 @@ def _auto(comm, model_path, shards, dtype, memory_budget, progress):
                        log=(lambda m: print(m, file=sys.stderr, flush=True)) if progress else None)
 
 
-def load_model(comm, model_path: str | None, shards: str | None, ratios: str | None,
+def open_rank(folder: str, rank: int, world_size: int, fingerprint: str | None,
+              verify: bool = True, drop_cache: bool = False, budget: int | None = None,
+              window: int | None = None) -> tuple[ModelArgs, list[RankSlice], TopWeights,
+                                                  LayerStore]:
+    """One rank, no MPI: read the manifest of ``folder``, check it, open rank ``rank``'s
+    file. Returns the model's args, the plan, this rank's vocabulary rows and its layers:
+    all resident unless ``window`` (stream every layer through that many slots) or
+    ``budget`` bytes (keep as many resident as fit, stream the rest) is given."""
+    man = read_manifest(folder)
+    check_manifest(man, folder, world_size, fingerprint)
+    args = ModelArgs.from_dict(man["args"])
+    plan = [RankSlice.from_dict(d) for d in man["plan"]]
+    reader = ShardReader(folder, rank, man, verify=verify, drop_cache=drop_cache)
+    try:
+        # matrices stay in the stored dtype (weights.Weight computes in it); vectors fp32
+        stored = {n.removeprefix("vocab/"): reader.read(n)
+                  for n in reader.checksums if n.startswith("vocab/") or n == "norm"}
+        top = TopWeights.from_stored(vectors_fp32(stored))
+        n_res, w = plan_residency(args.n_layers, layer_bytes(reader), top.nbytes, budget,
+                                  window)
+        if w is None:
+            layers = Resident([read_layer(reader, i) for i in range(args.n_layers)],
+                              layer_bytes(reader))
+            reader.close()
+        else:
+            layers = Streamed(reader, args.n_layers, n_res, w)
+    except BaseException:
+        reader.close()
+        raise
+    return args, plan, top, layers
+
+
+def load_model(comm: Comm, model_path: str | None, shards: str | None, ratios: str | None,
                dtype: str | None = None, verify: bool = True, progress: bool = True,
                window: int | None = None, memory_budget: str | None = None,
                drop_cache: bool = False, local_shards: str | None = None) -> Loaded:
-    """Every rank: return this rank's Transformer.
-
-    Its layers are all resident unless ``window`` (stream every layer through that many
-    slots) or ``memory_budget`` (keep as many resident as fit, stream the rest) is given.
-    """
+    """Collective: every rank gets its Transformer (see ``open_rank`` for its layers)."""
     if ratios == "auto":
-        ratios, _ = _auto(comm, model_path, shards, dtype, memory_budget, progress)
+        ratios, _ = measure_ratios(comm, model_path, dtype, memory_budget, progress)
     info = comm.root_checked(_resolve_shards, model_path, shards, comm.size, ratios, dtype,
                              progress)
-
     folder = info["shards"]
     if comm.size > 1:
         folder = ensure_shards(comm, info["shards"], local_shards, progress=progress)
-
-    def open_own():
-        man = read_manifest(folder)
-        check_manifest(man, folder, comm.size, info["fingerprint"])
-        args = ModelArgs.from_dict(man["args"])
-        plan = [RankSlice.from_dict(d) for d in man["plan"]]
-        reader = ShardReader(folder, comm.rank, man, verify=verify,
-                             drop_cache=drop_cache)
-        try:
-            # matrices stay in the stored dtype (model.linear computes in it); vectors fp32
-            top = {"embed": reader.read("vocab/embed"), "norm": reader.read("norm").float()}
-            for name in ("lm_head", "embed.scale", "lm_head.scale"):   # untied / int8 only
-                if reader.has(f"vocab/{name}"):
-                    top[name] = reader.read(f"vocab/{name}")
-            fixed = sum(t.numel() * t.element_size() for t in top.values())
-            n_res, w = plan_residency(args.n_layers, layer_bytes(reader), fixed, budget, window)
-            if w is None:
-                layers = Resident([as_compute(reader.layer(i)) for i in range(args.n_layers)])
-                reader.close()
-            else:
-                layers = Streamed(reader, args.n_layers, n_res, w)
-        except BaseException:
-            reader.close()
-            raise
-        return args, plan, top, layers
-
     budget = comm.checked(parse_size, memory_budget) if memory_budget else None
-    args, plan, top, layers = comm.checked(open_own)
-    model = Transformer(args, plan[comm.rank], top, layers, reduce=comm.allreduce_)
+    args, plan, top, layers = comm.checked(open_rank, folder, comm.rank, comm.size,
+                                           info["fingerprint"], verify, drop_cache, budget,
+                                           window)
+    model = Transformer(args, plan, comm.rank, top, layers, reduce=comm.allreduce_)
     return Loaded(model, args, plan, info["shards"], info["tokenizer"], info["fingerprint"])

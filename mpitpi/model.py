@@ -20,10 +20,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mpitpi import kernels
 from mpitpi.config import ModelArgs
-from mpitpi.plan import RankSlice
-from mpitpi.quant import dequantize_int8
+from mpitpi.plan import RankSlice, vocab_counts
+from mpitpi.prefetch import LayerStore
+from mpitpi.weights import LayerWeights, TopWeights
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -65,59 +65,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rot * sin
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
-           scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x (T, in) float32 @ w (out, in).T -> (T, out) float32, reading w as stored.
-
-    ``scale`` (out, G) is given exactly for int8 w (quant.py). Chosen by measurement
-    (docs/BENCHMARKS.md): decode and short inputs (T <= kernels.MAX_T[dtype]; int8: always)
-    use the C kernels, which widen each weight to fp32 in registers; longer inputs use
-    torch's matrix-matrix products, through bf16 for fp16 (its fp16 products are slow on
-    CPUs). Without the kernels int8 runs on an fp32 copy of w.
-    """
-    if x.shape[0] <= kernels.MAX_T[w.dtype] and kernels.available():
-        y = kernels.matvec(x, w, scale)
-    elif w.dtype == torch.int8:
-        y = F.linear(x, dequantize_int8(w, scale))
-    elif w.dtype == torch.float32:
-        y = F.linear(x, w)
-    elif w.dtype == torch.float16 and x.shape[0] > 1:
-        y = F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)).float()
-    else:
-        y = F.linear(x.to(w.dtype), w).float()
-    return y if b is None else y + b
-
-
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (T, dim) scaled to unit root-mean-square per row, times w (dim,)."""
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
 class Transformer:
     """One rank's share of the model, its KV cache, and the forward pass.
 
-    ``top``: {"embed": (v, dim), "lm_head": (v, dim) if untied, "norm": (dim,)}, with
-    "embed.scale"/"lm_head.scale" (v, G) for int8 shards (quant.py).
-    ``layers``: a prefetch.py store (``get(i)``/``done(i)``) or a list of per-layer dicts of
-    the shards.py tensors (wqkv, wo, w13, w2, norms, biases).
+    ``plan[rank]`` says what this rank holds (plan.py); ``top`` its vocabulary rows and final
+    norm; ``layers`` a prefetch.LayerStore of its layer slices. ``reduce`` sums a (T, dim)
+    fp32 tensor over the ranks in place (comm.Comm.allreduce_; the identity on one rank).
     The KV cache and rope tables are allocated by ``reserve(n)`` before a sequence of n
     positions is run.
     """
 
-    def __init__(self, args: ModelArgs, s: RankSlice, top: dict, layers,
-                 reduce: Reduce | None = None):
-        from mpitpi.prefetch import Resident
-
+    def __init__(self, args: ModelArgs, plan: list[RankSlice], rank: int, top: TopWeights,
+                 layers: LayerStore, reduce: Reduce | None = None):
+        s = plan[rank]
         self.args, self.s = args, s
+        self.vocab_counts = vocab_counts(plan)           # rows of the gathered logits, per rank
+        self.vocab_offset = s.vocab[0]                   # this rank's first vocabulary row
         self.reduce = reduce or (lambda t: t)
-        self.embed = top["embed"]                       # (n_vocab_r, dim)
-        self.embed_scale = top.get("embed.scale")      # (n_vocab_r, G) int8 only, else None
-        if "lm_head" in top:
-            self.lm_head, self.lm_head_scale = top["lm_head"], top.get("lm_head.scale")
-        else:                                           # tied: the same matrix
-            self.lm_head, self.lm_head_scale = self.embed, self.embed_scale
-        self.norm = top["norm"]                         # (dim,)
-        self.layers = Resident(layers) if isinstance(layers, list) else layers
-        self.n_layers = len(self.layers)
+        self.top = top
+        self.layers = layers
+        self.n_layers = len(layers)
         g = args.group_size
         # local KV index of each local query head: (n_q,)
         kv_of_q = torch.arange(s.q_heads[0], s.q_heads[1]) // g - s.kv_heads[0]
@@ -141,7 +113,8 @@ class Transformer:
         self.max_len = n
 
     def _mask(self, T: int, start: int) -> torch.Tensor | None:
-        """Boolean (T, start+T) mask of allowed keys, or None when plain causal suffices."""
+        """Boolean (T, start+T) mask of allowed keys (causal, and the sliding window when the
+        model has one); None for one new token with every cached key allowed."""
         L, w = start + T, self.args.sliding_window
         windowed = w is not None and L > w
         if T == 1 and not windowed:
@@ -153,12 +126,12 @@ class Transformer:
             allowed &= (qpos - kpos) < w
         return allowed
 
-    def attention(self, i: int, w: dict, x: torch.Tensor, start: int, mask) -> torch.Tensor:
+    def attention(self, i: int, w: LayerWeights, x: torch.Tensor, start: int,
+                  mask: torch.Tensor | None) -> torch.Tensor:
         """x: (T, dim) normed input -> (T, dim) partial output of this rank's heads."""
-        a, s = self.args, self.s
-        T, hd = x.shape[0], a.head_dim
-        qkv = linear(x, w["wqkv"], w.get("bqkv"), w.get("wqkv.scale"))  # (T, (n_q+2n_kv) hd)
-        q, k, v = qkv.split(self.split_qkv, dim=-1)
+        s, hd = self.s, self.args.head_dim
+        T = x.shape[0]
+        q, k, v = w.wqkv(x).split(self.split_qkv, dim=-1)       # (T, (n_q + 2 n_kv) hd)
         q = q.view(T, s.n_q, hd).transpose(0, 1)                 # (n_q, T, hd)
         k = k.view(T, s.n_kv, hd).transpose(0, 1)                # (n_kv, T, hd)
         v = v.view(T, s.n_kv, hd).transpose(0, 1)                # (n_kv, T, hd)
@@ -170,42 +143,38 @@ class Transformer:
         keys, vals = self.cache_k[i][:, :end], self.cache_v[i][:, :end]  # (n_kv, end, hd)
         if not self.gqa:
             keys, vals = keys[self.kv_of_q], vals[self.kv_of_q]         # (n_q, end, hd)
-        causal = mask is None and T > 1
-        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, is_causal=causal,
+        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask,
                                            enable_gqa=self.gqa and s.n_q != s.n_kv)
         o = o.transpose(0, 1).reshape(T, s.n_q * hd)              # (T, n_q hd)
-        return linear(o, w["wo"], w.get("bo"), w.get("wo.scale"))          # (T, dim) partial
+        return w.wo(o)                                            # (T, dim) partial
 
-    def mlp(self, w: dict, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """x: (T, dim) normed input -> (T, dim) partial output of this rank's FFN columns."""
-        gu = linear(x, w["w13"], w.get("b13"), w.get("w13.scale"))         # (T, 2 f)
-        g, u = gu.chunk(2, dim=-1)                                # (T, f) each
-        return linear(F.silu(g) * u, w["w2"], w.get("b2"), w.get("w2.scale"))  # (T, dim)
+        g, u = w.w13(x).chunk(2, dim=-1)                          # (T, f) each
+        return w.w2(F.silu(g) * u)                                # (T, dim) partial
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (T,) int64 -> (T, dim), summed over the ranks' vocabulary rows."""
         v0, v1 = self.s.vocab
         mine = (tokens >= v0) & (tokens < v1)
         x = torch.zeros(tokens.shape[0], self.args.dim)
-        rows = tokens[mine] - v0
-        if self.embed_scale is None:
-            x[mine] = self.embed[rows].float()
-        else:
-            x[mine] = dequantize_int8(self.embed[rows], self.embed_scale[rows])
+        x[mine] = self.top.embed.rows(tokens[mine] - v0)
         return self.reduce(x)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """tokens (T,) at positions [start, start+T) -> (n_vocab_r,) logits of the last one."""
+        """tokens (T,) at positions [start, start+T) -> (n_vocab_r,) logits of the last one.
+
+        Collective: 1 + 2 n_layers calls of ``reduce``, the same on every rank.
+        """
         eps = self.args.norm_eps
         mask = self._mask(tokens.shape[0], start)
         x = self.embed_tokens(tokens)
         for i in range(self.n_layers):
             w = self.layers.get(i)                                # waits if still loading
-            attn = self.attention(i, w, rms_norm(x, w["attn_norm"], eps), start, mask)
-            x = x + self.reduce(attn)
-            h = self.mlp(w, rms_norm(x, w["ffn_norm"], eps))
+            x = x + self.reduce(self.attention(i, w, rms_norm(x, w.attn_norm, eps), start, mask))
+            h = self.mlp(w, rms_norm(x, w.ffn_norm, eps))
             self.layers.done(i)                                   # the slot may be refilled
             x = x + self.reduce(h)
-        h = rms_norm(x[-1:], self.norm, eps)                      # (1, dim)
-        return linear(h, self.lm_head, scale=self.lm_head_scale)[0]   # (n_vocab_r,)
+        h = rms_norm(x[-1:], self.top.norm, eps)                  # (1, dim)
+        return self.top.lm_head(h)[0]                             # (n_vocab_r,)

@@ -79,6 +79,8 @@ def split_counts(total: int, ratios: list[float], minimum: int = 1) -> list[int]
     n = len(ratios)
     if total < n * minimum:
         raise MpitpiError(f"cannot give {n} ranks at least {minimum} of {total} items each.")
+    top = max(ratios)
+    ratios = [r / top for r in ratios]   # huge ratios (1e308) would overflow the sum
     s = float(sum(ratios))
     ideal = [total * r / s for r in ratios]
     counts = [int(x) for x in ideal]
@@ -136,3 +138,37 @@ def plan_for_args(args, world_size: int, ratios: list[float] | None = None) -> l
     """make_plan for a ModelArgs."""
     return make_plan(args.n_heads, args.n_kv_heads, args.ffn_dim, args.vocab_size,
                      world_size, ratios)
+
+
+def vocab_counts(plan: list[RankSlice]) -> list[int]:
+    """Vocabulary rows rank r holds, for every r: the sizes the ranks' logits are gathered by."""
+    return [s.n_vocab for s in plan]
+
+
+def check_plan(plan: list[RankSlice], n_heads: int, n_kv_heads: int, ffn_dim: int,
+               vocab_size: int) -> None:
+    """Raise MpitpiError unless ``plan`` is a split of this model that make_plan could give:
+    ranks 0..N-1 in order; query heads, FFN columns and vocabulary rows each cut into
+    contiguous ranges that cover them exactly, at least one query head per rank; each rank's
+    KV heads the ones its query heads read."""
+    def bad(why: str) -> MpitpiError:
+        return MpitpiError(f"the split plan is inconsistent ({why}); it was edited or damaged. "
+                           f"Fix: split the model again.")
+    if not plan:
+        raise bad("no ranks")
+    group = n_heads // n_kv_heads
+    for what, total, get in (("query heads", n_heads, lambda s: s.q_heads),
+                             ("FFN columns", ffn_dim, lambda s: s.ffn),
+                             ("vocabulary rows", vocab_size, lambda s: s.vocab)):
+        end = 0
+        for r, s in enumerate(plan):
+            lo, hi = get(s)
+            if s.rank != r or lo != end or hi < lo:
+                raise bad(f"rank {r}'s {what} [{lo}, {hi}) do not follow on from {end}")
+            end = hi
+        if end != total:
+            raise bad(f"the {what} end at {end}, the model has {total}")
+    for s in plan:
+        q0, q1 = s.q_heads
+        if q1 <= q0 or s.kv_heads != (q0 // group, (q1 - 1) // group + 1):
+            raise bad(f"rank {s.rank} holds query heads {s.q_heads} with KV heads {s.kv_heads}")

@@ -1,8 +1,9 @@
 """Where a rank's layers live: all resident, or streamed from its shard through a window.
 
-The model asks ``layers.get(i)`` for layer i's tensors (a dict, see shards.py) and calls
+The model asks ``layers.get(i)`` for layer i's weights (a ``weights.LayerWeights``) and calls
 ``layers.done(i)`` when it has finished with them; it always walks the layers in order,
-0 .. n_layers-1, once per forward pass.
+0 .. n_layers-1, once per forward pass. ``LayerStore`` writes that contract down; ``Resident``
+and ``Streamed`` are the two stores.
 
 ``Streamed`` keeps the first ``n_resident`` layers in memory for good and streams the rest:
 a background thread reads them, in the order the model will ask, into ``window`` preallocated
@@ -15,11 +16,14 @@ import queue
 import re
 import threading
 import time
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from mpitpi.errors import MpitpiError
+from mpitpi.shards import ShardReader
+from mpitpi.weights import LayerWeights, from_numpy, vectors_fp32
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
 
@@ -33,19 +37,40 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * unit)
 
 
+class LayerStore(Protocol):
+    """Where the model gets its layers. ``get(i)`` may block until layer i is in memory;
+    ``done(i)`` says the model has finished with it (its memory may be reused)."""
+    n_resident: int            # layers kept in memory for good
+    window: int | None         # slots the other layers stream through; None: all resident
+    layer_nbytes: int          # bytes of one layer's slices as stored
+    wait_s: float              # seconds ``get`` has waited for reads so far
+
+    def __len__(self) -> int: ...
+    def get(self, i: int) -> LayerWeights: ...
+    def done(self, i: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def read_layer(reader: ShardReader, i: int) -> LayerWeights:
+    """Layer i of ``reader``'s file, read now (vectors as fp32)."""
+    return LayerWeights.from_stored(vectors_fp32(reader.layer(i)))
+
+
 class Resident:
     """Every layer in memory (the default)."""
 
-    def __init__(self, layers: list[dict]):
+    window = None
+
+    def __init__(self, layers: list[LayerWeights], layer_nbytes: int):
         self.layers = layers
         self.n_resident = len(layers)
-        self.layer_nbytes = sum(t.numel() * t.element_size() for t in layers[0].values())
+        self.layer_nbytes = layer_nbytes
         self.wait_s = 0.0
 
     def __len__(self) -> int:
         return len(self.layers)
 
-    def get(self, i: int) -> dict:
+    def get(self, i: int) -> LayerWeights:
         return self.layers[i]
 
     def done(self, i: int) -> None:
@@ -53,11 +78,6 @@ class Resident:
 
     def close(self) -> None:
         pass
-
-
-def as_compute(layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Matrices as stored (model.linear computes in their dtype); vectors as fp32."""
-    return {k: v if v.dim() == 2 else v.float() for k, v in layer.items()}
 
 
 class Streamed:
@@ -73,10 +93,10 @@ class Streamed:
     here: the page-table work cost more than the copy.)
     """
 
-    def __init__(self, reader, n_layers: int, n_resident: int, window: int):
+    def __init__(self, reader: ShardReader, n_layers: int, n_resident: int, window: int):
         self.reader, self.n = reader, n_layers
         self.layer_nbytes = layer_bytes(reader)
-        self.resident = [as_compute(reader.layer(i)) for i in range(n_resident)]
+        self.resident = [read_layer(reader, i) for i in range(n_resident)]
         self.n_resident = n_resident
         self.streamed = list(range(n_resident, n_layers))
         self.window = min(window, max(1, len(self.streamed)))
@@ -93,28 +113,24 @@ class Streamed:
         self._thread.start()
 
     def _slots(self) -> list:
-        """``window`` slots: raw buffers as stored, and the tensors the model reads (views of
-        the same memory; 1-D vectors converted to fp32)."""
-        from mpitpi.shards import _from_numpy
-
+        """``window`` slots, each (raw buffers as stored, fp32 copies of the 1-D vectors,
+        the LayerWeights the model reads: views of the buffers and the copies)."""
         first, names = self.streamed[0], self.reader.layer_names(self.streamed[0])
         slots = []
         for _ in range(self.window):
             raw = {n: self.reader.empty(f"layers/{first}/{n}") for n in names}
-            out = {n: _from_numpy(a) for n, a in raw.items()}
-            out = {n: t if t.dim() == 2 else torch.empty(t.shape) for n, t in out.items()}
-            slots.append((raw, out))
+            tensors = {n: from_numpy(a) for n, a in raw.items()}
+            vectors = {n: torch.empty(t.shape) for n, t in tensors.items() if t.dim() == 1}
+            slots.append((raw, vectors, LayerWeights.from_stored({**tensors, **vectors})))
         return slots
 
-    def _fill(self, layer: int, slot) -> dict[str, torch.Tensor]:
-        from mpitpi.shards import _from_numpy
-
-        raw, out = slot
+    def _fill(self, layer: int, slot) -> LayerWeights:
+        raw, vectors, weights = slot
         for name, buf in raw.items():
             self.reader.read_into(f"layers/{layer}/{name}", buf)
-            if out[name].dim() == 1:
-                out[name].copy_(_from_numpy(buf))
-        return out
+            if name in vectors:
+                vectors[name].copy_(from_numpy(buf))
+        return weights
 
     def __len__(self) -> int:
         return self.n
@@ -134,7 +150,7 @@ class Streamed:
         except BaseException as e:   # handed to the compute thread, which raises it
             self._ready.put((None, e, None))
 
-    def get(self, i: int) -> dict:
+    def get(self, i: int) -> LayerWeights:
         if i < len(self.resident):
             return self.resident[i]
         t0 = time.perf_counter()
@@ -160,7 +176,7 @@ class Streamed:
         self.reader.close()
 
 
-def layer_bytes(reader, i: int = 0) -> int:
+def layer_bytes(reader: ShardReader, i: int = 0) -> int:
     """Bytes one layer's slices take in memory (as stored)."""
     return sum(reader.nbytes(f"layers/{i}/{n}") for n in reader.layer_names(i))
 

@@ -8,7 +8,6 @@ query head each. ``plan_for_args`` then turns shares into heads, FFN columns and
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -16,7 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mpitpi.errors import MpitpiError
-from mpitpi.shards import BYTES_PER_WEIGHT
+from mpitpi.plan import plan_for_args
+from mpitpi.weights import BYTES_PER_WEIGHT, random_weight
 
 
 @dataclass
@@ -38,29 +38,20 @@ def available_memory_mb() -> float:
     return float("inf")
 
 
-def _stored_matrix(ffn: int, dim: int, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from mpitpi.quant import quantize_int8
-    from mpitpi.shards import DTYPES
-
-    w = torch.randn(ffn, dim)
-    return quantize_int8(w) if dtype == "int8" else (w.to(DTYPES[dtype]), None)
-
-
 def matvec_gbs(dim: int, ffn: int, dtype: str, seconds: float = 0.5) -> float:
-    """GB/s of weights streamed by the model's decode product (model.linear) for W of shape
-    (ffn, dim) stored in ``dtype``, cycling through enough matrices to leave the cache."""
-    from mpitpi.model import linear
-
+    """GB/s of weights streamed by the model's decode product (weights.Weight) for a matrix
+    of shape (ffn, dim) stored in ``dtype``, cycling through enough matrices to leave the
+    cache."""
     per = ffn * dim * BYTES_PER_WEIGHT[dtype]
-    mats = [_stored_matrix(ffn, dim, dtype) for _ in range(max(2, (192 * 2**20) // per))]
+    mats = [random_weight(ffn, dim, dtype) for _ in range(max(2, (192 * 2**20) // per))]
     x = torch.randn(1, dim)
-    for w, s in mats[:2]:
-        linear(x, w, scale=s)
+    for w in mats[:2]:
+        w(x)
     times, t_end = [], time.perf_counter() + seconds
     while time.perf_counter() < t_end or len(times) < 3:
         t0 = time.perf_counter()
-        for w, s in mats:
-            linear(x, w, scale=s)
+        for w in mats:
+            w(x)
         times.append((time.perf_counter() - t0) / len(mats))
     return per / statistics.median(times) / 1e9
 
@@ -170,8 +161,6 @@ def auto_ratios(comm, args, dtype: str, budget_bytes: int | None = None,
     Rank 0 prints the table of figures and the plan it leads to (``log``: a print function),
     and a warning naming any rank too weak to help.
     """
-    from mpitpi.plan import plan_for_args
-
     figs = measure(comm, args.dim, args.ffn_dim, dtype, budget_bytes)
 
     def solve():

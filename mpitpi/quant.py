@@ -26,12 +26,11 @@ def quantize_int8(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, to
     return q.view(out, -1)[:, :n_in].contiguous(), scale
 
 
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
-                    group: int = GROUP) -> torch.Tensor:
-    """q (rows, in) int8, scale (rows, G) -> (rows, in) in ``dtype``."""
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q (rows, in) int8, scale (rows, G) -> (rows, in) fp32."""
     w = q.to(torch.float32)
-    full = q.shape[1] // group
-    w[:, :full * group].unflatten(1, (full, group)).mul_(scale[:, :full, None])
+    full = q.shape[1] // GROUP
+    w[:, :full * GROUP].unflatten(1, (full, GROUP)).mul_(scale[:, :full, None])
     if full < scale.shape[1]:                       # the short last group
-        w[:, full * group:].mul_(scale[:, full:])
-    return w.to(dtype)
+        w[:, full * GROUP:].mul_(scale[:, full:])
+    return w

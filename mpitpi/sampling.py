@@ -5,33 +5,59 @@ top-p and min-p filters, then a draw from a seeded generator.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 import torch
 
 from mpitpi.errors import MpitpiError
 
+MAX_SEED = 2**63 - 1
+
+
+class BadOption(MpitpiError):
+    """A sampling option out of range; ``field`` names it (a SamplingParams field)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
 
 @dataclass
 class SamplingParams:
-    temperature: float = 0.0
-    top_k: int = 0          # 0: off
-    top_p: float = 1.0      # 1: off
-    min_p: float = 0.0      # 0: off
+    """Every sampling option, checked in one place (``check``) for the CLI and the server."""
+    temperature: float = 0.0     # 0: greedy
+    top_k: int = 0               # 0: off
+    top_p: float = 1.0           # 1: off
+    min_p: float = 0.0           # 0: off
     repeat_penalty: float = 1.0  # 1: off
     seed: int | None = None
 
-    def check(self) -> None:
-        if self.temperature < 0:
-            raise MpitpiError(f"--temperature must be >= 0, got {self.temperature}.")
-        if self.top_k < 0:
-            raise MpitpiError(f"--top-k must be >= 0 (0 turns it off), got {self.top_k}.")
-        if not 0 < self.top_p <= 1:
-            raise MpitpiError(f"--top-p must be in (0, 1], got {self.top_p}.")
-        if not 0 <= self.min_p < 1:
-            raise MpitpiError(f"--min-p must be in [0, 1), got {self.min_p}.")
-        if self.repeat_penalty <= 0:
-            raise MpitpiError(f"--repeat-penalty must be > 0, got {self.repeat_penalty}.")
+    # (low, high, low is open, high is open) per number; None: unbounded on that side
+    RANGES = {"temperature": (0.0, 100.0, False, False), "top_k": (0, None, False, False),
+              "top_p": (0.0, 1.0, True, False), "min_p": (0.0, 1.0, False, True),
+              "repeat_penalty": (0.0, 100.0, True, False), "seed": (0, MAX_SEED, False, False)}
+
+    def check(self) -> SamplingParams:
+        """Raise BadOption for any option that is not a finite number in its range (NaN and
+        infinities included); returns self."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None and f.name == "seed":
+                continue
+            lo, hi, lo_open, hi_open = self.RANGES[f.name]
+            integer = f.name in ("top_k", "seed")
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            ok = ok and (isinstance(v, int) if integer else math.isfinite(v))
+            ok = ok and (v > lo if lo_open else v >= lo)
+            ok = ok and (hi is None or (v < hi if hi_open else v <= hi))
+            if not ok:
+                rng = (("(" if lo_open else "[") + f"{lo}, " +
+                       ("inf)" if hi is None else f"{hi}" + (")" if hi_open else "]")))
+                kind = "an integer" if integer else "a finite number"
+                raise BadOption(f.name, f"{f.name.replace('_', '-')} must be {kind} in {rng}, "
+                                        f"got {v!r}.")
+        return self
 
 
 class Sampler:
@@ -60,7 +86,8 @@ class Sampler:
             logits[ids] = torch.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
         if p.temperature == 0:
             return int(torch.argmax(logits))
-        logits = logits / p.temperature
+        # shifted so the largest is 0: a tiny temperature gives -inf, never inf or NaN
+        logits = (logits - logits.max()) / p.temperature
         if p.top_k > 0 and p.top_k < logits.shape[0]:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits[logits < kth] = float("-inf")

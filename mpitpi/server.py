@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from mpitpi.errors import MpitpiError
-from mpitpi.generate import generate
+from mpitpi.generate import Session, generate
 from mpitpi.sampling import Sampler, SamplingParams
 
 MAX_BODY = 8 * 2**20
@@ -178,7 +178,6 @@ class App:
 
     # engine: rank 0's main thread
     def serve_jobs(self) -> None:
-        counts = [s.n_vocab for s in self.loaded.plan]
         eos = self.loaded.args.eos_token_ids
         while not self.stopping.is_set():
             try:
@@ -187,12 +186,13 @@ class App:
                 continue
             if job.cancelled:
                 continue
-            self.comm.send_command({"op": "generate", "max_tokens": job.max_tokens})
+            self.comm.send_command({"op": "generate"})
             try:
-                res = generate(self.comm, self.loaded.model, counts, job.ids, job.max_tokens,
-                               sampler=Sampler(job.params), eos_ids=eos, decode=self.tok.decode,
-                               stops=job.stops, on_text=lambda t: job.out.put(("text", t)),
-                               cancel=lambda: job.cancelled or self.stopping.is_set())
+                session = Session(job.ids, job.max_tokens, Sampler(job.params), eos,
+                                  self.tok.decode, job.stops,
+                                  on_text=lambda t: job.out.put(("text", t)),
+                                  cancel=lambda: job.cancelled or self.stopping.is_set())
+                res = generate(self.comm, self.loaded.model, session)
             except BaseException as e:
                 job.out.put(("error", e))
                 raise
@@ -209,12 +209,11 @@ def follow(comm, loaded) -> None:
     """Ranks other than 0: run each generation rank 0 starts, until told to quit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # rank 0 leads the shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    counts = [s.n_vocab for s in loaded.plan]
     while True:
         cmd = comm.wait_command()
         if cmd["op"] == "quit":
             return
-        generate(comm, loaded.model, counts, None, cmd["max_tokens"])
+        generate(comm, loaded.model, None)
 
 
 def make_handler(app: App):
@@ -392,10 +391,20 @@ def _timings(res) -> dict:
     return {"ttft_ms": round(res.ttft_ms, 1), "ms_per_token": round(res.ms_per_token, 2)}
 
 
-def serve(comm, loaded, tokenizer, model_name: str, host: str, port: int,
-          api_key: str | None, default_max_tokens: int = 512) -> None:
+@dataclass
+class ServeOptions:
+    name: str                       # the model's id in the API
+    host: str = "127.0.0.1"
+    port: int = 8000                # 0: any free port
+    api_key: str | None = None
+    default_max_tokens: int = 512   # completion length when a request gives none
+    cors_origins: list[str] = field(default_factory=list)
+
+
+def serve(comm, loaded, tokenizer, opts: ServeOptions) -> None:
     """Collective: rank 0 serves HTTP until SIGINT/SIGTERM; the others follow."""
-    app = App(comm, loaded, tokenizer, model_name, api_key, default_max_tokens)
+    model_name, host, port = opts.name, opts.host, opts.port
+    app = App(comm, loaded, tokenizer, model_name, opts.api_key, opts.default_max_tokens)
     bound = {}
 
     def bind():

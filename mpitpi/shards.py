@@ -35,58 +35,30 @@ import shutil
 import sys
 import zlib
 
+import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from mpitpi.checkpoint import Checkpoint
 from mpitpi.config import ModelArgs
 from mpitpi.errors import MpitpiError
-from mpitpi.plan import RankSlice, plan_for_args
-from mpitpi.quant import GROUP, quantize_int8
+from mpitpi.plan import RankSlice, check_plan, plan_for_args
+from mpitpi.quant import GROUP
+from mpitpi.tokenizer import load_tokenizer
+from mpitpi.weights import DTYPES, from_numpy, stored_arrays
 
 FORMAT = "mpitpi-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 OWN_FILES = (MANIFEST, "tokenizer.json", "chat.json")   # besides rank*.h5
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-STORAGE_DTYPES = (*DTYPES, "int8")   # int8: matrices only, with scales (quant.py)
-BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}   # scales not counted
 
 
 def rank_file(rank: int) -> str:
     return f"rank{rank}.h5"
 
 
-def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
-    t = t.to(DTYPES[dtype]).contiguous()
-    if dtype == "bf16":
-        return t.view(torch.uint16).numpy()  # HDF5 has no bfloat16: store the raw bits
-    return t.numpy()
-
-
-def stored_arrays(name: str, t: torch.Tensor, dtype: str):
-    """Yield (dataset name, array) for tensor ``name`` in storage ``dtype``.
-
-    int8 stores a matrix as ``name`` (int8) + ``name.scale`` (fp32, quant.py) and keeps
-    vectors (norms, biases) in fp32; the other dtypes store everything in that dtype.
-    """
-    if dtype != "int8":
-        yield name, _to_numpy(t, dtype)
-    elif t.dim() == 2:
-        q, scale = quantize_int8(t)
-        yield name, q.numpy()
-        yield name + ".scale", scale.numpy()
-    else:
-        yield name, _to_numpy(t, "fp32")
-
-
-def _from_numpy(a: np.ndarray) -> torch.Tensor:
-    """A stored array as a tensor; uint16 arrays are bf16 bits (see _to_numpy)."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.view(torch.bfloat16) if a.dtype == np.uint16 else t
-
-
-def rank_tensors(ckpt, args: ModelArgs, s: RankSlice, layer: int | None):
+def rank_tensors(ckpt: Checkpoint, args: ModelArgs, s: RankSlice, layer: int | None):
     """Yield (dataset name, tensor) for rank slice ``s``: one layer, or the non-layer tensors."""
     hd = args.head_dim
     if layer is None:
@@ -139,6 +111,10 @@ def is_shard_folder(path: str) -> bool:
 
 def check_out_folder(out: str) -> None:
     """Refuse an --out that holds anything of the user's (before any work is done)."""
+    if os.path.islink(out):
+        raise MpitpiError(f"--out {out!r} is a symbolic link; a split replaces its folder "
+                          f"whole, which would replace the link. Fix: pass the folder it "
+                          f"points to ({os.path.realpath(out)}) or a new folder.")
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise MpitpiError(f"--out {out!r} is a file, not a folder. Fix: choose a new folder.")
@@ -147,26 +123,25 @@ def check_out_folder(out: str) -> None:
                               f"nothing in it is overwritten. Fix: choose a new or empty folder.")
 
 
-def write_shards(ckpt, out: str, world_size: int, ratios: list[float] | None = None,
+def write_shards(ckpt: Checkpoint, out: str, world_size: int, ratios: list[float] | None = None,
                  dtype: str = "fp32", progress: bool = True) -> dict:
     """Split ``ckpt`` into ``out``: one HDF5 file per rank + manifest. Returns the manifest.
 
     Reads the checkpoint slice by slice (never the whole model). Writes into a staging folder
     beside ``out`` and moves it into place only when every file is complete.
     """
-    import h5py
-
-    if dtype not in STORAGE_DTYPES:
+    if dtype not in DTYPES:
         raise MpitpiError(f"--dtype {dtype!r} is not supported; choose one of "
-                          f"{', '.join(STORAGE_DTYPES)}.")
+                          f"{', '.join(DTYPES)}.")
     args = ckpt.args
     plan = plan_for_args(args, world_size, ratios)
     check_out_folder(out)
     out = os.path.abspath(out)
+    remove_stale(out)
     staging = f"{out}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
     try:
+        os.makedirs(staging)
         files = [h5py.File(os.path.join(staging, rank_file(r)), "w") for r in range(world_size)]
         sums: list[dict[str, int]] = [{} for _ in range(world_size)]
         try:
@@ -193,7 +168,7 @@ def write_shards(ckpt, out: str, world_size: int, ratios: list[float] | None = N
                        "checksums": sums[r]} for r in range(world_size)],
         }
         try:
-            tok = ckpt.tokenizer()
+            tok = load_tokenizer(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
         except MpitpiError as e:
             print(f"mpitpi: warning: shards made without a tokenizer ({e}); prompts must be "
                   f"given as --prompt-ids.", file=sys.stderr)
@@ -203,10 +178,40 @@ def write_shards(ckpt, out: str, world_size: int, ratios: list[float] | None = N
         with open(os.path.join(staging, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         _move_into_place(staging, out)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise MpitpiError(f"cannot write the shards into {out}: {e.strerror or e}. Nothing "
+                          f"was left behind. Fix: free disk space, or choose a folder you can "
+                          f"write (--out, or $MPITPI_CACHE for automatic shards).")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(out: str) -> None:
+    """Delete ``out.partial-PID`` / ``out.old-PID`` folders left by splits on this host
+    that were killed (their PID is gone); a live split's folder is left alone."""
+    parent, base = os.path.split(out)
+    try:
+        names = os.listdir(parent or ".")
+    except OSError:
+        return
+    for name in names:
+        for mark in (".partial-", ".old-"):
+            pid = name[len(base) + len(mark):] if name.startswith(base + mark) else ""
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def _move_into_place(staging: str, out: str) -> None:
@@ -233,10 +238,54 @@ def read_manifest(folder: str) -> dict:
             man = json.load(f)
     except (OSError, ValueError) as e:
         raise MpitpiError(f"cannot read {path}: {e}. Fix: split the model again.")
-    if man.get("format") != FORMAT or man.get("version") != VERSION:
+    if not isinstance(man, dict) or man.get("format") != FORMAT or man.get("version") != VERSION:
         raise MpitpiError(f"{path} is not an mpitpi shard manifest of version {VERSION}. "
                           f"Fix: split the model again.")
+    _check_fields(man, path)
     return man
+
+
+def _check_fields(man: dict, path: str) -> None:
+    """Refuse a manifest with missing or mistyped fields, or a plan that does not fit its
+    model, before any rank reads a shard by it."""
+    def bad(why: str) -> MpitpiError:
+        return MpitpiError(f"{path} is damaged or was edited ({why}). Fix: split the model "
+                           f"again.")
+    try:
+        args = ModelArgs.from_dict(man["args"])
+        n = man["world_size"]
+        plan = [RankSlice.from_dict(d) for d in man["plan"]]
+        files = man["files"]
+        model = man["model"]
+        str(model["path"]), str(model["fingerprint"])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise bad(f"field {e} missing or mistyped")
+    if man.get("dtype") not in DTYPES:
+        raise bad(f"dtype {man.get('dtype')!r}")
+    if type(n) is not int or n < 1 or len(plan) != n or not isinstance(files, list) or \
+            len(files) != n:
+        raise bad(f"world_size {n!r} does not match its plan and files")
+    for r, f in enumerate(files):
+        if not (isinstance(f, dict) and f.get("rank") == r and f.get("file") == rank_file(r)
+                and type(f.get("size")) is int and isinstance(f.get("checksums"), dict)):
+            raise bad(f"the entry of rank {r}'s file")
+    args.check(path)
+    check_plan(plan, args.n_heads, args.n_kv_heads, args.ffn_dim, args.vocab_size)
+
+
+def expected_shapes(args: ModelArgs, s: RankSlice) -> dict[str, tuple[int, ...]]:
+    """The shape of every dataset rank ``s.rank``'s file must hold (biases and int8 scales
+    aside), from the model and the plan: the layout in this module's docstring."""
+    d, hd = args.dim, args.head_dim
+    out = {"vocab/embed": (s.n_vocab, d), "norm": (d,)}
+    if not args.tie_embeddings:
+        out["vocab/lm_head"] = (s.n_vocab, d)
+    for i in range(args.n_layers):
+        p = f"layers/{i}/"
+        out.update({p + "wqkv": ((s.n_q + 2 * s.n_kv) * hd, d), p + "wo": (d, s.n_q * hd),
+                    p + "w13": (2 * s.n_ffn, d), p + "w2": (d, s.n_ffn),
+                    p + "attn_norm": (d,), p + "ffn_norm": (d,)})
+    return out
 
 
 def check_manifest(man: dict, folder: str, world_size: int, fingerprint: str | None) -> None:
@@ -266,8 +315,6 @@ class ShardReader:
 
     def __init__(self, folder: str, rank: int, manifest: dict, verify: bool = True,
                  drop_cache: bool = False):
-        import h5py
-
         self.folder, self.rank, self.verify, self.drop_cache = folder, rank, verify, drop_cache
         self.dtype = manifest["dtype"]
         entry = manifest["files"][rank]
@@ -292,10 +339,27 @@ class ShardReader:
                     self.index[name] = (offset or 0, tuple(ds.shape), ds.dtype)
         except (OSError, KeyError) as e:
             raise MpitpiError(f"cannot read shard file {path}: {e}. Fix: split the model again.")
+        self._check_shapes(manifest)
         self.fd = os.open(path, os.O_RDONLY)
         st = os.fstat(self.fd)
         self.stat = (st.st_size, st.st_mtime_ns)
         self.verified: set[str] = set()   # CRC32 checked on the first read of each dataset
+
+    def _check_shapes(self, manifest: dict) -> None:
+        args = ModelArgs.from_dict(manifest["args"])
+        s = RankSlice.from_dict(manifest["plan"][self.rank])
+        for name, shape in expected_shapes(args, s).items():
+            if name not in self.index or self.index[name][1] != shape:
+                got = self.index[name][1] if name in self.index else "nothing"
+                raise MpitpiError(f"shard file {self.path} holds {got} as {name} where its "
+                                  f"manifest's plan needs {shape}: the manifest or the file "
+                                  f"was edited. Fix: split the model again.")
+        extra = [n for n in self.index if n.startswith("layers/")
+                 and int(n.split("/")[1]) >= args.n_layers]
+        if extra:
+            raise MpitpiError(f"shard file {self.path} holds {extra[0]} but the manifest says "
+                              f"the model has {args.n_layers} layers: the manifest was edited. "
+                              f"Fix: split the model again.")
 
     def has(self, name: str) -> bool:
         return name in self.checksums
@@ -340,7 +404,7 @@ class ShardReader:
     def read(self, name: str) -> torch.Tensor:
         if name not in self.index:
             raise MpitpiError(f"{self.path} has no dataset {name}. Fix: split the model again.")
-        return _from_numpy(self.read_into(name, self.empty(name)))
+        return from_numpy(self.read_into(name, self.empty(name)))
 
     def layer_names(self, i: int) -> list[str]:
         """Dataset names of layer i, without the ``layers/{i}/`` prefix."""

@@ -12,10 +12,11 @@ import json
 import os
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mpitpi.errors import MpitpiError
-from mpitpi.shards import DTYPES
+from mpitpi.weights import STORAGE
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -58,8 +59,6 @@ def _weight(gen: torch.Generator, shape: tuple[int, ...], dtype) -> torch.Tensor
 def synth(shape: str, out: str, layers: int | None = None, dtype: str = "bf16",
           seed: int = 0, progress: bool = True) -> dict:
     """Write the checkpoint into the new (or empty) folder ``out``; returns its config."""
-    from safetensors.torch import save_file
-
     if shape not in SHAPES:
         raise MpitpiError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}.")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -67,7 +66,7 @@ def synth(shape: str, out: str, layers: int | None = None, dtype: str = "bf16",
                           f"overwritten. Fix: choose a new folder.")
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
            "bos_token_id": 1, "eos_token_id": 2,
-           "torch_dtype": str(DTYPES[dtype]).removeprefix("torch."), **SHAPES[shape]}
+           "torch_dtype": str(STORAGE[dtype]).removeprefix("torch."), **SHAPES[shape]}
     if layers is not None:
         if layers < 1:
             raise MpitpiError(f"--layers must be at least 1, got {layers}.")
@@ -75,7 +74,7 @@ def synth(shape: str, out: str, layers: int | None = None, dtype: str = "bf16",
     d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = cfg.get("head_dim") or d // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    dt = DTYPES[dtype]
+    dt = STORAGE[dtype]
     gen = torch.Generator().manual_seed(seed)
     os.makedirs(out, exist_ok=True)
     n = cfg["num_hidden_layers"]

@@ -9,7 +9,14 @@ from __future__ import annotations
 import json
 import os
 
+import gguf
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+
 from mpitpi.errors import MpitpiError
+from mpitpi.files import gguf_field, is_gguf
 
 # Pre-tokenizer split patterns named by GGUF's tokenizer.ggml.pre (regexes are facts of
 # those tokenizers; the default is GPT-2's own, built into ByteLevel).
@@ -32,6 +39,12 @@ class Tokenizer:
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of ``text``; ``special``: add the tokenizer's own BOS etc."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise MpitpiError(f"the text holds a character that is not valid Unicode "
+                              f"({text[e.start:e.end]!r} at {e.start}, a lone surrogate). "
+                              f"Fix: send valid UTF-8 text.")
         return self.tok.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids: list[int]) -> str:
@@ -42,9 +55,6 @@ class Tokenizer:
         if not self.chat_template:
             raise MpitpiError("this model has no chat template, so --chat cannot be used. "
                               "Fix: pass a plain --prompt without --chat.")
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         def raise_exception(msg):
             raise TemplateError(msg)
 
@@ -73,14 +83,12 @@ def chat_messages(prompt: str, system: str | None = None) -> list[dict]:
     return msgs + [{"role": "user", "content": prompt}]
 
 
-def load_tokenizer(source: str, gguf_reader=None) -> Tokenizer:
-    """From a GGUF file (or its open ``gguf_reader``), or a tokenizer.json path whose folder
-    may hold a chat template (chat.json, tokenizer_config.json or chat_template.jinja)."""
+def load_tokenizer(source: str) -> Tokenizer:
+    """From a GGUF file, or a tokenizer.json path whose folder may hold a chat template
+    (chat.json, tokenizer_config.json or chat_template.jinja)."""
     try:
-        from mpitpi.checkpoint import is_gguf
-
-        if gguf_reader is not None or is_gguf(source):
-            return _from_gguf(source, gguf_reader)
+        if is_gguf(source):
+            return _from_gguf(source)
         return _from_hf(source)
     except MpitpiError:
         raise
@@ -90,8 +98,6 @@ def load_tokenizer(source: str, gguf_reader=None) -> Tokenizer:
 
 
 def _from_hf(path: str) -> Tokenizer:
-    from tokenizers import Tokenizer as HFTokenizer
-
     tok = HFTokenizer.from_file(path)
     folder = os.path.dirname(path)
     template, bos, eos = None, None, None
@@ -120,16 +126,11 @@ def _token_text(v):
     return v.get("content") if isinstance(v, dict) else v
 
 
-def _from_gguf(path: str, reader=None) -> Tokenizer:
-    import gguf
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-    from tokenizers import Tokenizer as HFTokenizer
-
-    r = reader if reader is not None else gguf.GGUFReader(path, "r")
+def _from_gguf(path: str) -> Tokenizer:
+    r = gguf.GGUFReader(path, "r")
 
     def field(key, default=None):
-        f = r.fields.get(key)
-        return default if f is None else f.contents()
+        return gguf_field(r, key, default)
 
     kind = field("tokenizer.ggml.model")
     if kind != "gpt2":

@@ -1,0 +1,177 @@
+"""A rank's weights as the model uses them: matrices that know their own product.
+
+A ``Weight`` is one (out, in) matrix as stored in a shard, in its storage dtype (fp32, bf16,
+fp16, or int8 with one fp32 scale per row and group of ``quant.GROUP`` columns), with an
+optional (out,) fp32 bias. ``w(x)`` is ``x @ w.T + b`` in fp32 for x (T, in) fp32, whatever
+the storage: the model reads ``layer.wqkv(x)`` and never looks at dtypes.
+
+``LayerWeights`` names one layer's slices and ``TopWeights`` the vocabulary rows and final
+norm. How they are stored (dataset ``wqkv`` with ``wqkv.scale`` beside it for int8, bias
+``bqkv``, ...) is written down here once: ``stored_arrays`` writes it (shards.py) and
+``LayerWeights.from_stored`` / ``TopWeights.from_stored`` read it (loader.py, prefetch.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mpitpi import kernels
+from mpitpi.quant import dequantize_int8, quantize_int8
+
+SCALE = ".scale"                      # int8 matrix "name" has its scales in "name.scale"
+BIAS = {"wqkv": "bqkv", "wo": "bo", "w13": "b13", "w2": "b2"}   # matrix -> its bias
+NORMS = ("attn_norm", "ffn_norm")
+STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = (*STORAGE, "int8")          # every storage dtype; int8 with scales (quant.py)
+BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}   # scales not counted
+
+
+@dataclass
+class Weight:
+    """One matrix as stored, with what its product needs.
+
+    data:  (out, in) fp32 / bf16 / fp16 / int8
+    scale: (out, ceil(in / quant.GROUP)) fp32 for int8 data, else None
+    bias:  (out,) fp32 or None
+    """
+    data: torch.Tensor
+    scale: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, in) fp32 -> (T, out) fp32.
+
+        Chosen by measurement (docs/BENCHMARKS.md): decode and short inputs
+        (T <= kernels.MAX_T[dtype]; int8: always) use the C kernels, which widen each weight
+        in registers; longer inputs use torch's matrix products, fp16 through bf16 (torch's
+        fp16 products are slow on CPUs). Without the kernels int8 runs on an fp32 copy.
+        """
+        w = self.data
+        if x.shape[0] <= kernels.MAX_T[w.dtype] and kernels.available():
+            y = kernels.matvec(x, w, self.scale)
+        elif self.scale is not None:
+            y = F.linear(x, dequantize_int8(w, self.scale))
+        elif w.dtype == torch.float32:
+            y = F.linear(x, w)
+        elif w.dtype == torch.float16 and x.shape[0] > 1:
+            y = F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)).float()
+        else:
+            y = F.linear(x.to(w.dtype), w).float()
+        return y if self.bias is None else y + self.bias
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` (n,) as (n, in) fp32: an embedding lookup."""
+        if self.scale is None:
+            return self.data[index].float()
+        return dequantize_int8(self.data[index], self.scale[index])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this weight holds in memory: the matrix, its scales and its bias."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.data, self.scale, self.bias) if t is not None)
+
+    @classmethod
+    def from_stored(cls, tensors: Mapping[str, torch.Tensor], name: str) -> Weight:
+        """The matrix ``name`` of a layer's or the vocabulary's stored tensors, with its
+        scales and bias when the shard has them."""
+        bias = BIAS.get(name)
+        return cls(tensors[name], tensors.get(name + SCALE),
+                   tensors.get(bias) if bias else None)
+
+
+@dataclass
+class LayerWeights:
+    """One layer's slices on one rank (plan.py says which heads and FFN columns).
+
+    wqkv: ((n_q + 2 n_kv) hd, dim)  column-parallel: this rank's q, k, v rows, fused
+    wo:   (dim, n_q hd)             row-parallel: columns of o_proj (bias on rank 0 only)
+    w13:  (2 f, dim)                column-parallel: gate rows, then up rows
+    w2:   (dim, f)                  row-parallel: columns of down_proj (bias on rank 0 only)
+    attn_norm, ffn_norm: (dim,) fp32
+    """
+    wqkv: Weight
+    wo: Weight
+    w13: Weight
+    w2: Weight
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+
+    @classmethod
+    def from_stored(cls, tensors: Mapping[str, torch.Tensor]) -> LayerWeights:
+        """From a layer's datasets (names as in shards.py); vectors must already be fp32."""
+        return cls(*(Weight.from_stored(tensors, n) for n in BIAS),
+                   *(tensors[n] for n in NORMS))
+
+
+@dataclass
+class TopWeights:
+    """This rank's vocabulary rows and the final norm.
+
+    embed:   (n_vocab_r, dim) rows of the embedding table
+    lm_head: (n_vocab_r, dim) rows of lm_head; the same Weight as ``embed`` when tied
+    norm:    (dim,) fp32
+    """
+    embed: Weight
+    lm_head: Weight
+    norm: torch.Tensor
+
+    @classmethod
+    def from_stored(cls, tensors: Mapping[str, torch.Tensor]) -> TopWeights:
+        """From the ``vocab/*`` datasets (without the prefix) and ``norm``."""
+        embed = Weight.from_stored(tensors, "embed")
+        lm_head = Weight.from_stored(tensors, "lm_head") if "lm_head" in tensors else embed
+        return cls(embed, lm_head, tensors["norm"].float())
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.lm_head.nbytes if self.lm_head is not self.embed else 0
+        return self.embed.nbytes + extra + self.norm.numel() * 4
+
+
+def vectors_fp32(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Matrices (and their scales) as stored; 1-D vectors (norms, biases) as fp32."""
+    return {k: v if v.dim() == 2 else v.float() for k, v in tensors.items()}
+
+
+def to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """``t`` in storage ``dtype`` as a numpy array; bf16 as its raw uint16 bits (HDF5 and
+    numpy have no bfloat16)."""
+    t = t.to(STORAGE[dtype]).contiguous()
+    if dtype == "bf16":
+        return t.view(torch.uint16).numpy()
+    return t.numpy()
+
+
+def from_numpy(a: np.ndarray) -> torch.Tensor:
+    """A stored array as a tensor; uint16 arrays are bf16 bits (see ``to_numpy``)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if a.dtype == np.uint16 else t
+
+
+def stored_arrays(name: str, t: torch.Tensor, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(dataset name, array) pairs that store tensor ``name`` in storage ``dtype``.
+
+    int8 stores a matrix as ``name`` (int8) + ``name.scale`` (fp32, quant.py) and keeps
+    vectors (norms, biases) in fp32; the other dtypes store everything in that dtype.
+    """
+    if dtype != "int8":
+        yield name, to_numpy(t, dtype)
+    elif t.dim() == 2:
+        q, scale = quantize_int8(t)
+        yield name, q.numpy()
+        yield name + SCALE, scale.numpy()
+    else:
+        yield name, to_numpy(t, "fp32")
+
+
+def random_weight(out: int, n_in: int, dtype: str) -> Weight:
+    """A random (out, in) Weight in storage ``dtype`` (for measuring products)."""
+    w = torch.randn(out, n_in)
+    if dtype == "int8":
+        return Weight(*quantize_int8(w))
+    return Weight(w.to(STORAGE[dtype]))
