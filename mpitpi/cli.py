@@ -32,162 +32,19 @@ from mpitpi import __version__
 from mpitpi.bench import format_bench, run_bench
 from mpitpi.chat import run_chat
 from mpitpi.checkpoint import natural_dtype, open_checkpoint
-from mpitpi.comm import ALGORITHMS, Comm
+from mpitpi.comm import Comm
 from mpitpi.commbench import run_commbench
 from mpitpi.errors import CollectiveError, MpitpiError
 from mpitpi.generate import Session, check_prompt, generate
 from mpitpi.loader import Loaded, load_model, measure_ratios
+from mpitpi.options import (args_bench, args_chat, args_commbench, args_generate,
+                            args_profile, args_serve, args_split, args_synth, sampling_params)
 from mpitpi.plan import parse_ratios, plan_for_args
-from mpitpi.sampling import Sampler, SamplingParams
+from mpitpi.sampling import Sampler
 from mpitpi.server import ServeOptions, serve
 from mpitpi.shards import check_out_folder, write_shards
-from mpitpi.synth import SHAPES, synth
+from mpitpi.synth import synth
 from mpitpi.tokenizer import Tokenizer, chat_messages, load_tokenizer
-from mpitpi.weights import DTYPES
-
-MODEL_HELP = "a Hugging Face folder (config.json + *.safetensors), a .gguf file, or the " \
-             "bundled 'smollm2-135m'"
-
-
-# -- options shared by several commands -------------------------------------------------------
-
-def add_dtype(p: argparse.ArgumentParser, what: str = "weight dtype of the shards") -> None:
-    p.add_argument("--dtype", choices=DTYPES, help=f"{what}; int8 is weight-only with one "
-                   "scale per row and 64 columns (default: the checkpoint's own; fp16 for GGUF)")
-
-
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--shards", help="a shard folder made by `mpitpi split` (default: split once "
-                   "into a cache folder under $MPITPI_CACHE or ~/.cache/mpitpi, then reuse)")
-    p.add_argument("--ratios", help="per-rank shares of heads, FFN columns and vocabulary, "
-                   "e.g. 2,1,1, or 'auto' to measure each rank (default: uniform)")
-    add_dtype(p)
-    p.add_argument("--threads", type=int, help="torch threads per rank (default: the host's "
-                   "cores divided by the ranks on that host, at least 1)")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip the CRC32 check of shard data as it is read")
-    p.add_argument("--allreduce", default="mpi", choices=[*ALGORITHMS, "auto"],
-                   help="all-reduce algorithm: MPI's own (default), star through rank 0, ring, "
-                   "or auto (measure mpi vs star at start for small messages; for links with "
-                   "several ms of latency)")
-    p.add_argument("--local-shards", help="where ranks other than 0 keep their shard file, "
-                   "e.g. /var/tmp/mpitpi ({rank} is replaced by the rank); a missing or stale "
-                   "one is sent from rank 0 once and checked (default: the shard folder)")
-    p.add_argument("--window", type=int, help="stream layers from disk, at most W in memory "
-                   "(default: all layers resident)")
-    p.add_argument("--memory-budget", help="weights this rank may hold, e.g. 1.5G: as many "
-                   "layers as fit stay resident, the rest stream through --window (default 2)")
-    p.add_argument("--drop-cache", action="store_true", help="drop the shard's pages from the "
-                   "page cache after each read, as on a device without spare RAM")
-
-
-def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    """--max-tokens and the SamplingParams fields (checked by SamplingParams.check)."""
-    p.add_argument("--max-tokens", type=int, default=max_tokens,
-                   help=f"tokens to generate (default {max_tokens})")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--min-p", type=float, default=0.0,
-                   help="drop tokens below min-p x the top probability (0 = off)")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, help="sampling seed")
-
-
-def sampling_params(a: argparse.Namespace) -> SamplingParams:
-    """The sampling options of ``a`` (SamplingParams' defaults where a command has none)."""
-    given = {k: v for k, v in vars(a).items() if k in SamplingParams.__dataclass_fields__}
-    return SamplingParams(**given)
-
-
-# -- the subcommands' arguments ---------------------------------------------------------------
-
-def args_split(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--out", required=True, help="the shard folder to create (new or empty)")
-    p.add_argument("--world-size", "-n", type=int, required=True, help="number of ranks")
-    p.add_argument("--ratios", help="per-rank shares, e.g. 2,1,1 (default: uniform)")
-    add_dtype(p)
-
-
-def args_synth(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shape", required=True, choices=list(SHAPES),
-                   help="the real model whose shapes to use")
-    p.add_argument("--out", required=True, help="a new or empty folder")
-    p.add_argument("--layers", type=int, help="keep only this many layers (default: all)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
-                   help="dtype of the written weights (default bf16)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def args_generate(p: argparse.ArgumentParser) -> None:
-    add_model_options(p)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="the prompt text")
-    src.add_argument("--prompt-file", help="read the prompt text from this UTF-8 file")
-    src.add_argument("--prompt-ids", help="comma-separated token ids instead of text, or "
-                     "@FILE to read them from a file")
-    p.add_argument("--chat", action="store_true", help="apply the model's chat template to "
-                   "--prompt as a user message")
-    p.add_argument("--system", help="system message for --chat")
-    add_sampling_options(p, max_tokens=64)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true",
-                   help="keep generating past end-of-sequence tokens (for benchmarks)")
-    p.add_argument("--json", action="store_true", help="print one JSON object at the end "
-                   "instead of streaming text")
-    p.add_argument("--verbose", "-v", action="store_true", help="print rank 0's timing of "
-                   "every token on stderr: total, compute and all-reduce ms, kB sent")
-    p.add_argument("--logits-out", help="save the logits of every generated token as a "
-                   "float32 .npy array [tokens, vocab] (.npy is added if missing)")
-
-
-def args_chat(p: argparse.ArgumentParser) -> None:
-    add_model_options(p)
-    add_sampling_options(p, max_tokens=256)
-    p.add_argument("--system", help="system message")
-
-
-def args_serve(p: argparse.ArgumentParser) -> None:
-    add_model_options(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
-    p.add_argument("--name", help="model name in the API (default: from --model)")
-    p.add_argument("--max-tokens", type=int, default=512,
-                   help="completion length when a request gives none (default 512)")
-    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="a web origin (e.g. http://localhost:3000) whose pages may call the "
-                   "API from a browser; repeatable, '*' for any (default: none, only the "
-                   "server's own chat page)")
-
-
-def args_bench(p: argparse.ArgumentParser) -> None:
-    add_model_options(p)
-    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
-    p.add_argument("--gen-len", type=int, default=32, help="tokens per generation (default 32)")
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions after a warm-up "
-                   "(default 3)")
-    p.add_argument("--disk", action="store_true", help="also measure each rank's cold read "
-                   "bandwidth of its shard file")
-    p.add_argument("--json", help="write the results to this JSON file")
-    p.add_argument("--seed", dest="prompt_seed", type=int, default=0,
-                   help="seed of the random prompt")
-
-
-def args_profile(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help=MODEL_HELP)
-    add_dtype(p, "dtype to measure")
-    p.add_argument("--memory-budget", help="memory each rank may use for weights (default: "
-                   "its available memory)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-
-
-def args_commbench(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reps", type=int, default=20, help="calls per size (default 20)")
-    p.add_argument("--json", help="write the results to this JSON file")
-
 
 # -- helpers of the commands -------------------------------------------------------------------
 

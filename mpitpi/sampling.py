@@ -86,8 +86,9 @@ class Sampler:
             logits[ids] = torch.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
         if p.temperature == 0:
             return int(torch.argmax(logits))
-        # shifted so the largest is 0: a tiny temperature gives -inf, never inf or NaN
-        logits = (logits - logits.max()) / p.temperature
+        # in float64, shifted so the largest is 0, the temperature kept normal: a tiny
+        # temperature gives -inf for the others (greedy), never inf or NaN
+        logits = (logits.double() - logits.max()) / max(p.temperature, 1e-30)
         if p.top_k > 0 and p.top_k < logits.shape[0]:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits[logits < kth] = float("-inf")

@@ -86,11 +86,11 @@ def test_token_ids_out_of_range(models):
     fails_with(r, "outside the vocabulary")
 
 
-def test_more_ranks_than_heads(models):
+def test_more_ranks_than_heads(models, tmp_path):
     folder, _ = models("llama-odd")   # 6 query heads
-    r = run_mpi(1, ["split", folder, "--out", "unused", "-n", "7"])
+    r = run_mpi(1, ["split", folder, "--out", str(tmp_path / "unused"), "-n", "7"])
     fails_with(r, "larger than the model's 6 query heads")
-    assert not os.path.exists("unused")
+    assert not os.path.exists(tmp_path / "unused")
 
 
 @pytest.mark.parametrize("ratios,words", [("1,1,1", "has 3 values but the world size is 2"),

@@ -1,0 +1,197 @@
+"""Inputs that lie (mislabelled safetensors, edited manifests, absurd options) are refused with
+one clear message before any work, and nothing of the user's is overwritten or left behind."""
+import json
+import os
+import struct
+
+import pytest
+
+from conftest import run_mpi, split
+from mpitpi.config import ModelArgs
+from mpitpi.errors import MpitpiError
+from mpitpi.sampling import SamplingParams
+
+IDS = "1,17,42"
+
+
+def fails_with(r, words: str):
+    assert r.returncode != 0, r.stdout
+    assert words in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("mpitpi: error") == 1, r.stderr
+
+
+def copy_model(folder: str, dest, edit_header) -> str:
+    """The model in ``folder`` copied to ``dest`` with its safetensors header passed through
+    ``edit_header(header) -> header`` (tensor data unchanged)."""
+    dest.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        (dest / name).write_bytes(open(os.path.join(folder, name), "rb").read())
+    data = open(os.path.join(folder, "model.safetensors"), "rb").read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = edit_header(json.loads(data[8:8 + n]))
+    raw = json.dumps(header).encode()
+    (dest / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    return str(dest)
+
+
+def relabel(name: str, **fields):
+    def edit(h):
+        h[name].update(fields)
+        return h
+    return edit
+
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+LIES = {
+    "f32-data-labelled-f16": (relabel(Q, dtype="F16"), "needs 8192 bytes but its range holds"),
+    "negative-offsets": (relabel(Q, data_offsets=[-4, 100]), "data_offsets [-4, 100]"),
+    "no-offsets": (lambda h: {**h, Q: {"dtype": "F32", "shape": [64, 64]}}, "data_offsets"),
+    "header-a-list": (lambda h: [1, 2], "the header is not a JSON object"),
+    "one-d-weight": (lambda h: {**h, Q: {**h[Q], "shape": [4096]}},
+                     "has shape [4096] but config.json implies [64, 64]"),
+}
+
+
+@pytest.mark.parametrize("lie", LIES)
+def test_a_lying_safetensors_file_is_refused(models, tmp_path, lie):
+    folder, _ = models("llama-gqa")
+    edit, words = LIES[lie]
+    bad = copy_model(folder, tmp_path / "bad", edit)
+    r = run_mpi(2, ["generate", "--model", bad, "--prompt-ids", IDS])
+    fails_with(r, words)
+
+
+def edit_manifest(shards, edit) -> None:
+    path = shards / "manifest.json"
+    man = json.loads(path.read_text())
+    edit(man)
+    path.write_text(json.dumps(man))
+
+
+def shift_vocab(man):
+    man["plan"][0]["vocab"] = [0, 140]
+    man["plan"][1]["vocab"] = [140, 300]
+
+
+def fewer_layers(man):
+    man["args"]["n_layers"] = 1
+
+
+def overlapping_vocab(man):
+    man["plan"][1]["vocab"] = [100, 300]
+
+
+EDITS = {"vocabulary-shifted": (shift_vocab, "holds (150, 64) as vocab/embed"),
+         "layer-count": (fewer_layers, "the manifest says the model has 1 layers"),
+         "vocabulary-overlap": (overlapping_vocab, "do not follow on from 150"),
+         "plan-missing": (lambda m: m.pop("plan"), "field 'plan' missing"),
+         "zero-width": (lambda m: m["args"].update(dim=0), "hidden size is 0")}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_an_edited_manifest_is_refused(models, tmp_path, edit):
+    folder, _ = models("llama-gqa")
+    shards = split(folder, tmp_path / "s", 2)
+    fn, words = EDITS[edit]
+    edit_manifest(shards, fn)
+    r = run_mpi(2, ["generate", "--model", folder, "--shards", str(shards), "--prompt-ids", IDS])
+    fails_with(r, words)
+
+
+def test_model_shapes_must_be_positive():
+    args = ModelArgs("LlamaForCausalLM", dim=64, n_layers=2, n_heads=8, n_kv_heads=4,
+                     head_dim=8, ffn_dim=0, vocab_size=300, norm_eps=1e-5, rope_theta=1e4,
+                     max_seq_len=256)
+    with pytest.raises(MpitpiError, match="FFN width is 0"):
+        args.check("a.gguf")
+
+
+@pytest.mark.parametrize("field,value", [("temperature", float("nan")), ("top_p", float("nan")),
+                                         ("min_p", 1.0), ("repeat_penalty", float("inf")),
+                                         ("seed", 2**63), ("top_k", -1), ("temperature", 1e9)])
+def test_every_sampling_option_is_checked(field, value):
+    with pytest.raises(MpitpiError, match=field.replace("_", "-")) as e:
+        SamplingParams(**{field: value}).check()
+    assert e.value.field == field
+
+
+def test_a_tiny_temperature_samples_the_top_token(models):
+    folder, _ = models("llama-gqa")
+    greedy = run_mpi(2, ["generate", "--model", folder, "--prompt-ids", IDS, "--json",
+                         "--max-tokens", "4"])
+    tiny = run_mpi(2, ["generate", "--model", folder, "--prompt-ids", IDS, "--json",
+                       "--max-tokens", "4", "--temperature", "1e-39", "--seed", "3"])
+    assert tiny.returncode == 0, tiny.stderr
+    assert json.loads(tiny.stdout)["token_ids"] == json.loads(greedy.stdout)["token_ids"]
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--repeat-penalty", "nan"], "repeat-penalty must be"),
+    (["--temperature", "nan"], "temperature must be"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+])
+def test_bad_sampling_flags(models, flags, words):
+    folder, _ = models("llama-gqa")
+    r = run_mpi(2, ["generate", "--model", folder, "--prompt-ids", IDS, *flags])
+    fails_with(r, words)
+
+
+def test_serve_refuses_a_port_out_of_range():
+    r = run_mpi(1, ["serve", "--model", "smollm2-135m", "--port", "70000"])
+    fails_with(r, "--port must be in 0..65535")
+
+
+def test_huge_ratios_are_only_ratios(models):
+    folder, _ = models("llama-gqa")
+    r = run_mpi(2, ["generate", "--model", folder, "--prompt-ids", IDS, "--ratios",
+                    "1e308,1e308", "--max-tokens", "2"])
+    assert r.returncode == 0, r.stderr
+
+
+def test_logits_out_checks_the_name_it_writes(models, tmp_path):
+    folder, _ = models("llama-gqa")
+    mine = tmp_path / "logits.npy"
+    mine.write_text("keep me")
+    r = run_mpi(2, ["generate", "--model", folder, "--prompt-ids", IDS,
+                    "--logits-out", str(tmp_path / "logits")])
+    fails_with(r, "logits.npy' exists; it is not overwritten")
+    assert mine.read_text() == "keep me"
+
+
+def test_split_refuses_a_symlink_before_any_work(models, tmp_path):
+    folder, _ = models("llama-gqa")
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    r = run_mpi(1, ["split", folder, "--out", str(tmp_path / "link"), "-n", "2"])
+    fails_with(r, "is a symbolic link")
+    assert os.path.islink(tmp_path / "link") and not os.listdir(tmp_path / "real")
+
+
+def test_split_onto_an_unwritable_place_is_one_message(models):
+    folder, _ = models("llama-gqa")
+    r = run_mpi(1, ["split", folder, "--out", "/proc/mpitpi-cannot-write-here", "-n", "2"])
+    fails_with(r, "cannot write the shards into /proc/mpitpi-cannot-write-here")
+
+
+def dead_pid() -> int:
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid -= 1
+
+
+def test_split_removes_what_killed_splits_left(models, tmp_path):
+    folder, _ = models("llama-gqa")
+    stale = tmp_path / f"s.partial-{dead_pid()}"
+    stale.mkdir()
+    (stale / "rank0.h5").write_bytes(b"half a file")
+    live = tmp_path / f"s.partial-{os.getpid()}"   # a split still running: left alone
+    live.mkdir()
+    split(folder, tmp_path / "s", 2)
+    assert not stale.exists() and live.exists()
