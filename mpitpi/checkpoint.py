@@ -63,8 +63,8 @@ def _check_entry(path: str, name: str, m, data_size: int) -> None:
         raise bad(f"data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
     if offsets[1] > data_size:
         raise MpitpiError(f"cannot read {path}: tensor {name} ends at byte {offsets[1]} of "
-                          f"the data but the file holds {data_size}. The file is truncated. "
-                          f"Fix: download or copy it again.")
+                          f"the data but the file holds {data_size}. The file is missing, "
+                          f"truncated or not safetensors. Fix: download or copy it again.")
     if dtype not in _ST_BYTES:
         raise bad(f"unknown dtype {dtype!r}")
     want = int(np.prod(shape, dtype=np.int64)) * _ST_BYTES[dtype]
