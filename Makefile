@@ -8,11 +8,13 @@ MPIEXEC ?= $(VENV)/bin/mpiexec
 NP      ?= 3
 PROMPT  ?= What is the capital of France? Answer in one sentence.
 STAMP   := $(VENV)/.installed
+RUFF    := ruff==0.16.9
 
 .PHONY: install demo test bench lint clean
 
-# Create .venv and install mpitpi with its test extra. torch is pinned to the CPU build
-# (2.13.0); a bare `torch` would pull a multi-GB CUDA build. The stamp makes reruns instant.
+# Create .venv and install mpitpi with its test extra. torch is pinned to 2.13.0, the version
+# this project is tested with; on this project's machines pip finds a CPU build of it locally
+# (elsewhere, PyPI's x86-64 wheel of it is the CUDA build). The stamp makes reruns instant.
 install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,9 +45,11 @@ bench: install
 	$(PY) -m pip install -q -e '.[test,bench]'
 	./jobs/bench.sh
 
-# Byte-compile everything: a quick syntax check.
+# Lint the Python code with ruff, pinned here and installed into the venv (a no-op once there);
+# its rules are in pyproject.toml [tool.ruff]. It only reports: it never rewrites a file.
 lint: install
-	$(PY) -m compileall -q mpitpi tests
+	$(PY) -m pip install -q '$(RUFF)'
+	$(VENV)/bin/ruff check mpitpi tests jobs
 
 # Remove the virtualenv and build leftovers (shard caches under ~/.cache/mpitpi are kept).
 clean:

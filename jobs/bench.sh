@@ -29,7 +29,8 @@ run n2-fp16 2 "$MODEL"
 run n2-int8 2 "$MODEL" --dtype int8
 run n3-fp16 3 "$MODEL"
 if [ "$BIG" = 1 ]; then
-  [ -f "$BIG_MODEL/config.json" ] || "$VENV/bin/mpitpi" synth llama-3.2-1b --out "$BIG_MODEL"
+  [ -f "$BIG_MODEL/config.json" ] || "$VENV/bin/mpitpi" synth --shape llama-3.2-1b \
+    --out "$BIG_MODEL"
   for n in 1 2; do
     for dt in fp32 bf16 int8; do
       GEN=16 REPS=2 run "big-n$n-$dt" "$n" "$BIG_MODEL" --dtype "$dt"

@@ -4,7 +4,8 @@ Every rank runs the same generations; each reports its own figures (peak RSS, ti
 all-reduce per decode step and in the prefill, time waiting for layer reads, bytes
 all-reduced per forward pass), rank 0 gathers and prints them.
 Also measured in the same run, so ratios hold on any machine: the memory read bandwidth
-(every rank sums a large tensor at once; a host's figure is the sum of its ranks') and, with ``disk=True``, each rank's cold read bandwidth of its shard.
+(every rank sums a large tensor at once; a host's figure is the sum of its ranks') and, with
+``disk=True``, each rank's cold read bandwidth of its shard.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def run_bench(comm, loaded, prompt_len: int, gen_len: int, reps: int, seed: int 
     bar = tqdm(range(reps + 1), desc="bench", unit="rep", disable=not root)
     for rep in bar:   # rep 0 warms up (first reads, checksums, allocator) and is not counted
         comm.barrier()
-        c0, w0 = comm.allreduce_s, layers.wait_s
+        w0 = layers.wait_s
         n0, b0 = comm.allreduce_calls, comm.allreduce_bytes
         step_comm: list[float] = []
         res = generate(comm, loaded.model, Session(prompt, gen_len) if root else None,

@@ -14,11 +14,13 @@ import time
 
 import numpy as np
 import torch
+from mpi4py import MPI
 
 from mpitpi.errors import CollectiveError, MpitpiError
 
 
 ALGORITHMS = ("mpi", "star", "ring")
+BYTES_TAG = 31   # the tag of send_bytes/recv_bytes messages
 
 
 class Comm:
@@ -33,16 +35,14 @@ class Comm:
       the faster for messages up to 64 KiB, ``mpi`` above (measured: the star wins small
       messages on high-latency links, loses large ones everywhere; docs/BENCHMARKS.md).
 
-    Each call is counted: ``allreduce_calls``, ``allreduce_bytes`` (bytes this rank sent),
-    ``allreduce_s`` (wall time inside, including waiting for slower ranks).
+    ``polite``: wait for messages by polling and yielding the core (for more ranks than
+    cores). Each all-reduce is counted: ``allreduce_calls``, ``allreduce_bytes`` (bytes this
+    rank sent), ``allreduce_s`` (wall time inside, including waiting for slower ranks).
     """
 
-    def __init__(self, mpi_comm=None, algorithm: str = "mpi"):
-        from mpi4py import MPI
-
+    def __init__(self, mpi_comm=None, algorithm: str = "mpi", polite: bool = False):
         if algorithm not in ALGORITHMS + ("auto",):
             raise MpitpiError(f"--allreduce {algorithm!r} is not one of {', '.join(ALGORITHMS)}.")
-        self.MPI = MPI
         self.comm = mpi_comm if mpi_comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
@@ -51,13 +51,19 @@ class Comm:
         self._reduce = {"mpi": self._mpi, "star": self._star, "ring": self._ring,
                         "auto": self._auto}[algorithm]
         self._scratch = np.empty(0, np.float32)
-        self.polite = False   # set when ranks outnumber cores (see cli._start)
+        self.polite = polite  # set when ranks outnumber cores (see cli._start)
         self.small = None     # auto: the algorithm chosen for small messages
         if algorithm == "auto" and self.size > 1:
             self.small = self._calibrate()
         self.allreduce_calls = 0
         self.allreduce_bytes = 0
         self.allreduce_s = 0.0
+
+    def with_algorithm(self, algorithm: str) -> Comm:
+        """Collective when ``algorithm`` is ``auto`` (it calibrates), local otherwise: a new
+        Comm over the same communicator and ranks that all-reduces with ``algorithm``. It
+        copies ``polite``; its counters start at zero."""
+        return Comm(self.comm, algorithm=algorithm, polite=self.polite)
 
     # -- hot path ------------------------------------------------------------------------
     def allreduce_(self, t: torch.Tensor) -> torch.Tensor:
@@ -80,9 +86,9 @@ class Comm:
         """Wait for requests. ``polite``: poll and yield the core between polls, so ranks
         that share a core (more ranks than cores) are not starved by a spinning waiter."""
         if not self.polite:
-            self.MPI.Request.Waitall(reqs)
+            MPI.Request.Waitall(reqs)
             return
-        while not self.MPI.Request.Testall(reqs):
+        while not MPI.Request.Testall(reqs):
             os.sched_yield()
 
     def _calibrate(self, nbytes: int = 4096, reps: int = 5) -> str:
@@ -95,7 +101,7 @@ class Comm:
             t0 = time.perf_counter()
             for _ in range(reps):
                 f(buf)
-            t = self.comm.allreduce(time.perf_counter() - t0, op=self.MPI.MAX)
+            t = self.max_all(time.perf_counter() - t0)
             if t < best_t:
                 best, best_t = name, t
         return best
@@ -107,9 +113,9 @@ class Comm:
 
     def _mpi(self, a: np.ndarray) -> int:
         if self.polite:
-            self._wait([self.comm.Iallreduce(self.MPI.IN_PLACE, a)])
+            self._wait([self.comm.Iallreduce(MPI.IN_PLACE, a)])
         else:
-            self.comm.Allreduce(self.MPI.IN_PLACE, a)
+            self.comm.Allreduce(MPI.IN_PLACE, a)
         return 2 * (self.size - 1) * a.nbytes // self.size   # what a ring would send
 
     def _star(self, a: np.ndarray) -> int:
@@ -174,6 +180,25 @@ class Comm:
         best = int(np.argmax(every[:, 0]))
         return int(every[best, 1])
 
+    # -- timings and raw bytes (commbench, calibration, shard transfer) ------------------
+    def max_all(self, value: float) -> float:
+        """Collective (every rank calls it): the largest ``value`` over all ranks, returned
+        on every rank (a pickled allreduce with MAX)."""
+        if self.size == 1:
+            return value
+        return self.comm.allreduce(value, op=MPI.MAX)
+
+    def send_bytes(self, buf: np.ndarray, dest: int) -> None:
+        """Send the contiguous uint8 array ``buf`` to rank ``dest``, which must call
+        ``recv_bytes`` with a buffer of the same length and ``source`` = this rank. Returns
+        when ``buf`` may be reused (waiting politely if ``polite``)."""
+        self._wait([self.comm.Isend(_as_bytes(buf), dest=dest, tag=BYTES_TAG)])
+
+    def recv_bytes(self, buf: np.ndarray, source: int) -> None:
+        """Receive into the contiguous uint8 array ``buf`` what rank ``source`` sent with
+        ``send_bytes`` (the same length); returns when ``buf`` holds it."""
+        self._wait([self.comm.Irecv(_as_bytes(buf), source=source, tag=BYTES_TAG)])
+
     # -- start-up ------------------------------------------------------------------------
     def bcast_obj(self, obj, root: int = 0):
         return self.comm.bcast(obj, root=root) if self.size > 1 else obj
@@ -206,7 +231,7 @@ class Comm:
         as far as MPI knows, but they do share its cores)."""
         if self.size == 1:
             return 1
-        node = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         n = node.Get_size()
         node.Free()
         same_name = self.comm.allgather(self.host).count(self.host)
@@ -247,6 +272,14 @@ class Comm:
         if self.size > 1:
             self.comm.Abort(code)
         os._exit(code)
+
+
+def _as_bytes(buf: np.ndarray) -> np.ndarray:
+    """``buf`` itself if it is a contiguous uint8 array; TypeError otherwise."""
+    if buf.dtype != np.uint8 or not buf.flags.c_contiguous:
+        raise TypeError(f"send_bytes/recv_bytes take a contiguous uint8 array, not a "
+                        f"{'' if buf.flags.c_contiguous else 'strided '}{buf.dtype} one")
+    return buf
 
 
 def _merge(failed: list[tuple[int, str]], size: int) -> str:

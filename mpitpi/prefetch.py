@@ -85,7 +85,8 @@ class Streamed:
 
     A background thread walks the streamed layers in the order the model asks for them. For
     each it takes a free slot, fills it with the layer (``_fill``, overwriting what the slot
-    held) and queues it; ``get`` takes the next queued layer, ``done`` frees its slot. ``wait_s`` accumulates the time ``get`` waited: I/O not hidden behind compute.
+    held) and queues it; ``get`` takes the next queued layer, ``done`` frees its slot.
+    ``wait_s`` accumulates the time ``get`` waited: I/O not hidden behind compute.
 
     Slots are filled by copying: ``os.preadv`` into preallocated buffers, which the model
     reads in the stored dtype (1-D vectors are converted to fp32). (Mapping the file

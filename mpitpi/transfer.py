@@ -16,11 +16,11 @@ import os
 import numpy as np
 from tqdm import tqdm
 
+from mpitpi.comm import Comm
 from mpitpi.errors import MpitpiError
 from mpitpi.shards import MANIFEST, ShardReader, read_manifest
 
-CHUNK = 8 * 2**20
-TAG = 31
+CHUNK = 8 * 2**20   # bytes per message
 
 
 def local_folder(template: str | None, shards: str, rank: int) -> str:
@@ -55,7 +55,7 @@ def _has_valid(folder: str, rank: int, man: dict, theirs: dict | None) -> bool:
             and os.path.isfile(path) and os.path.getsize(path) == entry["size"])
 
 
-def ensure_shards(comm, shards: str, template: str | None, progress: bool = True) -> str:
+def ensure_shards(comm: Comm, shards: str, template: str | None, progress: bool = True) -> str:
     """Collective. Returns the folder holding this rank's valid shard, sending what is missing.
 
     Raises (on every rank) if a received file fails its checksums or cannot be written.
@@ -80,7 +80,7 @@ def ensure_shards(comm, shards: str, template: str | None, progress: bool = True
     return folder
 
 
-def _send(comm, shards: str, r: int, man: dict, progress: bool) -> None:
+def _send(comm: Comm, shards: str, r: int, man: dict, progress: bool) -> None:
     entry = man["files"][r]
     size = entry["size"]
     buf = np.empty(CHUNK, np.uint8)
@@ -93,12 +93,12 @@ def _send(comm, shards: str, r: int, man: dict, progress: bool) -> None:
             if not n:   # the source is shorter than the manifest says: send zeros, the
                 n = min(CHUNK, size - done)   # receiver's checksums then fail loudly
                 buf[:n] = 0
-            comm.comm.Send(buf[:n], dest=r, tag=TAG)
+            comm.send_bytes(buf[:n], dest=r)
             done += n
             bar.update(n)
 
 
-def _receive(comm, folder: str, man: dict) -> None:
+def _receive(comm: Comm, folder: str, man: dict) -> None:
     entry = man["files"][comm.rank]
     size, name = entry["size"], entry["file"]
     buf = np.empty(CHUNK, np.uint8)
@@ -112,7 +112,7 @@ def _receive(comm, folder: str, man: dict) -> None:
     done = 0
     while done < size:   # receive everything even after an error: rank 0 must not block
         n = min(CHUNK, size - done)
-        comm.comm.Recv(buf[:n], source=0, tag=TAG)
+        comm.recv_bytes(buf[:n], source=0)
         if out is not None:
             try:
                 out.write(memoryview(buf)[:n])

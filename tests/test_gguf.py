@@ -107,7 +107,8 @@ def test_golden_answers_identical_for_every_world_size(question, fact):
 
 
 def test_chat_repl_multi_turn_reset_and_end_of_input():
-    lines = "What is the capital of France?\nAnd of Germany?\n/reset\nHow many days are in a week?\n"
+    lines = ("What is the capital of France?\nAnd of Germany?\n/reset\n"
+             "How many days are in a week?\n")
     p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "mpitpi", "chat", "--model",
                         "smollm2-135m", "--max-tokens", "24"], input=lines, text=True,
                        capture_output=True, timeout=300)
