@@ -1,6 +1,6 @@
 """Interactive multi-turn chat: rank 0 reads the user's lines, every rank generates.
 
-Each turn rank 0 broadcasts one command object (``"turn"`` or ``"quit"``), then all ranks
+Each turn rank 0 sends one command (``"turn"`` or ``"quit"``, Comm.send_command), then all ranks
 run ``generate`` together on the whole conversation so far, rendered by the chat template.
 ``/reset`` forgets the history, ``/quit`` or end of input (Ctrl-D) ends every rank cleanly.
 """
@@ -15,10 +15,16 @@ HELP = "commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves"
 
 
 def _read(prompt: str) -> str | None:
+    """The user's next line; None at end of input. A line that is not UTF-8 is refused
+    with a message and an empty line is returned (so the prompt comes again)."""
     try:
         return input(prompt)
     except EOFError:
         return None
+    except UnicodeDecodeError as e:
+        print(f"mpitpi: that line is not UTF-8 text (byte {e.start}); type it again.",
+              file=sys.stderr, flush=True)
+        return ""
 
 
 def run_chat(comm, loaded, tokenizer, make_sampler, max_tokens: int,
@@ -45,8 +51,8 @@ def run_chat(comm, loaded, tokenizer, make_sampler, max_tokens: int,
                 cmd = "quit"
             else:
                 history.append({"role": "user", "content": line})
-                ids = tokenizer.encode_chat(history)
                 try:
+                    ids = tokenizer.encode_chat(history)
                     check_prompt(ids, max_tokens, loaded.args.vocab_size,
                                  loaded.args.max_seq_len)
                     cmd = "turn"
@@ -56,7 +62,11 @@ def run_chat(comm, loaded, tokenizer, make_sampler, max_tokens: int,
                     continue
         else:
             cmd = None
-        if comm.bcast_obj(cmd if root else None) == "quit":
+        if root:   # the others wait idle (not watched for a stall) while the user types
+            comm.send_command(cmd)
+        else:
+            cmd = comm.wait_command()
+        if cmd == "quit":
             return
 
         def emit(text: str) -> None:

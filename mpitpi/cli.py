@@ -156,6 +156,10 @@ def need_tokenizer(comm: Comm, loaded: Loaded, template: bool = False) -> Tokeni
 
 def start(a: argparse.Namespace, comm: Comm) -> Loaded:
     """Collective: threads, then this rank's model."""
+    def check():
+        if not a.stall_timeout >= 0:
+            raise MpitpiError(f"--stall-timeout must be >= 0 (0: off), got {a.stall_timeout}.")
+    comm.root_checked(check)
     local_ranks = comm.local_size()
     threads = comm.checked(_threads, local_ranks, a.threads)
     torch.set_num_threads(threads)
@@ -167,6 +171,7 @@ def start(a: argparse.Namespace, comm: Comm) -> Loaded:
                         local_shards=a.local_shards)
     if a.threads is None and threads >= 2 and loaded.model.layers.window is not None:
         torch.set_num_threads(threads - 1)   # leave a core to the layer reader (measured)
+    comm.stall_timeout = a.stall_timeout or None   # every rank at once: bcast_obj changes
     return loaded
 
 

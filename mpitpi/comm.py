@@ -1,13 +1,22 @@
 """The only module that imports MPI: collectives, checked steps and the failure path.
 
 ``Comm`` wraps an mpi4py communicator. The hot path uses buffer-based uppercase calls on
-contiguous tensors (``Allreduce(IN_PLACE, buf)``, ``Bcast``, ``Gatherv``); pickled objects
-only cross at start-up. ``checked`` and ``root_checked`` turn an MpitpiError on some ranks into
-the same error on every rank, so no rank waits in a collective for one that has given up.
+contiguous tensors (``Iallreduce(IN_PLACE, buf)``, ``Ibcast``, ``Igatherv``); pickled objects
+only cross at start-up and once per generation. ``checked`` and ``root_checked`` turn an
+MpitpiError on some ranks into the same error on every rank, so no rank waits in a collective
+for one that has given up.
+
+A rank that stops answering (a hung device, a stopped process, a dead link) is caught by the
+waits themselves: every wait polls its requests, and once ``stall_timeout`` is set (after the
+model is loaded) a wait that lasts longer holds a roll call (``_stalled``): every live rank
+tells every other one it is alive, and the lowest live rank names the ranks it did not hear
+from and ends the job. A signal handler that sets ``stop_requested`` ends a wait stuck for more
+than a second the same way, so one Ctrl-C ends a stalled job.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import sys
 import time
@@ -21,6 +30,9 @@ from mpitpi.errors import CollectiveError, MpitpiError
 
 ALGORITHMS = ("mpi", "star", "ring")
 BYTES_TAG = 31   # the tag of send_bytes/recv_bytes messages
+ALIVE_TAG = 77   # the roll call of a stalled job
+GRACE_S = 3.0    # how long a roll call listens for the other ranks
+SPIN_S = 5e-5    # a wait spins this long before it starts yielding the core and the GIL
 
 
 class Comm:
@@ -40,18 +52,24 @@ class Comm:
     rank sent), ``allreduce_s`` (wall time inside, including waiting for slower ranks).
     """
 
-    def __init__(self, mpi_comm=None, algorithm: str = "mpi", polite: bool = False):
+    def __init__(self, mpi_comm=None, algorithm: str = "mpi", polite: bool = False,
+                 hosts: list[str] | None = None):
         if algorithm not in ALGORITHMS + ("auto",):
             raise MpitpiError(f"--allreduce {algorithm!r} is not one of {', '.join(ALGORITHMS)}.")
         self.comm = mpi_comm if mpi_comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.host = socket.gethostname()
+        self.stall_timeout: float | None = None   # seconds a wait may last; None: forever
+        self.stop_requested = False               # set by a signal handler (the server)
+        self._alive_sends: list = []
+        self.polite = polite  # set when ranks outnumber cores (see cli.start)
+        # every rank's host name, for messages naming a rank (collective when not given)
+        self.hosts = hosts or self.allgather_obj(self.host)
         self.algorithm = algorithm
         self._reduce = {"mpi": self._mpi, "star": self._star, "ring": self._ring,
                         "auto": self._auto}[algorithm]
         self._scratch = np.empty(0, np.float32)
-        self.polite = polite  # set when ranks outnumber cores (see cli._start)
         self.small = None     # auto: the algorithm chosen for small messages
         if algorithm == "auto" and self.size > 1:
             self.small = self._calibrate()
@@ -63,7 +81,9 @@ class Comm:
         """Collective when ``algorithm`` is ``auto`` (it calibrates), local otherwise: a new
         Comm over the same communicator and ranks that all-reduces with ``algorithm``. It
         copies ``polite``; its counters start at zero."""
-        return Comm(self.comm, algorithm=algorithm, polite=self.polite)
+        c = Comm(self.comm, algorithm=algorithm, polite=self.polite, hosts=self.hosts)
+        c.stall_timeout = self.stall_timeout
+        return c
 
     # -- hot path ------------------------------------------------------------------------
     def allreduce_(self, t: torch.Tensor) -> torch.Tensor:
@@ -83,13 +103,49 @@ class Comm:
         return self._scratch[:n]
 
     def _wait(self, reqs: list) -> None:
-        """Wait for requests. ``polite``: poll and yield the core between polls, so ranks
-        that share a core (more ranks than cores) are not starved by a spinning waiter."""
-        if not self.polite:
-            MPI.Request.Waitall(reqs)
+        """Wait for requests by polling, so a stall and a signal are noticed. After a short
+        spin (from the start when ``polite``: more ranks than cores) every poll yields the
+        core and the GIL, so ranks sharing a core and the layer reader thread get to run."""
+        if MPI.Request.Testall(reqs):
             return
+        t0 = time.monotonic()
         while not MPI.Request.Testall(reqs):
-            os.sched_yield()
+            waited = time.monotonic() - t0
+            if self.polite or waited > SPIN_S:
+                os.sched_yield()
+            if waited > 1.0:
+                if self.stop_requested:
+                    self._end(f"stopped by a signal after waiting {waited:.0f} s for the "
+                              f"other ranks")
+                if self.stall_timeout and waited > self.stall_timeout:
+                    self._stalled(waited)
+
+    def _stalled(self, waited: float) -> None:
+        """Every live rank: hold a roll call, then the lowest rank that answered ends the job
+        with one message naming the ranks that did not."""
+        mine = np.array([self.rank], np.int64)
+        self._alive_sends = [self.comm.Isend(mine, dest=r, tag=ALIVE_TAG)
+                             for r in range(self.size) if r != self.rank]
+        live, got, status = {self.rank}, np.empty(1, np.int64), MPI.Status()
+        end = time.monotonic() + GRACE_S
+        while time.monotonic() < end and len(live) < self.size:
+            if self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=ALIVE_TAG, status=status):
+                self.comm.Recv(got, source=status.Get_source(), tag=ALIVE_TAG)
+                live.add(int(got[0]))
+            else:
+                time.sleep(0.01)
+        gone = [r for r in range(self.size) if r not in live]
+        if self.rank == min(live):
+            who = ", ".join(f"rank {r} ({self.hosts[r]})" for r in gone) or "no rank"
+            self._end(f"{who} stopped answering: the other ranks waited {waited:.0f} s for it "
+                      f"(--stall-timeout {self.stall_timeout:g}). Check that host; a stopped "
+                      f"or swapping process, a hung device or a dead link look like this.")
+        time.sleep(2 * GRACE_S)   # the lowest live rank ends the job; if not, end it here
+        self.abort(3)
+
+    def _end(self, message: str) -> None:
+        print(f"mpitpi: error: {message}", file=sys.stderr, flush=True)
+        self.abort(3)
 
     def _calibrate(self, nbytes: int = 4096, reps: int = 5) -> str:
         """Collective: the faster of mpi and star for an ``nbytes`` all-reduce here."""
@@ -97,7 +153,7 @@ class Comm:
         buf = np.ones(nbytes // 4, np.float32)
         for name, f in (("mpi", self._mpi), ("star", self._star)):
             f(buf)                                   # warm-up: connections, buffers
-            self.comm.Barrier()
+            self.barrier()
             t0 = time.perf_counter()
             for _ in range(reps):
                 f(buf)
@@ -112,10 +168,7 @@ class Comm:
         return self._mpi(a)
 
     def _mpi(self, a: np.ndarray) -> int:
-        if self.polite:
-            self._wait([self.comm.Iallreduce(MPI.IN_PLACE, a)])
-        else:
-            self.comm.Allreduce(MPI.IN_PLACE, a)
+        self._wait([self.comm.Iallreduce(MPI.IN_PLACE, a)])
         return 2 * (self.size - 1) * a.nbytes // self.size   # what a ring would send
 
     def _star(self, a: np.ndarray) -> int:
@@ -186,7 +239,9 @@ class Comm:
         on every rank (a pickled allreduce with MAX)."""
         if self.size == 1:
             return value
-        return self.comm.allreduce(value, op=MPI.MAX)
+        buf = np.array([value], np.float64)
+        self._wait([self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.MAX)])
+        return float(buf[0])
 
     def send_bytes(self, buf: np.ndarray, dest: int) -> None:
         """Send the contiguous uint8 array ``buf`` to rank ``dest``, which must call
@@ -199,18 +254,51 @@ class Comm:
         ``send_bytes`` (the same length); returns when ``buf`` holds it."""
         self._wait([self.comm.Irecv(_as_bytes(buf), source=source, tag=BYTES_TAG)])
 
-    # -- start-up ------------------------------------------------------------------------
+    # -- start-up and per generation ----------------------------------------------------
+    # Objects cross pickled, as a length and then the bytes, through polled waits: a signal
+    # is handled while waiting (Ctrl-C works at start-up too), and a stall is caught once
+    # ``stall_timeout`` is set (start-up, when rank 0 may split a model for minutes, waits on).
     def bcast_obj(self, obj, root: int = 0):
-        return self.comm.bcast(obj, root=root) if self.size > 1 else obj
+        """Collective: ``root``'s picklable ``obj`` on every rank."""
+        if self.size == 1:
+            return obj
+        data = _pickled(obj) if self.rank == root else None
+        n = np.array([0 if data is None else data.size], np.int64)
+        self._wait([self.comm.Ibcast(n, root=root)])
+        buf = data if data is not None else np.empty(int(n[0]), np.uint8)
+        self._wait([self.comm.Ibcast(buf, root=root)])
+        return obj if self.rank == root else pickle.loads(buf.tobytes())
 
-    def gather_obj(self, obj, root: int = 0):
-        return self.comm.gather(obj, root=root) if self.size > 1 else [obj]
+    def gather_obj(self, obj, root: int = 0) -> list | None:
+        """Collective: every rank's ``obj``, in rank order, on ``root`` (None elsewhere)."""
+        if self.size == 1:
+            return [obj]
+        data = _pickled(obj)
+        counts = np.empty(self.size, np.int64)
+        self._wait([self.comm.Igather(np.array([data.size], np.int64), counts, root=root)])
+        if self.rank != root:
+            self._wait([self.comm.Igatherv(data, None, root=root)])
+            return None
+        out = np.empty(int(counts.sum()), np.uint8)
+        self._wait([self.comm.Igatherv(data, [out, counts], root=root)])
+        return _unpickled(out, counts)
+
+    def allgather_obj(self, obj) -> list:
+        """Collective: every rank's ``obj``, in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        data = _pickled(obj)
+        counts = np.empty(self.size, np.int64)
+        self._wait([self.comm.Iallgather(np.array([data.size], np.int64), counts)])
+        out = np.empty(int(counts.sum()), np.uint8)
+        self._wait([self.comm.Iallgatherv(data, [out, counts])])
+        return _unpickled(out, counts)
 
     def send_command(self, obj) -> None:
         """Rank 0: wake the followers waiting in ``wait_command`` and hand them ``obj``."""
         if self.size > 1:
-            self.comm.Ibcast(np.ones(1, np.int64), root=0).Wait()
-            self.comm.bcast(obj, root=0)
+            self._wait([self.comm.Ibcast(np.ones(1, np.int64), root=0)])
+            self.bcast_obj(obj)
 
     def wait_command(self, poll_s: float = 0.005):
         """Ranks other than 0: wait for rank 0's next command object without spinning a core
@@ -219,11 +307,11 @@ class Comm:
         req = self.comm.Ibcast(flag, root=0)
         while not req.Test():
             time.sleep(poll_s)
-        return self.comm.bcast(None, root=0)
+        return self.bcast_obj(None)
 
     def barrier(self) -> None:
         if self.size > 1:
-            self.comm.Barrier()
+            self._wait([self.comm.Ibarrier()])
 
     def local_size(self) -> int:
         """Ranks of this job on this host: those sharing memory with this one, or with the
@@ -234,7 +322,7 @@ class Comm:
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         n = node.Get_size()
         node.Free()
-        same_name = self.comm.allgather(self.host).count(self.host)
+        same_name = self.hosts.count(self.host)
         return max(n, same_name)
 
     def checked(self, fn, *a, **kw):
@@ -246,7 +334,7 @@ class Comm:
             result, err = fn(*a, **kw), None
         except MpitpiError as e:
             result, err = None, str(e)
-        errors = self.comm.allgather(err) if self.size > 1 else [err]
+        errors = self.allgather_obj(err)
         failed = [(r, e) for r, e in enumerate(errors) if e is not None]
         if failed:
             raise CollectiveError(_merge(failed, self.size))
@@ -272,6 +360,15 @@ class Comm:
         if self.size > 1:
             self.comm.Abort(code)
         os._exit(code)
+
+
+def _pickled(obj) -> np.ndarray:
+    return np.frombuffer(pickle.dumps(obj), np.uint8).copy()
+
+
+def _unpickled(data: np.ndarray, counts: np.ndarray) -> list:
+    ends = np.cumsum(counts)
+    return [pickle.loads(data[e - c:e].tobytes()) for c, e in zip(counts, ends)]
 
 
 def _as_bytes(buf: np.ndarray) -> np.ndarray:

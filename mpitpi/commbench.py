@@ -38,6 +38,7 @@ def _median_s(comm: Comm, t: torch.Tensor, n: int) -> float:
     each started after a barrier, following WARMUP untimed ones."""
     times = []
     for i in range(n + WARMUP):
+        t.fill_(1.0 / comm.size)   # the sum stays 1: repeated sums never overflow
         comm.barrier()
         t0 = time.perf_counter()
         comm.allreduce_(t)

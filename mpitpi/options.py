@@ -47,6 +47,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    "layers as fit stay resident, the rest stream through --window (default 2)")
     p.add_argument("--drop-cache", action="store_true", help="drop the shard's pages from the "
                    "page cache after each read, as on a device without spare RAM")
+    p.add_argument("--stall-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="end the job, naming the rank, when a rank has not answered for this "
+                   "long once the model is loaded (default 60; 0: wait forever)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:

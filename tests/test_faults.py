@@ -54,11 +54,11 @@ def rank_pids(marker: str) -> dict[int, int]:
 class Job:
     """A long streaming generation across ``n`` ranks, started in the background."""
 
-    def __init__(self, n: int, extra_env: dict | None = None):
+    def __init__(self, n: int, extra_env: dict | None = None, args: tuple = ()):
         self.marker = f"mpitpi-fault-{uuid.uuid4().hex[:8]}"
         cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpitpi", "generate", "--model",
                "smollm2-135m", "--prompt", f"Tell me a very long story. ({self.marker})",
-               "--max-tokens", "3000", "--ignore-eos"]
+               "--max-tokens", "3000", "--ignore-eos", *args]
         env = {**os.environ, **(extra_env or {})}
         self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   env=env, start_new_session=True)
@@ -136,6 +136,29 @@ def test_kill9_of_a_rank_mid_generation_ends_the_job(victim):
         assert sorted(pids) == [0, 1]
         os.kill(pids[victim], signal.SIGKILL)
     ends_promptly(job, kill, 15, f"kill -9 rank {victim}")
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_stopped_rank_ends_the_job_with_a_message_naming_it(victim):
+    job = Job(2, args=("--stall-timeout", "4"))
+
+    def stop():
+        os.kill(rank_pids(job.marker)[victim], signal.SIGSTOP)
+    # 4 s without an answer, then a roll call of at most 3 s, then the abort
+    ends_promptly(job, stop, 4 + 3 + 5, f"SIGSTOP of rank {victim}, --stall-timeout 4")
+    err = job.stderr()
+    assert err.count("mpitpi: error") == 1, err
+    assert f"rank {victim} (" in err and "stopped answering" in err, err
+
+
+def test_sigint_ends_a_job_with_a_stopped_rank_at_once():
+    job = Job(2)   # the default --stall-timeout of 60 s is not waited for
+
+    def stop_then_interrupt():
+        os.kill(rank_pids(job.marker)[1], signal.SIGSTOP)
+        time.sleep(1.5)
+        os.kill(job.p.pid, signal.SIGINT)
+    ends_promptly(job, stop_then_interrupt, 8, "SIGINT with rank 1 stopped")
 
 
 def test_sigint_to_mpiexec_stops_every_rank():

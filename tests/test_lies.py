@@ -3,10 +3,12 @@ one clear message before any work, and nothing of the user's is overwritten or l
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_mpi, split
+from conftest import MPIEXEC, run_mpi, split
 from mpitpi.config import ModelArgs
 from mpitpi.errors import MpitpiError
 from mpitpi.sampling import SamplingParams
@@ -195,3 +197,15 @@ def test_split_removes_what_killed_splits_left(models, tmp_path):
     live.mkdir()
     split(folder, tmp_path / "s", 2)
     assert not stale.exists() and live.exists()
+
+
+def test_chat_survives_a_line_that_is_not_utf8():
+    lines = b"What is 2+2?\n\xff\xfe bad\nWhat is the capital of France?\n"
+    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "mpitpi", "chat", "--model",
+                        "smollm2-135m", "--max-tokens", "12"], input=lines,
+                       capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    answers = p.stdout.decode().strip().splitlines()
+    assert len(answers) == 2 and "Paris" in answers[1], p.stdout
+    assert b"not valid Unicode" in p.stderr or b"not UTF-8" in p.stderr
+    assert b"Traceback" not in p.stderr
