@@ -200,8 +200,8 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale(out: str) -> None:
-    """Delete ``out.partial-PID`` / ``out.old-PID`` folders left by splits on this host
-    that were killed (their PID is gone); a live split's folder is left alone."""
+    """Delete ``out.partial-PID`` / ``out.old-PID`` folders (or files) left by splits or
+    transfers on this host that were killed (their PID is gone); a live one is left alone."""
     parent, base = os.path.split(out)
     try:
         names = os.listdir(parent or ".")
@@ -210,8 +210,12 @@ def remove_stale(out: str) -> None:
     for name in names:
         for mark in (".partial-", ".old-"):
             pid = name[len(base) + len(mark):] if name.startswith(base + mark) else ""
+            path = os.path.join(parent, name)
             if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
 
 
 def _move_into_place(staging: str, out: str) -> None:

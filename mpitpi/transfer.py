@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from mpitpi.comm import Comm
 from mpitpi.errors import MpitpiError
-from mpitpi.shards import MANIFEST, ShardReader, read_manifest
+from mpitpi.shards import MANIFEST, ShardReader, is_shard_folder, read_manifest, remove_stale
 
 CHUNK = 8 * 2**20   # bytes per message
 
@@ -65,6 +65,7 @@ def ensure_shards(comm: Comm, shards: str, template: str | None, progress: bool 
     theirs = _local_manifest(folder) if comm.rank != 0 else None
     need = (comm.rank != 0 and not _sees_source(folder, shards, man, theirs)
             and not _has_valid(folder, comm.rank, man, theirs))
+    comm.checked(lambda: _check_target(folder) if need else None)
     flags = comm.gather_obj(need)                     # collective: every rank calls it
     needs = comm.bcast_obj([r for r, n in enumerate(flags) if n] if comm.rank == 0 else None)
 
@@ -78,6 +79,25 @@ def ensure_shards(comm: Comm, shards: str, template: str | None, progress: bool 
     if needs:
         comm.checked(move)
     return folder
+
+
+def _check_target(folder: str) -> None:
+    """A folder a shard may be received into: new, empty, or one of mpitpi's shard folders
+    (after removing what receives killed on this host left). Anything else is the user's:
+    refused, before a byte is sent."""
+    if not os.path.exists(folder):
+        return
+    if not os.path.isdir(folder):
+        raise MpitpiError(f"--local-shards {folder!r} is a file, not a folder. Fix: give a "
+                          f"folder path (e.g. /var/tmp/mpitpi-shards).")
+    for name in os.listdir(folder):
+        if name.startswith(".") and ".partial-" in name:
+            remove_stale(os.path.join(folder, name.split(".partial-")[0]))
+    names = os.listdir(folder)
+    if names and not is_shard_folder(folder):
+        raise MpitpiError(f"--local-shards {folder!r} holds files that are not mpitpi shards "
+                          f"(e.g. {sorted(names)[0]!r}); nothing in it is replaced. Fix: give "
+                          f"an empty folder, or one that mpitpi made.")
 
 
 def _send(comm: Comm, shards: str, r: int, man: dict, progress: bool) -> None:
@@ -103,9 +123,10 @@ def _receive(comm: Comm, folder: str, man: dict) -> None:
     size, name = entry["size"], entry["file"]
     buf = np.empty(CHUNK, np.uint8)
     error = None
+    tmp = os.path.join(folder, f".{name}.partial-{os.getpid()}")
+    man_tmp = os.path.join(folder, f".{MANIFEST}.partial-{os.getpid()}")
     try:
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{name}.partial-{os.getpid()}")
         out = open(tmp, "wb")
     except OSError as e:
         error, out = e, None
@@ -119,15 +140,24 @@ def _receive(comm: Comm, folder: str, man: dict) -> None:
             except OSError as e:
                 error = error or e
         done += n
-    if out is not None:
-        out.close()
+    try:
+        if out is not None:
+            out.close()
+        if error is None:
+            with open(man_tmp, "w") as f:
+                json.dump(man, f, indent=1)
+            os.replace(tmp, os.path.join(folder, name))
+    except OSError as e:
+        error = error or e
     if error is not None:
-        raise MpitpiError(f"cannot write the shard into {folder}: {error}. Fix: give "
-                          f"--local-shards a folder this rank can write.")
-    os.replace(tmp, os.path.join(folder, name))
+        for path in (tmp, man_tmp):
+            if os.path.exists(path):
+                os.remove(path)
+        raise MpitpiError(f"cannot write the shard into {folder}: "
+                          f"{getattr(error, 'strerror', None) or error}. Nothing was left "
+                          f"behind. Fix: give --local-shards a folder this rank can write, "
+                          f"with room for {size / 2**20:.0f} MiB.")
     man_path = os.path.join(folder, MANIFEST)
-    with open(man_path + ".partial", "w") as f:
-        json.dump(man, f, indent=1)
     try:
         reader = ShardReader(folder, comm.rank, man, verify=True)
         try:
@@ -137,7 +167,7 @@ def _receive(comm: Comm, folder: str, man: dict) -> None:
             reader.close()
     except MpitpiError as e:
         os.remove(os.path.join(folder, name))
-        os.remove(man_path + ".partial")
+        os.remove(man_tmp)
         raise MpitpiError(f"the shard sent to rank {comm.rank} ({comm.host}) failed its "
                           f"check: {e}")
-    os.replace(man_path + ".partial", man_path)
+    os.replace(man_tmp, man_path)

@@ -46,3 +46,33 @@ def test_a_corrupted_transfer_is_detected_and_not_kept(models, tmp_path):
     assert "the shard sent to rank 1" in r.stderr and "checksum mismatch" in r.stderr
     assert not (tmp_path / "node1" / "rank1.h5").exists()
     assert not (tmp_path / "node1" / "manifest.json").exists()
+
+
+def test_local_shards_never_replace_a_users_files(models, tmp_path):
+    folder, _ = models("llama-gqa")
+    shards = split(folder, tmp_path / "shards", 2)
+    mine = tmp_path / "node1"
+    mine.mkdir()
+    (mine / "manifest.json").write_text("my own manifest")
+    (mine / "rank1.h5").write_text("my own file")
+    r = generate(folder, shards, tmp_path / "node{rank}", n=2)
+    assert r.returncode != 0
+    assert "holds files that are not mpitpi shards" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("mpitpi: error") == 1, r.stderr
+    assert (mine / "manifest.json").read_text() == "my own manifest"
+    assert (mine / "rank1.h5").read_text() == "my own file"
+    assert sorted(os.listdir(mine)) == ["manifest.json", "rank1.h5"]
+
+
+def test_what_a_killed_receive_left_is_removed(models, tmp_path):
+    folder, _ = models("llama-gqa")
+    shards = split(folder, tmp_path / "shards", 2)
+    node = tmp_path / "node1"
+    node.mkdir()
+    pid = 4_000_000
+    while os.path.exists(f"/proc/{pid}"):
+        pid -= 1
+    (node / f".rank1.h5.partial-{pid}").write_bytes(b"half a shard")
+    r = generate(folder, shards, tmp_path / "node{rank}", n=2)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(node)) == ["manifest.json", "rank1.h5"]
