@@ -1,7 +1,9 @@
-"""Decode matrix-vector products in C (csrc/matvec.c), built for the host on first use.
+"""Decode kernels in C (csrc/), built for the host on first use.
 
 ``matvec(x, w, scale)`` returns x (T, in) fp32 @ w (out, in).T as (T, out) fp32, reading
 w in its stored dtype (fp32, bf16, fp16, or int8 times its group scales, quant.py).
+``decode_attn`` / ``decode_mlp`` (csrc/decode.c) run one layer half for one new token in
+one call: norm, products, rope, KV-cache append, attention; model.py calls them per layer.
 On this project's CPUs torch's own fp32 matrix-vector product streams weights at about a
 third of the memory bandwidth and it has no weight-only int8 product worth using; these
 loops run near the bandwidth (docs/BENCHMARKS.md).
@@ -30,8 +32,11 @@ import torch
 from mpitpi.files import cache_root
 from mpitpi.quant import GROUP
 
-SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "matvec.c")
+CSRC = os.path.join(os.path.dirname(__file__), "csrc")
+SOURCES = [os.path.join(CSRC, n) for n in ("matvec.c", "decode.c")]
+HEADERS = [os.path.join(CSRC, "common.h")]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+LIBS = ["-lm"]   # after the sources: -ffast-math vectorises expf into libm (libmvec) calls
 # rows of x up to which the kernels beat torch's products (measured on AVX-512 and AVX2 hosts,
 # docs/BENCHMARKS.md); int8 always: torch has no fast weight-only int8 product
 MAX_T = {torch.float32: 8, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1 << 30}
@@ -59,8 +64,8 @@ def _compiler() -> str | None:
 
 def library_path(cc: str) -> str:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    with open(SOURCE, "rb") as f:
-        key = f.read() + " ".join(FLAGS).encode() + version.encode() + _cpu_id().encode()
+    key = b"".join(open(p, "rb").read() for p in SOURCES + HEADERS)
+    key += " ".join(FLAGS + LIBS).encode() + version.encode() + _cpu_id().encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     return os.path.join(cache_root(), "kernels", f"matvec-{digest}.so")
 
@@ -77,7 +82,8 @@ def build() -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, "-o", tmp, SOURCE], capture_output=True, text=True)
+        r = subprocess.run([cc, *FLAGS, "-o", tmp, *SOURCES, *LIBS], capture_output=True,
+                           text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-500:]}")
         os.replace(tmp, path)
@@ -101,6 +107,11 @@ def _load():
             getattr(lib, name).argtypes = ([p, p, p, p, i64, i64, i64, i64]
                                            if name == "matvec_i8" else [p, p, p, i64, i64, i64])
             getattr(lib, name).restype = None
+        w, s, f = ctypes.POINTER(CWeight), ctypes.POINTER(CScratch), ctypes.c_float
+        lib.decode_attn.argtypes = [p, p, f, w, w, p, p, p, p, i64, i64, i64, i64, i64, i64, p,
+                                    s, p]
+        lib.decode_mlp.argtypes = [p, p, f, w, w, s, p]
+        lib.decode_attn.restype = lib.decode_mlp.restype = None
         _lib = lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _why_not = str(e)
@@ -132,6 +143,63 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) 
         getattr(lib, _FUNCS[w.dtype])(x.data_ptr(), w.data_ptr(), out.data_ptr(),
                                       T, n_in, n_out)
     return out
+
+
+class CWeight(ctypes.Structure):
+    """csrc/decode.c's weight_t: one matrix as stored. The tensors it points into must
+    outlive it (weights.Weight keeps both)."""
+    _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("dtype", ctypes.c_int64),
+                ("group", ctypes.c_int64)]
+
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
+
+
+def c_weight(data: torch.Tensor, scale: torch.Tensor | None,
+             bias: torch.Tensor | None) -> CWeight:
+    """A CWeight over contiguous ``data`` (rows, cols), its int8 ``scale`` and fp32 ``bias``."""
+    return CWeight(data.data_ptr(), None if scale is None else scale.data_ptr(),
+                   None if bias is None else bias.data_ptr(), data.shape[0], data.shape[1],
+                   DTYPE_CODES[data.dtype], GROUP)
+
+
+class CScratch(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_void_p) for n in ("h", "mid", "act", "xq", "xs")]
+
+
+class Scratch:
+    """The fused step's buffers for one rank, made once (no per-token allocation):
+    h (dim,), mid (max(qkv rows, 2 f),), act (max(n_q hd, f),), int8 activations and scales.
+    """
+
+    def __init__(self, dim: int, mid: int, act: int):
+        widest = max(dim, act)
+        self.tensors = [torch.empty(dim), torch.empty(mid), torch.empty(act),
+                        torch.empty(widest, dtype=torch.int16),
+                        torch.empty(widest // GROUP + 1)]
+        self.c = CScratch(*(t.data_ptr() for t in self.tensors))
+
+
+def decode_attn(x: torch.Tensor, norm: torch.Tensor, eps: float, wqkv: CWeight, wo: CWeight,
+                cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
+                cache_v: torch.Tensor, start: int, pos: int, n_q: int, n_kv: int, hd: int,
+                kv_of_q: torch.Tensor, scratch: Scratch, out: torch.Tensor) -> None:
+    """One token's attention half on this rank: ``out`` (dim,) = its partial sum.
+
+    x (dim,) the residual stream; cos, sin (hd,) at ``pos``; cache_k, cache_v
+    (n_kv, max_len, hd), row ``pos`` written here; keys [start, pos] attended;
+    kv_of_q (n_q,) int64. Every tensor contiguous fp32 (kv_of_q int64).
+    """
+    _lib.decode_attn(x.data_ptr(), norm.data_ptr(), eps, wqkv, wo, cos.data_ptr(),
+                     sin.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), cache_k.shape[1],
+                     start, pos, n_q, n_kv, hd, kv_of_q.data_ptr(), scratch.c, out.data_ptr())
+
+
+def decode_mlp(x: torch.Tensor, norm: torch.Tensor, eps: float, w13: CWeight, w2: CWeight,
+               scratch: Scratch, out: torch.Tensor) -> None:
+    """One token's MLP half on this rank: ``out`` (dim,) = its partial sum of x (dim,)."""
+    _lib.decode_mlp(x.data_ptr(), norm.data_ptr(), eps, w13, w2, scratch.c, out.data_ptr())
 
 
 if __name__ == "__main__":   # `python -m mpitpi.kernels`: build now (make install runs it)

@@ -15,11 +15,13 @@ With ``reduce`` the identity and a one-rank plan this is the plain single-proces
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from mpitpi import kernels
 from mpitpi.config import ModelArgs
 from mpitpi.plan import RankSlice, vocab_counts
 from mpitpi.prefetch import LayerStore
@@ -98,6 +100,14 @@ class Transformer:
         self.kv_of_q = kv_of_q
         hd = args.head_dim
         self.split_qkv = (s.n_q * hd, s.n_kv * hd, s.n_kv * hd)
+        # one new token runs the fused C step per layer half (kernels.decode_attn/_mlp)
+        # unless the kernels are missing or MPITPI_FUSED=0; the torch path is the reference
+        self.fused = kernels.available() and os.environ.get("MPITPI_FUSED", "1") != "0"
+        if self.fused:
+            qkv = (s.n_q + 2 * s.n_kv) * hd
+            self.scratch = kernels.Scratch(args.dim, max(qkv, 2 * s.n_ffn),
+                                           max(s.n_q * hd, s.n_ffn))
+            self.part = torch.empty(1, args.dim)                    # (1, dim) partial sums
         self.max_len = 0
         self.reserve(1)
 
@@ -161,6 +171,20 @@ class Transformer:
         x[mine] = self.top.embed.rows(tokens[mine] - v0)
         return self.reduce(x)
 
+    def decode_layer(self, i: int, w: LayerWeights, x: torch.Tensor, pos: int) -> None:
+        """Layer i for one token at ``pos``, fused: x (1, dim) is updated in place, with the
+        same two ``reduce`` calls as the torch path; the partial sums go through ``part``."""
+        a, s, part = self.args, self.s, self.part
+        win = a.sliding_window
+        start = max(0, pos + 1 - win) if win else 0
+        kernels.decode_attn(x, w.attn_norm, a.norm_eps, w.wqkv.c, w.wo.c, self.cos[pos],
+                            self.sin[pos], self.cache_k[i], self.cache_v[i], start, pos,
+                            s.n_q, s.n_kv, a.head_dim, self.kv_of_q, self.scratch, part)
+        x.add_(self.reduce(part))
+        kernels.decode_mlp(x, w.ffn_norm, a.norm_eps, w.w13.c, w.w2.c, self.scratch, part)
+        self.layers.done(i)                                       # the slot may be refilled
+        x.add_(self.reduce(part))
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """tokens (T,) at positions [start, start+T) -> (n_vocab_r,) logits of the last one.
@@ -168,8 +192,12 @@ class Transformer:
         Collective: 1 + 2 n_layers calls of ``reduce``, the same on every rank.
         """
         eps = self.args.norm_eps
-        mask = self._mask(tokens.shape[0], start)
         x = self.embed_tokens(tokens)
+        if tokens.shape[0] == 1 and self.fused:
+            for i in range(self.n_layers):
+                self.decode_layer(i, self.layers.get(i), x, start)
+            return self.top.lm_head(rms_norm(x, self.top.norm, eps))[0]  # (n_vocab_r,)
+        mask = self._mask(tokens.shape[0], start)
         for i in range(self.n_layers):
             w = self.layers.get(i)                                # waits if still loading
             x = x + self.reduce(self.attention(i, w, rms_norm(x, w.attn_norm, eps), start, mask))

@@ -99,9 +99,11 @@ class ThreadReduce:
         return reduce
 
 
-def run_ranks(folder: str, n: int, steps: list[torch.Tensor], starts: list[int]):
+def run_ranks(folder: str, n: int, steps: list[torch.Tensor], starts: list[int],
+              fused: bool = False):
     """Every rank's Transformer in its own thread; returns, per forward pass, the full
-    logits (ranks' vocabulary rows concatenated in rank order)."""
+    logits (ranks' vocabulary rows concatenated in rank order). ``fused``: one-token steps
+    through the fused C step (kernels.decode_attn/_mlp), else the torch path."""
     reduce = ThreadReduce(n)
     out: list[list[torch.Tensor]] = [[] for _ in range(n)]
     errors: list[BaseException] = []
@@ -110,6 +112,8 @@ def run_ranks(folder: str, n: int, steps: list[torch.Tensor], starts: list[int])
         try:
             args, plan, top, layers = open_rank(folder, r, n, None)
             model = Transformer(args, plan, r, top, layers, reduce=reduce.for_rank(r))
+            assert model.fused or not fused, "the fused step is not available"
+            model.fused = fused
             model.reserve(starts[-1] + len(steps[-1]))
             for tokens, start in zip(steps, starts):
                 out[r].append(model.forward(tokens, start))
@@ -141,6 +145,8 @@ def test_tensor_parallel_forward_in_process_matches_transformers(models, tmp_pat
     steps = [torch.tensor(prompt)] + [torch.tensor([t]) for t in new]
     starts = [0] + [len(prompt) + i for i in range(len(new))]
     ours = torch.stack(run_ranks(str(tmp_path / "s"), n, steps, starts))      # (4, vocab)
+    fused = torch.stack(run_ranks(str(tmp_path / "s"), n, steps, starts, fused=True))
+    assert float((fused - ours).abs().max() / ours.abs().max()) < 1e-5
     expect = refmodels.reference_logits(ref, prompt, new + [0])               # (4, vocab)
     rel = float((ours - expect).abs().max() / expect.abs().max())
     assert rel < 1e-4, rel

@@ -1,0 +1,115 @@
+/* What the matrix-vector kernels (matvec.c) and the fused decode step (decode.c) share:
+ * widening bf16/f16 to fp32, and the int8 row product with activations quantised to int16
+ * per group of input columns. Everything here is static inline: each .c file gets its own. */
+#ifndef MPITPI_COMMON_H
+#define MPITPI_COMMON_H
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+#if defined(__F16C__) && defined(__FMA__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
+    if (e == 0) {                      /* zero or subnormal */
+        float f = (float)m * (1.0f / 16777216.0f);
+        return s ? -f : f;
+    }
+    u = e == 31 ? s | 0x7f800000u | (m << 13) : s | ((e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+#endif
+}
+
+/* int8 with one fp32 scale per row and group of ``group`` input columns (a multiple of 32;
+ * the last group of a row may be shorter): scale is (out, ceil(in / group)), see quant.py.
+ * x is quantised per group to int16 (error 1/65534 of the group's largest |x|, far below
+ * the weights' own) so that AVX2's vpmaddwd multiplies 16 pairs and adds them pairwise
+ * into int32 in one instruction (with VNNI, vpdpwssd also accumulates); each group's int32
+ * sum is then converted once and scaled by (weight scale x activation scale). The short
+ * last group is done in fp32. */
+static inline void quantize_x(const float *x, int64_t in, int64_t group, int16_t *xq, float *xs) {
+    for (int64_t g0 = 0, g = 0; g0 < in; g0 += group, g++) {
+        int64_t g1 = g0 + group < in ? g0 + group : in;
+        float m = 0.f;
+        for (int64_t i = g0; i < g1; i++) m = fabsf(x[i]) > m ? fabsf(x[i]) : m;
+        float s = m > 0.f ? m / 32767.f : 1.f, inv = 1.f / s;
+        for (int64_t i = g0; i < g1; i++) xq[i] = (int16_t)lrintf(x[i] * inv);
+        xs[g] = s;
+    }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)   /* multiply-add-accumulate in one */
+#define DPWSSD(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
+#elif defined(__AVXVNNI__)
+#define DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
+#else
+#define DPWSSD(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#endif
+
+static inline float dot_i8_row(const int8_t *w, const int16_t *xq, const float *ws, const float *xs,
+                        const float *x, int64_t in, int64_t group, int64_t full) {
+    float sum = 0.f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < full; g++) {
+        const int8_t *wg = w + g * group;
+        const int16_t *xg = xq + g * group;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0;
+        for (int64_t i = 0; i < group; i += 32) {
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + i)));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wg + i + 16)));
+            a0 = DPWSSD(a0, w0, _mm256_loadu_si256((const __m256i *)(xg + i)));
+            a1 = DPWSSD(a1, w1, _mm256_loadu_si256((const __m256i *)(xg + i + 16)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)),
+                              _mm256_set1_ps(ws[g] * xs[g]), acc);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_hadd_ps(h, h);
+    sum = _mm_cvtss_f32(_mm_hadd_ps(h, h));
+#else
+    for (int64_t g = 0; g < full; g++) {
+        int32_t a = 0;
+        for (int64_t i = g * group; i < (g + 1) * group; i++) a += (int32_t)w[i] * xq[i];
+        sum += (float)a * ws[g] * xs[g];
+    }
+#endif
+    if (full * group < in) {
+        float a = 0.f;
+        for (int64_t i = full * group; i < in; i++) a += (float)w[i] * x[i];
+        sum += a * ws[full];
+    }
+    return sum;
+}
+
+#if defined(__F16C__) && defined(__FMA__)
+#define HAVE_F16X8 1
+/* gcc does not vectorise scalar F16C conversions: eight at a time by hand. */
+static inline __m256 f16x8(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+
+#endif
+
+#endif
