@@ -59,11 +59,36 @@ static inline void quantize_x(const float *x, int64_t in, int64_t group, int16_t
 #else
 #define DPWSSD(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 #endif
+#if defined(__AVX512VNNI__)
+#define DPWSSD512(acc, a, b) _mm512_dpwssd_epi32(acc, a, b)
+#else
+#define DPWSSD512(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
+#endif
 
 static inline float dot_i8_row(const int8_t *w, const int16_t *xq, const float *ws, const float *xs,
                         const float *x, int64_t in, int64_t group, int64_t full) {
     float sum = 0.f;
-#ifdef __AVX2__
+#if defined(__AVX512BW__) && defined(__AVX512F__)
+    /* 32 weights per instruction: half the instructions of the AVX2 loop below */
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < full; g++) {
+        const int8_t *wg = w + g * group;
+        const int16_t *xg = xq + g * group;
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+        for (int64_t i = 0; i < group; i += 64) {
+            __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wg + i)));
+            a0 = DPWSSD512(a0, w0, _mm512_loadu_si512((const void *)(xg + i)));
+            if (i + 32 < group) {
+                __m512i w1 = _mm512_cvtepi8_epi16(
+                    _mm256_loadu_si256((const __m256i *)(wg + i + 32)));
+                a1 = DPWSSD512(a1, w1, _mm512_loadu_si512((const void *)(xg + i + 32)));
+            }
+        }
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)),
+                              _mm512_set1_ps(ws[g] * xs[g]), acc);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__)
     __m256 acc = _mm256_setzero_ps();
     for (int64_t g = 0; g < full; g++) {
         const int8_t *wg = w + g * group;
