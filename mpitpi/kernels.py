@@ -35,7 +35,10 @@ from mpitpi.quant import GROUP
 CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 SOURCES = [os.path.join(CSRC, n) for n in ("matvec.c", "decode.c")]
 HEADERS = [os.path.join(CSRC, "common.h")]
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+# the instruction set to build for: the host's own by default; MPITPI_MARCH=haswell (AVX2),
+# x86-64 (plain C), ... builds another variant (the tests check each one this CPU can run)
+MARCH = os.environ.get("MPITPI_MARCH", "native")
+FLAGS = ["-O3", f"-march={MARCH}", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 LIBS = ["-lm"]   # after the sources: -ffast-math vectorises expf into libm (libmvec) calls
 # rows of x up to which the kernels beat torch's products (measured on AVX-512 and AVX2 hosts,
 # docs/BENCHMARKS.md); int8 always: torch has no fast weight-only int8 product

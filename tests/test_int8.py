@@ -1,16 +1,19 @@
 """The C decode kernels against torch, int8 quantisation, and int8 models against fp32."""
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_mpi
+from conftest import run_cmd, run_mpi
 from mpitpi import kernels
 from mpitpi.quant import GROUP, dequantize_int8, quantize_int8
 from refmodels import logits_vs_reference
 
 PROMPT = [1, 17, 42, 99, 7, 230, 5]
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # (T, in, out): one and several rows of x; rows shorter than a group, a short last group,
 # rows past 4096 (the four-rows-at-a-time path) with an odd number of output rows
@@ -104,3 +107,37 @@ def test_torch_fallback_gives_the_same_tokens(models):
         assert r.returncode == 0, r.stderr
         runs.append(json.loads(r.stdout)["token_ids"])
     assert runs[0] == runs[1]
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":")[1].split()) for line in f
+                     if line.startswith("flags")), set())
+
+
+# instruction sets the kernels have paths for: (gcc -march, CPU flags it needs)
+VARIANTS = {"x86-64": set(), "haswell": {"avx2", "fma", "f16c", "bmi2"},
+            "skylake-avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                               "avx512dq", "avx512cd"},
+            "icelake-server": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                               "avx512_vbmi2", "avx512_bitalg", "avx512_vpopcntdq"}}
+
+
+@pytest.mark.parametrize("march", list(VARIANTS))
+def test_every_kernel_variant_this_cpu_runs_matches_torch(march, tmp_path):
+    """Each instruction-set path of csrc/ (plain C, AVX2, AVX-512 without and with VNNI),
+    built with that -march, runs this file's kernel tests and the fused-step tests."""
+    import platform
+    if platform.machine() != "x86_64":
+        pytest.skip(f"{march} is an x86-64 variant; this is {platform.machine()}")
+    missing = VARIANTS[march] - cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU cannot run -march={march}: it lacks {sorted(missing)}")
+    env = {"MPITPI_MARCH": march, "MPITPI_CACHE": str(tmp_path)}
+    r = run_cmd([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                 f"{HERE}/test_int8.py::test_the_kernels_build_on_this_host",
+                 f"{HERE}/test_int8.py::test_float_kernels_match_torch",
+                 f"{HERE}/test_int8.py::test_int8_kernel_matches_dequantized_product",
+                 f"{HERE}/test_fused.py", "-k", "not wide"], env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-500:]
