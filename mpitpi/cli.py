@@ -28,10 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mpitpi import __version__
+from mpitpi import __version__, choices
 from mpitpi.bench import format_bench, run_bench
 from mpitpi.chat import run_chat
 from mpitpi.checkpoint import natural_dtype, open_checkpoint
+from mpitpi.choices import describe
 from mpitpi.comm import Comm
 from mpitpi.commbench import run_commbench
 from mpitpi.errors import CollectiveError, MpitpiError
@@ -324,6 +325,7 @@ def cmd_profile(a: argparse.Namespace, comm: Comm) -> int:
         print(json.dumps({"ratios": ratios, "ranks": figs, "plan": [s.to_dict() for s in plan]}))
     elif comm.rank == 0:
         print(f"--ratios auto would use: --ratios {ratios}")
+        print(describe(choices.host()))
     return 0
 
 

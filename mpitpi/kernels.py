@@ -40,9 +40,6 @@ HEADERS = [os.path.join(CSRC, "common.h")]
 MARCH = os.environ.get("MPITPI_MARCH", "native")
 FLAGS = ["-O3", f"-march={MARCH}", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 LIBS = ["-lm"]   # after the sources: -ffast-math vectorises expf into libm (libmvec) calls
-# rows of x up to which the kernels beat torch's products (measured on AVX-512 and AVX2 hosts,
-# docs/BENCHMARKS.md); int8 always: torch has no fast weight-only int8 product
-MAX_T = {torch.float32: 8, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1 << 30}
 
 _FUNCS = {torch.float32: "matvec_f32", torch.bfloat16: "matvec_bf16",
           torch.float16: "matvec_f16", torch.int8: "matvec_i8"}
@@ -59,6 +56,26 @@ def _cpu_id() -> str:
     except OSError:
         pass
     return ""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo)."""
+    line = _cpu_id()
+    return set(line.split(":", 1)[1].split()) if ":" in line else set()
+
+
+def cpu_model() -> str:
+    """The CPU's model name and the vector features the kernels care about."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f
+                         if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+              "amx_bf16", "asimd", "asimddp")
+    return f"{name or 'unknown CPU'} ({' '.join(f for f in wanted if f in cpu_flags())})"
 
 
 def _compiler() -> str | None:
@@ -126,6 +143,11 @@ def _load():
 
 def available() -> bool:
     return _load() is not None
+
+
+def library_path_or_none() -> str | None:
+    """The loaded library's path (None without kernels)."""
+    return _lib._name if _load() is not None else None
 
 
 def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpitpi import kernels
+from mpitpi import choices, kernels
 from mpitpi.quant import dequantize_int8, quantize_int8
 
 SCALE = ".scale"                      # int8 matrix "name" has its scales in "name.scale"
@@ -53,22 +53,22 @@ class Weight:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, in) fp32 -> (T, out) fp32.
 
-        Chosen by measurement (docs/BENCHMARKS.md): decode and short inputs
-        (T <= kernels.MAX_T[dtype]; int8: always) use the C kernels, which widen each weight
-        in registers; longer inputs use torch's matrix products, fp16 through bf16 (torch's
-        fp16 products are slow on CPUs). Without the kernels int8 runs on an fp32 copy.
+        Chosen per host by measurement (choices.py): decode and short inputs (up to
+        ``kernel_rows`` rows; int8: always) use the C kernels, which widen each weight in
+        registers; longer inputs use torch's matrix product, fp16 and bf16 in bf16 where the
+        CPU has bf16 instructions and it measured faster, else in fp32. Without the kernels
+        int8 runs on an fp32 copy.
         """
-        w = self.data
-        if x.shape[0] <= kernels.MAX_T[w.dtype] and kernels.available():
+        w, c = self.data, choices.host()
+        if x.shape[0] <= c.kernel_rows(w.dtype) and kernels.available():
             y = kernels.matvec(x, w, self.scale)
         elif self.scale is not None:
             y = F.linear(x, dequantize_int8(w, self.scale))
         elif w.dtype == torch.float32:
             y = F.linear(x, w)
-        elif w.dtype == torch.float16 and x.shape[0] > 1:
-            y = F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)).float()
         else:
-            y = F.linear(x.to(w.dtype), w).float()
+            pre = c.prefill_dtype(w.dtype)
+            y = F.linear(x.to(pre), w.to(pre)).float()
         return y if self.bias is None else y + self.bias
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:

@@ -141,3 +141,16 @@ def test_every_kernel_variant_this_cpu_runs_matches_torch(march, tmp_path):
                  f"{HERE}/test_fused.py", "-k", "not wide"], env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-500:]
+
+
+def test_host_choices_are_measured_and_kept_beside_the_kernels(monkeypatch):
+    from mpitpi import choices
+    c = choices.host()
+    assert c.measured and c.cpu and os.path.isfile(kernels.library_path_or_none() +
+                                                   ".choices.json")
+    assert c.kernel_rows(torch.float32) >= 1 and c.kernel_rows(torch.int8) > 10**6
+    # a CPU without bf16 instructions never computes fp16/bf16 prefill in bf16
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    plain = choices.Choices()
+    assert plain.prefill_dtype(torch.float16) == torch.float32
+    assert plain.prefill_dtype(torch.bfloat16) == torch.float32
