@@ -101,6 +101,24 @@ def measure(n: int = 2048) -> Choices:
     return c
 
 
+def best_threads(most: int, n: int = 2048) -> int:
+    """Of 1 .. ``most`` threads, the count that runs a decode-sized product (a 32 MB fp32
+    matrix, out of cache) fastest now, other work on the host included; fewer threads only
+    when clearly (5%) faster. Leaves torch set to it."""
+    if most > 1 and kernels.available():
+        g = torch.Generator().manual_seed(0)
+        w, x = torch.randn(4 * n, n, generator=g), torch.randn(1, n, generator=g)
+        best, best_ms = most, float("inf")
+        for t in range(most, 0, -1):
+            torch.set_num_threads(t)
+            ms = _median_ms(lambda: kernels.matvec(x, w), reps=5)
+            if ms < 0.95 * best_ms:
+                best, best_ms = t, ms
+        most = best
+    torch.set_num_threads(most)
+    return most
+
+
 def _path() -> str:
     return kernels.library_path_or_none() + ".choices.json"
 

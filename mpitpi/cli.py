@@ -49,14 +49,13 @@ from mpitpi.tokenizer import Tokenizer, chat_messages, load_tokenizer
 
 # -- helpers of the commands -------------------------------------------------------------------
 
-def _threads(local_ranks: int, requested: int | None) -> int:
-    """--threads, or the host's cores divided by the job's ranks on this host."""
-    if requested is not None:
-        if requested < 1:
-            raise MpitpiError(f"--threads must be at least 1, got {requested}.")
-        return requested
+def _threads(local_ranks: int, requested: int | str) -> int:
+    """--threads N, or for 'auto' the fastest count up to the host's cores divided by the
+    job's ranks on this host (every rank of the host measures at once)."""
+    if requested != "auto":
+        return int(requested)
     cores = len(os.sched_getaffinity(0))
-    return max(1, min(cores, (os.cpu_count() or 1) // local_ranks))
+    return choices.best_threads(max(1, min(cores, (os.cpu_count() or 1) // local_ranks)))
 
 
 def peak_rss_mb() -> float:
@@ -170,7 +169,7 @@ def start(a: argparse.Namespace, comm: Comm) -> Loaded:
                         progress=comm.rank == 0, window=a.window,
                         memory_budget=a.memory_budget, drop_cache=a.drop_cache,
                         local_shards=a.local_shards)
-    if a.threads is None and threads >= 2 and loaded.model.layers.window is not None:
+    if a.threads == "auto" and threads >= 2 and loaded.model.layers.window is not None:
         torch.set_num_threads(threads - 1)   # leave a core to the layer reader (measured)
     comm.stall_timeout = a.stall_timeout or None   # every rank at once: bcast_obj changes
     return loaded
@@ -257,6 +256,7 @@ def cmd_generate(a: argparse.Namespace, comm: Comm) -> int:
             "ttft_ms": round(res.ttft_ms, 3), "ms_per_token": round(res.ms_per_token, 3),
             "tokens_per_s": round(1e3 / res.ms_per_token, 3) if res.ms_per_token else None,
             "finish_reason": res.finish_reason, "world_size": comm.size,
+            "threads": torch.get_num_threads(),
             "peak_rss_mb": rss, "io_wait_ms_per_token": io_wait,
             "resident_layers": resident, "window": layers.window,
             "allreduce": comm.algorithm + (f" ({comm.small} for small)" if comm.small else ""),

@@ -16,6 +16,19 @@ MODEL_HELP = "a Hugging Face folder (config.json + *.safetensors), a .gguf file,
              "bundled 'smollm2-135m'"
 
 
+def threads_arg(text: str) -> int | str:
+    """--threads: 'auto' or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}")
+    return n
+
+
 # -- options shared by several commands -------------------------------------------------------
 
 def add_dtype(p: argparse.ArgumentParser, what: str = "weight dtype of the shards") -> None:
@@ -30,8 +43,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratios", help="per-rank shares of heads, FFN columns and vocabulary, "
                    "e.g. 2,1,1, or 'auto' to measure each rank (default: uniform)")
     add_dtype(p)
-    p.add_argument("--threads", type=int, help="torch threads per rank (default: the host's "
-                   "cores divided by the ranks on that host, at least 1)")
+    p.add_argument("--threads", type=threads_arg, default="auto",
+                   help="threads per rank, or 'auto' (default): of 1 .. the host's cores "
+                   "divided by its ranks, the count that runs a decode product fastest at "
+                   "start, other work on the host included")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the CRC32 check of shard data as it is read")
     p.add_argument("--allreduce", default="mpi", choices=[*ALGORITHMS, "auto"],
