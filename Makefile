@@ -42,9 +42,16 @@ test: install
 
 # Benchmarks against transformers' generate on the same model, in one run (jobs/bench.sh):
 # JSON, a markdown table and a PNG under bench/. Timings never run as tests.
-bench: install
+bench: install bench/llama-venv/.installed
 	$(PY) -m pip install -q -e '.[test,bench]'
 	./jobs/bench.sh
+
+# llama.cpp for the same-run comparison: llama-cpp-python built from source for this host
+# (about 10 minutes) into its own virtualenv under bench/, never into .venv.
+bench/llama-venv/.installed:
+	test -x bench/llama-venv/bin/python || $(PYTHON) -m venv bench/llama-venv
+	bench/llama-venv/bin/pip install -q llama-cpp-python numpy
+	touch $@
 
 # Lint the Python code with ruff, pinned here and installed into the venv (a no-op once there);
 # its rules are in pyproject.toml [tool.ruff]. It only reports: it never rewrites a file.
