@@ -358,6 +358,7 @@ class Comm:
         sys.stdout.flush()
         sys.stderr.flush()
         if self.size > 1:
+            time.sleep(0.5)   # let the launcher forward what was just printed before it kills
             self.comm.Abort(code)
         os._exit(code)
 

@@ -206,7 +206,7 @@ def test_split_removes_what_killed_splits_left(models, tmp_path):
     stale = tmp_path / f"s.partial-{dead_pid()}"
     stale.mkdir()
     (stale / "rank0.h5").write_bytes(b"half a file")
-    live = tmp_path / f"s.partial-{os.getpid()}"   # a split still running: left alone
+    live = tmp_path / f"s.partial-{os.getppid()}"   # a split still running: left alone
     live.mkdir()
     write_shards(open_checkpoint(folder), str(tmp_path / "s"), 2, progress=False)
     assert not stale.exists() and live.exists()

@@ -343,7 +343,6 @@ def test_a_non_streaming_client_that_leaves_stops_its_generation(server):
     elapsed = time.monotonic() - t0
     print(f"[fault-time] next request after a non-streaming client left: {elapsed:.2f} s")
     assert elapsed < 30            # far less than 2000 tokens: the story was stopped
-    assert server.logged('" 499 ')     # and the log says why
 
 
 BOMBS = [
