@@ -3,8 +3,8 @@
 Two decisions differ between CPUs by several times (docs/BENCHMARKS.md):
 
 - ``max_t[dtype]``: the number of input rows up to which the C kernels beat torch's matrix
-  product (decode is 1 row; short prompts a few). Measured once per kernel build by timing
-  both on a 2048 x 2048 matrix for 1, 2, 4, ... rows.
+  product (decode is 1 row; short prompts a few; int8 against a dequantized copy). Measured
+  once per kernel build by timing both on a 2048 x 2048 matrix for 1, 2, 4, ... 64 rows.
 - ``prefill[dtype]``: what fp16 and bf16 weights compute in for longer inputs: ``bf16``
   (torch's bf16 product, fast only where the CPU has bf16 instructions) or ``fp32`` (the
   weight widened per call). Without avx512_bf16 / amx_bf16 it is fp32 without measuring;
@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from mpitpi import kernels
+from mpitpi.quant import dequantize_int8, quantize_int8
 
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
          torch.int8: "int8"}
-ROWS = (1, 2, 4, 8, 16, 32)
+ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def _bf16_instructions() -> bool:
@@ -97,7 +98,18 @@ def measure(n: int = 2048) -> Choices:
         c.max_t[name] = max(best, 1)
         c.why.append(f"{name}: C kernels up to {c.max_t[name]} rows, then torch in "
                      f"{NAMES[pre]}")
-    c.why.append("int8: C kernels for any rows (torch has no weight-only int8 product)")
+    q, scale = quantize_int8(w32)
+    best = 0
+    for t in ROWS:   # torch has no weight-only int8 product: it multiplies a dequantized copy
+        x = torch.randn(t, n, generator=g)
+        ours = _median_ms(lambda: kernels.matvec(x, q, scale))
+        theirs = _median_ms(lambda: F.linear(x, dequantize_int8(q, scale)))
+        if ours > theirs:
+            break
+        best = t
+    c.max_t["int8"] = max(best, 1)
+    c.why.append(f"int8: C kernels up to {c.max_t['int8']} rows, then torch on a dequantized "
+                 f"fp32 copy")
     return c
 
 
