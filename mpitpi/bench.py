@@ -111,8 +111,8 @@ def run_bench(comm, loaded, prompt_len: int, gen_len: int, reps: int, seed: int 
     out = {
         "world_size": comm.size, "prompt_len": prompt_len, "gen_len": gen_len, "reps": reps,
         "window": layers.window,
-        "ttft_ms": round(statistics.median(ttft), 3), "ms_per_token": round(ms, 3),
-        "tokens_per_s": round(1e3 / ms, 3),
+        "ttft_ms": round(statistics.median(ttft), 3), "ms_per_token": round(ms, 4),
+        "tokens_per_s": round(1e3 / round(ms, 4), 3),   # consistent with the rounded ms
         "ranks": per_rank,
     }
     # ranks on one host share its memory bandwidth: the slowest host sets the bound
