@@ -13,7 +13,7 @@ Two decisions differ between CPUs by several times (docs/BENCHMARKS.md):
 The figures are written as JSON beside the kernel library (one file per library, which is
 per CPU and compiler) with the CPU they were measured on. One process measures (an exclusive
 lock file); others starting at the same moment use the defaults from the CPU's features for
-that run. ``python -m mpitpi.kernels`` (make install) measures up front; ``mpitpi profile``
+that run. ``python -m mpitpi.choices`` (make install) measures up front; ``mpitpi profile``
 prints the choices and why.
 """
 from __future__ import annotations
@@ -71,6 +71,18 @@ def _median_ms(f, reps: int = 7) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
+def _crossover(ours, theirs, n: int, g: torch.Generator) -> int:
+    """The most rows of x (n,) in ROWS for which ``ours(x)`` is not slower than
+    ``theirs(x)``, stopping at the first loss; at least 1."""
+    best = 0
+    for t in ROWS:
+        x = torch.randn(t, n, generator=g)
+        if _median_ms(lambda: ours(x)) > _median_ms(lambda: theirs(x)):
+            break
+        best = t
+    return max(best, 1)
+
+
 def measure(n: int = 2048) -> Choices:
     """Time the kernels against torch on this host (about a second)."""
     c = Choices(measured=True, cpu=kernels.cpu_model())
@@ -87,27 +99,13 @@ def measure(n: int = 2048) -> Choices:
         elif dtype != torch.float32:
             c.why.append(f"{name} prefill in fp32: no avx512_bf16/amx_bf16 on this CPU")
         pre = c.prefill_dtype(dtype)
-        best = 0
-        for t in ROWS:
-            x = torch.randn(t, n, generator=g)
-            ours = _median_ms(lambda: kernels.matvec(x, w))
-            theirs = _median_ms(lambda: F.linear(x.to(pre), w.to(pre)))
-            if ours > theirs:
-                break
-            best = t
-        c.max_t[name] = max(best, 1)
+        c.max_t[name] = _crossover(lambda x: kernels.matvec(x, w),
+                                   lambda x: F.linear(x.to(pre), w.to(pre)), n, g)
         c.why.append(f"{name}: C kernels up to {c.max_t[name]} rows, then torch in "
                      f"{NAMES[pre]}")
-    q, scale = quantize_int8(w32)
-    best = 0
-    for t in ROWS:   # torch has no weight-only int8 product: it multiplies a dequantized copy
-        x = torch.randn(t, n, generator=g)
-        ours = _median_ms(lambda: kernels.matvec(x, q, scale))
-        theirs = _median_ms(lambda: F.linear(x, dequantize_int8(q, scale)))
-        if ours > theirs:
-            break
-        best = t
-    c.max_t["int8"] = max(best, 1)
+    q, scale = quantize_int8(w32)   # torch has no weight-only int8 product: a dequantized copy
+    c.max_t["int8"] = _crossover(lambda x: kernels.matvec(x, q, scale),
+                                 lambda x: F.linear(x, dequantize_int8(q, scale)), n, g)
     c.why.append(f"int8: C kernels up to {c.max_t['int8']} rows, then torch on a dequantized "
                  f"fp32 copy")
     return c

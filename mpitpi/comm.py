@@ -236,7 +236,7 @@ class Comm:
     # -- timings and raw bytes (commbench, calibration, shard transfer) ------------------
     def max_all(self, value: float) -> float:
         """Collective (every rank calls it): the largest ``value`` over all ranks, returned
-        on every rank (a pickled allreduce with MAX)."""
+        on every rank (an all-reduce with MAX of one float64)."""
         if self.size == 1:
             return value
         buf = np.array([value], np.float64)

@@ -136,11 +136,10 @@ def open_rank(folder: str, rank: int, world_size: int, fingerprint: str | None,
         stored = {n.removeprefix("vocab/"): reader.read(n)
                   for n in reader.checksums if n.startswith("vocab/") or n == "norm"}
         top = TopWeights.from_stored(vectors_fp32(stored))
-        n_res, w = plan_residency(args.n_layers, layer_bytes(reader), top.nbytes, budget,
-                                  window)
+        per_layer = layer_bytes(reader)
+        n_res, w = plan_residency(args.n_layers, per_layer, top.nbytes, budget, window)
         if w is None:
-            layers = Resident([read_layer(reader, i) for i in range(args.n_layers)],
-                              layer_bytes(reader))
+            layers = Resident([read_layer(reader, i) for i in range(args.n_layers)], per_layer)
             reader.close()
         else:
             layers = Streamed(reader, args.n_layers, n_res, w)

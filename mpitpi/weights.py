@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -42,13 +43,11 @@ class Weight:
     scale: torch.Tensor | None = None
     bias: torch.Tensor | None = None
 
-    @property
+    @cached_property
     def c(self) -> kernels.CWeight:
         """This weight as the fused C step reads it (made once; it points into the tensors
         above, which this object keeps alive)."""
-        if "_c" not in self.__dict__:
-            self.__dict__["_c"] = kernels.c_weight(self.data, self.scale, self.bias)
-        return self.__dict__["_c"]
+        return kernels.c_weight(self.data, self.scale, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, in) fp32 -> (T, out) fp32.

@@ -44,6 +44,14 @@ def split(folder: str, out, n: int):
     return out
 
 
+def dead_pid() -> int:
+    """A process id no process on this host has (for files a killed process left)."""
+    pid = 4_000_000
+    while os.path.exists(f"/proc/{pid}"):
+        pid -= 1
+    return pid
+
+
 def flip_byte(path, at: int) -> None:
     """Invert the byte ``at`` (negative: from the end) of the file ``path``, in place."""
     data = bytearray(open(path, "rb").read())

@@ -109,12 +109,6 @@ def test_torch_fallback_gives_the_same_tokens(models):
     assert runs[0] == runs[1]
 
 
-def cpu_flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        return next((set(line.split(":")[1].split()) for line in f
-                     if line.startswith("flags")), set())
-
-
 # instruction sets the kernels have paths for: (gcc -march, CPU flags it needs)
 VARIANTS = {"x86-64": set(), "haswell": {"avx2", "fma", "f16c", "bmi2"},
             "skylake-avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
@@ -130,7 +124,7 @@ def test_every_kernel_variant_this_cpu_runs_matches_torch(march, tmp_path):
     import platform
     if platform.machine() != "x86_64":
         pytest.skip(f"{march} is an x86-64 variant; this is {platform.machine()}")
-    missing = VARIANTS[march] - cpu_flags()
+    missing = VARIANTS[march] - kernels.cpu_flags()
     if missing:
         pytest.skip(f"this CPU cannot run -march={march}: it lacks {sorted(missing)}")
     env = {"MPITPI_MARCH": march, "MPITPI_CACHE": str(tmp_path)}

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import MPIEXEC, run_mpi, split
+from conftest import MPIEXEC, dead_pid, run_mpi, split
 from mpitpi.checkpoint import open_checkpoint
 from mpitpi.config import ModelArgs
 from mpitpi.errors import MpitpiError
@@ -192,13 +192,6 @@ def test_split_onto_an_unwritable_place_is_one_message(models):
     folder, _ = models("llama-gqa")
     r = run_mpi(1, ["split", folder, "--out", "/proc/mpitpi-cannot-write-here", "-n", "2"])
     fails_with(r, "cannot write the shards into /proc/mpitpi-cannot-write-here")
-
-
-def dead_pid() -> int:
-    pid = 4_000_000
-    while os.path.exists(f"/proc/{pid}"):
-        pid -= 1
-    return pid
 
 
 def test_split_removes_what_killed_splits_left(models, tmp_path):

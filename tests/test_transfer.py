@@ -2,7 +2,7 @@
 import json
 import os
 
-from conftest import flip_byte, run_mpi, split
+from conftest import dead_pid, flip_byte, run_mpi, split
 
 IDS = "1,17,42,99"
 
@@ -69,10 +69,7 @@ def test_what_a_killed_receive_left_is_removed(models, tmp_path):
     shards = split(folder, tmp_path / "shards", 2)
     node = tmp_path / "node1"
     node.mkdir()
-    pid = 4_000_000
-    while os.path.exists(f"/proc/{pid}"):
-        pid -= 1
-    (node / f".rank1.h5.partial-{pid}").write_bytes(b"half a shard")
+    (node / f".rank1.h5.partial-{dead_pid()}").write_bytes(b"half a shard")
     r = generate(folder, shards, tmp_path / "node{rank}", n=2)
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(node)) == ["manifest.json", "rank1.h5"]
