@@ -83,12 +83,16 @@ def test_shard_changed_mid_run_fails_promptly_on_every_rank(models, tmp_path):
     shards = split(folder, tmp_path / "s", 2)
     cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpitpi", "generate", "--model", folder,
            "--shards", str(shards), "--prompt-ids", IDS, "--max-tokens", "4000",
-           "--ignore-eos", "--window", "2", "--json"]
+           "--ignore-eos", "--window", "2", "--json", "--verbose"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
-        time.sleep(6)
-        assert p.poll() is None, p.communicate()[1]
+        seen = ""
+        while "[token" not in seen:   # decoding has begun (a timed sleep raced a fast run)
+            line = p.stderr.readline()
+            assert line, seen + p.communicate()[1]
+            seen += line
+        assert p.poll() is None, seen
         with open(shards / "rank1.h5", "ab") as f:   # the file changes under the run
             f.write(b"\0" * 16)
         t0 = time.monotonic()
