@@ -21,6 +21,7 @@ from mpitpi.config import ModelArgs, load_hf_config
 from mpitpi.errors import MpitpiError
 from mpitpi.files import is_gguf, read_safetensors_header, safetensors_header
 from mpitpi.gguf_checkpoint import GGUFCheckpoint, gguf_fingerprint
+from mpitpi.weights import Weight
 
 
 class Checkpoint(Protocol):
@@ -36,6 +37,10 @@ class Checkpoint(Protocol):
     def shape(self, name: str) -> tuple[int, ...]: ...
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor: ...
     def cols(self, name: str, start: int, stop: int) -> torch.Tensor: ...
+    # the same for shards of ``dtype``: a Weight already in it where the file's own blocks
+    # carry over unchanged (GGUF Q4/Q8 into int4/int8), else the float tensor
+    def rows_as(self, name: str, start: int, stop: int, dtype: str) -> torch.Tensor | Weight: ...
+    def cols_as(self, name: str, start: int, stop: int, dtype: str) -> torch.Tensor | Weight: ...
     def full(self, name: str) -> torch.Tensor: ...
     def release(self) -> None: ...
     def fingerprint(self) -> str: ...
@@ -211,6 +216,12 @@ class HFCheckpoint:
             self._cols_cache = (name, self.full(name))
         return self._cols_cache[1][:, start:stop].contiguous()
 
+    def rows_as(self, name: str, start: int, stop: int, dtype: str) -> torch.Tensor:
+        return self.rows(name, start, stop)   # float files: quantized when stored
+
+    def cols_as(self, name: str, start: int, stop: int, dtype: str) -> torch.Tensor:
+        return self.cols(name, start, stop)
+
     def release(self) -> None:
         """Drop the kept tensor (split calls this after each layer)."""
         self._cols_cache = None
@@ -263,11 +274,11 @@ _DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16",
 
 def natural_dtype(path: str) -> str:
     """The storage dtype shards get by default: the checkpoint's own float dtype (fp32, bf16
-    or fp16); fp16 for GGUF files, whose quantized weights need a float type to compute in
-    and fp16 is the fastest for decode here (docs/BENCHMARKS.md)."""
+    or fp16); for GGUF files what the bits of their weights give (int4 for Q4 files:
+    GGUFCheckpoint.natural_dtype)."""
     path = resolve_model(path)
     if is_gguf(path):
-        return "fp16"
+        return GGUFCheckpoint(path).natural_dtype()
     try:
         with open(os.path.join(path, "config.json")) as f:
             cfg = json.load(f)

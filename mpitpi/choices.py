@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from mpitpi import kernels
-from mpitpi.quant import dequantize_int8, quantize_int8
+from mpitpi.quant import quantize_int8
 
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-         torch.int8: "int8"}
+         torch.int8: "int8", torch.uint8: "int4"}
 ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -50,12 +50,17 @@ class Choices:
     why: list[str] = field(default_factory=list)
     cpu: str = ""
 
-    def kernel_rows(self, dtype: torch.dtype) -> int:
-        return self.max_t[NAMES[dtype]]
+    def kernel_rows(self, kind: str) -> int:
+        """Input rows up to which a weight of storage ``kind`` (weights.DTYPES) uses the C
+        kernels. int4: one row (decode) whatever the speed. Its kernel rounds activations to
+        int8, which can flip a near-tie: prompts go through the dequantized fp32 product, so
+        the first token is the file's own (SmolLM2: 'The' 25.33 vs 'L' 25.24 for the capital
+        of France flipped with int8 activations in the prompt; docs/BENCHMARKS.md)."""
+        return 1 if kind == "int4" else self.max_t.get(kind, 1 << 30)
 
     def prefill_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """What a weight stored in ``dtype`` computes in for inputs past ``kernel_rows``."""
-        if dtype == torch.int8:
+        if dtype in (torch.int8, torch.uint8):
             return torch.float32
         return {"bf16": torch.bfloat16, "fp32": torch.float32}[self.prefill.get(NAMES[dtype],
                                                                                  "fp32")]
@@ -103,11 +108,13 @@ def measure(n: int = 2048) -> Choices:
                                    lambda x: F.linear(x.to(pre), w.to(pre)), n, g)
         c.why.append(f"{name}: C kernels up to {c.max_t[name]} rows, then torch in "
                      f"{NAMES[pre]}")
-    q, scale = quantize_int8(w32)   # torch has no weight-only int8 product: a dequantized copy
-    c.max_t["int8"] = _crossover(lambda x: kernels.matvec(x, q, scale),
-                                 lambda x: F.linear(x, dequantize_int8(q, scale)), n, g)
+    # torch has no weight-only integer product: it runs on a dequantized copy
+    parts = quantize_int8(w32)
+    c.max_t["int8"] = _crossover(lambda x: kernels.matvec(x, *parts),
+                                 lambda x: F.linear(x, kernels.dequantize(*parts)), n, g)
     c.why.append(f"int8: C kernels up to {c.max_t['int8']} rows, then torch on a dequantized "
                  f"fp32 copy")
+    c.why.append("int4: C kernels for decode (1 row), prompts on a dequantized fp32 copy")
     return c
 
 

@@ -1,9 +1,11 @@
-"""Read a GGUF file lazily, under Hugging Face tensor names, dequantized to float32.
+"""Read a GGUF file lazily, under Hugging Face tensor names: dequantized to float32, or
+with its quantized blocks carried over unchanged into int4/int8 storage (gguf_blocks.py).
 
-GGUF stores each 2-D weight as rows of (possibly quantized) blocks, so a row range is read
-and dequantized on its own; a column range dequantizes the whole tensor once. llama.cpp's
-converter permutes the rows of Q and K inside each head (for its rotary layout); ``rows``
-undoes that, so callers see the Hugging Face layout.
+GGUF stores each 2-D weight as rows of (possibly quantized) blocks along the columns, so a
+row range, or a column range of whole blocks, is read and decoded on its own: a split never
+holds more than one rank's slice of a tensor. llama.cpp's converter permutes the rows of Q
+and K inside each head (for its rotary layout); reads undo that, so callers see the Hugging
+Face layout.
 """
 from __future__ import annotations
 
@@ -16,9 +18,12 @@ import numpy as np
 import torch
 from gguf.quants import GGML_QUANT_SIZES, dequantize
 
+from mpitpi import gguf_blocks
 from mpitpi.config import SUPPORTED_ARCHITECTURES, ModelArgs
 from mpitpi.errors import MpitpiError
 from mpitpi.files import gguf_field
+from mpitpi.quant import GGUF_GROUP, quantize_int8
+from mpitpi.weights import Weight
 
 ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
          "qwen2": "Qwen2ForCausalLM"}
@@ -64,7 +69,6 @@ class GGUFCheckpoint:
         self.rope_freqs = next((t for t in self.reader.tensors if t.name == "rope_freqs.weight"),
                                None)
         self.args = self._args()
-        self._full_cache: tuple[str, np.ndarray] | None = None
         self._check()
 
     def _args(self) -> ModelArgs:
@@ -135,7 +139,6 @@ class GGUFCheckpoint:
     def release(self) -> None:
         """Unmap the pages read so far (the file stays mapped): keeps a split's memory to
         the tensors in hand, not the whole file."""
-        self._full_cache = None
         mm = getattr(self.reader.data, "_mmap", None)
         if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
             mm.madvise(mmap.MADV_DONTNEED)
@@ -167,19 +170,77 @@ class GGUFCheckpoint:
         x = self._dequant(name, t.data[start:stop])
         return torch.from_numpy(self._unpermute(name, x).copy())
 
-    def _whole(self, name: str) -> np.ndarray:
-        """The whole tensor dequantized, cached for the next call (one tensor at a time)."""
-        if self._full_cache is None or self._full_cache[0] != name:
-            x = self._unpermute(name, self._dequant(name, self.tensors[name].data))
-            self._full_cache = (name, x.reshape(self.shape(name)))
-        return self._full_cache[1]
-
     def full(self, name: str) -> torch.Tensor:
-        return torch.from_numpy(self._whole(name).copy())
+        shape = self.shape(name)
+        return self.rows(name, 0, shape[0]).reshape(shape)
+
+    def _raw_cols(self, name: str, start: int, stop: int) -> tuple[np.ndarray, int, int]:
+        """The stored blocks covering columns [start, stop) of every row, and where
+        [start, stop) begins and ends inside them (in columns)."""
+        t = self.tensors[name]
+        if t.data.dtype != np.uint8:                  # F32 / F16: one column per element
+            return t.data[:, start:stop], 0, stop - start
+        cols, size = GGML_QUANT_SIZES[t.tensor_type]
+        b0, b1 = start // cols, -(-stop // cols)
+        return t.data[:, b0 * size:b1 * size], start - b0 * cols, stop - b0 * cols
 
     def cols(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Columns [start, stop): dequantizes the tensor once, then serves each rank's range."""
-        return torch.from_numpy(np.ascontiguousarray(self._whole(name)[:, start:stop]))
+        """Columns [start, stop), decoding only the blocks that hold them."""
+        raw, a, b = self._raw_cols(name, start, stop)
+        x = self._dequant(name, raw).reshape(raw.shape[0], -1)[:, a:b]
+        return torch.from_numpy(np.ascontiguousarray(self._unpermute(name, x)))
+
+    def _kept(self, name: str, raw: np.ndarray, a: int, b: int, dtype: str):
+        """The blocks ``raw`` (columns [a, b) of them wanted) as a Weight in storage
+        ``dtype`` when they carry over (gguf_blocks.py); else None."""
+        kind = self.tensors[name].tensor_type.name
+        if a % 32 or b % 32 or not (kind in gguf_blocks.INT4 and dtype == "int4" or
+                                    kind in gguf_blocks.INT8 and dtype in ("int4", "int8")):
+            return None
+        parts = gguf_blocks.DECODE[kind](np.asarray(raw))
+        per_byte = 2 if len(parts) == 3 else 1        # int4: two columns per byte
+        wanted = [slice(a // per_byte, b // per_byte)] + [slice(a // 32, b // 32)] * 2
+        tensors = [torch.from_numpy(np.ascontiguousarray(self._unpermute(name, p)[:, sl]))
+                   for p, sl in zip(parts, wanted)]
+        return Weight(tensors[0], tensors[1], None, tensors[2] if len(tensors) == 3 else None)
+
+    def _finer(self, name: str, x: torch.Tensor, dtype: str):
+        """int4 shards keep 5- and 6-bit source blocks (Q5_*, Q6_K) in int8, groups of 32:
+        never less precise than the file."""
+        kind = self.tensors[name].tensor_type.name
+        if dtype == "int4" and kind[:2] in ("Q5", "Q6"):
+            return Weight(*quantize_int8(x, GGUF_GROUP))
+        return x
+
+    def rows_as(self, name: str, start: int, stop: int, dtype: str) -> torch.Tensor | Weight:
+        """Rows [start, stop) for shards of ``dtype``: the file's own blocks where they
+        carry over into it (gguf_blocks.py), else ``rows``."""
+        t = self.tensors[name]
+        kept = self._kept(name, t.data[start:stop], 0, self.shape(name)[1], dtype)
+        return kept if kept is not None else self._finer(name, self.rows(name, start, stop),
+                                                         dtype)
+
+    def cols_as(self, name: str, start: int, stop: int, dtype: str) -> torch.Tensor | Weight:
+        """Columns [start, stop) for shards of ``dtype``, as ``rows_as``."""
+        raw, a, b = self._raw_cols(name, start, stop)
+        kept = self._kept(name, raw, a, b, dtype)
+        return kept if kept is not None else self._finer(name, self.cols(name, start, stop),
+                                                         dtype)
+
+    def natural_dtype(self) -> str:
+        """The storage that follows the file's bits: int4 for 4-bit (and smaller) layer
+        weights, int8 for 5- to 8-bit ones, else the float type (fp16 for F16/BF16: the
+        float with the fastest decode here)."""
+        counts: dict[str, int] = {}
+        for name, t in self.tensors.items():
+            if ".layers." in name and len(t.shape) == 2:
+                counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
+        kind = max(counts, key=counts.get) if counts else "F16"
+        if kind.startswith(("Q4", "Q3", "Q2", "IQ4", "IQ3", "IQ2", "IQ1", "TQ")):
+            return "int4"
+        if kind.startswith(("Q5", "Q6", "Q8")):
+            return "int8"
+        return "fp32" if kind == "F32" else "fp16"
 
     def fingerprint(self) -> str:
         return gguf_fingerprint(self.path)

@@ -1,7 +1,9 @@
 """Decode kernels in C (csrc/), built for the host on first use.
 
-``matvec(x, w, scale)`` returns x (T, in) fp32 @ w (out, in).T as (T, out) fp32, reading
-w in its stored dtype (fp32, bf16, fp16, or int8 times its group scales, quant.py).
+``matvec(x, w, scale, min)`` returns x (T, in) fp32 @ w (out, in).T as (T, out) fp32,
+reading w in its stored dtype (fp32, bf16, fp16, int8 times its group scales, or int4 blocks
+with their scales and offsets: quant.py); ``dequantize`` writes an int8 or int4 matrix out
+in fp32 (for torch's product on long inputs).
 ``decode_attn`` / ``decode_mlp`` (csrc/decode.c) run one layer half for one new token in
 one call: norm, products, rope, KV-cache append, attention; model.py calls them per layer.
 On this project's CPUs torch's own fp32 matrix-vector product streams weights at about a
@@ -30,7 +32,7 @@ import time
 import torch
 
 from mpitpi.files import cache_root
-from mpitpi.quant import GROUP
+from mpitpi.quant import GROUP, int8_group
 
 CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 SOURCES = [os.path.join(CSRC, n) for n in ("matvec.c", "decode.c")]
@@ -42,7 +44,7 @@ FLAGS = ["-O3", f"-march={MARCH}", "-ffast-math", "-fopenmp", "-shared", "-fPIC"
 LIBS = ["-lm"]   # after the sources: -ffast-math vectorises expf into libm (libmvec) calls
 
 _FUNCS = {torch.float32: "matvec_f32", torch.bfloat16: "matvec_bf16",
-          torch.float16: "matvec_f16", torch.int8: "matvec_i8"}
+          torch.float16: "matvec_f16"}
 _lib = None          # the loaded library, once built
 _why_not = None      # why it is not available, once that is known
 
@@ -123,9 +125,13 @@ def _load():
     try:
         lib = ctypes.CDLL(build())
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        for name in _FUNCS.values():   # (x, w, y, T, in, out); int8: (x, w, scale, ...group)
-            getattr(lib, name).argtypes = ([p, p, p, p, i64, i64, i64, i64]
-                                           if name == "matvec_i8" else [p, p, p, i64, i64, i64])
+        for name in _FUNCS.values():   # (x, w, y, T, in, out)
+            getattr(lib, name).argtypes = [p, p, p, i64, i64, i64]
+        lib.matvec_i8.argtypes = [p, p, p, p, i64, i64, i64, i64]   # x, w, scale, y, .., group
+        lib.matvec_i4.argtypes = [p, p, p, p, p, i64, i64, i64]     # x, q, d, m, y, T, in, out
+        lib.dequant_i4.argtypes = [p, p, p, p, i64, i64]            # q, d, m, w, rows, in
+        lib.dequant_i8.argtypes = [p, p, p, i64, i64, i64]          # q, scale, w, rows, in, group
+        for name in (*_FUNCS.values(), "matvec_i8", "matvec_i4", "dequant_i4", "dequant_i8"):
             getattr(lib, name).restype = None
         w, s, f = ctypes.POINTER(CWeight), ctypes.POINTER(CScratch), ctypes.c_float
         lib.decode_attn.argtypes = [p, p, f, w, w, p, p, p, p, i64, i64, i64, i64, i64, i64, p,
@@ -150,59 +156,86 @@ def library_path_or_none() -> str | None:
     return _lib._name if _load() is not None else None
 
 
-def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x (T, in) fp32 @ w (out, in).T -> (T, out) fp32; int8 w is times its ``scale``.
+def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
+           min: torch.Tensor | None = None) -> torch.Tensor:
+    """x (T, in) fp32 @ W.T -> (T, out) fp32 for the matrix W (out, in) stored as ``w``.
 
-    Contract: ``available()`` is True; w and scale are contiguous; int8 w comes with
-    ``scale`` (out, ceil(in / quant.GROUP)) fp32 (quant.py), other dtypes without.
+    Contract: ``available()`` is True; every tensor contiguous; w is fp32/bf16/fp16
+    (out, in) alone, int8 (out, in) with ``scale`` (out, ceil(in / group)) fp32, or uint8
+    (out, in / 2) int4 blocks with ``scale`` and ``min`` (out, in / 32) fp16 (quant.py).
     """
     lib = _load()
     x = x.contiguous()
     T, n_in = x.shape
     n_out = w.shape[0]
     out = torch.empty(T, n_out)
-    if w.dtype == torch.int8:
+    if w.dtype == torch.uint8:
+        lib.matvec_i4(x.data_ptr(), w.data_ptr(), scale.data_ptr(), min.data_ptr(),
+                      out.data_ptr(), T, n_in, n_out)
+    elif w.dtype == torch.int8:
         lib.matvec_i8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), out.data_ptr(),
-                      T, n_in, n_out, GROUP)
+                      T, n_in, n_out, int8_group(n_in, scale.shape[1]))
     else:
         getattr(lib, _FUNCS[w.dtype])(x.data_ptr(), w.data_ptr(), out.data_ptr(),
                                       T, n_in, n_out)
     return out
 
 
+def dequantize(w: torch.Tensor, scale: torch.Tensor,
+               min: torch.Tensor | None = None) -> torch.Tensor:
+    """An int8 (w, scale) or int4 (w, scale, min) matrix as (out, in) fp32 (the same numbers
+    as quant.dequantize_int8 / dequantize_int4, written by all threads)."""
+    lib = _load()
+    if w.dtype == torch.uint8:
+        out = torch.empty(w.shape[0], w.shape[1] * 2)
+        lib.dequant_i4(w.data_ptr(), scale.data_ptr(), min.data_ptr(), out.data_ptr(),
+                       w.shape[0], out.shape[1])
+    else:
+        out = torch.empty(w.shape)
+        lib.dequant_i8(w.data_ptr(), scale.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1],
+                       int8_group(w.shape[1], scale.shape[1]))
+    return out
+
+
 class CWeight(ctypes.Structure):
     """csrc/decode.c's weight_t: one matrix as stored. The tensors it points into must
     outlive it (weights.Weight keeps both)."""
-    _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("dtype", ctypes.c_int64),
-                ("group", ctypes.c_int64)]
+    _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("min", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
+                ("dtype", ctypes.c_int64), ("group", ctypes.c_int64)]
 
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3,
+               torch.uint8: 4}
 
 
-def c_weight(data: torch.Tensor, scale: torch.Tensor | None,
+def c_weight(data: torch.Tensor, scale: torch.Tensor | None, min: torch.Tensor | None,
              bias: torch.Tensor | None) -> CWeight:
-    """A CWeight over contiguous ``data`` (rows, cols), its int8 ``scale`` and fp32 ``bias``."""
-    return CWeight(data.data_ptr(), None if scale is None else scale.data_ptr(),
-                   None if bias is None else bias.data_ptr(), data.shape[0], data.shape[1],
-                   DTYPE_CODES[data.dtype], GROUP)
+    """A CWeight over contiguous ``data`` (rows, cols; int4: rows, cols / 2), its int8 or
+    int4 ``scale``, int4 ``min`` and fp32 ``bias`` (as weights.Weight holds them)."""
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+    rows, cols = data.shape[0], data.shape[1] * (2 if data.dtype == torch.uint8 else 1)
+    group = int8_group(cols, scale.shape[1]) if data.dtype == torch.int8 else GROUP
+    return CWeight(ptr(data), ptr(scale), ptr(min), ptr(bias), rows, cols,
+                   DTYPE_CODES[data.dtype], group)
 
 
 class CScratch(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_void_p) for n in ("h", "mid", "act", "xq", "xs")]
+    _fields_ = [(n, ctypes.c_void_p) for n in ("h", "mid", "act", "xq", "xs", "xsum")]
 
 
 class Scratch:
     """The fused step's buffers for one rank, made once (no per-token allocation):
-    h (dim,), mid (max(qkv rows, 2 f),), act (max(n_q hd, f),), int8 activations and scales.
+    h (dim,), mid (max(qkv rows, 2 f),), act (max(n_q hd, f),), quantized activations
+    (int16 for int8 weights, int8 for int4), their scales per group and block sums.
     """
 
     def __init__(self, dim: int, mid: int, act: int):
         widest = max(dim, act)
         self.tensors = [torch.empty(dim), torch.empty(mid), torch.empty(act),
                         torch.empty(widest, dtype=torch.int16),
-                        torch.empty(widest // GROUP + 1)]
+                        torch.empty(widest // 32 + 1), torch.empty(widest // 32 + 1)]
         self.c = CScratch(*(t.data_ptr() for t in self.tensors))
 
 

@@ -24,7 +24,7 @@ from mpitpi.plan import RankSlice, parse_ratios, plan_for_args
 from mpitpi.prefetch import (LayerStore, Resident, Streamed, layer_bytes, parse_size,
                              plan_residency, read_layer)
 from mpitpi.profile import auto_ratios
-from mpitpi.quant import GROUP
+from mpitpi.quant import BLOCK, GROUP
 from mpitpi.shards import MANIFEST, ShardReader, check_manifest, read_manifest, write_shards
 from mpitpi.transfer import ensure_shards
 from mpitpi.weights import TopWeights, vectors_fp32
@@ -33,7 +33,8 @@ from mpitpi.weights import TopWeights, vectors_fp32
 def cache_folder(model_path: str, fingerprint: str, world_size: int,
                  ratios: list[float] | None, dtype: str) -> str:
     key = json.dumps([fingerprint, world_size, ratios, dtype] +
-                     ([GROUP] if dtype == "int8" else []))
+                     ([GROUP] if dtype == "int8" else ["int4", BLOCK] if dtype == "int4"
+                      else []))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     name = os.path.basename(os.path.normpath(model_path)) or "model"
     return os.path.join(cache_root(), "shards", f"{name}-n{world_size}-{dtype}-{digest}")

@@ -32,8 +32,10 @@ def threads_arg(text: str) -> int | str:
 # -- options shared by several commands -------------------------------------------------------
 
 def add_dtype(p: argparse.ArgumentParser, what: str = "weight dtype of the shards") -> None:
-    p.add_argument("--dtype", choices=DTYPES, help=f"{what}; int8 is weight-only with one "
-                   "scale per row and 64 columns (default: the checkpoint's own; fp16 for GGUF)")
+    p.add_argument("--dtype", choices=DTYPES, help=f"{what}; int8 and int4 are weight-only: "
+                   "int8 with one scale per row and 64 columns, int4 in blocks of 32 columns "
+                   "with a scale and offset each (default: the checkpoint's own; for a GGUF "
+                   "file, what its weights' bits give: int4 for Q4 files)")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

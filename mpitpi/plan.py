@@ -104,6 +104,19 @@ def _ranges(counts: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+FFN_ALIGN = 32   # FFN columns per unit of the split: whole int4 blocks and int8 groups
+
+
+def ffn_counts(ffn_dim: int, ratios: list[float]) -> list[int]:
+    """FFN columns per rank, in whole units of FFN_ALIGN where the width allows (every real
+    model's): each rank's slice of down_proj is then whole quantization blocks, so a GGUF
+    file's blocks carry over and the int4 kernels see no partial block."""
+    units = ffn_dim // FFN_ALIGN
+    if ffn_dim % FFN_ALIGN or units < len(ratios):
+        return split_counts(ffn_dim, ratios)
+    return [c * FFN_ALIGN for c in split_counts(units, ratios)]
+
+
 def make_plan(n_heads: int, n_kv_heads: int, ffn_dim: int, vocab_size: int,
               world_size: int, ratios: list[float] | None = None) -> list[RankSlice]:
     """The split for ``world_size`` ranks, weighted by ``ratios`` (uniform when None).
@@ -124,7 +137,7 @@ def make_plan(n_heads: int, n_kv_heads: int, ffn_dim: int, vocab_size: int,
     check_ratios(ratios, world_size)
     group = n_heads // n_kv_heads
     q = _ranges(split_counts(n_heads, ratios))
-    ffn = _ranges(split_counts(ffn_dim, ratios))
+    ffn = _ranges(ffn_counts(ffn_dim, ratios))
     vocab = _ranges(split_counts(vocab_size, ratios))
     plan = []
     for r in range(world_size):

@@ -42,8 +42,9 @@ def matvec_gbs(dim: int, ffn: int, dtype: str, seconds: float = 0.5) -> float:
     """GB/s of weights streamed by the model's decode product (weights.Weight) for a matrix
     of shape (ffn, dim) stored in ``dtype``, cycling through enough matrices to leave the
     cache."""
-    per = ffn * dim * BYTES_PER_WEIGHT[dtype]
-    mats = [random_weight(ffn, dim, dtype) for _ in range(max(2, (192 * 2**20) // per))]
+    first = random_weight(ffn, dim, dtype)
+    per = first.nbytes   # int8 and int4 scales included
+    mats = [first] + [random_weight(ffn, dim, dtype) for _ in range(max(1, (192 << 20) // per))]
     x = torch.randn(1, dim)
     for w in mats[:2]:
         w(x)

@@ -1,16 +1,28 @@
-"""Weight-only int8: symmetric, one fp32 scale per output row and group of input columns.
+"""Weight-only quantization: int8 (symmetric, fp32 scales) and int4 (blocks of 32, fp16 scale
+and offset), the two integer storages of weights.py.
 
-A matrix w (out, in) is stored as q (out, in) int8 and scale (out, ceil(in / GROUP)) fp32
-with w[o, i] ~= q[o, i] * scale[o, i // GROUP]; |q| <= 127 and the largest |w| of each
-group maps to 127, so each weight is off by at most scale / 2. Per-row groups rather than
-one scale per row: with one scale per row SmolLM2's greedy text left fp32's after a few
-tokens on one of the golden prompts (docs/BENCHMARKS.md). Activations stay in fp32.
+int8: a matrix w (out, in) is q (out, in) int8 and scale (out, ceil(in / group)) fp32 with
+w[o, i] ~= q[o, i] * scale[o, i // group]; |q| <= 127 and the largest |w| of each group maps
+to 127, so each weight is off by at most scale / 2. The group is GROUP (64) columns when
+mpitpi quantizes, and 32 when the weights come from a GGUF Q8_0 file, whose blocks carry over
+unchanged (its fp16 scales are exact in fp32); ``int8_group`` tells the two apart by shape.
+Per-row groups rather than one scale per row: with one scale per row SmolLM2's greedy text
+left fp32's after a few tokens on one of the golden prompts (docs/BENCHMARKS.md).
+
+int4: w (out, in), in a multiple of BLOCK (32), is q (out, in / 2) uint8, d and m
+(out, in / 32) fp16 with w[o, 32 b + j] ~= d[o, b] * n + m[o, b], n = the 4-bit value of
+column j of block b in 0..15. Within a block's 16 bytes, byte j holds column j in its low
+nibble and column j + 16 in its high nibble: the layout of GGUF's Q4_0 and Q4_1 blocks, which
+therefore carry over unchanged (Q4_0's (n - 8) d is n d + m with m = -8 d, exact in fp16).
+Quantizing a float matrix maps each block's minimum to 0 and maximum to 15.
 """
 from __future__ import annotations
 
 import torch
 
-GROUP = 64   # input columns per scale: 1/16 byte of scale per weight
+GROUP = 64     # int8: input columns per scale when mpitpi quantizes: 1/16 byte per weight
+GGUF_GROUP = 32   # int8 from GGUF Q8_0 blocks
+BLOCK = 32     # int4: input columns per (scale, offset) pair: 1/8 byte per weight
 
 
 def quantize_int8(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,11 +38,53 @@ def quantize_int8(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, to
     return q.view(out, -1)[:, :n_in].contiguous(), scale
 
 
+def int8_group(cols: int, n_groups: int) -> int:
+    """The group size of an int8 matrix with ``cols`` columns and ``n_groups`` scales per
+    row: GGUF_GROUP or GROUP (for cols <= 32 there is one group and either reads the same)."""
+    return GGUF_GROUP if cols > GGUF_GROUP and n_groups == -(-cols // GGUF_GROUP) else GROUP
+
+
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """q (rows, in) int8, scale (rows, G) -> (rows, in) fp32."""
+    group = int8_group(q.shape[1], scale.shape[1])
     w = q.to(torch.float32)
-    full = q.shape[1] // GROUP
-    w[:, :full * GROUP].unflatten(1, (full, GROUP)).mul_(scale[:, :full, None])
+    full = q.shape[1] // group
+    w[:, :full * group].unflatten(1, (full, group)).mul_(scale[:, :full, None])
     if full < scale.shape[1]:                       # the short last group
-        w[:, full * GROUP:].mul_(scale[:, full:])
+        w[:, full * group:].mul_(scale[:, full:])
     return w
+
+
+def can_int4(cols: int) -> bool:
+    """int4 stores matrices whose rows are whole blocks (every width of real models)."""
+    return cols > 0 and cols % BLOCK == 0
+
+
+def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (out, in) any float dtype, in a multiple of 32 -> q (out, in/2) uint8,
+    d (out, in/32) fp16, m (out, in/32) fp16 (the layout in this module's docstring)."""
+    out, n_in = w.shape
+    assert can_int4(n_in), n_in
+    blocks = w.float().reshape(out, n_in // BLOCK, BLOCK)                 # (out, B, 32)
+    lo, hi = blocks.amin(dim=2), blocks.amax(dim=2)                       # (out, B)
+    d = ((hi - lo) / 15.0).to(torch.float16)
+    m = lo.to(torch.float16)
+    df = d.float()
+    inv = torch.where(df > 0, 1.0 / df, torch.zeros_like(df))
+    n = torch.round((blocks - m.float()[..., None]) * inv[..., None]).clamp_(0, 15)
+    n = n.to(torch.uint8)                                                 # (out, B, 32)
+    q = n[..., :16] | (n[..., 16:] << 4)                                  # (out, B, 16)
+    return q.reshape(out, n_in // 2).contiguous(), d.contiguous(), m.contiguous()
+
+
+def int4_values(q: torch.Tensor) -> torch.Tensor:
+    """q (out, in/2) uint8 -> the 4-bit values (out, in/32, 32) uint8 in column order."""
+    b = q.reshape(q.shape[0], -1, 16)                                     # (out, B, 16)
+    return torch.cat([b & 15, b >> 4], dim=2)                             # (out, B, 32)
+
+
+def dequantize_int4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """q (rows, in/2) uint8, d and m (rows, in/32) fp16 -> (rows, in) fp32: n * d + m."""
+    n = int4_values(q).float()
+    w = n * d.float()[..., None] + m.float()[..., None]
+    return w.reshape(q.shape[0], -1)

@@ -19,9 +19,12 @@ only its slices (see plan.py), one HDF5 group per layer:
     layers/{i}/ffn_norm    (dim,)
 
 With ``--dtype int8`` every matrix above (embed, lm_head, wqkv, wo, w13, w2) is int8 and has
-a ``.scale`` dataset beside it, (rows, ceil(cols / 64)) fp32: one scale per output row and
-group of 64 columns of this rank's slice (quant.py, recorded as the manifest's int8_group);
-vectors are fp32.
+a ``.scale`` dataset beside it, (rows, ceil(cols / group)) fp32: one scale per output row and
+group of 64 columns of this rank's slice, or 32 where the blocks of a GGUF Q8_0 file carried
+over (quant.py); vectors are fp32. With ``--dtype int4`` the layer matrices are stored as
+(rows, cols / 2) uint8 with ``.scale`` and ``.min`` (rows, cols / 32) fp16 beside them, the
+vocabulary matrices (and any matrix not a whole number of 32-column blocks wide) as int8,
+and a GGUF file's own Q4_0/Q4_1/Q8_0 blocks carry over as they are (weights.storage_for).
 
 The manifest names the model (path and fingerprint), ModelArgs, world size, ratios, storage
 dtype, the plan and a CRC32 per dataset. A folder without manifest.json is never trusted:
@@ -44,9 +47,9 @@ from mpitpi.checkpoint import Checkpoint
 from mpitpi.config import ModelArgs
 from mpitpi.errors import MpitpiError
 from mpitpi.plan import RankSlice, check_plan, plan_for_args
-from mpitpi.quant import GROUP
+from mpitpi.quant import BLOCK, GGUF_GROUP, GROUP
 from mpitpi.tokenizer import load_tokenizer
-from mpitpi.weights import DTYPES, from_numpy, stored_arrays
+from mpitpi.weights import DTYPES, Weight, from_numpy, stored_arrays
 
 FORMAT = "mpitpi-shards"
 VERSION = 1
@@ -58,36 +61,45 @@ def rank_file(rank: int) -> str:
     return f"rank{rank}.h5"
 
 
-def rank_tensors(ckpt: Checkpoint, args: ModelArgs, s: RankSlice, layer: int | None):
-    """Yield (dataset name, tensor) for rank slice ``s``: one layer, or the non-layer tensors."""
+def rank_tensors(ckpt: Checkpoint, args: ModelArgs, s: RankSlice, layer: int | None,
+                 dtype: str = "fp32"):
+    """Yield (dataset name, tensor or Weight) for rank slice ``s``: one layer, or the
+    non-layer tensors. Matrices come as the checkpoint gives them for shards of ``dtype``
+    (a GGUF file's own blocks where they carry over: Checkpoint.rows_as)."""
     hd = args.head_dim
+
+    def rows(name, a, b):
+        return ckpt.rows_as(name, a, b, dtype)
+
+    def stack(*parts):
+        return Weight.cat([p if isinstance(p, Weight) else Weight(p) for p in parts])
+
     if layer is None:
-        yield "vocab/embed", ckpt.rows("model.embed_tokens.weight", *s.vocab)
+        yield "vocab/embed", rows("model.embed_tokens.weight", *s.vocab)
         if not args.tie_embeddings:
-            yield "vocab/lm_head", ckpt.rows("lm_head.weight", *s.vocab)
+            yield "vocab/lm_head", rows("lm_head.weight", *s.vocab)
         yield "norm", ckpt.full("model.norm.weight")
         return
     p = f"model.layers.{layer}."
     q0, q1 = s.q_heads[0] * hd, s.q_heads[1] * hd
     k0, k1 = s.kv_heads[0] * hd, s.kv_heads[1] * hd
     attn, mlp = p + "self_attn.", p + "mlp."
-    yield "wqkv", torch.cat([ckpt.rows(attn + "q_proj.weight", q0, q1),
-                             ckpt.rows(attn + "k_proj.weight", k0, k1),
-                             ckpt.rows(attn + "v_proj.weight", k0, k1)])
+    yield "wqkv", stack(rows(attn + "q_proj.weight", q0, q1),
+                        rows(attn + "k_proj.weight", k0, k1),
+                        rows(attn + "v_proj.weight", k0, k1))
     if ckpt.has(attn + "q_proj.bias"):
         yield "bqkv", torch.cat([ckpt.rows(attn + "q_proj.bias", q0, q1),
                                  ckpt.rows(attn + "k_proj.bias", k0, k1),
                                  ckpt.rows(attn + "v_proj.bias", k0, k1)])
-    yield "wo", ckpt.cols(attn + "o_proj.weight", q0, q1)
+    yield "wo", ckpt.cols_as(attn + "o_proj.weight", q0, q1, dtype)
     if s.rank == 0 and ckpt.has(attn + "o_proj.bias"):
         yield "bo", ckpt.full(attn + "o_proj.bias")
     f0, f1 = s.ffn
-    yield "w13", torch.cat([ckpt.rows(mlp + "gate_proj.weight", f0, f1),
-                            ckpt.rows(mlp + "up_proj.weight", f0, f1)])
+    yield "w13", stack(rows(mlp + "gate_proj.weight", f0, f1), rows(mlp + "up_proj.weight", f0, f1))
     if ckpt.has(mlp + "gate_proj.bias"):
         yield "b13", torch.cat([ckpt.rows(mlp + "gate_proj.bias", f0, f1),
                                 ckpt.rows(mlp + "up_proj.bias", f0, f1)])
-    yield "w2", ckpt.cols(mlp + "down_proj.weight", f0, f1)
+    yield "w2", ckpt.cols_as(mlp + "down_proj.weight", f0, f1, dtype)
     if s.rank == 0 and ckpt.has(mlp + "down_proj.bias"):
         yield "b2", ckpt.full(mlp + "down_proj.bias")
     yield "attn_norm", ckpt.full(p + "input_layernorm.weight")
@@ -149,7 +161,7 @@ def write_shards(ckpt: Checkpoint, out: str, world_size: int, ratios: list[float
             for layer in tqdm(steps, desc="split", unit="layer", disable=not progress):
                 for s in plan:
                     prefix = "" if layer is None else f"layers/{layer}/"
-                    for name, t in rank_tensors(ckpt, args, s, layer):
+                    for name, t in rank_tensors(ckpt, args, s, layer, dtype):
                         for dname, a in stored_arrays(name, t, dtype):
                             files[s.rank].create_dataset(prefix + dname, data=a)
                             sums[s.rank][prefix + dname] = zlib.crc32(a)
@@ -162,6 +174,7 @@ def write_shards(ckpt: Checkpoint, out: str, world_size: int, ratios: list[float
             "model": {"path": os.path.abspath(ckpt.folder), "fingerprint": ckpt.fingerprint()},
             "args": args.to_dict(), "world_size": world_size, "ratios": ratios, "dtype": dtype,
             "int8_group": GROUP if dtype == "int8" else None,
+            "int4_block": BLOCK if dtype == "int4" else None,
             "plan": [s.to_dict() for s in plan],
             "files": [{"rank": r, "file": rank_file(r),
                        "size": os.path.getsize(os.path.join(staging, rank_file(r))),
@@ -294,10 +307,13 @@ def expected_shapes(args: ModelArgs, s: RankSlice) -> dict[str, tuple[int, ...]]
 
 def check_manifest(man: dict, folder: str, world_size: int, fingerprint: str | None) -> None:
     """Refuse shards made for another world size, another model or another int8 layout."""
-    if man["dtype"] == "int8" and man.get("int8_group") != GROUP:
-        raise MpitpiError(f"int8 shards in {folder!r} use groups of {man.get('int8_group')} "
-                          f"columns per scale; this version reads groups of {GROUP}. "
-                          f"Fix: split the model again.")
+    layout = {"int8": ("int8_group", (GROUP, GGUF_GROUP)), "int4": ("int4_block", (BLOCK,))}
+    if man["dtype"] in layout:
+        key, known = layout[man["dtype"]]
+        if man.get(key) not in known:
+            raise MpitpiError(f"{man['dtype']} shards in {folder!r} use {man.get(key)} columns "
+                              f"per scale; this version reads {' or '.join(map(str, known))}. "
+                              f"Fix: split the model again.")
     if man["world_size"] != world_size:
         raise MpitpiError(f"shards in {folder!r} were made for {man['world_size']} ranks but this "
                           f"job has {world_size}. Fix: run with -n {man['world_size']}, or split "
@@ -353,8 +369,10 @@ class ShardReader:
         args = ModelArgs.from_dict(manifest["args"])
         s = RankSlice.from_dict(manifest["plan"][self.rank])
         for name, shape in expected_shapes(args, s).items():
-            if name not in self.index or self.index[name][1] != shape:
-                got = self.index[name][1] if name in self.index else "nothing"
+            got = self.index[name][1] if name in self.index else "nothing"
+            if name in self.index and self.index[name][2] == np.uint8:   # int4: 2 per byte
+                got = (*got[:-1], got[-1] * 2)
+            if got != shape:
                 raise MpitpiError(f"shard file {self.path} holds {got} as {name} where its "
                                   f"manifest's plan needs {shape}: the manifest or the file "
                                   f"was edited. Fix: split the model again.")

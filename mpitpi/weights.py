@@ -1,14 +1,16 @@
 """A rank's weights as the model uses them: matrices that know their own product.
 
 A ``Weight`` is one (out, in) matrix as stored in a shard, in its storage dtype (fp32, bf16,
-fp16, or int8 with one fp32 scale per row and group of ``quant.GROUP`` columns), with an
-optional (out,) fp32 bias. ``w(x)`` is ``x @ w.T + b`` in fp32 for x (T, in) fp32, whatever
-the storage: the model reads ``layer.wqkv(x)`` and never looks at dtypes.
+fp16, int8 with one fp32 scale per row and group of columns, or int4 in blocks of 32 columns
+with an fp16 scale and offset each: quant.py), with an optional (out,) fp32 bias.
+``w(x)`` is ``x @ w.T + b`` in fp32 for x (T, in) fp32, whatever the storage: the model
+reads ``layer.wqkv(x)`` and never looks at dtypes.
 
 ``LayerWeights`` names one layer's slices and ``TopWeights`` the vocabulary rows and final
-norm. How they are stored (dataset ``wqkv`` with ``wqkv.scale`` beside it for int8, bias
-``bqkv``, ...) is written down here once: ``stored_arrays`` writes it (shards.py) and
-``LayerWeights.from_stored`` / ``TopWeights.from_stored`` read it (loader.py, prefetch.py).
+norm. How they are stored (dataset ``wqkv`` with ``wqkv.scale`` beside it for int8 and
+``wqkv.scale`` + ``wqkv.min`` for int4, bias ``bqkv``, ...) is written down here once:
+``stored_arrays`` writes it (shards.py) and ``LayerWeights.from_stored`` /
+``TopWeights.from_stored`` read it (loader.py, prefetch.py).
 """
 from __future__ import annotations
 
@@ -21,48 +23,72 @@ import torch
 import torch.nn.functional as F
 
 from mpitpi import choices, kernels
-from mpitpi.quant import dequantize_int8, quantize_int8
+from mpitpi.quant import (can_int4, dequantize_int4, dequantize_int8, quantize_int4,
+                          quantize_int8)
 
-SCALE = ".scale"                      # int8 matrix "name" has its scales in "name.scale"
+SCALE = ".scale"                      # int8/int4 matrix "name" has its scales in "name.scale"
+MIN = ".min"                          # and int4 its offsets in "name.min"
 BIAS = {"wqkv": "bqkv", "wo": "bo", "w13": "b13", "w2": "b2"}   # matrix -> its bias
 NORMS = ("attn_norm", "ffn_norm")
 STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPES = (*STORAGE, "int8")          # every storage dtype; int8 with scales (quant.py)
-BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}   # scales not counted
+DTYPES = (*STORAGE, "int8", "int4")  # every storage dtype; int8 and int4 with scales (quant.py)
+BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}   # no scales
 
 
 @dataclass
 class Weight:
     """One matrix as stored, with what its product needs.
 
-    data:  (out, in) fp32 / bf16 / fp16 / int8
-    scale: (out, ceil(in / quant.GROUP)) fp32 for int8 data, else None
+    data:  (out, in) fp32 / bf16 / fp16 / int8, or (out, in / 2) uint8 for int4
+    scale: (out, ceil(in / group)) fp32 for int8; (out, in / 32) fp16 for int4; else None
+    min:   (out, in / 32) fp16 offsets for int4, else None
     bias:  (out,) fp32 or None
     """
     data: torch.Tensor
     scale: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    min: torch.Tensor | None = None
+
+    @property
+    def kind(self) -> str:
+        """The storage dtype's name (a key of DTYPES)."""
+        if self.data.dtype == torch.uint8:
+            return "int4"
+        return "int8" if self.data.dtype == torch.int8 else _NAMES[self.data.dtype]
+
+    @property
+    def cols(self) -> int:
+        return self.data.shape[1] * (2 if self.kind == "int4" else 1)
+
+    def dequantized(self) -> torch.Tensor:
+        """The matrix (out, in) in fp32 (without the bias)."""
+        if self.kind == "int4":
+            return dequantize_int4(self.data, self.scale, self.min)
+        if self.kind == "int8":
+            return dequantize_int8(self.data, self.scale)
+        return self.data.float()
 
     @cached_property
     def c(self) -> kernels.CWeight:
         """This weight as the fused C step reads it (made once; it points into the tensors
         above, which this object keeps alive)."""
-        return kernels.c_weight(self.data, self.scale, self.bias)
+        return kernels.c_weight(self.data, self.scale, self.min, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, in) fp32 -> (T, out) fp32.
 
         Chosen per host by measurement (choices.py): decode and short inputs (up to
-        ``kernel_rows`` rows; int8: always) use the C kernels, which widen each weight in
-        registers; longer inputs use torch's matrix product, fp16 and bf16 in bf16 where the
-        CPU has bf16 instructions and it measured faster, else in fp32. Without the kernels
-        int8 runs on an fp32 copy.
+        ``kernel_rows`` rows) use the C kernels, which widen each weight in registers;
+        longer inputs use torch's matrix product, fp16 and bf16 in bf16 where the CPU has
+        bf16 instructions and it measured faster, else in fp32; int8 and int4 on an fp32
+        copy made for the call (kernels.dequantize).
         """
         w, c = self.data, choices.host()
-        if x.shape[0] <= c.kernel_rows(w.dtype) and kernels.available():
-            y = kernels.matvec(x, w, self.scale)
+        if x.shape[0] <= c.kernel_rows(self.kind) and kernels.available():
+            y = kernels.matvec(x, w, self.scale, self.min)
         elif self.scale is not None:
-            y = F.linear(x, dequantize_int8(w, self.scale))
+            y = F.linear(x, kernels.dequantize(w, self.scale, self.min) if kernels.available()
+                         else self.dequantized())
         elif w.dtype == torch.float32:
             y = F.linear(x, w)
         else:
@@ -74,21 +100,36 @@ class Weight:
         """Rows ``index`` (n,) as (n, in) fp32: an embedding lookup."""
         if self.scale is None:
             return self.data[index].float()
-        return dequantize_int8(self.data[index], self.scale[index])
+        return Weight(self.data[index], self.scale[index], None,
+                      None if self.min is None else self.min[index]).dequantized()
 
     @property
     def nbytes(self) -> int:
         """Bytes this weight holds in memory: the matrix, its scales and its bias."""
         return sum(t.numel() * t.element_size()
-                   for t in (self.data, self.scale, self.bias) if t is not None)
+                   for t in (self.data, self.scale, self.min, self.bias) if t is not None)
 
     @classmethod
     def from_stored(cls, tensors: Mapping[str, torch.Tensor], name: str) -> Weight:
         """The matrix ``name`` of a layer's or the vocabulary's stored tensors, with its
-        scales and bias when the shard has them."""
+        scales, offsets and bias when the shard has them."""
         bias = BIAS.get(name)
         return cls(tensors[name], tensors.get(name + SCALE),
-                   tensors.get(bias) if bias else None)
+                   tensors.get(bias) if bias else None, tensors.get(name + MIN))
+
+    @classmethod
+    def cat(cls, parts: list[Weight]) -> Weight:
+        """The rows of ``parts`` stacked (bias-less matrices of one width). Parts of one
+        kind (and int8 group) stay in it; mixed integer kinds (a GGUF file whose q and v
+        differ) become int8, anything else fp32 (quantized later for the shard's dtype)."""
+        kinds = {p.kind for p in parts}
+        if len(kinds) == 1 and len({p.data.shape[1:] + p.scale.shape[1:] if p.scale is not None
+                                    else p.data.shape[1:] for p in parts}) == 1:
+            fields = ("data", "scale", "bias", "min")
+            return cls(*(None if getattr(parts[0], f) is None else
+                         torch.cat([getattr(p, f) for p in parts]) for f in fields))
+        rows = torch.cat([p.dequantized() for p in parts])
+        return quantized(rows, "int8") if kinds <= {"int4", "int8"} else Weight(rows)
 
 
 @dataclass
@@ -140,6 +181,29 @@ class TopWeights:
         return self.embed.nbytes + extra + self.norm.numel() * 4
 
 
+_NAMES = {v: k for k, v in STORAGE.items()}
+
+
+def quantized(t: torch.Tensor, dtype: str) -> Weight:
+    """A float matrix (out, in) as a Weight in storage ``dtype``."""
+    if dtype == "int4":
+        q, d, m = quantize_int4(t)
+        return Weight(q, d, None, m)
+    if dtype == "int8":
+        return Weight(*quantize_int8(t))
+    return Weight(t.to(STORAGE[dtype]).contiguous())
+
+
+def storage_for(name: str, cols: int, dtype: str) -> str:
+    """The storage of matrix ``name`` (a dataset name) with ``cols`` columns in shards of
+    ``dtype``: the dtype itself, except that int4 shards keep the vocabulary matrices
+    (embedding, lm_head: the most sensitive to error) and matrices whose width is not a
+    whole number of 32-column blocks in int8."""
+    if dtype == "int4" and (name.startswith("vocab/") or not can_int4(cols)):
+        return "int8"
+    return dtype
+
+
 def vectors_fp32(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Matrices (and their scales) as stored; 1-D vectors (norms, biases) as fp32."""
     return {k: v if v.dim() == 2 else v.float() for k, v in tensors.items()}
@@ -160,25 +224,32 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
     return t.view(torch.bfloat16) if a.dtype == np.uint16 else t
 
 
-def stored_arrays(name: str, t: torch.Tensor, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(dataset name, array) pairs that store tensor ``name`` in storage ``dtype``.
+def stored_arrays(name: str, t: torch.Tensor | Weight,
+                  dtype: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(dataset name, array) pairs that store tensor ``name`` in shards of ``dtype``.
 
-    int8 stores a matrix as ``name`` (int8) + ``name.scale`` (fp32, quant.py) and keeps
-    vectors (norms, biases) in fp32; the other dtypes store everything in that dtype.
+    int8 stores a matrix as ``name`` (int8) + ``name.scale`` (fp32), int4 as ``name``
+    (uint8) + ``name.scale`` + ``name.min`` (fp16) (quant.py; ``storage_for`` says which
+    matrices of int4 shards are int8); both keep vectors (norms, biases) in fp32; the other
+    dtypes store everything in that dtype. ``t`` may be a Weight already quantized (a GGUF
+    file's blocks, carried over unchanged): it is stored as it is.
     """
-    if dtype != "int8":
-        yield name, to_numpy(t, dtype)
-    elif t.dim() == 2:
-        q, scale = quantize_int8(t)
-        yield name, q.numpy()
-        yield name + SCALE, scale.numpy()
-    else:
-        yield name, to_numpy(t, "fp32")
+    if isinstance(t, torch.Tensor) and t.dim() == 1:
+        yield name, to_numpy(t, "fp32" if dtype in ("int8", "int4") else dtype)
+        return
+    if isinstance(t, torch.Tensor):
+        t = quantized(t, storage_for(name, t.shape[1], dtype))
+    elif t.kind not in ("int8", "int4"):
+        t = quantized(t.data, storage_for(name, t.cols, dtype))
+    if t.kind in STORAGE:
+        yield name, to_numpy(t.data, t.kind)
+        return
+    yield name, t.data.numpy()
+    yield name + SCALE, t.scale.numpy()
+    if t.min is not None:
+        yield name + MIN, t.min.numpy()
 
 
 def random_weight(out: int, n_in: int, dtype: str) -> Weight:
     """A random (out, in) Weight in storage ``dtype`` (for measuring products)."""
-    w = torch.randn(out, n_in)
-    if dtype == "int8":
-        return Weight(*quantize_int8(w))
-    return Weight(w.to(STORAGE[dtype]))
+    return quantized(torch.randn(out, n_in), dtype)

@@ -15,8 +15,10 @@ CASES = [("llama-odd", 3, [2, 1, 1]), ("qwen2", 2, None), ("mistral", 3, None),
          ("llama-mqa", 4, None), ("llama-wide", 2, None)]
 # largest |fused - torch| relative to the largest logit; the int8 kernel rounds activations to
 # int16 per group in both paths, bf16/fp16 widen in registers in both: only summation order
-# differs
-BOUND = {"fp32": 1e-5, "bf16": 1e-4, "fp16": 1e-4, "int8": 1e-4}
+# differs. int4 rounds activations to int8 per block in both, but a last-bit difference in
+# the norm before it can move an activation by a whole 1/127 step, which 16 random layers
+# amplify: 2e-2 (measured 8e-3)
+BOUND = {"fp32": 1e-5, "bf16": 1e-4, "fp16": 1e-4, "int8": 1e-4, "int4": 2e-2}
 
 
 @pytest.mark.parametrize("dtype", list(BOUND))

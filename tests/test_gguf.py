@@ -96,14 +96,27 @@ def test_half_precision_logits_stay_close(hf_gguf, tok, tmp_path, dtype):
 
 @pytest.mark.parametrize("question,fact", GOLDEN)
 def test_golden_answers_identical_for_every_world_size(question, fact):
+    """Float shards: the same text whatever the split (sums differ only in the last bits)."""
     texts = []
     for n in (1, 2, 3, 4):
-        r = run_mpi(n, ["generate", "--model", "smollm2-135m", "--chat", "--prompt", question,
-                        "--max-tokens", "32", "--json"], timeout=300)
+        r = run_mpi(n, ["generate", "--model", "smollm2-135m", "--dtype", "fp16", "--chat",
+                        "--prompt", question, "--max-tokens", "32", "--json"], timeout=300)
         assert r.returncode == 0, r.stderr
         texts.append(json.loads(r.stdout)["text"])
     assert fact in texts[0], texts[0]
     assert texts == [texts[0]] * 4, texts
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_golden_answers_right_in_the_default_int4(n):
+    """The default storage of the Q4_1 file (int4, its own blocks): every golden answer
+    right. Its decode rounds activations to int8, so a last-bit difference between splits can
+    move a later word: the texts of different world sizes may differ (README, limits)."""
+    for question, fact in GOLDEN:
+        r = run_mpi(n, ["generate", "--model", "smollm2-135m", "--chat", "--prompt", question,
+                        "--max-tokens", "32", "--json"], timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert fact in json.loads(r.stdout)["text"], (question, r.stdout)
 
 
 def test_chat_repl_multi_turn_reset_and_end_of_input():

@@ -132,6 +132,7 @@ def test_every_kernel_variant_this_cpu_runs_matches_torch(march, tmp_path):
                  f"{HERE}/test_int8.py::test_the_kernels_build_on_this_host",
                  f"{HERE}/test_int8.py::test_float_kernels_match_torch",
                  f"{HERE}/test_int8.py::test_int8_kernel_matches_dequantized_product",
+                 f"{HERE}/test_int4.py::test_int4_kernel_matches_dequantized_product",
                  f"{HERE}/test_fused.py", "-k", "not wide"], env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-500:]
@@ -142,8 +143,8 @@ def test_host_choices_are_measured_and_kept_beside_the_kernels(monkeypatch):
     c = choices.host()
     assert c.measured and c.cpu and os.path.isfile(kernels.library_path_or_none() +
                                                    ".choices.json")
-    assert all(c.kernel_rows(d) >= 1 for d in (torch.float32, torch.bfloat16, torch.float16,
-                                               torch.int8))
+    assert all(c.kernel_rows(d) >= 1 for d in ("fp32", "bf16", "fp16", "int8", "int4"))
+    assert "int8" in c.max_t and c.kernel_rows("int4") == 1
     # a CPU without bf16 instructions never computes fp16/bf16 prefill in bf16
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
     plain = choices.Choices()

@@ -1,6 +1,7 @@
 /* What the matrix-vector kernels (matvec.c) and the fused decode step (decode.c) share:
- * widening bf16/f16 to fp32, and the int8 row product with activations quantised to int16
- * per group of input columns. Everything here is static inline: each .c file gets its own. */
+ * widening bf16/f16 to fp32, the int8 row product with activations quantised to int16 per
+ * group of input columns, and the int4 row product with activations quantised to int8 per
+ * block of 32. Everything here is static inline: each .c file gets its own. */
 #ifndef MPITPI_COMMON_H
 #define MPITPI_COMMON_H
 #include <math.h>
@@ -136,5 +137,93 @@ static inline float hsum(__m256 v) {
 }
 
 #endif
+
+/* int4 (quant.py): a row is nb blocks of 32 columns, 16 bytes each (byte j: column j in the
+ * low nibble, j + 16 in the high one) with an fp16 scale d and offset m per block, so a
+ * weight is n d + m for its 4-bit n in 0..15. x is quantised per block to int8 (x ~ xs[b] a,
+ * |a| <= 127; the error, 1/254 of the block's largest |x|, measured in docs/BENCHMARKS.md),
+ * and xsum[b] = xs[b] * (sum of the block's a). A block's share of the row product is then
+ *     d xs[b] (sum over j of n_j a_j)  +  m xsum[b]
+ * with the integer sum in one instruction on AVX2 (vpmaddubsw: unsigned n times signed a,
+ * pairs added; with VNNI vpdpbusd also adds the quads). */
+static inline void quantize_x8(const float *x, int64_t nb, int8_t *xq, float *xs, float *xsum) {
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * 32;
+        float m = 0.f;
+        for (int i = 0; i < 32; i++) m = fabsf(xb[i]) > m ? fabsf(xb[i]) : m;
+        float s = m > 0.f ? m / 127.f : 1.f, inv = 1.f / s;
+        int sum = 0;
+        for (int i = 0; i < 32; i++) {
+            int v = (int)lrintf(xb[i] * inv);
+            xq[b * 32 + i] = (int8_t)v;
+            sum += v;
+        }
+        xs[b] = s;
+        xsum[b] = s * (float)sum;
+    }
+}
+
+static inline int32_t dot_i4_block(const uint8_t *q, const int8_t *a) {
+    int32_t s = 0;
+    for (int j = 0; j < 16; j++) s += (q[j] & 15) * a[j] + (q[j] >> 4) * a[j + 16];
+    return s;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DPBUSD(a, b) _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+#elif defined(__AVXVNNI__)
+#define DPBUSD(a, b) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
+#else
+#define DPBUSD(a, b) _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+#endif
+
+static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16_t *m,
+                               const int8_t *xq, const float *xs, const float *xsum,
+                               int64_t nb) {
+    float sum = 0.f;
+    int64_t b = 0;
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(HAVE_F16X8)
+    /* two blocks per instruction: their 32 bytes -> [low nibbles of both | high nibbles of
+     * both], 128-bit lanes reordered to block b's 32 columns then block b + 1's */
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 acc = _mm512_setzero_ps();
+    __m256 macc = _mm256_setzero_ps();
+    for (; b + 8 <= nb; b += 8) {
+        float s[8];
+        _mm256_storeu_ps(s, _mm256_mul_ps(f16x8(d + b), _mm256_loadu_ps(xs + b)));
+        macc = _mm256_fmadd_ps(f16x8(m + b), _mm256_loadu_ps(xsum + b), macc);
+        for (int k = 0; k < 8; k += 2) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(q + (b + k) * 16));
+            __m512i n = _mm512_inserti64x4(_mm512_castsi256_si512(raw),
+                                           _mm256_srli_epi16(raw, 4), 1);
+            n = _mm512_shuffle_i64x2(_mm512_and_si512(n, low), _mm512_and_si512(n, low), 0xD8);
+            __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), n,
+                                            _mm512_loadu_si512((const void *)(xq + (b + k) * 32)));
+            __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(s[k]), _mm256_set1_ps(s[k + 1]), 1);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, acc);
+        }
+    }
+    sum = _mm512_reduce_add_ps(acc) + hsum(macc);
+#elif defined(__AVX2__) && defined(HAVE_F16X8)
+    const __m256i low = _mm256_set1_epi8(15);
+    __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+    for (; b + 8 <= nb; b += 8) {   /* eight blocks share one load of their scales */
+        float s[8];
+        _mm256_storeu_ps(s, _mm256_mul_ps(f16x8(d + b), _mm256_loadu_ps(xs + b)));
+        macc = _mm256_fmadd_ps(f16x8(m + b), _mm256_loadu_ps(xsum + b), macc);
+        for (int k = 0; k < 8; k++) {
+            __m128i raw = _mm_loadu_si128((const __m128i *)(q + (b + k) * 16));
+            __m256i n = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+            __m256i p = DPBUSD(n, _mm256_loadu_si256((const __m256i *)(xq + (b + k) * 32)));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s[k]), acc);
+        }
+    }
+    sum = hsum(acc) + hsum(macc);
+#endif
+    for (; b < nb; b++)
+        sum += f16_to_f32(d[b]) * xs[b] * (float)dot_i4_block(q + b * 16, xq + b * 32) +
+               f16_to_f32(m[b]) * xsum[b];
+    return sum;
+}
 
 #endif

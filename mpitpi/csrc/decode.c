@@ -15,11 +15,13 @@
 
 #include "common.h"
 
-enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2, W_I8 = 3 };
+enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2, W_I8 = 3, W_I4 = 4 };
 
 typedef struct {            /* one (rows, cols) matrix as stored, see weights.py */
-    const void *data;
-    const float *scale;     /* (rows, ceil(cols / group)) for int8, else NULL */
+    const void *data;       /* int4: (rows, cols / 2) bytes */
+    const void *scale;      /* int8: (rows, ceil(cols / group)) fp32; int4: (rows, cols / 32)
+                               fp16; else NULL */
+    const uint16_t *min;    /* int4: (rows, cols / 32) fp16 offsets, else NULL */
     const float *bias;      /* (rows,) or NULL */
     int64_t rows, cols, dtype, group;
 } weight_t;
@@ -28,8 +30,10 @@ typedef struct {            /* caller-owned buffers, sized for the largest use *
     float *h;               /* (dim,) the normed input */
     float *mid;             /* (n_q + 2 n_kv) hd for qkv, or 2 f for gate/up */
     float *act;             /* (n_q hd,) attention output, or (f,) silu(g) * u */
-    int16_t *xq;            /* activations quantised for int8 weights, (max cols,) */
+    int16_t *xq;            /* activations quantised for int8 weights, (max cols,), or to
+                               int8 for int4 weights (the same buffer) */
     float *xs;              /* their per-group scales */
+    float *xsum;            /* int4: per block, the scale times the sum of the block */
 } scratch_t;
 
 static inline float dot_f32(const float *restrict w, const float *restrict x, int64_t n) {
@@ -57,8 +61,8 @@ static inline float dot_f16(const uint16_t *restrict w, const float *restrict x,
 }
 
 /* y[o] = W[o] . x (+ b[o]) for rows [o0, o1). */
-static void rows(const weight_t *w, const float *x, const int16_t *xq, const float *xs,
-                 float *y, int64_t o0, int64_t o1) {
+static void rows(const weight_t *w, const float *x, const scratch_t *s, float *y, int64_t o0,
+                 int64_t o1) {
     int64_t in = w->cols;
     switch (w->dtype) {
     case W_F32:
@@ -72,11 +76,19 @@ static void rows(const weight_t *w, const float *x, const int16_t *xq, const flo
         for (int64_t o = o0; o < o1; o++)
             y[o] = dot_f16((const uint16_t *)w->data + o * in, x, in);
         break;
-    default: {
+    case W_I8: {
         int64_t ng = (in + w->group - 1) / w->group, full = in / w->group;
         for (int64_t o = o0; o < o1; o++)
-            y[o] = dot_i8_row((const int8_t *)w->data + o * in, xq, w->scale + o * ng, xs, x,
-                              in, w->group, full);
+            y[o] = dot_i8_row((const int8_t *)w->data + o * in, s->xq,
+                              (const float *)w->scale + o * ng, s->xs, x, in, w->group, full);
+        break;
+    }
+    default: {
+        int64_t nb = in / 32;
+        for (int64_t o = o0; o < o1; o++)
+            y[o] = dot_i4_row((const uint8_t *)w->data + o * (in / 2),
+                              (const uint16_t *)w->scale + o * nb, w->min + o * nb,
+                              (const int8_t *)s->xq, s->xs, s->xsum, nb);
     }
     }
     if (w->bias)
@@ -86,14 +98,17 @@ static void rows(const weight_t *w, const float *x, const int16_t *xq, const flo
 /* Inside a parallel region, every thread: y = W x, rows handed out in chunks. */
 static void product(const weight_t *w, const float *x, const scratch_t *s, float *y) {
     #pragma omp single
-    if (w->dtype == W_I8) quantize_x(x, w->cols, w->group, s->xq, s->xs);
+    {
+        if (w->dtype == W_I8) quantize_x(x, w->cols, w->group, s->xq, s->xs);
+        if (w->dtype == W_I4) quantize_x8(x, w->cols / 32, (int8_t *)s->xq, s->xs, s->xsum);
+    }
     int64_t chunk = w->rows / (8 * omp_get_num_threads());
     chunk = chunk < 4 ? 4 : chunk > 64 ? 64 : chunk;
     int64_t n = (w->rows + chunk - 1) / chunk;
     #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < n; c++) {
         int64_t o0 = c * chunk, o1 = o0 + chunk < w->rows ? o0 + chunk : w->rows;
-        rows(w, x, s->xq, s->xs, y, o0, o1);
+        rows(w, x, s, y, o0, o1);
     }
 }
 

@@ -5,7 +5,9 @@
  * host it is built on (-march=native, see kernels.py), one row at a time while x fits in
  * L1 and four rows sharing each load of x beyond; int8 is written with AVX2 intrinsics.
  * Weights stay in their storage dtype and are widened to fp32 in registers:
- *   f32, bf16 (raw bits), f16 (raw bits, F16C), i8 (times fp32 scales, see quant.py).
+ *   f32, bf16 (raw bits), f16 (raw bits, F16C), i8 (times fp32 scales), i4 (blocks of 32
+ *   with fp16 scale and offset; see quant.py and common.h).
+ * dequant_i8 / dequant_i4 write an integer matrix out in fp32 for torch's prefill product.
  * Work is split over output rows with OpenMP (the same runtime torch uses).
  */
 #include "common.h"
@@ -120,3 +122,48 @@ void matvec_f16(const float *restrict x, const uint16_t *restrict w, float *rest
 #else
 MATVEC(matvec_f16, uint16_t, LOAD_F16)
 #endif
+
+void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_t *restrict d,
+               const uint16_t *restrict m, float *restrict y, int64_t T, int64_t in,
+               int64_t out) {
+    int64_t nb = in / 32;
+    int8_t *xq = malloc((size_t)(T * in));
+    float *xs = malloc(sizeof(float) * T * nb), *xsum = malloc(sizeof(float) * T * nb);
+    for (int64_t t = 0; t < T; t++)
+        quantize_x8(x + t * in, nb, xq + t * in, xs + t * nb, xsum + t * nb);
+    #pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < out; o++)
+        for (int64_t t = 0; t < T; t++)
+            y[t * out + o] = dot_i4_row(q + o * (in / 2), d + o * nb, m + o * nb, xq + t * in,
+                                        xs + t * nb, xsum + t * nb, nb);
+    free(xq);
+    free(xs);
+    free(xsum);
+}
+
+/* w (rows, in) fp32 = n d + m of an int4 matrix. */
+void dequant_i4(const uint8_t *restrict q, const uint16_t *restrict d,
+                const uint16_t *restrict m, float *restrict w, int64_t rows, int64_t in) {
+    int64_t nb = in / 32;
+    #pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < rows; o++)
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *qb = q + (o * nb + b) * 16;
+            float db = f16_to_f32(d[o * nb + b]), mb = f16_to_f32(m[o * nb + b]);
+            float *wb = w + o * in + b * 32;
+            for (int j = 0; j < 16; j++) {
+                wb[j] = (float)(qb[j] & 15) * db + mb;
+                wb[j + 16] = (float)(qb[j] >> 4) * db + mb;
+            }
+        }
+}
+
+/* w (rows, in) fp32 = q times its group's scale, of an int8 matrix. */
+void dequant_i8(const int8_t *restrict q, const float *restrict scale, float *restrict w,
+                int64_t rows, int64_t in, int64_t group) {
+    int64_t ng = (in + group - 1) / group;
+    #pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < rows; o++)
+        for (int64_t i = 0; i < in; i++)
+            w[o * in + i] = (float)q[o * in + i] * scale[o * ng + i / group];
+}
