@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # `make bench`: mpitpi against transformers' generate, llama.cpp and the memory roofline, in
 # one run. SmolLM2-135M (the bundled GGUF): transformers and llama.cpp (same GGUF) with 2
-# threads; mpitpi at N = 1 in fp32 (with and without the C kernels), bf16, fp16 and int8
-# (int8 also without the fused step, and both beside a busy core), 200-token prompts per
-# dtype, and N = 2 and 3. Then the llama-3.2-1b shape (random weights from `mpitpi synth`,
-# made once under bench/) in fp32, bf16 and int8 at N = 1 and 2 (BIG=0 skips it). Every
+# threads; mpitpi at N = 1 in fp32 (with and without the C kernels), bf16, fp16, int8 and
+# int4 (the GGUF's own Q4_1 blocks; int8 also without the fused step, int8 and int4 beside a
+# busy core), 200-token prompts per dtype, and N = 2 and 3. Then the llama-3.2-1b shape
+# (random weights from `mpitpi synth`, made once under bench/) in fp32, bf16, int8 and int4
+# at N = 1 and 2 (BIG=0 skips it). Every
 # mpitpi row carries the roofline measured in its own run. Writes $OUT/*.json,
 # $OUT/summary.md and $OUT/speed.png.
 set -euo pipefail
@@ -36,24 +37,30 @@ run n1-fp32 1 "$MODEL" --dtype fp32
 run n1-bf16 1 "$MODEL" --dtype bf16
 run n1-fp16 1 "$MODEL" --dtype fp16
 run n1-int8 1 "$MODEL" --dtype int8
+run n1-int4 1 "$MODEL" --dtype int4
 MPITPI_FUSED=0 run n1-int8-unfused 1 "$MODEL" --dtype int8
 yes > /dev/null & BUSY=$!            # one busy core beside it, as on an edge device
 run n1-int8-busy 1 "$MODEL" --dtype int8
+run n1-int4-busy 1 "$MODEL" --dtype int4
 MPITPI_FUSED=0 run n1-int8-unfused-busy 1 "$MODEL" --dtype int8
 kill $BUSY
-for dt in fp32 bf16 fp16 int8; do    # a 200-token prompt: TTFT per dtype
+for dt in fp32 bf16 fp16 int8 int4; do   # a 200-token prompt: TTFT per dtype
   PLEN=200 GEN=8 run "n1-p200-$dt" 1 "$MODEL" --dtype "$dt"
 done
-run n2-fp16 2 "$MODEL"
+run n2-fp16 2 "$MODEL" --dtype fp16
 run n2-int8 2 "$MODEL" --dtype int8
-run n3-fp16 3 "$MODEL"
+run n2-int4 2 "$MODEL" --dtype int4
+run n3-fp16 3 "$MODEL" --dtype fp16
+run n3-int4 3 "$MODEL" --dtype int4
 if [ "$BIG" = 1 ]; then
   [ -f "$BIG_MODEL/config.json" ] || "$VENV/bin/mpitpi" synth --shape llama-3.2-1b \
     --out "$BIG_MODEL"
   for n in 1 2; do
-    for dt in fp32 bf16 int8; do
+    for dt in fp32 bf16 int8 int4; do
       GEN=16 REPS=2 run "big-n$n-$dt" "$n" "$BIG_MODEL" --dtype "$dt"
     done
   done
 fi
+# perplexity on mpitpi's docs, ctx 256: mpitpi fp16 and int4 vs llama.cpp -> $OUT/perplexity.json
+OUT="$OUT" MODEL="$MODEL" VENV="$VENV" LLAMA_VENV="$LLAMA_VENV" jobs/bench-perplexity.sh
 "$VENV/bin/python" jobs/plot-speed.py "$OUT"

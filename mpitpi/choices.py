@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mpitpi import kernels
-from mpitpi.quant import quantize_int8
+from mpitpi.quant import quantize_int4, quantize_int8
 
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
          torch.int8: "int8", torch.uint8: "int4"}
@@ -42,7 +42,7 @@ def _bf16_instructions() -> bool:
 @dataclass
 class Choices:
     max_t: dict[str, int] = field(default_factory=lambda: {"fp32": 8, "bf16": 2, "fp16": 2,
-                                                           "int8": 1 << 30})
+                                                           "int8": 1 << 30, "int4": 16})
     prefill: dict[str, str] = field(default_factory=lambda: {
         "bf16": "bf16" if _bf16_instructions() else "fp32",
         "fp16": "bf16" if _bf16_instructions() else "fp32"})
@@ -52,11 +52,8 @@ class Choices:
 
     def kernel_rows(self, kind: str) -> int:
         """Input rows up to which a weight of storage ``kind`` (weights.DTYPES) uses the C
-        kernels. int4: one row (decode) whatever the speed. Its kernel rounds activations to
-        int8, which can flip a near-tie: prompts go through the dequantized fp32 product, so
-        the first token is the file's own (SmolLM2: 'The' 25.33 vs 'L' 25.24 for the capital
-        of France flipped with int8 activations in the prompt; docs/BENCHMARKS.md)."""
-        return 1 if kind == "int4" else self.max_t.get(kind, 1 << 30)
+        kernels (int4 for 2 rows and more: its exact-activation kernel)."""
+        return self.max_t.get(kind, 16 if kind == "int4" else 1 << 30)
 
     def prefill_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """What a weight stored in ``dtype`` computes in for inputs past ``kernel_rows``."""
@@ -114,7 +111,12 @@ def measure(n: int = 2048) -> Choices:
                                  lambda x: F.linear(x, kernels.dequantize(*parts)), n, g)
     c.why.append(f"int8: C kernels up to {c.max_t['int8']} rows, then torch on a dequantized "
                  f"fp32 copy")
-    c.why.append("int4: C kernels for decode (1 row), prompts on a dequantized fp32 copy")
+    parts = quantize_int4(w32)
+    c.max_t["int4"] = _crossover(lambda x: kernels.matvec(x, *parts, exact=True),
+                                 lambda x: F.linear(x, kernels.dequantize(*parts)), n, g)
+    c.why.append(f"int4: C kernels with int8 activations for 1 row (decode), with fp32 "
+                 f"activations up to {c.max_t['int4']} rows, then torch on a dequantized "
+                 f"fp32 copy")
     return c
 
 

@@ -129,9 +129,11 @@ def _load():
             getattr(lib, name).argtypes = [p, p, p, i64, i64, i64]
         lib.matvec_i8.argtypes = [p, p, p, p, i64, i64, i64, i64]   # x, w, scale, y, .., group
         lib.matvec_i4.argtypes = [p, p, p, p, p, i64, i64, i64]     # x, q, d, m, y, T, in, out
+        lib.matvec_i4_exact.argtypes = [p, p, p, p, p, i64, i64, i64]   # as matvec_i4
         lib.dequant_i4.argtypes = [p, p, p, p, i64, i64]            # q, d, m, w, rows, in
         lib.dequant_i8.argtypes = [p, p, p, i64, i64, i64]          # q, scale, w, rows, in, group
-        for name in (*_FUNCS.values(), "matvec_i8", "matvec_i4", "dequant_i4", "dequant_i8"):
+        for name in (*_FUNCS.values(), "matvec_i8", "matvec_i4", "matvec_i4_exact",
+                     "dequant_i4", "dequant_i8"):
             getattr(lib, name).restype = None
         w, s, f = ctypes.POINTER(CWeight), ctypes.POINTER(CScratch), ctypes.c_float
         lib.decode_attn.argtypes = [p, p, f, w, w, p, p, p, p, i64, i64, i64, i64, i64, i64, p,
@@ -157,12 +159,13 @@ def library_path_or_none() -> str | None:
 
 
 def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-           min: torch.Tensor | None = None) -> torch.Tensor:
+           min: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
     """x (T, in) fp32 @ W.T -> (T, out) fp32 for the matrix W (out, in) stored as ``w``.
 
     Contract: ``available()`` is True; every tensor contiguous; w is fp32/bf16/fp16
     (out, in) alone, int8 (out, in) with ``scale`` (out, ceil(in / group)) fp32, or uint8
     (out, in / 2) int4 blocks with ``scale`` and ``min`` (out, in / 32) fp16 (quant.py).
+    int4 rounds x to int8 per block (decode); ``exact`` keeps x in fp32 (prompts).
     """
     lib = _load()
     x = x.contiguous()
@@ -170,8 +173,9 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     n_out = w.shape[0]
     out = torch.empty(T, n_out)
     if w.dtype == torch.uint8:
-        lib.matvec_i4(x.data_ptr(), w.data_ptr(), scale.data_ptr(), min.data_ptr(),
-                      out.data_ptr(), T, n_in, n_out)
+        f = lib.matvec_i4_exact if exact else lib.matvec_i4
+        f(x.data_ptr(), w.data_ptr(), scale.data_ptr(), min.data_ptr(), out.data_ptr(), T, n_in,
+          n_out)
     elif w.dtype == torch.int8:
         lib.matvec_i8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), out.data_ptr(),
                       T, n_in, n_out, int8_group(n_in, scale.shape[1]))

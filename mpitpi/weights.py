@@ -78,14 +78,18 @@ class Weight:
         """x (T, in) fp32 -> (T, out) fp32.
 
         Chosen per host by measurement (choices.py): decode and short inputs (up to
-        ``kernel_rows`` rows) use the C kernels, which widen each weight in registers;
+        ``kernel_rows`` rows) use the C kernels, which widen each weight in registers
+        (int4 in decode rounds x to int8 per block of 32 columns);
         longer inputs use torch's matrix product, fp16 and bf16 in bf16 where the CPU has
         bf16 instructions and it measured faster, else in fp32; int8 and int4 on an fp32
         copy made for the call (kernels.dequantize).
         """
         w, c = self.data, choices.host()
         if x.shape[0] <= c.kernel_rows(self.kind) and kernels.available():
-            y = kernels.matvec(x, w, self.scale, self.min)
+            # int4: one row rounds x to int8 per block (decode: fast); more rows keep x in
+            # fp32, so a prompt's products are exactly the stored numbers' (an int8 rounding
+            # there flipped SmolLM2's near-tie first token, docs/BENCHMARKS.md)
+            y = kernels.matvec(x, w, self.scale, self.min, exact=x.shape[0] > 1)
         elif self.scale is not None:
             y = F.linear(x, kernels.dequantize(w, self.scale, self.min) if kernels.available()
                          else self.dequantized())

@@ -144,7 +144,7 @@ def test_host_choices_are_measured_and_kept_beside_the_kernels(monkeypatch):
     assert c.measured and c.cpu and os.path.isfile(kernels.library_path_or_none() +
                                                    ".choices.json")
     assert all(c.kernel_rows(d) >= 1 for d in ("fp32", "bf16", "fp16", "int8", "int4"))
-    assert "int8" in c.max_t and c.kernel_rows("int4") == 1
+    assert {"int8", "int4"} <= set(c.max_t)
     # a CPU without bf16 instructions never computes fp16/bf16 prefill in bf16
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
     plain = choices.Choices()

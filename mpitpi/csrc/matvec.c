@@ -167,3 +167,61 @@ void dequant_i8(const int8_t *restrict q, const float *restrict scale, float *re
         for (int64_t i = 0; i < in; i++)
             w[o * in + i] = (float)q[o * in + i] * scale[o * ng + i / group];
 }
+
+/* int4 with fp32 activations, for prompts: each block of 32 weights is dequantized once in
+ * registers and used for up to TCH rows of x, so the products are the dequantized matrix's
+ * (exact activations, no fp32 copy of the matrix in memory). */
+#define TCH 8
+void matvec_i4_exact(const float *restrict x, const uint8_t *restrict q,
+                     const uint16_t *restrict d, const uint16_t *restrict m, float *restrict y,
+                     int64_t T, int64_t in, int64_t out) {
+    int64_t nb = in / 32;
+    #pragma omp parallel for schedule(dynamic, 8)
+    for (int64_t o = 0; o < out; o++) {
+        const uint8_t *qo = q + o * (in / 2);
+        for (int64_t t0 = 0; t0 < T; t0 += TCH) {
+            int64_t nt = T - t0 < TCH ? T - t0 : TCH;
+#if defined(__AVX512F__) && defined(HAVE_F16X8)
+            __m512 acc[TCH][2];
+            for (int t = 0; t < TCH; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+            for (int64_t b = 0; b < nb; b++) {
+                __m128i raw = _mm_loadu_si128((const __m128i *)(qo + b * 16));
+                __m512 db = _mm512_set1_ps(f16_to_f32(d[o * nb + b]));
+                __m512 mb = _mm512_set1_ps(f16_to_f32(m[o * nb + b]));
+                __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                    _mm_and_si128(raw, _mm_set1_epi8(15))));
+                __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                    _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(15))));
+                lo = _mm512_fmadd_ps(lo, db, mb);
+                hi = _mm512_fmadd_ps(hi, db, mb);
+                for (int t = 0; t < nt; t++) {
+                    const float *xt = x + (t0 + t) * in + b * 32;
+                    acc[t][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xt), acc[t][0]);
+                    acc[t][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xt + 16), acc[t][1]);
+                }
+            }
+            for (int t = 0; t < nt; t++)
+                y[(t0 + t) * out + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+#else
+            float acc[TCH][32];
+            memset(acc, 0, sizeof(acc));
+            for (int64_t b = 0; b < nb; b++) {
+                float w[32], db = f16_to_f32(d[o * nb + b]), mb = f16_to_f32(m[o * nb + b]);
+                for (int j = 0; j < 16; j++) {
+                    w[j] = (float)(qo[b * 16 + j] & 15) * db + mb;
+                    w[j + 16] = (float)(qo[b * 16 + j] >> 4) * db + mb;
+                }
+                for (int t = 0; t < nt; t++) {
+                    const float *xt = x + (t0 + t) * in + b * 32;
+                    for (int j = 0; j < 32; j++) acc[t][j] += w[j] * xt[j];
+                }
+            }
+            for (int t = 0; t < nt; t++) {
+                float s = 0.f;
+                for (int j = 0; j < 32; j++) s += acc[t][j];
+                y[(t0 + t) * out + o] = s;
+            }
+#endif
+        }
+    }
+}
