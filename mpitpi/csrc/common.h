@@ -11,6 +11,9 @@
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__ARM_NEON)
+#include <arm_neon.h>   /* aarch64: NEON paths below, checked under qemu-user (test_neon.py) */
+#endif
 
 static inline float bf16_to_f32(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -22,6 +25,10 @@ static inline float bf16_to_f32(uint16_t b) {
 static inline float f16_to_f32(uint16_t h) {
 #if defined(__F16C__) && defined(__FMA__)
     return _cvtsh_ss(h);
+#elif defined(__ARM_NEON)   /* a native half type: loops of it vectorise to fcvtl */
+    __fp16 f;
+    memcpy(&f, &h, 2);
+    return (float)f;
 #else
     uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
     if (e == 0) {                      /* zero or subnormal */
@@ -107,6 +114,21 @@ static inline float dot_i8_row(const int8_t *w, const int16_t *xq, const float *
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     h = _mm_hadd_ps(h, h);
     sum = _mm_cvtss_f32(_mm_hadd_ps(h, h));
+#elif defined(__ARM_NEON)
+    /* 16 weights a step: widened to int16, multiplied by the int16 activations into int32 */
+    for (int64_t g = 0; g < full; g++) {
+        int32x4_t a0 = vdupq_n_s32(0), a1 = a0;
+        for (int64_t i = g * group; i < (g + 1) * group; i += 16) {
+            int8x16_t wv = vld1q_s8(w + i);
+            int16x8_t lo = vmovl_s8(vget_low_s8(wv)), hi = vmovl_s8(vget_high_s8(wv));
+            int16x8_t x0 = vld1q_s16(xq + i), x1 = vld1q_s16(xq + i + 8);
+            a0 = vmlal_s16(a0, vget_low_s16(lo), vget_low_s16(x0));
+            a1 = vmlal_s16(a1, vget_high_s16(lo), vget_high_s16(x0));
+            a0 = vmlal_s16(a0, vget_low_s16(hi), vget_low_s16(x1));
+            a1 = vmlal_s16(a1, vget_high_s16(hi), vget_high_s16(x1));
+        }
+        sum += (float)vaddvq_s32(vaddq_s32(a0, a1)) * ws[g] * xs[g];
+    }
 #else
     for (int64_t g = 0; g < full; g++) {
         int32_t a = 0;
@@ -219,6 +241,18 @@ static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16
         }
     }
     sum = hsum(acc) + hsum(macc);
+#elif defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+    /* a block: its 16 bytes -> low and high nibbles (columns 0-15, 16-31), each a signed
+     * 8-bit dot product with the activations (sdot: 4 products added per lane) */
+    const uint8x16_t low = vdupq_n_u8(15);
+    for (; b < nb; b++) {
+        uint8x16_t raw = vld1q_u8(q + b * 16);
+        int8x16_t n0 = vreinterpretq_s8_u8(vandq_u8(raw, low));
+        int8x16_t n1 = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
+        int32x4_t p = vdotq_s32(vdupq_n_s32(0), n0, vld1q_s8(xq + b * 32));
+        p = vdotq_s32(p, n1, vld1q_s8(xq + b * 32 + 16));
+        sum += f16_to_f32(d[b]) * xs[b] * (float)vaddvq_s32(p) + f16_to_f32(m[b]) * xsum[b];
+    }
 #endif
     for (; b < nb; b++)
         sum += f16_to_f32(d[b]) * xs[b] * (float)dot_i4_block(q + b * 16, xq + b * 32) +
