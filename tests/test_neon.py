@@ -31,7 +31,8 @@ def binary(request, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("neon") / "products")
     r = subprocess.run([CC, "-O3", f"-march={request.param}", "-ffast-math", "-fopenmp",
                         "-static", "-o", out, f"{HERE}/csrc/products.c",
-                        f"{CSRC}/matvec.c", "-lm"], capture_output=True, text=True)
+                        f"{CSRC}/matvec.c", f"{CSRC}/decode.c", "-lm"],
+                       capture_output=True, text=True)   # decode.c: it must build too
     assert r.returncode == 0, r.stderr[-2000:]
     return out
 
