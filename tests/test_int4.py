@@ -201,3 +201,53 @@ def test_int4_greedy_follows_fp32_on_smollm2(smollm2_shards):
         agree = np.mean([a == b for a, b in zip(picks, ref)])
         print(f"{question!r}: int4 agrees with fp32 at {agree:.2f} of 64 positions")
         assert agree >= 0.9, (agree, tok.decode(picks), tok.decode(ref))
+
+
+def test_mixed_gguf_types_split_to_the_nearest_storage_at_least_as_precise(tmp_path):
+    """A Q4_K_M-like mix (SmolLM2's Q4_1 file with layer 0's v_proj re-encoded as Q8_0, its
+    down_proj as Q4_K and its up_proj as Q6_K): int4 shards keep Q4_K in int4 (scales rounded
+    to fp16), store Q6_K and a q/k/v of mixed types in int8, and each matrix holds the file's
+    numbers within those roundings."""
+    import h5py
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize, quantize
+
+    from mpitpi.gguf_checkpoint import GGUFCheckpoint
+    ckpt = GGUFCheckpoint(resolve_model("smollm2-135m"))
+    rng = np.random.default_rng(3)
+
+    def retype(name, kind, raw):
+        ckpt.tensors[name] = ckpt.tensors[name]._replace(tensor_type=kind, data=raw)
+
+    p = "model.layers.0."
+    v = ckpt.rows(p + "self_attn.v_proj.weight", 0, 192).numpy()
+    retype(p + "self_attn.v_proj.weight", Q.Q8_0, quantize(v, Q.Q8_0))
+    down = rng.integers(0, 256, (576, 6 * 144), dtype=np.uint8)   # (576, 1536) in Q4_K
+    down.reshape(576, 6, 144)[..., 0:4] = np.array([0.004, 0.001], np.float16).view(np.uint8)
+    retype(p + "mlp.down_proj.weight", Q.Q4_K, down)
+    up = quantize(ckpt.rows(p + "mlp.up_proj.weight", 0, 1536).numpy(), Q.Q5_0)
+    retype(p + "mlp.up_proj.weight", Q.Q5_0, up)
+    write_shards(ckpt, str(tmp_path / "s"), 2, None, "int4", progress=False)
+
+    with h5py.File(tmp_path / "s" / "rank1.h5") as f:
+        def stored(name):
+            parts = [torch.from_numpy(f[name + s][()]) for s in ("", ".scale", ".min")
+                     if name + s in f]
+            return f[name].dtype, (dequantize_int4 if len(parts) == 3 else dequantize_int8)(*parts)
+        kind, wqkv = stored("layers/0/wqkv")          # q, k Q4_1 + v Q8_0 -> int8
+        assert kind == np.int8
+        ref = torch.cat([ckpt.rows(p + "self_attn.q_proj.weight", 320, 576),
+                         ckpt.rows(p + "self_attn.k_proj.weight", 64, 192),
+                         ckpt.rows(p + "self_attn.v_proj.weight", 64, 192)])
+        step = ref.abs().amax(dim=1, keepdim=True) / 127
+        assert ((wqkv - ref).abs() <= step / 2 + 1e-6).all()
+        kind, w2 = stored("layers/0/w2")              # Q4_K -> int4, fp16 scales
+        assert kind == np.uint8
+        full = torch.from_numpy(dequantize(down, Q.Q4_K))
+        f0, f1 = 768, 1536
+        assert (w2 - full[:, f0:f1]).abs().max() <= full.abs().max() * 2 ** -9
+        kind, w13 = stored("layers/0/w13")            # Q4_1 gate + Q5_0 up -> int8
+        assert kind == np.int8
+        up_ref = torch.from_numpy(dequantize(up, Q.Q5_0))[f0:f1]
+        err = (w13[768:] - up_ref).abs().max() / up_ref.abs().max()
+        assert err <= 1 / 254 + 1e-6, err            # int8 in groups of 32: half a step
