@@ -198,31 +198,37 @@ static inline int32_t dot_i4_block(const uint8_t *q, const int8_t *a) {
 #else
 #define DPBUSD(a, b) _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
 #endif
+#if defined(__AVX512VNNI__)
+#define DPBUSD512(a, b) _mm512_dpbusd_epi32(_mm512_setzero_si512(), a, b)
+#else
+#define DPBUSD512(a, b) _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1))
+#endif
 
 static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16_t *m,
                                const int8_t *xq, const float *xs, const float *xsum,
                                int64_t nb) {
     float sum = 0.f;
     int64_t b = 0;
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(HAVE_F16X8)
+#if defined(__AVX512BW__) && defined(HAVE_F16X8)
     /* two blocks per instruction: their 32 bytes -> [low nibbles of both | high nibbles of
      * both], 128-bit lanes reordered to block b's 32 columns then block b + 1's */
     const __m512i low = _mm512_set1_epi8(15);
     __m512 acc = _mm512_setzero_ps();
     __m256 macc = _mm256_setzero_ps();
     for (; b + 8 <= nb; b += 8) {
-        float s[8];
-        _mm256_storeu_ps(s, _mm256_mul_ps(f16x8(d + b), _mm256_loadu_ps(xs + b)));
+        /* the eight blocks' scales; block pair k's lanes take scales k and k + 1 */
+        __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(f16x8(d + b), _mm256_loadu_ps(xs + b)));
         macc = _mm256_fmadd_ps(f16x8(m + b), _mm256_loadu_ps(xsum + b), macc);
         for (int k = 0; k < 8; k += 2) {
             __m256i raw = _mm256_loadu_si256((const __m256i *)(q + (b + k) * 16));
             __m512i n = _mm512_inserti64x4(_mm512_castsi256_si512(raw),
                                            _mm256_srli_epi16(raw, 4), 1);
-            n = _mm512_shuffle_i64x2(_mm512_and_si512(n, low), _mm512_and_si512(n, low), 0xD8);
-            __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), n,
-                                            _mm512_loadu_si512((const void *)(xq + (b + k) * 32)));
-            __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(s[k]), _mm256_set1_ps(s[k + 1]), 1);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, acc);
+            n = _mm512_and_si512(n, low);
+            n = _mm512_shuffle_i64x2(n, n, 0xD8);
+            __m512i p = DPBUSD512(n, _mm512_loadu_si512((const void *)(xq + (b + k) * 32)));
+            __m512i pick = _mm512_set_epi32(k + 1, k + 1, k + 1, k + 1, k + 1, k + 1, k + 1,
+                                            k + 1, k, k, k, k, k, k, k, k);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(pick, s), acc);
         }
     }
     sum = _mm512_reduce_add_ps(acc) + hsum(macc);
