@@ -6,6 +6,7 @@
     mpiexec -n N mpitpi chat --model MODEL [--system TEXT]
     mpiexec -n N mpitpi serve --model MODEL [--port 8000]    OpenAI-compatible HTTP on rank 0
     mpiexec -n N mpitpi bench --model MODEL                  TTFT, ms/token, memory, traffic
+    mpiexec -n N mpitpi perplexity --model MODEL [--file F]  how well it predicts a text
     mpiexec -n N mpitpi profile --model MODEL                what --ratios auto would choose
     mpiexec -n N mpitpi commbench                            all-reduce latency per algorithm
 
@@ -39,11 +40,13 @@ from mpitpi.errors import CollectiveError, MpitpiError
 from mpitpi.generate import Session, check_prompt, generate
 from mpitpi.loader import Loaded, load_model, measure_ratios
 from mpitpi.options import (args_bench, args_chat, args_commbench, args_generate,
-                            args_profile, args_serve, args_split, args_synth, sampling_params)
+                            args_perplexity, args_profile, args_serve, args_split, args_synth,
+                            sampling_params)
+from mpitpi.perplexity import added_bos, check_ctx, cut_windows, default_text, score
 from mpitpi.plan import parse_ratios, plan_for_args
 from mpitpi.sampling import Sampler
 from mpitpi.server import ServeOptions, serve
-from mpitpi.shards import check_out_folder, write_shards
+from mpitpi.shards import check_out_folder, read_manifest, write_shards
 from mpitpi.synth import synth
 from mpitpi.tokenizer import Tokenizer, chat_messages, load_tokenizer
 
@@ -67,7 +70,9 @@ def peak_rss_mb() -> float:
     return 0.0
 
 
-def _read_text(path: str, what: str) -> str:
+def _read_text(path: str, what: str, fill: str = "put the prompt in it") -> str:
+    """The UTF-8 text of the file ``path``; an error naming the problem and the fix if it
+    cannot be read, is not UTF-8 or is blank (the fix then: ``fill``)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -80,7 +85,7 @@ def _read_text(path: str, what: str) -> str:
         raise MpitpiError(f"{what} {path!r} is not UTF-8 text (byte {e.start} is invalid). "
                           f"Fix: save it as UTF-8.")
     if not text.strip():
-        raise MpitpiError(f"{what} {path!r} is empty. Fix: put the prompt in it.")
+        raise MpitpiError(f"{what} {path!r} is empty. Fix: {fill}.")
     return text
 
 
@@ -317,6 +322,47 @@ def cmd_bench(a: argparse.Namespace, comm: Comm) -> int:
     return 0
 
 
+def cmd_perplexity(a: argparse.Namespace, comm: Comm) -> int:
+    def early():
+        check_ctx(a.ctx)
+        if a.max_windows is not None:
+            check_positive(max_windows=a.max_windows)
+        refuse_existing(a.save_windows, "--save-windows")
+        if a.file is None:
+            return default_text()
+        return _read_text(a.file, "--file", "give a file with text in it"), a.file
+    text, source = comm.root_checked(early)
+    loaded = start(a, comm)
+    tok = need_tokenizer(comm, loaded)
+    windows = None
+
+    def cut():
+        nonlocal windows
+        m = loaded.args
+        bos = added_bos(tok)
+        windows = cut_windows(tok.encode(text, special=False), a.ctx, bos, m.max_seq_len,
+                              m.vocab_size, a.max_windows)
+        if a.save_windows:
+            with open(a.save_windows, "x") as f:
+                json.dump({"ctx": a.ctx, "bos": bos, "text": source,
+                           "windows": windows.tolist()}, f)
+    comm.root_checked(cut)
+    res = score(comm, loaded.model, windows, progress=not a.json)
+    loaded.model.layers.close()
+    if comm.rank != 0:
+        return 0
+    dtype = read_manifest(loaded.shards)["dtype"]
+    if a.json:
+        print(json.dumps({"perplexity": res.perplexity, "tokens": res.tokens,
+                          "windows": res.windows, "ctx": a.ctx, "dtype": dtype,
+                          "seconds": round(res.seconds, 3), "text": source}))
+    else:
+        print(f"perplexity {res.perplexity:.4f} over {res.tokens} tokens of {source} "
+              f"({res.windows} windows, ctx {a.ctx}, {dtype}, {comm.size} ranks, "
+              f"{res.seconds:.1f} s)")
+    return 0
+
+
 def cmd_profile(a: argparse.Namespace, comm: Comm) -> int:
     ratios, figs = measure_ratios(comm, a.model, a.dtype, a.memory_budget, progress=not a.json)
     if comm.rank == 0 and a.json:
@@ -362,6 +408,8 @@ COMMANDS = {
                      cmd_serve),
     "bench": Command("time repeated generations: TTFT, ms/token, memory, communication" +
                      UNDER_MPI, args_bench, cmd_bench),
+    "perplexity": Command("perplexity of a text (default: mpitpi's own docs), the quality "
+                          "measure of a dtype" + UNDER_MPI, args_perplexity, cmd_perplexity),
     "profile": Command("measure every rank and print the split --ratios auto would choose" +
                        UNDER_MPI, args_profile, cmd_profile),
     "commbench": Command("all-reduce latency per algorithm and message size" + UNDER_MPI,

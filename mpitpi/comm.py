@@ -203,6 +203,15 @@ class Comm:
             sent += s.nbytes
         return sent
 
+    def allmax_(self, t: torch.Tensor) -> torch.Tensor:
+        """Collective: the element-wise largest of the contiguous float32 tensor ``t`` over
+        all ranks, in place (MPI's Iallreduce with MAX, polled); every rank ends with the
+        same values. Not counted in the all-reduce figures (not the forward pass). Returns
+        ``t``."""
+        if self.size > 1:
+            self._wait([self.comm.Iallreduce(MPI.IN_PLACE, t.numpy().reshape(-1), op=MPI.MAX)])
+        return t
+
     def bcast_(self, a: np.ndarray, root: int = 0) -> np.ndarray:
         """Broadcast a numpy buffer from ``root`` in place."""
         if self.size > 1:

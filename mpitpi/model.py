@@ -9,6 +9,7 @@ columns, producing partial (T, dim) outputs that ``reduce`` sums across ranks in
         x = x + reduce(attn(norm(x)))     q/k/v column-parallel, o row-parallel
         x = x + reduce(mlp(norm(x)))      gate/up column-parallel, down row-parallel
     logits_r = norm(x[-1]) @ vocab_r.T    this rank's vocabulary rows, gathered by the caller
+                                          (``forward_all``: every position's, (T, n_vocab_r))
 
 With ``reduce`` the identity and a one-rank plan this is the plain single-process model.
 """
@@ -197,12 +198,30 @@ class Transformer:
             for i in range(self.n_layers):
                 self.decode_layer(i, self.layers.get(i), x, start)
             return self.top.lm_head(rms_norm(x, self.top.norm, eps))[0]  # (n_vocab_r,)
-        mask = self._mask(tokens.shape[0], start)
+        x = self._layers(x, start)
+        h = rms_norm(x[-1:], self.top.norm, eps)                  # (1, dim)
+        return self.top.lm_head(h)[0]                             # (n_vocab_r,)
+
+    @torch.inference_mode()
+    def forward_all(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """tokens (T,) at positions [start, start+T) -> (T, n_vocab_r) logits of every one
+        (this rank's vocabulary rows, from ``vocab_offset``): for scoring text (perplexity).
+
+        Collective: the same 1 + 2 n_layers calls of ``reduce`` as ``forward``; the KV cache
+        is written at [start, start+T) the same way, so a window can be run in chunks.
+        """
+        x = self._layers(self.embed_tokens(tokens), start)
+        return self.top.lm_head(rms_norm(x, self.top.norm, self.args.norm_eps))
+
+    def _layers(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x (T, dim) embedded tokens at [start, start+T) -> (T, dim) after every layer, by
+        torch (2 n_layers calls of ``reduce``)."""
+        eps = self.args.norm_eps
+        mask = self._mask(x.shape[0], start)
         for i in range(self.n_layers):
             w = self.layers.get(i)                                # waits if still loading
             x = x + self.reduce(self.attention(i, w, rms_norm(x, w.attn_norm, eps), start, mask))
             h = self.mlp(w, rms_norm(x, w.ffn_norm, eps))
             self.layers.done(i)                                   # the slot may be refilled
             x = x + self.reduce(h)
-        h = rms_norm(x[-1:], self.top.norm, eps)                  # (1, dim)
-        return self.top.lm_head(h)[0]                             # (n_vocab_r,)
+        return x

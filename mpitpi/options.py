@@ -163,6 +163,20 @@ def args_bench(p: argparse.ArgumentParser) -> None:
                    help="seed of the random prompt")
 
 
+def args_perplexity(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    p.add_argument("--file", help="score this UTF-8 text file (default: mpitpi's own README.md "
+                   "and docs/*.md, or the copy of them shipped in the package)")
+    p.add_argument("--ctx", type=int, default=256, help="tokens per window, the BOS token "
+                   "included when the model has one (default 256)")
+    p.add_argument("--max-windows", type=int, help="score only the first W windows "
+                   "(default: all)")
+    p.add_argument("--save-windows", metavar="FILE", help="write the scored windows of token "
+                   "ids to this JSON file, to score the same tokens with another engine")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the "
+                   "one-line result, and no progress bar")
+
+
 def args_profile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     add_dtype(p, "dtype to measure")
