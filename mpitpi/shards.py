@@ -32,6 +32,7 @@ split writes into a staging folder and moves it into place only when complete.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -106,6 +107,19 @@ def rank_tensors(ckpt: Checkpoint, args: ModelArgs, s: RankSlice, layer: int | N
     yield "ffn_norm", ckpt.full(p + "post_attention_layernorm.weight")
 
 
+def give_back_memory() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    Quantizing allocates temporaries of a few MB, below glibc's mmap threshold, between
+    HDF5's small allocations; glibc then keeps the freed heap, and a split's RSS grew by
+    about 30 MB per rank file written (Llama-2-70B widths, int4, 8 ranks: 470 MB more by
+    the end of the vocabulary matrices) without this call after each rank's tensors."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def is_shard_folder(path: str) -> bool:
     """True if ``path`` holds an mpitpi manifest and nothing but its own files."""
     man = os.path.join(path, MANIFEST)
@@ -165,6 +179,7 @@ def write_shards(ckpt: Checkpoint, out: str, world_size: int, ratios: list[float
                         for dname, a in stored_arrays(name, t, dtype):
                             files[s.rank].create_dataset(prefix + dname, data=a)
                             sums[s.rank][prefix + dname] = zlib.crc32(a)
+                    give_back_memory()
                 ckpt.release()   # both readers drop what they kept for this layer
         finally:
             for f in files:

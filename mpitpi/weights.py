@@ -32,6 +32,7 @@ BIAS = {"wqkv": "bqkv", "wo": "bo", "w13": "b13", "w2": "b2"}   # matrix -> its 
 NORMS = ("attn_norm", "ffn_norm")
 STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPES = (*STORAGE, "int8", "int4")  # every storage dtype; int8 and int4 with scales (quant.py)
+DEQUANT_AT_ONCE = 1 << 22   # int8/int4 weights widened to fp32 at a time for long inputs
 BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}   # no scales
 
 
@@ -82,7 +83,7 @@ class Weight:
         (int4 in decode rounds x to int8 per block of 32 columns);
         longer inputs use torch's matrix product, fp16 and bf16 in bf16 where the CPU has
         bf16 instructions and it measured faster, else in fp32; int8 and int4 on an fp32
-        copy made for the call (kernels.dequantize).
+        copy made for the call (kernels.dequantize), ``DEQUANT_AT_ONCE`` weights at a time.
         """
         w, c = self.data, choices.host()
         if x.shape[0] <= c.kernel_rows(self.kind) and kernels.available():
@@ -91,14 +92,31 @@ class Weight:
             # there flipped SmolLM2's near-tie first token, docs/BENCHMARKS.md)
             y = kernels.matvec(x, w, self.scale, self.min, exact=x.shape[0] > 1)
         elif self.scale is not None:
-            y = F.linear(x, kernels.dequantize(w, self.scale, self.min) if kernels.available()
-                         else self.dequantized())
+            y = self._dequantized_product(x)
         elif w.dtype == torch.float32:
             y = F.linear(x, w)
         else:
             pre = c.prefill_dtype(w.dtype)
             y = F.linear(x.to(pre), w.to(pre)).float()
         return y if self.bias is None else y + self.bias
+
+    def _dequantized_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ w.T for an int8 or int4 w, on fp32 copies of a block of its rows at a time: a
+        prompt's products never hold the whole matrix in fp32 (for a Llama-3.1-405B rank of
+        16, w13 alone is 436 MB in fp32: a 64-token prompt peaked at 1096 MB with whole
+        copies, against 658 MB for a 3-token one)."""
+        out = self.data.shape[0]
+        step = max(1, DEQUANT_AT_ONCE // self.cols)
+        y = torch.empty(x.shape[0], out) if step < out else None
+        for r in range(0, out, step):
+            part = Weight(self.data[r:r + step], self.scale[r:r + step], None,
+                          None if self.min is None else self.min[r:r + step])
+            w = (kernels.dequantize(part.data, part.scale, part.min) if kernels.available()
+                 else part.dequantized())
+            if y is None:
+                return F.linear(x, w)
+            y[:, r:r + step] = F.linear(x, w)
+        return y
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` (n,) as (n, in) fp32: an embedding lookup."""
