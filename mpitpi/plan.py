@@ -108,11 +108,12 @@ FFN_ALIGN = 32   # FFN columns per unit of the split: whole int4 blocks and int8
 
 
 def ffn_counts(ffn_dim: int, ratios: list[float]) -> list[int]:
-    """FFN columns per rank, in whole units of FFN_ALIGN where the width allows (every real
-    model's): each rank's slice of down_proj is then whole quantization blocks, so a GGUF
-    file's blocks carry over and the int4 kernels see no partial block."""
+    """FFN columns per rank, in whole units of FFN_ALIGN where the width allows it without
+    skewing the shares (at least 4 units per rank: every real model's width): each rank's
+    slice of down_proj is then whole quantization blocks, so a GGUF file's blocks carry over
+    and int4 needs no int8 fallback. Narrower FFNs split by column."""
     units = ffn_dim // FFN_ALIGN
-    if ffn_dim % FFN_ALIGN or units < len(ratios):
+    if ffn_dim % FFN_ALIGN or units < 4 * len(ratios):
         return split_counts(ffn_dim, ratios)
     return [c * FFN_ALIGN for c in split_counts(units, ratios)]
 

@@ -69,3 +69,15 @@ def test_parse_ratios():
         parse_ratios("2;1", 2)
     with pytest.raises(MpitpiError, match="world size"):
         parse_ratios("1,1", 3)
+
+
+def test_ffn_split_in_whole_blocks_where_the_width_allows():
+    from mpitpi.plan import FFN_ALIGN, ffn_counts
+    for n in range(1, 10):                       # SmolLM2's 1536 on up to its 9 heads
+        counts = ffn_counts(1536, [1.0] * n)
+        assert sum(counts) == 1536 and all(c % FFN_ALIGN == 0 and c > 0 for c in counts)
+        assert max(counts) - min(counts) <= FFN_ALIGN
+    skewed = ffn_counts(8192, [2.0, 1.0, 1.0])
+    assert skewed == [4096, 2048, 2048]
+    assert ffn_counts(160, [1.0] * 3) == [54, 53, 53]   # too narrow: by column, even
+    assert ffn_counts(100, [1.0, 1.0]) == [50, 50]      # not a multiple of 32
