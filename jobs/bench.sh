@@ -5,7 +5,8 @@
 # int4 (the GGUF's own Q4_1 blocks; int8 also without the fused step, int8 and int4 beside a
 # busy core), 200-token prompts per dtype, and N = 2 and 3. Then the llama-3.2-1b shape
 # (random weights from `mpitpi synth`, made once under bench/) in fp32, bf16, int8 and int4
-# at N = 1 and 2 (BIG=0 skips it). Every
+# at N = 1 and 2 (BIG=0 skips it, BIG_RANKS=1 runs N = 1 alone), and the perplexity
+# cross-check with llama.cpp (jobs/bench-perplexity.sh; PPL=0 skips it). Every
 # mpitpi row carries the roofline measured in its own run. Writes $OUT/*.json,
 # $OUT/summary.md and $OUT/speed.png.
 set -euo pipefail
@@ -15,7 +16,8 @@ VENV=${VENV:-.venv}
 OUT=${OUT:-bench/speed-$(date +%Y%m%d-%H%M%S)}
 MODEL=${MODEL:-smollm2-135m}
 BIG_MODEL=${BIG_MODEL:-bench/llama-3.2-1b}
-PLEN=${PLEN:-32}; GEN=${GEN:-32}; REPS=${REPS:-3}; BIG=${BIG:-1}
+PLEN=${PLEN:-32}; GEN=${GEN:-32}; REPS=${REPS:-3}; BIG=${BIG:-1}; PPL=${PPL:-1}
+BIG_RANKS=${BIG_RANKS:-1 2}   # world sizes of the llama-3.2-1b rows
 LLAMA_VENV=${LLAMA_VENV:-bench/llama-venv}
 mkdir -p "$OUT"
 "$VENV/bin/python" -c "from mpitpi.kernels import cpu_model; print(cpu_model())" > "$OUT/cpu.txt"
@@ -55,12 +57,15 @@ run n3-int4 3 "$MODEL" --dtype int4
 if [ "$BIG" = 1 ]; then
   [ -f "$BIG_MODEL/config.json" ] || "$VENV/bin/mpitpi" synth --shape llama-3.2-1b \
     --out "$BIG_MODEL"
-  for n in 1 2; do
+  for n in $BIG_RANKS; do
     for dt in fp32 bf16 int8 int4; do
       GEN=16 REPS=2 run "big-n$n-$dt" "$n" "$BIG_MODEL" --dtype "$dt"
     done
   done
 fi
 # perplexity on mpitpi's docs, ctx 256: mpitpi fp16 and int4 vs llama.cpp -> $OUT/perplexity.json
-OUT="$OUT" MODEL="$MODEL" VENV="$VENV" LLAMA_VENV="$LLAMA_VENV" jobs/bench-perplexity.sh
+# (about 10 minutes; PPL=0 skips it)
+if [ "$PPL" = 1 ]; then
+  OUT="$OUT" MODEL="$MODEL" VENV="$VENV" LLAMA_VENV="$LLAMA_VENV" jobs/bench-perplexity.sh
+fi
 "$VENV/bin/python" jobs/plot-speed.py "$OUT"
