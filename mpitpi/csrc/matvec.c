@@ -164,8 +164,11 @@ void dequant_i8(const int8_t *restrict q, const float *restrict scale, float *re
     int64_t ng = (in + group - 1) / group;
     #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < rows; o++)
-        for (int64_t i = 0; i < in; i++)
-            w[o * in + i] = (float)q[o * in + i] * scale[o * ng + i / group];
+        for (int64_t g = 0; g < ng; g++) {
+            int64_t i1 = (g + 1) * group < in ? (g + 1) * group : in;
+            float s = scale[o * ng + g];
+            for (int64_t i = g * group; i < i1; i++) w[o * in + i] = (float)q[o * in + i] * s;
+        }
 }
 
 /* int4 with fp32 activations, for prompts: each block of 32 weights is dequantized once in
