@@ -19,9 +19,9 @@ import torch
 
 from mpitpi.config import ModelArgs, load_hf_config
 from mpitpi.errors import MpitpiError
-from mpitpi.files import is_gguf, read_safetensors_header, safetensors_header
+from mpitpi.files import cache_root, is_gguf, read_safetensors_header, safetensors_header
 from mpitpi.gguf_checkpoint import GGUFCheckpoint, gguf_fingerprint
-from mpitpi.weights import Weight
+from mpitpi.weights import DTYPES, Weight
 
 
 class Checkpoint(Protocol):
@@ -278,7 +278,7 @@ def natural_dtype(path: str) -> str:
     GGUFCheckpoint.natural_dtype)."""
     path = resolve_model(path)
     if is_gguf(path):
-        return GGUFCheckpoint(path).natural_dtype()
+        return _gguf_natural_dtype(path)
     try:
         with open(os.path.join(path, "config.json")) as f:
             cfg = json.load(f)
@@ -291,6 +291,31 @@ def natural_dtype(path: str) -> str:
         return next((_DTYPE_NAMES[k] for k in ("F32", "BF16", "F16") if k in kinds), "fp32")
     except (OSError, ValueError, IndexError, MpitpiError):
         return "fp32"
+
+
+def _gguf_natural_dtype(path: str) -> str:
+    """GGUFCheckpoint.natural_dtype, remembered per file fingerprint in the cache folder:
+    parsing a GGUF file's metadata (its whole vocabulary) costs seconds and 160 MB, which
+    every later run of the same file would pay before its first token."""
+    memo = os.path.join(cache_root(), "gguf-dtypes.json")
+    key = gguf_fingerprint(path)
+    try:
+        with open(memo) as f:
+            known = json.load(f)
+        if isinstance(known, dict) and known.get(key) in DTYPES:
+            return known[key]
+    except (OSError, ValueError):
+        known = {}
+    dtype = GGUFCheckpoint(path).natural_dtype()
+    try:
+        os.makedirs(os.path.dirname(memo), exist_ok=True)
+        tmp = f"{memo}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({**(known if isinstance(known, dict) else {}), key: dtype}, f)
+        os.replace(tmp, memo)
+    except OSError:
+        pass   # a read-only cache: computed again next time
+    return dtype
 
 
 def fingerprint(path: str) -> str:

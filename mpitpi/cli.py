@@ -260,7 +260,7 @@ def cmd_generate(a: argparse.Namespace, comm: Comm) -> int:
             "text": res.text, "token_ids": res.token_ids, "prompt_tokens": res.prompt_tokens,
             "ttft_ms": round(res.ttft_ms, 3), "ms_per_token": round(res.ms_per_token, 3),
             "tokens_per_s": round(1e3 / res.ms_per_token, 3) if res.ms_per_token else None,
-            "finish_reason": res.finish_reason, "world_size": comm.size,
+            "finish_reason": res.finish_reason, "world_size": comm.size, "dtype": loaded.dtype,
             "threads": torch.get_num_threads(),
             "peak_rss_mb": rss, "io_wait_ms_per_token": io_wait,
             "resident_layers": resident, "window": layers.window,
@@ -269,7 +269,7 @@ def cmd_generate(a: argparse.Namespace, comm: Comm) -> int:
             "bytes_per_token": sent}))
     else:
         print(flush=True)
-        print(f"[mpitpi] {len(res.token_ids)} tokens on {comm.size} ranks: TTFT "
+        print(f"[mpitpi] {len(res.token_ids)} tokens on {comm.size} ranks ({loaded.dtype}): TTFT "
               f"{res.ttft_ms:.0f} ms, {res.ms_per_token:.1f} ms/token, peak RSS MB per rank "
               f"{rss}", file=sys.stderr)
     return 0

@@ -48,6 +48,7 @@ class Loaded:
     shards: str
     tokenizer_path: str | None
     fingerprint: str | None
+    dtype: str                 # the shards' storage dtype (manifest)
 
 
 def _check_asked(shards: str, world_size: int, ratios, dtype) -> None:
@@ -100,7 +101,8 @@ def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress
                 write_shards(open_checkpoint(path), shards, world_size, ratios, dtype,
                              progress=progress)
     tok = os.path.join(shards, "tokenizer.json")
-    return {"shards": shards, "fingerprint": fp, "tokenizer": tok if os.path.isfile(tok) else None}
+    return {"shards": shards, "fingerprint": fp, "tokenizer": tok if os.path.isfile(tok) else None,
+            "dtype": read_manifest(shards)["dtype"]}
 
 
 def measure_ratios(comm: Comm, model_path: str | None, dtype: str | None,
@@ -167,4 +169,5 @@ def load_model(comm: Comm, model_path: str | None, shards: str | None, ratios: s
                                            info["fingerprint"], verify, drop_cache, budget,
                                            window)
     model = Transformer(args, plan, comm.rank, top, layers, reduce=comm.allreduce_)
-    return Loaded(model, args, plan, info["shards"], info["tokenizer"], info["fingerprint"])
+    return Loaded(model, args, plan, info["shards"], info["tokenizer"], info["fingerprint"],
+                  info["dtype"])
