@@ -251,3 +251,22 @@ def test_mixed_gguf_types_split_to_the_nearest_storage_at_least_as_precise(tmp_p
         up_ref = torch.from_numpy(dequantize(up, Q.Q5_0))[f0:f1]
         err = (w13[768:] - up_ref).abs().max() / up_ref.abs().max()
         assert err <= 1 / 254 + 1e-6, err            # int8 in groups of 32: half a step
+
+
+def test_gguf_default_dtype_follows_its_bits_and_is_remembered(tmp_path, monkeypatch):
+    """The bundled Q4_1 file defaults to int4; the answer is kept per file fingerprint, so a
+    later run does not parse the metadata again; a damaged memo is ignored."""
+    from mpitpi import checkpoint
+    from mpitpi.gguf_checkpoint import GGUFCheckpoint
+    monkeypatch.setenv("MPITPI_CACHE", str(tmp_path))
+    path = resolve_model("smollm2-135m")
+    assert checkpoint.natural_dtype(path) == "int4"
+
+    def parse(self):
+        raise AssertionError("parsed again")
+    monkeypatch.setattr(GGUFCheckpoint, "natural_dtype", parse)
+    assert checkpoint.natural_dtype(path) == "int4"
+    memo = tmp_path / "gguf-dtypes.json"
+    memo.write_text('{"%s": "int3"}' % next(iter(json.loads(memo.read_text()))))
+    with pytest.raises(AssertionError, match="parsed again"):
+        checkpoint.natural_dtype(path)
