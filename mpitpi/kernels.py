@@ -137,8 +137,8 @@ def _load():
             getattr(lib, name).restype = None
         w, s, f = ctypes.POINTER(CWeight), ctypes.POINTER(CScratch), ctypes.c_float
         lib.decode_attn.argtypes = [p, p, f, w, w, p, p, p, p, i64, i64, i64, i64, i64, i64, p,
-                                    s, p]
-        lib.decode_mlp.argtypes = [p, p, f, w, w, s, p]
+                                    s, p, i64]
+        lib.decode_mlp.argtypes = [p, p, f, w, w, s, p, i64]
         lib.decode_attn.restype = lib.decode_mlp.restype = None
         _lib = lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
@@ -243,25 +243,46 @@ class Scratch:
         self.c = CScratch(*(t.data_ptr() for t in self.tensors))
 
 
-def decode_attn(x: torch.Tensor, norm: torch.Tensor, eps: float, wqkv: CWeight, wo: CWeight,
-                cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
-                cache_v: torch.Tensor, start: int, pos: int, n_q: int, n_kv: int, hd: int,
-                kv_of_q: torch.Tensor, scratch: Scratch, out: torch.Tensor) -> None:
-    """One token's attention half on this rank: ``out`` (dim,) = its partial sum.
+class DecodeStep:
+    """The fused step's arguments that stay fixed for one rank: pointers into x (1, dim),
+    the partial sums ``part`` (1, dim), the scratch buffers, kv_of_q and, per layer, the KV
+    cache and rope tables (refreshed by ``reserve`` when they are reallocated). Each call
+    then passes only what changes per layer and token.
 
-    x (dim,) the residual stream; cos, sin (hd,) at ``pos``; cache_k, cache_v
-    (n_kv, max_len, hd), row ``pos`` written here; keys [start, pos] attended;
-    kv_of_q (n_q,) int64. Every tensor contiguous fp32 (kv_of_q int64).
+    ``add``: a world of one rank has nothing to all-reduce, so the C step adds its partial
+    sum into x itself and the caller skips the reduce (the step returns False); otherwise it
+    returns True and the caller must all-reduce ``part`` and add it into x.
     """
-    _lib.decode_attn(x.data_ptr(), norm.data_ptr(), eps, wqkv, wo, cos.data_ptr(),
-                     sin.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), cache_k.shape[1],
-                     start, pos, n_q, n_kv, hd, kv_of_q.data_ptr(), scratch.c, out.data_ptr())
 
+    def __init__(self, x: torch.Tensor, part: torch.Tensor, scratch: Scratch,
+                 kv_of_q: torch.Tensor, n_q: int, n_kv: int, hd: int, eps: float, add: bool):
+        self.tensors = (x, part, kv_of_q)   # kept alive: the pointers below point into them
+        self.x, self.part, self.kv = x.data_ptr(), part.data_ptr(), kv_of_q.data_ptr()
+        self.scratch, self.n_q, self.n_kv, self.hd, self.eps = scratch, n_q, n_kv, hd, eps
+        self.add = int(add)
 
-def decode_mlp(x: torch.Tensor, norm: torch.Tensor, eps: float, w13: CWeight, w2: CWeight,
-               scratch: Scratch, out: torch.Tensor) -> None:
-    """One token's MLP half on this rank: ``out`` (dim,) = its partial sum of x (dim,)."""
-    _lib.decode_mlp(x.data_ptr(), norm.data_ptr(), eps, w13, w2, scratch.c, out.data_ptr())
+    def reserve(self, cos: torch.Tensor, sin: torch.Tensor, cache_k: list[torch.Tensor],
+                cache_v: list[torch.Tensor]) -> None:
+        """cos, sin (max_len, hd) contiguous fp32; cache_k[i], cache_v[i] (n_kv, max_len, hd)."""
+        self.tables = (cos, sin, cache_k, cache_v)
+        self.cos, self.sin, self.max_len = cos.data_ptr(), sin.data_ptr(), cos.shape[0]
+        self.caches = [(k.data_ptr(), v.data_ptr()) for k, v in zip(cache_k, cache_v)]
+
+    def attn(self, i: int, norm: torch.Tensor, wqkv: CWeight, wo: CWeight, start: int,
+             pos: int) -> bool:
+        """Layer i's attention half for the token at ``pos`` (keys [start, pos] attended)."""
+        k, v = self.caches[i]
+        row = pos * self.hd * 4
+        _lib.decode_attn(self.x, norm.data_ptr(), self.eps, wqkv, wo, self.cos + row,
+                         self.sin + row, k, v, self.max_len, start, pos, self.n_q, self.n_kv,
+                         self.hd, self.kv, self.scratch.c, self.part, self.add)
+        return not self.add
+
+    def mlp(self, norm: torch.Tensor, w13: CWeight, w2: CWeight) -> bool:
+        """A layer's MLP half; w13 holds gate rows, then up rows."""
+        _lib.decode_mlp(self.x, norm.data_ptr(), self.eps, w13, w2, self.scratch.c, self.part,
+                        self.add)
+        return not self.add
 
 
 if __name__ == "__main__":   # `python -m mpitpi.kernels`: build now (make install runs it)

@@ -101,14 +101,18 @@ class Transformer:
         self.kv_of_q = kv_of_q
         hd = args.head_dim
         self.split_qkv = (s.n_q * hd, s.n_kv * hd, s.n_kv * hd)
-        # one new token runs the fused C step per layer half (kernels.decode_attn/_mlp)
+        # one new token runs the fused C step per layer half (kernels.DecodeStep)
         # unless the kernels are missing or MPITPI_FUSED=0; the torch path is the reference
         self.fused = kernels.available() and os.environ.get("MPITPI_FUSED", "1") != "0"
+        self.step: kernels.DecodeStep | None = None
         if self.fused:
             qkv = (s.n_q + 2 * s.n_kv) * hd
             self.scratch = kernels.Scratch(args.dim, max(qkv, 2 * s.n_ffn),
                                            max(s.n_q * hd, s.n_ffn))
             self.part = torch.empty(1, args.dim)                    # (1, dim) partial sums
+            self.x1 = torch.empty(1, args.dim)                      # (1, dim) the token's x
+            self.step = kernels.DecodeStep(self.x1, self.part, self.scratch, kv_of_q, s.n_q,
+                                           s.n_kv, hd, args.norm_eps, add=len(plan) == 1)
         self.max_len = 0
         self.reserve(1)
 
@@ -122,6 +126,9 @@ class Transformer:
         self.cache_k = [torch.zeros(s.n_kv, n, hd) for _ in range(self.n_layers)]
         self.cache_v = [torch.zeros(s.n_kv, n, hd) for _ in range(self.n_layers)]
         self.max_len = n
+        if self.step is not None:
+            self.cos, self.sin = self.cos.contiguous(), self.sin.contiguous()
+            self.step.reserve(self.cos, self.sin, self.cache_k, self.cache_v)
 
     def _mask(self, T: int, start: int) -> torch.Tensor | None:
         """Boolean (T, start+T) mask of allowed keys (causal, and the sliding window when the
@@ -172,19 +179,18 @@ class Transformer:
         x[mine] = self.top.embed.rows(tokens[mine] - v0)
         return self.reduce(x)
 
-    def decode_layer(self, i: int, w: LayerWeights, x: torch.Tensor, pos: int) -> None:
-        """Layer i for one token at ``pos``, fused: x (1, dim) is updated in place, with the
-        same two ``reduce`` calls as the torch path; the partial sums go through ``part``."""
-        a, s, part = self.args, self.s, self.part
-        win = a.sliding_window
+    def decode_layer(self, i: int, w: LayerWeights, pos: int) -> None:
+        """Layer i for one token at ``pos``, fused (kernels.DecodeStep): ``x1`` (1, dim) is
+        updated in place, with the same two ``reduce`` calls as the torch path on the partial
+        sums in ``part`` (none in a world of one rank: the C step adds them itself)."""
+        win = self.args.sliding_window
         start = max(0, pos + 1 - win) if win else 0
-        kernels.decode_attn(x, w.attn_norm, a.norm_eps, w.wqkv.c, w.wo.c, self.cos[pos],
-                            self.sin[pos], self.cache_k[i], self.cache_v[i], start, pos,
-                            s.n_q, s.n_kv, a.head_dim, self.kv_of_q, self.scratch, part)
-        x.add_(self.reduce(part))
-        kernels.decode_mlp(x, w.ffn_norm, a.norm_eps, w.w13.c, w.w2.c, self.scratch, part)
+        if self.step.attn(i, w.attn_norm, w.wqkv.c, w.wo.c, start, pos):
+            self.x1.add_(self.reduce(self.part))
+        more = self.step.mlp(w.ffn_norm, w.w13.c, w.w2.c)
         self.layers.done(i)                                       # the slot may be refilled
-        x.add_(self.reduce(part))
+        if more:
+            self.x1.add_(self.reduce(self.part))
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
@@ -195,9 +201,10 @@ class Transformer:
         eps = self.args.norm_eps
         x = self.embed_tokens(tokens)
         if tokens.shape[0] == 1 and self.fused:
+            self.x1.copy_(x)
             for i in range(self.n_layers):
-                self.decode_layer(i, self.layers.get(i), x, start)
-            return self.top.lm_head(rms_norm(x, self.top.norm, eps))[0]  # (n_vocab_r,)
+                self.decode_layer(i, self.layers.get(i), start)
+            return self.top.lm_head(rms_norm(self.x1, self.top.norm, eps))[0]  # (n_vocab_r,)
         x = self._layers(x, start)
         h = rms_norm(x[-1:], self.top.norm, eps)                  # (1, dim)
         return self.top.lm_head(h)[0]                             # (n_vocab_r,)

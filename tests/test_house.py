@@ -103,7 +103,7 @@ def run_ranks(folder: str, n: int, steps: list[torch.Tensor], starts: list[int],
               fused: bool = False):
     """Every rank's Transformer in its own thread; returns, per forward pass, the full
     logits (ranks' vocabulary rows concatenated in rank order). ``fused``: one-token steps
-    through the fused C step (kernels.decode_attn/_mlp), else the torch path."""
+    through the fused C step (kernels.DecodeStep), else the torch path."""
     reduce = ThreadReduce(n)
     out: list[list[torch.Tensor]] = [[] for _ in range(n)]
     errors: list[BaseException] = []

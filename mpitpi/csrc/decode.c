@@ -150,13 +150,19 @@ static void attend(const float *q, const float *keys, const float *vals, int64_t
     for (int64_t d = 0; d < hd; d++) o[d] /= l;
 }
 
+/* x += out, inside the parallel region: a world of one rank has nothing to all-reduce. */
+static void accumulate(float *x, const float *out, int64_t n) {
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; i++) x[i] += out[i];
+}
+
 /* cache_k, cache_v: (n_kv, max_len, hd); kv_of_q: (n_q,) local KV head of each query head;
- * x: (dim,); out: (dim,) this rank's partial sum. */
-void decode_attn(const float *x, const float *norm, float eps, const weight_t *wqkv,
+ * x: (dim,); out: (dim,) this rank's partial sum, also added into x when ``add`` is set. */
+void decode_attn(float *x, const float *norm, float eps, const weight_t *wqkv,
                  const weight_t *wo, const float *cos, const float *sin, float *cache_k,
                  float *cache_v, int64_t max_len, int64_t start, int64_t pos, int64_t n_q,
                  int64_t n_kv, int64_t hd, const int64_t *kv_of_q, const scratch_t *s,
-                 float *out) {
+                 float *out, int64_t add) {
     int64_t dim = wqkv->cols;
     #pragma omp parallel
     {
@@ -182,12 +188,14 @@ void decode_attn(const float *x, const float *norm, float eps, const weight_t *w
                    pos, hd, s->act + j * hd);
         }
         product(wo, s->act, s, out);
+        if (add) accumulate(x, out, dim);
     }
 }
 
-/* x: (dim,); out: (dim,) this rank's partial sum; w13 holds gate rows, then up rows. */
-void decode_mlp(const float *x, const float *norm, float eps, const weight_t *w13,
-                const weight_t *w2, const scratch_t *s, float *out) {
+/* x: (dim,); out: (dim,) this rank's partial sum, added into x when ``add`` is set; w13 holds
+ * gate rows, then up rows. */
+void decode_mlp(float *x, const float *norm, float eps, const weight_t *w13,
+                const weight_t *w2, const scratch_t *s, float *out, int64_t add) {
     int64_t dim = w13->cols, f = w13->rows / 2;
     #pragma omp parallel
     {
@@ -200,5 +208,6 @@ void decode_mlp(const float *x, const float *norm, float eps, const weight_t *w1
             s->act[i] = g / (1.f + expf(-g)) * s->mid[f + i];
         }
         product(w2, s->act, s, out);
+        if (add) accumulate(x, out, dim);
     }
 }
