@@ -204,6 +204,27 @@ static inline int32_t dot_i4_block(const uint8_t *q, const int8_t *a) {
 #define DPBUSD512(a, b) _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1))
 #endif
 
+#if defined(__AVX2__) && defined(HAVE_F16X8)
+/* Blocks [b, nb) one at a time in 256-bit registers: the blocks after the last group of
+ * eight (a 576-column row is 18 blocks: 2 of them here, not in scalar code). */
+static inline float dot_i4_tail(const uint8_t *q, const uint16_t *d, const uint16_t *m,
+                                const int8_t *xq, const float *xs, const float *xsum,
+                                int64_t b, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    float off = 0.f;
+    for (; b < nb; b++) {
+        __m128i raw = _mm_loadu_si128((const __m128i *)(q + b * 16));
+        __m256i n = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
+                                     _mm256_set1_epi8(15));
+        __m256i p = DPBUSD(n, _mm256_loadu_si256((const __m256i *)(xq + b * 32)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f16_to_f32(d[b]) * xs[b]),
+                              acc);
+        off += f16_to_f32(m[b]) * xsum[b];
+    }
+    return hsum(acc) + off;
+}
+#endif
+
 static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16_t *m,
                                const int8_t *xq, const float *xs, const float *xsum,
                                int64_t nb) {
@@ -231,7 +252,8 @@ static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(pick, s), acc);
         }
     }
-    sum = _mm512_reduce_add_ps(acc) + hsum(macc);
+    sum = _mm512_reduce_add_ps(acc) + hsum(macc) + dot_i4_tail(q, d, m, xq, xs, xsum, b, nb);
+    b = nb;
 #elif defined(__AVX2__) && defined(HAVE_F16X8)
     const __m256i low = _mm256_set1_epi8(15);
     __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
@@ -246,7 +268,8 @@ static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s[k]), acc);
         }
     }
-    sum = hsum(acc) + hsum(macc);
+    sum = hsum(acc) + hsum(macc) + dot_i4_tail(q, d, m, xq, xs, xsum, b, nb);
+    b = nb;
 #elif defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
     /* a block: its 16 bytes -> low and high nibbles (columns 0-15, 16-31), each a signed
      * 8-bit dot product with the activations (sdot: 4 products added per lane) */
