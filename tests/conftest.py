@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,17 @@ def models(tmp_path_factory):
             made[key] = (folder, refmodels.save_model(name, folder, shard_size=shard_size))
         return made[key]
     return get
+
+
+@pytest.fixture(scope="session")
+def textmodel(models, tmp_path_factory):
+    """(folder, transformers model): the llama-gqa model with a tokenizer.json beside it, for
+    tests that give text rather than token ids."""
+    folder, hf = models("llama-gqa")
+    dst = tmp_path_factory.mktemp("withtok")
+    shutil.copytree(folder, dst, dirs_exist_ok=True)
+    refmodels.save_tokenizer(str(dst))
+    return str(dst), hf
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 dtypes of the bundled GGUF against fp32, and the errors of a bad --file."""
 import json
 import math
-import shutil
 import time
 
 import pytest
@@ -13,21 +12,10 @@ from conftest import run_mpi
 from mpitpi.errors import MpitpiError
 from mpitpi.perplexity import SHIPPED, added_bos, cut_windows, default_text
 from mpitpi.tokenizer import load_tokenizer
-from refmodels import save_tokenizer
 
 TEXT = ("Tensor parallel inference splits every layer across the ranks. Each rank holds a "
         "slice of the heads, of the feed-forward columns and of the vocabulary; the ranks "
         "reduce their partial sums after attention and after the feed-forward block. ") * 6
-
-
-@pytest.fixture(scope="module")
-def textmodel(models, tmp_path_factory):
-    folder, hf = models("llama-gqa")
-    dst = tmp_path_factory.mktemp("ppl")
-    shutil.copytree(folder, dst, dirs_exist_ok=True)
-    save_tokenizer(str(dst))
-    (dst / "text.txt").write_text(TEXT, encoding="utf-8")
-    return dst, hf
 
 
 def test_windows_drop_the_partial_tail_unless_alone():
@@ -64,11 +52,13 @@ def reference_perplexity(hf, windows: list[list[int]]) -> float:
 @pytest.mark.parametrize("n", [1, 3])
 def test_fp32_perplexity_equals_transformers(textmodel, tmp_path, n):
     folder, hf = textmodel
-    tok = load_tokenizer(str(folder / "tokenizer.json"))
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    tok = load_tokenizer(f"{folder}/tokenizer.json")
     ids = tok.encode(TEXT, special=False)
     assert added_bos(tok) == 1 and len(ids) > 3 * 199      # 3 windows of two chunks each
     saved = tmp_path / "windows.json"
-    r = run_mpi(n, ["perplexity", "--model", str(folder), "--file", str(folder / "text.txt"),
+    r = run_mpi(n, ["perplexity", "--model", folder, "--file", str(text),
                     "--ctx", "200", "--dtype", "fp32", "--json", "--save-windows", str(saved)],
                 timeout=240)
     assert r.returncode == 0, r.stderr
@@ -104,7 +94,7 @@ def test_a_bad_file_is_a_clear_error_on_every_rank(textmodel, tmp_path, content,
     if content is not None:
         path.write_bytes(content)
     t0 = time.monotonic()
-    r = run_mpi(2, ["perplexity", "--model", str(folder), "--file", str(path)], timeout=60)
+    r = run_mpi(2, ["perplexity", "--model", folder, "--file", str(path)], timeout=60)
     assert r.returncode == 2, r.stderr
     assert problem in r.stderr and "--file" in r.stderr and "Fix:" in r.stderr
     assert r.stderr.count("mpitpi: error") == 1                  # said once, by rank 0

@@ -1,6 +1,5 @@
 """Text in, text out: tokenizer, streaming, stop strings, sampling options."""
 import json
-import shutil
 
 import pytest
 import torch
@@ -8,16 +7,7 @@ import torch
 from conftest import run_mpi
 from mpitpi.sampling import Sampler, SamplingParams
 from mpitpi.tokenizer import StreamText, load_tokenizer
-from refmodels import reference_greedy, save_tokenizer
-
-
-@pytest.fixture(scope="module")
-def textmodel(models, tmp_path_factory):
-    folder, hf = models("llama-gqa")
-    dst = tmp_path_factory.mktemp("withtok")
-    shutil.copytree(folder, dst, dirs_exist_ok=True)
-    save_tokenizer(str(dst))
-    return str(dst), hf
+from refmodels import reference_greedy
 
 
 def test_prompt_text_streams_the_greedy_answer(textmodel):
