@@ -185,6 +185,14 @@ static inline void quantize_x8(const float *x, int64_t nb, int8_t *xq, float *xs
     }
 }
 
+/* One block's 32 weights n d + m in fp32, in column order. */
+static inline void dequant_i4_block(const uint8_t *q, float d, float m, float *w) {
+    for (int j = 0; j < 16; j++) {
+        w[j] = (float)(q[j] & 15) * d + m;
+        w[j + 16] = (float)(q[j] >> 4) * d + m;
+    }
+}
+
 static inline int32_t dot_i4_block(const uint8_t *q, const int8_t *a) {
     int32_t s = 0;
     for (int j = 0; j < 16; j++) s += (q[j] & 15) * a[j] + (q[j] >> 4) * a[j + 16];

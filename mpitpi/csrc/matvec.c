@@ -147,15 +147,9 @@ void dequant_i4(const uint8_t *restrict q, const uint16_t *restrict d,
     int64_t nb = in / 32;
     #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < rows; o++)
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *qb = q + (o * nb + b) * 16;
-            float db = f16_to_f32(d[o * nb + b]), mb = f16_to_f32(m[o * nb + b]);
-            float *wb = w + o * in + b * 32;
-            for (int j = 0; j < 16; j++) {
-                wb[j] = (float)(qb[j] & 15) * db + mb;
-                wb[j + 16] = (float)(qb[j] >> 4) * db + mb;
-            }
-        }
+        for (int64_t b = 0; b < nb; b++)
+            dequant_i4_block(q + (o * nb + b) * 16, f16_to_f32(d[o * nb + b]),
+                             f16_to_f32(m[o * nb + b]), w + o * in + b * 32);
 }
 
 /* w (rows, in) fp32 = q times its group's scale, of an int8 matrix. */
@@ -209,11 +203,9 @@ void matvec_i4_exact(const float *restrict x, const uint8_t *restrict q,
             float acc[TCH][32];
             memset(acc, 0, sizeof(acc));
             for (int64_t b = 0; b < nb; b++) {
-                float w[32], db = f16_to_f32(d[o * nb + b]), mb = f16_to_f32(m[o * nb + b]);
-                for (int j = 0; j < 16; j++) {
-                    w[j] = (float)(qo[b * 16 + j] & 15) * db + mb;
-                    w[j + 16] = (float)(qo[b * 16 + j] >> 4) * db + mb;
-                }
+                float w[32];
+                dequant_i4_block(qo + b * 16, f16_to_f32(d[o * nb + b]),
+                                 f16_to_f32(m[o * nb + b]), w);
                 for (int t = 0; t < nt; t++) {
                     const float *xt = x + (t0 + t) * in + b * 32;
                     for (int j = 0; j < 32; j++) acc[t][j] += w[j] * xt[j];
