@@ -39,10 +39,14 @@ def _bf16_instructions() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+# kernel row counts before (or without) measuring; also what a choices file measured by an
+# older version, without some dtype, falls back to
+DEFAULT_MAX_T = {"fp32": 8, "bf16": 2, "fp16": 2, "int8": 1 << 30, "int4": 16}
+
+
 @dataclass
 class Choices:
-    max_t: dict[str, int] = field(default_factory=lambda: {"fp32": 8, "bf16": 2, "fp16": 2,
-                                                           "int8": 1 << 30, "int4": 16})
+    max_t: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MAX_T))
     prefill: dict[str, str] = field(default_factory=lambda: {
         "bf16": "bf16" if _bf16_instructions() else "fp32",
         "fp16": "bf16" if _bf16_instructions() else "fp32"})
@@ -53,7 +57,7 @@ class Choices:
     def kernel_rows(self, kind: str) -> int:
         """Input rows up to which a weight of storage ``kind`` (weights.DTYPES) uses the C
         kernels (int4 for 2 rows and more: its exact-activation kernel)."""
-        return self.max_t.get(kind, 16 if kind == "int4" else 1 << 30)
+        return self.max_t.get(kind, DEFAULT_MAX_T[kind])
 
     def prefill_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """What a weight stored in ``dtype`` computes in for inputs past ``kernel_rows``."""
