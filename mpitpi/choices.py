@@ -41,7 +41,8 @@ def _bf16_instructions() -> bool:
 
 # kernel row counts before (or without) measuring; also what a choices file measured by an
 # older version, without some dtype, falls back to
-DEFAULT_MAX_T = {"fp32": 8, "bf16": 2, "fp16": 2, "int8": 1 << 30, "int4": 16}
+PREFILL_ROWS = 128   # rows of a prompt chunk (batch.PREFILL_CHUNK)
+DEFAULT_MAX_T = {"fp32": 8, "bf16": 2, "fp16": 2, "int8": 1 << 30, "int4": PREFILL_ROWS}
 
 
 @dataclass
@@ -115,12 +116,18 @@ def measure(n: int = 2048) -> Choices:
                                  lambda x: F.linear(x, kernels.dequantize(*parts)), n, g)
     c.why.append(f"int8: C kernels up to {c.max_t['int8']} rows, then torch on a dequantized "
                  f"fp32 copy")
+    # int4 prompt chunks (up to PREFILL_ROWS rows) always take the exact-activation kernel,
+    # whose rows are computed independently of each other: a prompt's numbers then do not
+    # depend on how it was cut into chunks or which prefix was cached (batch.py), so a
+    # reused prefix gives the same answer as a full prefill. Measured, for the record:
     parts = quantize_int4(w32)
-    c.max_t["int4"] = _crossover(lambda x: kernels.matvec(x, *parts, exact=True),
-                                 lambda x: F.linear(x, kernels.dequantize(*parts)), n, g)
-    c.why.append(f"int4: C kernels with int8 activations for 1 row (decode), with fp32 "
-                 f"activations up to {c.max_t['int4']} rows, then torch on a dequantized "
-                 f"fp32 copy")
+    x = torch.randn(PREFILL_ROWS, n, generator=g)
+    ex = _median_ms(lambda: kernels.matvec(x, *parts, exact=True))
+    dq = _median_ms(lambda: F.linear(x, kernels.dequantize(*parts)))
+    c.max_t["int4"] = PREFILL_ROWS
+    c.why.append(f"int4: C kernels with int8 activations for decode rows, with fp32 "
+                 f"activations for prompt chunks ({PREFILL_ROWS} rows: {ex:.2f} ms, against "
+                 f"{dq:.2f} ms on a dequantized fp32 copy), torch on such a copy beyond")
     return c
 
 

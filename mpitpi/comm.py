@@ -219,28 +219,34 @@ class Comm:
         return a
 
     def gather_rows(self, local: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
-        """Concatenate every rank's 1-D float32 ``local`` (rank r has counts[r]) on rank 0."""
+        """Every rank's (R, counts[rank]) float32 ``local`` (its vocabulary columns of R
+        rows) joined into (R, sum(counts)) on rank 0 (one Gatherv); None elsewhere."""
         if self.size == 1:
             return local
-        out = torch.empty(sum(counts), dtype=torch.float32) if self.rank == 0 else None
-        recv = [out.numpy(), counts] if self.rank == 0 else None
-        self._wait([self.comm.Igatherv(local.contiguous().numpy(), recv, root=0)])
-        return out
-
-    def argmax_rows(self, local: torch.Tensor, offset: int) -> int | None:
-        """Greedy choice without moving the logits: each rank sends its best (value, global
-        index), 16 bytes, and rank 0 takes the largest (the lowest index on ties, as a full
-        argmax would). Returns the token on rank 0, None elsewhere."""
-        i = int(torch.argmax(local))
-        mine = np.array([float(local[i]), offset + i], dtype=np.float64)
-        if self.size == 1:
-            return int(mine[1])
-        every = np.empty((self.size, 2), np.float64) if self.rank == 0 else None
-        self._wait([self.comm.Igather(mine, every, root=0)])
+        R = local.shape[0]
+        out = torch.empty(R * sum(counts), dtype=torch.float32) if self.rank == 0 else None
+        recv = [out.numpy(), [R * c for c in counts]] if self.rank == 0 else None
+        self._wait([self.comm.Igatherv(local.contiguous().numpy().reshape(-1), recv, root=0)])
         if self.rank != 0:
             return None
-        best = int(np.argmax(every[:, 0]))
-        return int(every[best, 1])
+        parts = out.split([R * c for c in counts])                # rank r: (R * counts[r],)
+        return torch.cat([p.view(R, c) for p, c in zip(parts, counts)], dim=1)
+
+    def argmax_rows(self, local: torch.Tensor, offset: int) -> list[int] | None:
+        """Greedy choice for each of R rows without moving the logits: each rank sends its
+        best (value, global index) per row of its (R, n_vocab_r) ``local``, 16 bytes a row,
+        and rank 0 takes the largest (the lowest index on ties, as a full argmax would).
+        Returns the R tokens on rank 0, None elsewhere."""
+        vals, idx = local.max(dim=1)                              # (R,) each
+        mine = np.stack([vals.double().numpy(), idx.double().numpy() + offset], axis=1)
+        if self.size == 1:
+            return [int(i) for i in mine[:, 1]]
+        every = np.empty((self.size,) + mine.shape, np.float64) if self.rank == 0 else None
+        self._wait([self.comm.Igather(np.ascontiguousarray(mine), every, root=0)])
+        if self.rank != 0:
+            return None
+        best = np.argmax(every[:, :, 0], axis=0)                  # (R,) the winning rank
+        return [int(every[b, r, 1]) for r, b in enumerate(best)]
 
     # -- timings and raw bytes (commbench, calibration, shard transfer) ------------------
     def max_all(self, value: float) -> float:

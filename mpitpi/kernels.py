@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from mpitpi.files import cache_root
@@ -136,10 +137,10 @@ def _load():
                      "dequant_i4", "dequant_i8"):
             getattr(lib, name).restype = None
         w, s, f = ctypes.POINTER(CWeight), ctypes.POINTER(CScratch), ctypes.c_float
-        lib.decode_attn.argtypes = [p, p, f, w, w, p, p, p, p, i64, i64, i64, i64, i64, i64, p,
-                                    s, p, i64]
-        lib.decode_mlp.argtypes = [p, p, f, w, w, s, p, i64]
-        lib.decode_attn.restype = lib.decode_mlp.restype = None
+        lib.decode_attn.argtypes = [p, p, f, w, w, p, i64, i64, i64, i64, p, s, p, i64]
+        lib.decode_mlp.argtypes = [p, p, f, w, w, i64, s, p, i64]
+        lib.attend_rows.argtypes = [p, p, i64, i64, i64, p, p]
+        lib.decode_attn.restype = lib.decode_mlp.restype = lib.attend_rows.restype = None
         _lib = lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _why_not = str(e)
@@ -226,62 +227,106 @@ def c_weight(data: torch.Tensor, scale: torch.Tensor | None, min: torch.Tensor |
 
 
 class CScratch(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_void_p) for n in ("h", "mid", "act", "xq", "xs", "xsum")]
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("h", "mid", "act", "xq", "xs", "xsum")] +
+                [(n, ctypes.c_int64) for n in ("sh", "smid", "sact", "sxq", "sxs")])
+
+
+def _stride(n: int) -> int:
+    """A row stride of n elements rounded up to 16: every row aligned as row 0 is."""
+    return -(-n // 16) * 16
 
 
 class Scratch:
-    """The fused step's buffers for one rank, made once (no per-token allocation):
-    h (dim,), mid (max(qkv rows, 2 f),), act (max(n_q hd, f),), quantized activations
-    (int16 for int8 weights, int8 for int4), their scales per group and block sums.
-    """
+    """The fused step's buffers for ``rows`` rows, made once per batch size (no per-token
+    allocation): per row h (dim,), mid (max(qkv rows, 2 f),), act (max(n_q hd, f),),
+    quantized activations (int16 for int8 weights, int8 for int4), their scales per group
+    and block sums."""
 
-    def __init__(self, dim: int, mid: int, act: int):
+    def __init__(self, dim: int, mid: int, act: int, rows: int = 1):
         widest = max(dim, act)
-        self.tensors = [torch.empty(dim), torch.empty(mid), torch.empty(act),
-                        torch.empty(widest, dtype=torch.int16),
-                        torch.empty(widest // 32 + 1), torch.empty(widest // 32 + 1)]
-        self.c = CScratch(*(t.data_ptr() for t in self.tensors))
+        st = [_stride(dim), _stride(mid), _stride(act), _stride(widest),
+              _stride(widest // 32 + 1)]
+        self.rows = rows
+        self.tensors = [torch.empty(rows * st[0]), torch.empty(rows * st[1]),
+                        torch.empty(rows * st[2]), torch.empty(rows * st[3], dtype=torch.int16),
+                        torch.empty(rows * st[4]), torch.empty(rows * st[4])]
+        self.c = CScratch(*(t.data_ptr() for t in self.tensors), *st)
+
+
+ROW_WORDS = 7   # csrc/decode.c's row_t: cache_k, cache_v, cos, sin pointers; cap, start, pos
+
+
+def attend_rows(q: torch.Tensor, rows: np.ndarray, kv_of_q: torch.Tensor) -> torch.Tensor:
+    """Prompt rows' attention with the decode step's loop: q (T, n_q, hd) contiguous fp32
+    with rope applied; ``rows`` (T, ROW_WORDS) int64 row_t of each row (its cache of this
+    layer, already written; cap, start, pos) -> (T, n_q hd). Each row is computed as it
+    would be alone."""
+    T, n_q, hd = q.shape
+    out = torch.empty(T, n_q * hd)
+    _lib.attend_rows(q.data_ptr(), rows.ctypes.data, T, n_q, hd, kv_of_q.data_ptr(),
+                     out.data_ptr())
+    return out
 
 
 class DecodeStep:
-    """The fused step's arguments that stay fixed for one rank: pointers into x (1, dim),
-    the partial sums ``part`` (1, dim), the scratch buffers, kv_of_q and, per layer, the KV
-    cache and rope tables (refreshed by ``reserve`` when they are reallocated). Each call
-    then passes only what changes per layer and token.
+    """The fused step for B rows, each a token at its own position of its own KV cache.
+
+    ``places`` sets, once per pass, each row's cache (per layer), rope rows and keys, and
+    returns the (B, dim) ``x`` to fill and ``part`` that receives this rank's partial sums;
+    then ``attn`` and ``mlp`` run one layer half each. Buffers grow with B and are kept.
 
     ``add``: a world of one rank has nothing to all-reduce, so the C step adds its partial
     sum into x itself and the caller skips the reduce (the step returns False); otherwise it
     returns True and the caller must all-reduce ``part`` and add it into x.
     """
 
-    def __init__(self, x: torch.Tensor, part: torch.Tensor, scratch: Scratch,
-                 kv_of_q: torch.Tensor, n_q: int, n_kv: int, hd: int, eps: float, add: bool):
-        self.tensors = (x, part, kv_of_q)   # kept alive: the pointers below point into them
-        self.x, self.part, self.kv = x.data_ptr(), part.data_ptr(), kv_of_q.data_ptr()
-        self.scratch, self.n_q, self.n_kv, self.hd, self.eps = scratch, n_q, n_kv, hd, eps
-        self.add = int(add)
+    def __init__(self, dims: tuple[int, int, int], kv_of_q: torch.Tensor, n_q: int,
+                 n_kv: int, hd: int, eps: float, add: bool):
+        self.dims, self.kv_of_q = dims, kv_of_q        # kept alive: C reads kv_of_q
+        self.n_q, self.n_kv, self.hd, self.eps, self.add = n_q, n_kv, hd, eps, int(add)
+        self.B = 0
+        self.resize(1)
 
-    def reserve(self, cos: torch.Tensor, sin: torch.Tensor, cache_k: list[torch.Tensor],
-                cache_v: list[torch.Tensor]) -> None:
-        """cos, sin (max_len, hd) contiguous fp32; cache_k[i], cache_v[i] (n_kv, max_len, hd)."""
-        self.tables = (cos, sin, cache_k, cache_v)
-        self.cos, self.sin, self.max_len = cos.data_ptr(), sin.data_ptr(), cos.shape[0]
-        self.caches = [(k.data_ptr(), v.data_ptr()) for k, v in zip(cache_k, cache_v)]
+    def resize(self, B: int) -> None:
+        """Room for B rows (buffers only grow)."""
+        if B > self.B:
+            dim, mid, act = self.dims
+            self.scratch = Scratch(dim, mid, act, B)
+            self.x_all, self.part_all = torch.empty(B, dim), torch.empty(B, dim)
+            self.B = B
 
-    def attn(self, i: int, norm: torch.Tensor, wqkv: CWeight, wo: CWeight, start: int,
-             pos: int) -> bool:
-        """Layer i's attention half for the token at ``pos`` (keys [start, pos] attended)."""
-        k, v = self.caches[i]
-        row = pos * self.hd * 4
-        _lib.decode_attn(self.x, norm.data_ptr(), self.eps, wqkv, wo, self.cos + row,
-                         self.sin + row, k, v, self.max_len, start, pos, self.n_q, self.n_kv,
-                         self.hd, self.kv, self.scratch.c, self.part, self.add)
+    def places(self, cos: torch.Tensor, sin: torch.Tensor, kv_ptrs: list[np.ndarray],
+               caps: list[int], starts: list[int], positions: list[int]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row b: the caches whose (n_layers, 2) data pointers (k, v per layer) are
+        ``kv_ptrs[b]``, of row stride ``caps[b]``; keys [starts[b], positions[b]]; cos,
+        sin (positions, hd) contiguous fp32, kept alive by the caller. Returns this pass's
+        (B, dim) x and part."""
+        B = len(positions)
+        self.resize(B)
+        self.x, self.part = self.x_all[:B], self.part_all[:B]
+        rows = np.empty((kv_ptrs[0].shape[0], B, ROW_WORDS), np.int64)   # (layers, B, 7)
+        rows[:, :, 0:2] = np.stack(kv_ptrs, axis=1)
+        off = np.asarray(positions, np.int64) * (self.hd * 4)
+        rows[:, :, 2] = cos.data_ptr() + off
+        rows[:, :, 3] = sin.data_ptr() + off
+        rows[:, :, 4], rows[:, :, 5], rows[:, :, 6] = caps, starts, positions
+        self.rows, self.n = rows, B
+        self.row_bytes = B * ROW_WORDS * 8
+        return self.x, self.part
+
+    def attn(self, i: int, norm: torch.Tensor, wqkv: CWeight, wo: CWeight) -> bool:
+        """Layer i's attention half for the rows set by ``places``."""
+        _lib.decode_attn(self.x.data_ptr(), norm.data_ptr(), self.eps, wqkv, wo,
+                         self.rows.ctypes.data + i * self.row_bytes,
+                         self.n, self.n_q, self.n_kv, self.hd, self.kv_of_q.data_ptr(),
+                         self.scratch.c, self.part.data_ptr(), self.add)
         return not self.add
 
     def mlp(self, norm: torch.Tensor, w13: CWeight, w2: CWeight) -> bool:
         """A layer's MLP half; w13 holds gate rows, then up rows."""
-        _lib.decode_mlp(self.x, norm.data_ptr(), self.eps, w13, w2, self.scratch.c, self.part,
-                        self.add)
+        _lib.decode_mlp(self.x.data_ptr(), norm.data_ptr(), self.eps, w13, w2, self.n,
+                        self.scratch.c, self.part.data_ptr(), self.add)
         return not self.add
 
 

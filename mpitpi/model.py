@@ -11,14 +11,21 @@ columns, producing partial (T, dim) outputs that ``reduce`` sums across ranks in
     logits_r = norm(x[-1]) @ vocab_r.T    this rank's vocabulary rows, gathered by the caller
                                           (``forward_all``: every position's, (T, n_vocab_r))
 
+A pass may carry rows of several sequences (``forward_batch``: a list of Segments, each
+with its own KV slot and positions): the matrix products and the all-reduces run once for
+all rows, attention per segment against its slot's cache. Every rank keeps, per slot, the
+token ids whose keys and values its cache holds (``cached``), so rank 0 can reuse a prefix.
+
 With ``reduce`` the identity and a one-rank plan this is the plain single-process model.
 """
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +36,24 @@ from mpitpi.prefetch import LayerStore
 from mpitpi.weights import LayerWeights, TopWeights
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+KV_STEP = 256   # a slot's cache grows by this many positions at a time
+
+
+@dataclass
+class Segment:
+    """Rows of one sequence in a forward pass: ``tokens`` (T,) at positions
+    [start, start+T) of KV slot ``slot``; the logits of its last ``n_out`` rows are wanted.
+    Decode rows (``prompt`` False: a token and the guesses after it) get the numbers each
+    would get alone."""
+    slot: int
+    start: int
+    tokens: torch.Tensor
+    n_out: int = 1
+    prompt: bool = True    # rows of a prompt (fp32 activations), or decode rows
+
+    @property
+    def end(self) -> int:
+        return self.start + self.tokens.shape[0]
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -101,34 +126,55 @@ class Transformer:
         self.kv_of_q = kv_of_q
         hd = args.head_dim
         self.split_qkv = (s.n_q * hd, s.n_kv * hd, s.n_kv * hd)
-        # one new token runs the fused C step per layer half (kernels.DecodeStep)
-        # unless the kernels are missing or MPITPI_FUSED=0; the torch path is the reference
+        # decode rows run the fused C step per layer half (kernels.DecodeStep) unless the
+        # kernels are missing or MPITPI_FUSED=0; the torch path is the reference
         self.fused = kernels.available() and os.environ.get("MPITPI_FUSED", "1") != "0"
+        self.c_attention = kernels.available()   # prompt rows' attention, row by row in C
         self.step: kernels.DecodeStep | None = None
         if self.fused:
             qkv = (s.n_q + 2 * s.n_kv) * hd
-            self.scratch = kernels.Scratch(args.dim, max(qkv, 2 * s.n_ffn),
-                                           max(s.n_q * hd, s.n_ffn))
-            self.part = torch.empty(1, args.dim)                    # (1, dim) partial sums
-            self.x1 = torch.empty(1, args.dim)                      # (1, dim) the token's x
-            self.step = kernels.DecodeStep(self.x1, self.part, self.scratch, kv_of_q, s.n_q,
-                                           s.n_kv, hd, args.norm_eps, add=len(plan) == 1)
-        self.max_len = 0
+            dims = (args.dim, max(qkv, 2 * s.n_ffn), max(s.n_q * hd, s.n_ffn))
+            self.step = kernels.DecodeStep(dims, kv_of_q, s.n_q, s.n_kv, hd, args.norm_eps,
+                                           add=len(plan) == 1)
+        self.rope_len = 0
+        self.cache_k: dict[int, list[torch.Tensor]] = {}   # slot -> (n_kv, cap, hd) per layer
+        self.cache_v: dict[int, list[torch.Tensor]] = {}
+        self.cached: dict[int, list[int]] = {}   # slot -> token ids at positions [0, len)
+        self.kv_ptrs: dict[int, np.ndarray] = {}  # slot -> (n_layers, 2) k, v data pointers
         self.reserve(1)
 
-    def reserve(self, n: int) -> None:
-        """Make room for positions [0, n): KV cache and rope tables (kept if already larger)."""
-        if n <= self.max_len:
-            return
+    def capacity(self, slot: int = 0) -> int:
+        """Positions slot ``slot``'s cache has room for (0 when it has none)."""
+        return self.cache_k[slot][0].shape[1] if slot in self.cache_k else 0
+
+    def reserve(self, n: int, slot: int = 0) -> None:
+        """Make room for positions [0, n) in KV slot ``slot`` (kept if already larger;
+        grown in steps of KV_STEP, the cached positions copied) and in the rope tables."""
         s, hd = self.s, self.args.head_dim
-        self.cos, self.sin = rope_tables(self.args, n)          # (n, hd) each
-        # KV cache of this rank's KV heads: (n_kv, n, hd) per layer, for k and for v
-        self.cache_k = [torch.zeros(s.n_kv, n, hd) for _ in range(self.n_layers)]
-        self.cache_v = [torch.zeros(s.n_kv, n, hd) for _ in range(self.n_layers)]
-        self.max_len = n
-        if self.step is not None:
-            self.cos, self.sin = self.cos.contiguous(), self.sin.contiguous()
-            self.step.reserve(self.cos, self.sin, self.cache_k, self.cache_v)
+        if n > self.rope_len:
+            n_rope = min(max(n, self.rope_len + KV_STEP), max(n, self.args.max_seq_len))
+            self.cos, self.sin = (t.contiguous() for t in rope_tables(self.args, n_rope))
+            self.rope_len = n_rope                      # (n_rope, hd) each
+        old = self.capacity(slot)
+        if n <= old:
+            return
+        cap = -(-n // KV_STEP) * KV_STEP
+        ks, vs = [], []
+        for i in range(self.n_layers):   # per layer: (n_kv, cap, hd), the old part copied
+            for new, caches in ((ks, self.cache_k), (vs, self.cache_v)):
+                t = torch.zeros(s.n_kv, cap, hd)
+                if old:
+                    t[:, :old] = caches[slot][i]
+                new.append(t)
+        self.cache_k[slot], self.cache_v[slot] = ks, vs
+        self.kv_ptrs[slot] = np.array([[k.data_ptr(), v.data_ptr()] for k, v in zip(ks, vs)],
+                                      np.int64).reshape(self.n_layers, 2)
+        self.cached.setdefault(slot, [])
+
+    def drop(self, slot: int) -> None:
+        """Free slot ``slot``'s cache (its memory goes back; its prefix is forgotten)."""
+        for d in (self.cache_k, self.cache_v, self.cached, self.kv_ptrs):
+            d.pop(slot, None)
 
     def _mask(self, T: int, start: int) -> torch.Tensor | None:
         """Boolean (T, start+T) mask of allowed keys (causal, and the sliding window when the
@@ -144,27 +190,47 @@ class Transformer:
             allowed &= (qpos - kpos) < w
         return allowed
 
-    def attention(self, i: int, w: LayerWeights, x: torch.Tensor, start: int,
-                  mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (T, dim) normed input -> (T, dim) partial output of this rank's heads."""
+    def attention(self, i: int, w: LayerWeights, x: torch.Tensor, segs: list[Segment],
+                  masks: list[torch.Tensor | None]) -> torch.Tensor:
+        """x: (R, dim) normed rows of ``segs`` -> (R, dim) partial output of this rank's
+        heads; each segment attends to its own slot's cache (written here)."""
         s, hd = self.s, self.args.head_dim
-        T = x.shape[0]
-        q, k, v = w.wqkv(x).split(self.split_qkv, dim=-1)       # (T, (n_q + 2 n_kv) hd)
-        q = q.view(T, s.n_q, hd).transpose(0, 1)                 # (n_q, T, hd)
-        k = k.view(T, s.n_kv, hd).transpose(0, 1)                # (n_kv, T, hd)
-        v = v.view(T, s.n_kv, hd).transpose(0, 1)                # (n_kv, T, hd)
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        end = start + T
-        self.cache_k[i][:, start:end] = k
-        self.cache_v[i][:, start:end] = v
-        keys, vals = self.cache_k[i][:, :end], self.cache_v[i][:, :end]  # (n_kv, end, hd)
-        if not self.gqa:
-            keys, vals = keys[self.kv_of_q], vals[self.kv_of_q]         # (n_q, end, hd)
-        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask,
-                                           enable_gqa=self.gqa and s.n_q != s.n_kv)
-        o = o.transpose(0, 1).reshape(T, s.n_q * hd)              # (T, n_q hd)
-        return w.wo(o)                                            # (T, dim) partial
+        R = x.shape[0]
+        q, k, v = w.wqkv(x).split(self.split_qkv, dim=-1)       # (R, (n_q + 2 n_kv) hd)
+        q = q.view(R, s.n_q, hd).transpose(0, 1)                 # (n_q, R, hd)
+        k = k.view(R, s.n_kv, hd).transpose(0, 1)                # (n_kv, R, hd)
+        v = v.view(R, s.n_kv, hd).transpose(0, 1)                # (n_kv, R, hd)
+        outs, row = [], 0
+        for seg, mask in zip(segs, masks):
+            T, start, end = seg.tokens.shape[0], seg.start, seg.end
+            cos, sin = self.cos[start:end], self.sin[start:end]
+            qs = apply_rope(q[:, row:row + T], cos, sin)          # (n_q, T, hd)
+            cache_k, cache_v = self.cache_k[seg.slot][i], self.cache_v[seg.slot][i]
+            cache_k[:, start:end] = apply_rope(k[:, row:row + T], cos, sin)
+            cache_v[:, start:end] = v[:, row:row + T]
+            row += T
+            if self.c_attention:   # each row as it would be alone, whatever the chunk
+                outs.append(kernels.attend_rows(qs.transpose(0, 1).contiguous(),
+                                                self._rows(seg, i), self.kv_of_q))
+                continue
+            keys, vals = cache_k[:, :end], cache_v[:, :end]      # (n_kv, end, hd)
+            if not self.gqa:
+                keys, vals = keys[self.kv_of_q], vals[self.kv_of_q]     # (n_q, end, hd)
+            o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask,
+                                               enable_gqa=self.gqa and s.n_q != s.n_kv)
+            outs.append(o.transpose(0, 1).reshape(T, s.n_q * hd))  # (T, n_q hd)
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)       # (R, n_q hd)
+        return w.wo(o)                                            # (R, dim) partial
+
+    def _rows(self, seg: Segment, i: int) -> np.ndarray:
+        """(T, ROW_WORDS) row_t of each row of ``seg`` in layer i (kernels.attend_rows)."""
+        T, win = seg.tokens.shape[0], self.args.sliding_window
+        pos = np.arange(seg.start, seg.end, dtype=np.int64)
+        rows = np.zeros((T, kernels.ROW_WORDS), np.int64)
+        rows[:, 0:2] = self.kv_ptrs[seg.slot][i]
+        rows[:, 4], rows[:, 6] = self.capacity(seg.slot), pos
+        rows[:, 5] = np.maximum(0, pos + 1 - win) if win else 0
+        return rows
 
     def mlp(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """x: (T, dim) normed input -> (T, dim) partial output of this rank's FFN columns."""
@@ -179,55 +245,83 @@ class Transformer:
         x[mine] = self.top.embed.rows(tokens[mine] - v0)
         return self.reduce(x)
 
-    def decode_layer(self, i: int, w: LayerWeights, pos: int) -> None:
-        """Layer i for one token at ``pos``, fused (kernels.DecodeStep): ``x1`` (1, dim) is
-        updated in place, with the same two ``reduce`` calls as the torch path on the partial
-        sums in ``part`` (none in a world of one rank: the C step adds them itself)."""
-        win = self.args.sliding_window
-        start = max(0, pos + 1 - win) if win else 0
-        if self.step.attn(i, w.attn_norm, w.wqkv.c, w.wo.c, start, pos):
-            self.x1.add_(self.reduce(self.part))
-        more = self.step.mlp(w.ffn_norm, w.w13.c, w.w2.c)
+    def decode_layer(self, i: int, w: LayerWeights) -> None:
+        """Layer i for the rows placed in the fused step (kernels.DecodeStep): its x
+        (B, dim) is updated in place, with the same two ``reduce`` calls as the torch path
+        on the partial sums (none in a world of one rank: the C step adds them itself)."""
+        step = self.step
+        if step.attn(i, w.attn_norm, w.wqkv.c, w.wo.c):
+            step.x.add_(self.reduce(step.part))
+        more = step.mlp(w.ffn_norm, w.w13.c, w.w2.c)
         self.layers.done(i)                                       # the slot may be refilled
         if more:
-            self.x1.add_(self.reduce(self.part))
+            step.x.add_(self.reduce(step.part))
+
+    def _fused(self, segs: list[Segment], x: torch.Tensor) -> torch.Tensor:
+        """Every row of ``segs`` through the fused step, each with exactly the numbers it
+        would get alone -> (R, dim)."""
+        win = self.args.sliding_window
+        ptrs, caps, starts, pos = [], [], [], []
+        for g in segs:
+            for t in range(g.tokens.shape[0]):
+                p = g.start + t
+                ptrs.append(self.kv_ptrs[g.slot])
+                caps.append(self.capacity(g.slot))
+                starts.append(max(0, p + 1 - win) if win else 0)
+                pos.append(p)
+        xs, _ = self.step.places(self.cos, self.sin, ptrs, caps, starts, pos)
+        xs.copy_(x)
+        for i in range(self.n_layers):
+            self.decode_layer(i, self.layers.get(i))
+        return xs
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """tokens (T,) at positions [start, start+T) -> (n_vocab_r,) logits of the last one.
+    def forward_batch(self, segs: list[Segment]) -> torch.Tensor:
+        """Rows of every segment in one pass -> (sum of n_out, n_vocab_r) logits of each
+        segment's last n_out rows, in segment order (this rank's vocabulary rows).
 
-        Collective: 1 + 2 n_layers calls of ``reduce``, the same on every rank.
+        Decode rows (segments with ``prompt`` False) run the fused C step and give each row
+        the numbers it would get alone, in a batch or not; prompt rows run with fp32
+        activations, their attention row by row in C (each row's numbers do not depend on
+        how the prompt was cut into chunks, nor on which prefix was cached). Collective:
+        1 + 2 n_layers calls of ``reduce``, the same on every rank, whatever the number of
+        segments. Each slot's
+        cache is grown as needed and written at its segment's positions; ``cached[slot]``
+        becomes the tokens before ``start`` and these.
         """
-        eps = self.args.norm_eps
-        x = self.embed_tokens(tokens)
-        if tokens.shape[0] == 1 and self.fused:
-            self.x1.copy_(x)
-            for i in range(self.n_layers):
-                self.decode_layer(i, self.layers.get(i), start)
-            return self.top.lm_head(rms_norm(self.x1, self.top.norm, eps))[0]  # (n_vocab_r,)
-        x = self._layers(x, start)
-        h = rms_norm(x[-1:], self.top.norm, eps)                  # (1, dim)
-        return self.top.lm_head(h)[0]                             # (n_vocab_r,)
+        for seg in segs:
+            self.reserve(seg.end, seg.slot)
+            ids = seg.tokens.tolist()
+            self.cached[seg.slot] = self.cached[seg.slot][:seg.start] + ids
+        tokens = segs[0].tokens if len(segs) == 1 else torch.cat([g.tokens for g in segs])
+        x = self.embed_tokens(tokens)                             # (R, dim)
+        decode = self.fused and not any(g.prompt for g in segs)
+        x = self._fused(segs, x) if decode else self._layers(x, segs)
+        ends = torch.tensor([g.tokens.shape[0] for g in segs]).cumsum(0).tolist()
+        rows = [r for g, e in zip(segs, ends) for r in range(e - g.n_out, e)]
+        h = x if len(rows) == x.shape[0] else x[rows]             # (n_out total, dim)
+        return self.top.lm_head(rms_norm(h, self.top.norm, self.args.norm_eps), decode=decode)
 
-    @torch.inference_mode()
-    def forward_all(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start: int, slot: int = 0) -> torch.Tensor:
+        """tokens (T,) at positions [start, start+T) of ``slot`` -> (n_vocab_r,) logits of
+        the last one. Collective: as ``forward_batch``."""
+        return self.forward_batch([Segment(slot, start, tokens, prompt=tokens.shape[0] > 1)])[0]
+
+    def forward_all(self, tokens: torch.Tensor, start: int, slot: int = 0) -> torch.Tensor:
         """tokens (T,) at positions [start, start+T) -> (T, n_vocab_r) logits of every one
         (this rank's vocabulary rows, from ``vocab_offset``): for scoring text (perplexity).
+        Collective: as ``forward_batch``; the cache is written the same way, so a window
+        can be run in chunks."""
+        return self.forward_batch([Segment(slot, start, tokens, tokens.shape[0])])
 
-        Collective: the same 1 + 2 n_layers calls of ``reduce`` as ``forward``; the KV cache
-        is written at [start, start+T) the same way, so a window can be run in chunks.
-        """
-        x = self._layers(self.embed_tokens(tokens), start)
-        return self.top.lm_head(rms_norm(x, self.top.norm, self.args.norm_eps))
-
-    def _layers(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x (T, dim) embedded tokens at [start, start+T) -> (T, dim) after every layer, by
-        torch (2 n_layers calls of ``reduce``)."""
+    def _layers(self, x: torch.Tensor, segs: list[Segment]) -> torch.Tensor:
+        """x (R, dim) embedded rows of ``segs`` -> (R, dim) after every layer, by torch
+        (2 n_layers calls of ``reduce``)."""
         eps = self.args.norm_eps
-        mask = self._mask(x.shape[0], start)
+        masks = [self._mask(g.tokens.shape[0], g.start) for g in segs]
         for i in range(self.n_layers):
             w = self.layers.get(i)                                # waits if still loading
-            x = x + self.reduce(self.attention(i, w, rms_norm(x, w.attn_norm, eps), start, mask))
+            x = x + self.reduce(self.attention(i, w, rms_norm(x, w.attn_norm, eps), segs, masks))
             h = self.mlp(w, rms_norm(x, w.ffn_norm, eps))
             self.layers.done(i)                                   # the slot may be refilled
             x = x + self.reduce(h)

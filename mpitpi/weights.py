@@ -75,8 +75,10 @@ class Weight:
         above, which this object keeps alive)."""
         return kernels.c_weight(self.data, self.scale, self.min, self.bias)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (T, in) fp32 -> (T, out) fp32.
+    def __call__(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        """x (T, in) fp32 -> (T, out) fp32. ``decode``: rows of separate tokens (a batch,
+        or drafted tokens), each computed as it would be alone (the C kernels' one-row
+        arithmetic, whatever T).
 
         Chosen per host by measurement (choices.py): decode and short inputs (up to
         ``kernel_rows`` rows) use the C kernels, which widen each weight in registers
@@ -86,11 +88,11 @@ class Weight:
         copy made for the call (kernels.dequantize), ``DEQUANT_AT_ONCE`` weights at a time.
         """
         w, c = self.data, choices.host()
-        if x.shape[0] <= c.kernel_rows(self.kind) and kernels.available():
-            # int4: one row rounds x to int8 per block (decode: fast); more rows keep x in
-            # fp32, so a prompt's products are exactly the stored numbers' (an int8 rounding
-            # there flipped SmolLM2's near-tie first token, docs/BENCHMARKS.md)
-            y = kernels.matvec(x, w, self.scale, self.min, exact=x.shape[0] > 1)
+        if kernels.available() and (decode or x.shape[0] <= c.kernel_rows(self.kind)):
+            # int4: decode rounds x to int8 per block (fast); prompt rows keep x in fp32, so
+            # a prompt's products are exactly the stored numbers' (an int8 rounding there
+            # flipped SmolLM2's near-tie first token, docs/BENCHMARKS.md)
+            y = kernels.matvec(x, w, self.scale, self.min, exact=not decode)
         elif self.scale is not None:
             y = self._dequantized_product(x)
         elif w.dtype == torch.float32:

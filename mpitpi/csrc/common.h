@@ -297,4 +297,63 @@ static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16
     return sum;
 }
 
+/* One weight row against R input rows (R = 1 .. 4: the decode rows of a batch): each pair of
+ * blocks is unpacked once for all R. Every row gets the same operations in the same order
+ * whatever R is (one accumulator per row, one noinline finish), so a row's result does not
+ * depend on the rows beside it; only for that, the result may differ from dot_i4_row's in
+ * the last bits. */
+#if defined(__AVX512BW__) && defined(HAVE_F16X8)
+static __attribute__((noinline)) float i4_finish(__m512 acc, __m256 macc, const uint8_t *q,
+                                                 const uint16_t *d, const uint16_t *m,
+                                                 const int8_t *xq, const float *xs,
+                                                 const float *xsum, int64_t b, int64_t nb) {
+    return _mm512_reduce_add_ps(acc) + hsum(macc) + dot_i4_tail(q, d, m, xq, xs, xsum, b, nb);
+}
+
+#define DOT_I4_ROWS(R)                                                                    \
+static inline void dot_i4_rows##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
+                                  int8_t *const *xq, float *const *xs,                     \
+                                  float *const *xsum, int64_t nb, float *y, int64_t ys) { \
+    const __m512i low = _mm512_set1_epi8(15);                                             \
+    __m512 acc[R], s[R];                                                                  \
+    __m256 macc[R];                                                                       \
+    for (int r = 0; r < R; r++) { acc[r] = _mm512_setzero_ps(); macc[r] = _mm256_setzero_ps(); } \
+    int64_t b = 0;                                                                        \
+    for (; b + 8 <= nb; b += 8) {                                                         \
+        __m256 dv = f16x8(d + b), mv = f16x8(m + b);                                      \
+        for (int r = 0; r < R; r++) {                                                     \
+            s[r] = _mm512_castps256_ps512(_mm256_mul_ps(dv, _mm256_loadu_ps(xs[r] + b))); \
+            macc[r] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xsum[r] + b), macc[r]);         \
+        }                                                                                 \
+        for (int k = 0; k < 8; k += 2) {                                                  \
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(q + (b + k) * 16));        \
+            __m512i n = _mm512_inserti64x4(_mm512_castsi256_si512(raw),                   \
+                                           _mm256_srli_epi16(raw, 4), 1);                 \
+            n = _mm512_shuffle_i64x2(_mm512_and_si512(n, low), _mm512_and_si512(n, low), 0xD8); \
+            __m512i pick = _mm512_set_epi32(k + 1, k + 1, k + 1, k + 1, k + 1, k + 1, k + 1, \
+                                            k + 1, k, k, k, k, k, k, k, k);               \
+            for (int r = 0; r < R; r++) {                                                 \
+                __m512i p = DPBUSD512(n, _mm512_loadu_si512((const void *)(xq[r] + (b + k) * 32))); \
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),                           \
+                                         _mm512_permutexvar_ps(pick, s[r]), acc[r]);      \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+    for (int r = 0; r < R; r++)                                                           \
+        y[r * ys] = i4_finish(acc[r], macc[r], q, d, m, xq[r], xs[r], xsum[r], b, nb);    \
+}
+#else
+#define DOT_I4_ROWS(R)                                                                    \
+static inline void dot_i4_rows##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
+                                  int8_t *const *xq, float *const *xs,                     \
+                                  float *const *xsum, int64_t nb, float *y, int64_t ys) { \
+    for (int r = 0; r < R; r++)                                                           \
+        y[r * ys] = dot_i4_row(q, d, m, xq[r], xs[r], xsum[r], nb);                       \
+}
+#endif
+DOT_I4_ROWS(1)
+DOT_I4_ROWS(2)
+DOT_I4_ROWS(3)
+DOT_I4_ROWS(4)
+
 #endif

@@ -1,4 +1,8 @@
-/* The fused decode step: one call per layer half for one new token (T = 1).
+/* The fused decode step: one call per layer half for B rows, each a token of its own
+ * sequence at its own position and KV cache (a row_t), or drafted tokens of one sequence at
+ * consecutive positions. Each row gets exactly the arithmetic it would get alone (B = 1):
+ * per-row buffers keep the alignment of row 0, loops are split the same way for any B. So a
+ * sequence decodes to the same numbers in a batch as alone. Per row:
  *
  *   decode_attn: h = rmsnorm(x) * w; qkv = Wqkv h (+b); rope on q and k; k, v appended to
  *                this rank's KV cache at pos; each query head attends over its KV head's
@@ -26,7 +30,7 @@ typedef struct {            /* one (rows, cols) matrix as stored, see weights.py
     int64_t rows, cols, dtype, group;
 } weight_t;
 
-typedef struct {            /* caller-owned buffers, sized for the largest use */
+typedef struct {            /* caller-owned buffers, sized for the largest use; per row: */
     float *h;               /* (dim,) the normed input */
     float *mid;             /* (n_q + 2 n_kv) hd for qkv, or 2 f for gate/up */
     float *act;             /* (n_q hd,) attention output, or (f,) silu(g) * u */
@@ -34,7 +38,14 @@ typedef struct {            /* caller-owned buffers, sized for the largest use *
                                int8 for int4 weights (the same buffer) */
     float *xs;              /* their per-group scales */
     float *xsum;            /* int4: per block, the scale times the sum of the block */
+    int64_t sh, smid, sact, sxq, sxs;   /* row strides of each (multiples of 16 elements) */
 } scratch_t;
+
+typedef struct {            /* one row of a step: its token's place */
+    float *cache_k, *cache_v;   /* its sequence's (n_kv, cap, hd) caches of this layer */
+    const float *cos, *sin;     /* (hd,) rope tables at pos */
+    int64_t cap, start, pos;    /* cache row stride; keys [start, pos] are attended */
+} row_t;
 
 static inline float dot_f32(const float *restrict w, const float *restrict x, int64_t n) {
     float a = 0.f;
@@ -60,47 +71,83 @@ static inline float dot_f16(const uint16_t *restrict w, const float *restrict x,
     return a;
 }
 
-/* y[o] = W[o] . x (+ b[o]) for rows [o0, o1). */
-static void rows(const weight_t *w, const float *x, const scratch_t *s, float *y, int64_t o0,
-                 int64_t o1) {
+/* y[b][o] = W[o] . x[b] (+ bias[o]) for weight rows [o0, o1) and each of B input rows
+ * (x row stride xs, y row stride ys): a weight row is read once for all B. */
+static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const scratch_t *s,
+                 float *y, int64_t ys, int64_t o0, int64_t o1) {
     int64_t in = w->cols;
-    switch (w->dtype) {
-    case W_F32:
-        for (int64_t o = o0; o < o1; o++) y[o] = dot_f32((const float *)w->data + o * in, x, in);
-        break;
-    case W_BF16:
-        for (int64_t o = o0; o < o1; o++)
-            y[o] = dot_bf16((const uint16_t *)w->data + o * in, x, in);
-        break;
-    case W_F16:
-        for (int64_t o = o0; o < o1; o++)
-            y[o] = dot_f16((const uint16_t *)w->data + o * in, x, in);
-        break;
-    case W_I8: {
-        int64_t ng = (in + w->group - 1) / w->group, full = in / w->group;
-        for (int64_t o = o0; o < o1; o++)
-            y[o] = dot_i8_row((const int8_t *)w->data + o * in, s->xq,
-                              (const float *)w->scale + o * ng, s->xs, x, in, w->group, full);
-        break;
-    }
-    default: {
+    if (w->dtype == W_I4) {   /* groups of up to 4 input rows share each unpacked block */
         int64_t nb = in / 32;
-        for (int64_t o = o0; o < o1; o++)
-            y[o] = dot_i4_row((const uint8_t *)w->data + o * (in / 2),
-                              (const uint16_t *)w->scale + o * nb, w->min + o * nb,
-                              (const int8_t *)s->xq, s->xs, s->xsum, nb);
+        for (int64_t o = o0; o < o1; o++) {
+            const uint8_t *q = (const uint8_t *)w->data + o * (in / 2);
+            const uint16_t *d = (const uint16_t *)w->scale + o * nb, *m = w->min + o * nb;
+            for (int64_t b0 = 0; b0 < B; b0 += 4) {
+                int8_t *xq[4];
+                float *xsc[4], *xsum[4];
+                int64_t R = B - b0 < 4 ? B - b0 : 4;
+                for (int64_t r = 0; r < R; r++) {
+                    xq[r] = (int8_t *)(s->xq + (b0 + r) * s->sxq);
+                    xsc[r] = s->xs + (b0 + r) * s->sxs;
+                    xsum[r] = s->xsum + (b0 + r) * s->sxs;
+                }
+                float *yo = y + b0 * ys + o;
+                switch (R) {
+                case 1: dot_i4_rows1(q, d, m, xq, xsc, xsum, nb, yo, ys); break;
+                case 2: dot_i4_rows2(q, d, m, xq, xsc, xsum, nb, yo, ys); break;
+                case 3: dot_i4_rows3(q, d, m, xq, xsc, xsum, nb, yo, ys); break;
+                default: dot_i4_rows4(q, d, m, xq, xsc, xsum, nb, yo, ys);
+                }
+            }
+            if (w->bias)
+                for (int64_t b = 0; b < B; b++) y[b * ys + o] += w->bias[o];
+        }
+        return;
     }
+    for (int64_t o = o0; o < o1; o++) {
+        for (int64_t b = 0; b < B; b++) {
+            const float *xb = x + b * xs;
+            float a;
+            switch (w->dtype) {
+            case W_F32:
+                a = dot_f32((const float *)w->data + o * in, xb, in);
+                break;
+            case W_BF16:
+                a = dot_bf16((const uint16_t *)w->data + o * in, xb, in);
+                break;
+            case W_F16:
+                a = dot_f16((const uint16_t *)w->data + o * in, xb, in);
+                break;
+            case W_I8: {
+                int64_t ng = (in + w->group - 1) / w->group, full = in / w->group;
+                a = dot_i8_row((const int8_t *)w->data + o * in, s->xq + b * s->sxq,
+                               (const float *)w->scale + o * ng, s->xs + b * s->sxs, xb, in,
+                               w->group, full);
+                break;
+            }
+            default: {
+                int64_t nb = in / 32;
+                a = dot_i4_row((const uint8_t *)w->data + o * (in / 2),
+                               (const uint16_t *)w->scale + o * nb, w->min + o * nb,
+                               (const int8_t *)(s->xq + b * s->sxq), s->xs + b * s->sxs,
+                               s->xsum + b * s->sxs, nb);
+            }
+            }
+            y[b * ys + o] = w->bias ? a + w->bias[o] : a;
+        }
     }
-    if (w->bias)
-        for (int64_t o = o0; o < o1; o++) y[o] += w->bias[o];
 }
 
-/* Inside a parallel region, every thread: y = W x, rows handed out in chunks. */
-static void product(const weight_t *w, const float *x, const scratch_t *s, float *y) {
-    #pragma omp single
-    {
-        if (w->dtype == W_I8) quantize_x(x, w->cols, w->group, s->xq, s->xs);
-        if (w->dtype == W_I4) quantize_x8(x, w->cols / 32, (int8_t *)s->xq, s->xs, s->xsum);
+/* Inside a parallel region, every thread: y[b] = W x[b] for B rows, weight rows handed out
+ * in chunks. */
+static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
+                    const scratch_t *s, float *y, int64_t ys) {
+    #pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        if (w->dtype == W_I8)
+            quantize_x(x + b * xs, w->cols, w->group, s->xq + b * s->sxq, s->xs + b * s->sxs);
+        if (w->dtype == W_I4)
+            quantize_x8(x + b * xs, w->cols / 32, (int8_t *)(s->xq + b * s->sxq),
+                        s->xs + b * s->sxs, s->xsum + b * s->sxs);
     }
     int64_t chunk = w->rows / (8 * omp_get_num_threads());
     chunk = chunk < 4 ? 4 : chunk > 64 ? 64 : chunk;
@@ -108,7 +155,7 @@ static void product(const weight_t *w, const float *x, const scratch_t *s, float
     #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < n; c++) {
         int64_t o0 = c * chunk, o1 = o0 + chunk < w->rows ? o0 + chunk : w->rows;
-        rows(w, x, s, y, o0, o1);
+        rows(w, x, xs, B, s, y, ys, o0, o1);
     }
 }
 
@@ -156,58 +203,83 @@ static void accumulate(float *x, const float *out, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += out[i];
 }
 
-/* cache_k, cache_v: (n_kv, max_len, hd); kv_of_q: (n_q,) local KV head of each query head;
- * x: (dim,); out: (dim,) this rank's partial sum, also added into x when ``add`` is set. */
+#define NORM_ROWS(x, norm, eps, dim, B, s)                                              \
+    _Pragma("omp for schedule(static)")                                                 \
+    for (int64_t b = 0; b < (B); b++) rms_norm((x) + b * (dim), norm, eps, dim, (s)->h + b * (s)->sh);
+
+/* x: (B, dim) rows, r: (B,) their places; kv_of_q: (n_q,) local KV head of each query head;
+ * out: (B, dim) this rank's partial sums, also added into x when ``add`` is set. Rows of
+ * one sequence come in position order: a row attends to the keys the rows before wrote. */
 void decode_attn(float *x, const float *norm, float eps, const weight_t *wqkv,
-                 const weight_t *wo, const float *cos, const float *sin, float *cache_k,
-                 float *cache_v, int64_t max_len, int64_t start, int64_t pos, int64_t n_q,
-                 int64_t n_kv, int64_t hd, const int64_t *kv_of_q, const scratch_t *s,
-                 float *out, int64_t add) {
-    int64_t dim = wqkv->cols;
+                 const weight_t *wo, const row_t *r, int64_t B, int64_t n_q, int64_t n_kv,
+                 int64_t hd, const int64_t *kv_of_q, const scratch_t *s, float *out,
+                 int64_t add) {
+    int64_t dim = wqkv->cols, nh = n_q + n_kv;
     #pragma omp parallel
     {
-        #pragma omp single
-        rms_norm(x, norm, eps, dim, s->h);
-        product(wqkv, s->h, s, s->mid);
-        float *q = s->mid, *k = q + n_q * hd, *v = k + n_kv * hd;
+        NORM_ROWS(x, norm, eps, dim, B, s)
+        product(wqkv, s->h, s->sh, B, s, s->mid, s->smid);
         #pragma omp for schedule(static)
-        for (int64_t j = 0; j < n_q + n_kv; j++) {
+        for (int64_t i = 0; i < B * nh; i++) {
+            int64_t b = i / nh, j = i % nh;
+            const row_t *rb = r + b;
+            float *q = s->mid + b * s->smid, *k = q + n_q * hd, *v = k + n_kv * hd;
             if (j < n_q) {
-                rope(q + j * hd, cos, sin, hd);
+                rope(q + j * hd, rb->cos, rb->sin, hd);
             } else {
                 int64_t h = j - n_q;
-                rope(k + h * hd, cos, sin, hd);
-                memcpy(cache_k + (h * max_len + pos) * hd, k + h * hd, hd * sizeof(float));
-                memcpy(cache_v + (h * max_len + pos) * hd, v + h * hd, hd * sizeof(float));
+                rope(k + h * hd, rb->cos, rb->sin, hd);
+                memcpy(rb->cache_k + (h * rb->cap + rb->pos) * hd, k + h * hd, hd * sizeof(float));
+                memcpy(rb->cache_v + (h * rb->cap + rb->pos) * hd, v + h * hd, hd * sizeof(float));
             }
         }
         #pragma omp for schedule(dynamic, 1)
-        for (int64_t j = 0; j < n_q; j++) {
-            int64_t h = kv_of_q[j];
-            attend(q + j * hd, cache_k + h * max_len * hd, cache_v + h * max_len * hd, start,
-                   pos, hd, s->act + j * hd);
+        for (int64_t i = 0; i < B * n_q; i++) {
+            int64_t b = i / n_q, j = i % n_q, h = kv_of_q[j];
+            const row_t *rb = r + b;
+            attend(s->mid + b * s->smid + j * hd, rb->cache_k + h * rb->cap * hd,
+                   rb->cache_v + h * rb->cap * hd, rb->start, rb->pos, hd,
+                   s->act + b * s->sact + j * hd);
         }
-        product(wo, s->act, s, out);
-        if (add) accumulate(x, out, dim);
+        product(wo, s->act, s->sact, B, s, out, dim);
+        if (add) accumulate(x, out, B * dim);
     }
 }
 
-/* x: (dim,); out: (dim,) this rank's partial sum, added into x when ``add`` is set; w13 holds
- * gate rows, then up rows. */
+#define SILU_CHUNK 256   /* silu(g) * u in pieces of this many, the same split for any B */
+
+/* x: (B, dim); out: (B, dim) this rank's partial sums, added into x when ``add`` is set;
+ * w13 holds gate rows, then up rows. */
 void decode_mlp(float *x, const float *norm, float eps, const weight_t *w13,
-                const weight_t *w2, const scratch_t *s, float *out, int64_t add) {
-    int64_t dim = w13->cols, f = w13->rows / 2;
+                const weight_t *w2, int64_t B, const scratch_t *s, float *out, int64_t add) {
+    int64_t dim = w13->cols, f = w13->rows / 2, nc = (f + SILU_CHUNK - 1) / SILU_CHUNK;
     #pragma omp parallel
     {
-        #pragma omp single
-        rms_norm(x, norm, eps, dim, s->h);
-        product(w13, s->h, s, s->mid);
+        NORM_ROWS(x, norm, eps, dim, B, s)
+        product(w13, s->h, s->sh, B, s, s->mid, s->smid);
         #pragma omp for schedule(static)
-        for (int64_t i = 0; i < f; i++) {
-            float g = s->mid[i];
-            s->act[i] = g / (1.f + expf(-g)) * s->mid[f + i];
+        for (int64_t c = 0; c < B * nc; c++) {
+            const float *g = s->mid + (c / nc) * s->smid, *u = g + f;
+            float *a = s->act + (c / nc) * s->sact;
+            int64_t i1 = (c % nc + 1) * SILU_CHUNK < f ? (c % nc + 1) * SILU_CHUNK : f;
+            for (int64_t i = (c % nc) * SILU_CHUNK; i < i1; i++)
+                a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
         }
-        product(w2, s->act, s, out);
-        if (add) accumulate(x, out, dim);
+        product(w2, s->act, s->sact, B, s, out, dim);
+        if (add) accumulate(x, out, B * dim);
+    }
+}
+
+/* Prompt rows' attention, each row as the decode step attends it alone (the same loop, so
+ * a row's numbers do not depend on the other rows of its chunk): q (T, n_q, hd) with rope
+ * applied; row t attends keys [r[t].start, r[t].pos] of its KV head in r[t]'s cache,
+ * written before the call; out (T, n_q hd). */
+void attend_rows(const float *q, const row_t *r, int64_t T, int64_t n_q, int64_t hd,
+                 const int64_t *kv_of_q, float *out) {
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t i = 0; i < T * n_q; i++) {
+        int64_t t = i / n_q, h = kv_of_q[i % n_q];
+        attend(q + i * hd, r[t].cache_k + h * r[t].cap * hd, r[t].cache_v + h * r[t].cap * hd,
+               r[t].start, r[t].pos, hd, out + i * hd);
     }
 }
