@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mpitpi.generate import Session, generate
+from mpitpi.generate import generate
+from mpitpi.session import Session
 
 
 def memory_bandwidth_gbs(nbytes: int = 256 * 2**20, reps: int = 5) -> float:
@@ -69,13 +70,15 @@ def run_bench(comm, loaded, prompt_len: int, gen_len: int, reps: int, seed: int 
     ttft, steps, comm_ms, io_ms, calls, nbytes = [], [], [], [], [], []
     prefill_comm: list[float] = []
     bar = tqdm(range(reps + 1), desc="bench", unit="rep", disable=not root)
-    for rep in bar:   # rep 0 warms up (first reads, checksums, allocator) and is not counted
+    # rep 0 warms up (first reads, checksums, allocator) and is not counted; every rep runs
+    # the whole prompt (no reuse of the previous rep's cached positions)
+    for rep in bar:
         comm.barrier()
         w0 = layers.wait_s
         n0, b0 = comm.allreduce_calls, comm.allreduce_bytes
         step_comm: list[float] = []
         res = generate(comm, loaded.model, Session(prompt, gen_len) if root else None,
-                       on_step=lambda i, ms, c, b: step_comm.append(c))
+                       on_step=lambda i, ms, c, b: step_comm.append(c), reuse=False)
         if rep == 0:
             continue
         passes = 1 + len(res.step_ms)

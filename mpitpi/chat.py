@@ -1,7 +1,8 @@
 """Interactive multi-turn chat: rank 0 reads the user's lines, every rank generates.
 
 Each turn rank 0 sends one command (``"turn"`` or ``"quit"``, Comm.send_command), then all ranks
-run ``generate`` together on the whole conversation so far, rendered by the chat template.
+run ``generate`` together on the whole conversation so far, rendered by the chat template; the
+positions already cached from earlier turns are reused, so a turn prefills only what is new.
 ``/reset`` forgets the history, ``/quit`` or end of input (Ctrl-D) ends every rank cleanly.
 """
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import sys
 
 from mpitpi.errors import MpitpiError
-from mpitpi.generate import Session, check_prompt, generate
+from mpitpi.generate import generate
+from mpitpi.session import Session, check_prompt
 
 HELP = "commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves"
 
@@ -28,8 +30,10 @@ def _read(prompt: str) -> str | None:
 
 
 def run_chat(comm, loaded, tokenizer, make_sampler, max_tokens: int,
-             system: str | None = None, interactive: bool | None = None) -> None:
-    """Collective. ``tokenizer`` and ``make_sampler()`` are used on rank 0 only."""
+             system: str | None = None, interactive: bool | None = None, draft: int = 0) -> None:
+    """Collective. ``tokenizer`` and ``make_sampler()`` are used on rank 0 only. Each turn
+    reuses the cached positions of the conversation so far (generate's KV slot 0), so only
+    the new message is prefilled; ``draft``: tokens guessed per pass (0: off)."""
     root = comm.rank == 0
     if interactive is None:
         interactive = sys.stdin.isatty()
@@ -75,9 +79,10 @@ def run_chat(comm, loaded, tokenizer, make_sampler, max_tokens: int,
 
         session = Session(ids, max_tokens, make_sampler(), loaded.args.eos_token_ids,
                           tokenizer.decode, on_text=emit) if root else None
-        res = generate(comm, loaded.model, session)
+        res = generate(comm, loaded.model, session, draft=draft)
         if root:
             print(flush=True)
-            print(f"[{len(res.token_ids)} tokens, TTFT {res.ttft_ms:.0f} ms, "
+            print(f"[{len(res.token_ids)} tokens, {res.cached_tokens} of {res.prompt_tokens} "
+                  f"prompt tokens cached, TTFT {res.ttft_ms:.0f} ms, "
                   f"{res.ms_per_token:.1f} ms/token]", file=sys.stderr, flush=True)
             history.append({"role": "assistant", "content": res.text})

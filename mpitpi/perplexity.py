@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from mpitpi.comm import Comm
 from mpitpi.errors import MpitpiError
-from mpitpi.generate import PREFILL_CHUNK
+from mpitpi.batch import PREFILL_CHUNK
 from mpitpi.model import Transformer
 from mpitpi.tokenizer import Tokenizer
 

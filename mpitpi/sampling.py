@@ -75,8 +75,14 @@ class Sampler:
         """True when the choice is the plain argmax of the logits."""
         return self.p.temperature == 0 and self.p.repeat_penalty == 1.0
 
-    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
-        """logits: (vocab,) float32; history: token ids seen so far (prompt + generated)."""
+    def __call__(self, logits: torch.Tensor, history: list[int], draft: int | None = None
+                 ) -> int:
+        """logits: (vocab,) float32; history: token ids seen so far (prompt + generated).
+
+        ``draft``: a token proposed for this place (speculative decoding). It is kept with
+        the probability the sampler gives it, else the token is drawn from the others
+        renormalised, so the result is distributed exactly as without a draft.
+        """
         p = self.p
         logits = logits.clone()
         if p.repeat_penalty != 1.0 and history:
@@ -86,6 +92,20 @@ class Sampler:
             logits[ids] = torch.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
         if p.temperature == 0:
             return int(torch.argmax(logits))
+        probs = self.distribution(logits)
+        if draft is not None:
+            if float(torch.rand(1, generator=self.gen, dtype=torch.float64)) * probs.sum() < \
+                    probs[draft]:
+                return draft
+            probs[draft] = 0
+            if not probs.sum() > 0:
+                return draft
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """(vocab,) float64 weights (not normalised) of each token from penalised logits,
+        after temperature, top-k, min-p and top-p; temperature > 0."""
+        p = self.p
         # in float64, shifted so the largest is 0, the temperature kept normal: a tiny
         # temperature gives -inf for the others (greedy), never inf or NaN
         logits = (logits.double() - logits.max()) / max(p.temperature, 1e-30)
@@ -101,4 +121,4 @@ class Sampler:
             drop = cum - sp > p.top_p * cum[-1]   # keep the smallest prefix reaching top_p
             sp[drop] = 0
             probs = torch.zeros_like(probs).scatter_(0, idx, sp)
-        return int(torch.multinomial(probs, 1, generator=self.gen))
+        return probs

@@ -1,0 +1,164 @@
+"""Several sequences per forward pass, prefix reuse and drafted tokens, in one process (world
+size 1): each row of a batch gets the numbers it would get alone, a prompt's numbers do not
+depend on its chunks or on a cached prefix, drafts never change greedy text, and the draft
+acceptance rule keeps the sampling distribution."""
+import numpy as np
+import pytest
+import torch
+
+from mpitpi import kernels
+from mpitpi.batch import Batch, Pass
+from mpitpi.checkpoint import open_checkpoint
+from mpitpi.comm import Comm
+from mpitpi.draft import lookup
+from mpitpi.loader import open_rank
+from mpitpi.model import Segment, Transformer
+from mpitpi.sampling import Sampler, SamplingParams
+from mpitpi.session import Session
+from mpitpi.shards import write_shards
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler")
+
+
+def test_pass_survives_its_encoding():
+    p = Pass([Segment(3, 17, torch.tensor([5, 6, 7]), 2, False),
+              Segment(0, 0, torch.arange(200), 1, True)], drops=[1, 4], full=True)
+    q = Pass.decode(p.encode())
+    assert (q.drops, q.full) == ([1, 4], True)
+    for a, b in zip(p.segs, q.segs):
+        assert (a.slot, a.start, a.n_out, a.prompt) == (b.slot, b.start, b.n_out, b.prompt)
+        assert torch.equal(a.tokens, b.tokens)
+
+
+def test_lookup_continues_the_latest_earlier_occurrence():
+    h = [1, 2, 3, 9, 9, 1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
+    assert lookup(h, 3) == [4, 5, 6]          # the later "1 2 3" wins
+    assert lookup(h, 10) == [4, 5, 6, 7, 1, 2, 3]
+    assert lookup([5, 6, 7, 8], 4) == []      # nothing recurs
+    assert lookup([7, 1, 2, 7], 2) == [1, 2]  # a 1-gram when no longer suffix recurs
+    assert lookup(h, 0) == []
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0),
+                                    SamplingParams(temperature=0.7, top_k=3)])
+def test_a_draft_leaves_the_sampled_distribution_unchanged(params):
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    p = Sampler(params).distribution(logits)
+    p = (p / p.sum()).numpy()
+    n = 40000
+    for draft in (0, 3):   # the likeliest token, and one top-k may drop
+        s = Sampler(SamplingParams(**{**params.__dict__, "seed": 7}))
+        counts = np.bincount([s(logits, [], draft) for _ in range(n)], minlength=5) / n
+        assert np.abs(counts - p).max() < 0.012, (draft, counts, p)
+
+
+def _model(folder, dtype):
+    args, plan, top, layers = open_rank(folder, 0, 1, None)
+    return Transformer(args, plan, 0, top, layers)
+
+
+@pytest.fixture(scope="module", params=["fp32", "int4"])
+def shards(models, tmp_path_factory, request):
+    folder, _ = models("llama-gqa")
+    out = str(tmp_path_factory.mktemp(f"batch_{request.param}"))
+    write_shards(open_checkpoint(folder), out, 1, None, request.param, progress=False)
+    return out, request.param
+
+
+@needs_kernels
+def test_rows_of_a_batch_get_the_numbers_they_get_alone(shards):
+    model = _model(*shards)
+    prompts = [[1, 17, 42, 5, 99], [3, 8, 2], [60, 61, 62, 63, 64, 65, 66]]
+    for slot, p in enumerate(prompts):
+        model.forward_batch([Segment(slot, 0, torch.tensor(p))])
+    nxt = [[7], [9, 10, 11], [12]]   # the middle one: a token and two guesses after it
+    alone = [model.forward_batch([Segment(s, len(p), torch.tensor(t), len(t), False)])
+             for s, (p, t) in enumerate(zip(prompts, nxt))]
+    together = model.forward_batch([Segment(s, len(p), torch.tensor(t), len(t), False)
+                                    for s, (p, t) in enumerate(zip(prompts, nxt))])
+    assert torch.equal(torch.cat(alone), together)
+
+
+@needs_kernels
+def test_a_prompt_gives_the_same_numbers_whole_in_chunks_or_after_a_cached_prefix(shards):
+    """int4 bit for bit (its decode rounds activations to int8, which would amplify any
+    difference); float weights take torch's product past a few rows: within rounding."""
+    model = _model(*shards)
+    prompt = torch.tensor([1, 17, 42, 5, 99, 23, 7, 64, 11, 3, 150, 8, 31, 12])
+    whole = model.forward_batch([Segment(0, 0, prompt, 4)])
+    model.forward_batch([Segment(1, 0, prompt[:5], 0)])
+    model.forward_batch([Segment(1, 5, prompt[5:9], 0)])
+    chunks = model.forward_batch([Segment(1, 9, prompt[9:], 4)])
+    model.forward_batch([Segment(2, 0, prompt[:13], 0)])
+    last = model.forward_batch([Segment(2, 13, prompt[13:], 1)])   # one prompt row
+
+    def same(a, b):
+        return torch.equal(a, b) if shards[1] == "int4" else torch.allclose(a, b, atol=1e-5)
+    assert same(whole, chunks) and same(whole[-1:], last)
+    for i in range(model.n_layers):
+        assert same(model.cache_k[0][i][:, :14], model.cache_k[1][i][:, :14])
+
+
+def _greedy(model, prompt, n, draft, slots=1):
+    s = Session(prompt, n)
+    b = Batch(Comm(), model, slots, draft=draft)
+    b.admit(s)
+    while b.active:
+        b.step()
+    b.close()
+    return s.result
+
+
+@needs_kernels
+def test_drafted_greedy_text_equals_plain_greedy_text(shards):
+    model = _model(*shards)
+    prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6, 7]
+    plain = _greedy(model, prompt, 24, 0)
+    drafted = _greedy(_model(*shards), prompt, 24, 6)
+    assert drafted.token_ids == plain.token_ids
+    assert drafted.drafted > 0 and drafted.forward_passes < plain.forward_passes
+
+
+@needs_kernels
+def test_a_second_request_reuses_the_cached_prefix_and_answers_the_same(shards):
+    model = _model(*shards)
+    fresh = _greedy(_model(*shards), [1, 2, 3, 4, 5, 6, 7, 8, 40, 41], 8, 0)
+    first = _greedy(model, [1, 2, 3, 4, 5, 6, 7, 8, 30], 8, 0)
+    again = _greedy(model, [1, 2, 3, 4, 5, 6, 7, 8, 40, 41], 8, 0)
+    assert (first.cached_tokens, again.cached_tokens) == (0, 8)
+    assert again.token_ids == fresh.token_ids
+
+
+@needs_kernels
+def test_sequences_decoded_together_match_each_alone(shards):
+    prompts = [[1, 17, 42, 5, 99], [3, 8, 2], [60, 61, 62, 63, 64, 65, 66], [9]]
+    alone = [_greedy(_model(*shards), p, 10, 0).token_ids for p in prompts]
+    model = _model(*shards)
+    sessions = [Session(p, 10) for p in prompts]
+    b = Batch(Comm(), model, max_batch=3)
+    waiting, passes = list(sessions), 0
+    while waiting or b.active:
+        while waiting and b.admit(waiting[0]):
+            waiting.pop(0)
+        b.step()
+        passes += 1
+    b.close()
+    assert [s.result.token_ids for s in sessions] == alone
+    assert passes < sum(s.result.forward_passes for s in sessions)   # rows shared passes
+
+
+def test_the_kv_budget_holds_a_request_back_until_memory_is_free(models, tmp_path):
+    folder, _ = models("llama-gqa")
+    write_shards(open_checkpoint(folder), str(tmp_path / "s"), 1, None, "fp32", progress=False)
+    model = _model(str(tmp_path / "s"), "fp32")
+    b = Batch(Comm(), model, max_batch=2, kv_budget=256)
+    a, c = Session([1, 2, 3], 5), Session([4, 5, 6], 5)
+    assert b.admit(a) and not b.admit(c)            # 256 positions: one sequence at a time
+    assert not b.fits_ever(300) and b.fits_ever(200)
+    while b.active:
+        b.step()
+    assert b.admit(c)                               # the idle slot's prefix is given up
+    while b.active:
+        b.step()
+    b.close()
+    assert len(c.result.token_ids) == 5 and b.drops == []
