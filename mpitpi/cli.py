@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -37,15 +36,19 @@ from mpitpi.choices import describe
 from mpitpi.comm import Comm
 from mpitpi.commbench import run_commbench
 from mpitpi.errors import CollectiveError, MpitpiError
-from mpitpi.generate import Session, check_prompt, generate
+from mpitpi.generate import generate
 from mpitpi.loader import Loaded, load_model, measure_ratios
+from mpitpi.offline import read_prompts, run_offline
 from mpitpi.options import (args_bench, args_chat, args_commbench, args_generate,
                             args_perplexity, args_profile, args_serve, args_split, args_synth,
-                            sampling_params)
+                            check_positive, draft_tokens, npy_path, read_prompt, read_text,
+                            refuse_existing, sampling_params)
 from mpitpi.perplexity import added_bos, check_ctx, cut_windows, default_text, score
 from mpitpi.plan import parse_ratios, plan_for_args
+from mpitpi.prefetch import parse_size
 from mpitpi.sampling import Sampler
-from mpitpi.server import ServeOptions, serve
+from mpitpi.server import ServeOptions, kv_plan, serve
+from mpitpi.session import Session, check_prompt
 from mpitpi.shards import check_out_folder, read_manifest, write_shards
 from mpitpi.synth import synth
 from mpitpi.tokenizer import Tokenizer, chat_messages, load_tokenizer
@@ -68,65 +71,6 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return 0.0
-
-
-def _read_text(path: str, what: str, fill: str = "put the prompt in it") -> str:
-    """The UTF-8 text of the file ``path``; an error naming the problem and the fix if it
-    cannot be read, is not UTF-8 or is blank (the fix then: ``fill``)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise MpitpiError(f"cannot read {what} {path!r}: {e.strerror}. Fix: check the path "
-                          f"and its permissions.")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MpitpiError(f"{what} {path!r} is not UTF-8 text (byte {e.start} is invalid). "
-                          f"Fix: save it as UTF-8.")
-    if not text.strip():
-        raise MpitpiError(f"{what} {path!r} is empty. Fix: {fill}.")
-    return text
-
-
-def read_prompt(a: argparse.Namespace) -> tuple[str | None, list[int] | None]:
-    """Rank 0, before any model is loaded: the prompt text, or its ids, from the options."""
-    if a.prompt_ids is not None:
-        spec = a.prompt_ids
-        if spec.startswith("@"):
-            spec = _read_text(spec[1:], "prompt-ids file")
-        try:
-            ids = [int(x) for x in re.split(r"[,\s]+", spec) if x]
-        except ValueError:
-            raise MpitpiError(f"--prompt-ids {a.prompt_ids!r} is not a comma-separated list of "
-                              f"integers. Fix: e.g. --prompt-ids 1,15043,29892")
-        if not ids:
-            raise MpitpiError("--prompt-ids holds no token ids. Fix: e.g. --prompt-ids 1,2,3")
-        return None, ids
-    if a.prompt_file is not None:
-        return _read_text(a.prompt_file, "prompt file"), None
-    if not a.prompt:
-        raise MpitpiError("--prompt is empty. Fix: give a prompt text.")
-    return a.prompt, None
-
-
-def npy_path(path: str) -> str:
-    """The file ``np.save(path, ...)`` writes: .npy is added when missing."""
-    return path if path.endswith(".npy") else path + ".npy"
-
-
-def refuse_existing(path: str | None, option: str) -> None:
-    """Output files are never overwritten: ``path`` is checked as it will be written."""
-    if path and os.path.lexists(path):
-        raise MpitpiError(f"{option}: {path!r} exists; it is not overwritten. Fix: remove it "
-                          f"or choose another name.")
-
-
-def check_positive(**values: int) -> None:
-    """Each named option (e.g. max_tokens=0) must be at least 1."""
-    for name, v in values.items():
-        if v < 1:
-            raise MpitpiError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")
 
 
 class Tokenizers:
@@ -204,16 +148,48 @@ def cmd_synth(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate_many(a: argparse.Namespace, comm: Comm) -> int:
+    """generate --prompts-file IN --out OUT: every prompt through one batch."""
+    params = sampling_params(a)
+
+    def early():
+        params.check()
+        check_positive(max_tokens=a.max_tokens, max_batch=a.max_batch)
+        draft_tokens(a)
+        if not a.out:
+            raise MpitpiError("--prompts-file needs --out FILE for the answers.")
+        refuse_existing(a.out, "--out")
+        if not os.path.isfile(a.prompts_file):
+            raise MpitpiError(f"--prompts-file {a.prompts_file!r} is not a file.")
+    comm.root_checked(early)
+    loaded = start(a, comm)
+    tok = TOKENIZERS.get(loaded) if comm.rank == 0 and loaded.tokenizer_path else None
+    requests = comm.root_checked(lambda: read_prompts(
+        a.prompts_file, tok, params, a.max_tokens, a.stop, loaded.args.vocab_size,
+        loaded.args.max_seq_len))
+    eos = [] if a.ignore_eos else loaded.args.eos_token_ids
+    summary = run_offline(comm, loaded.model, requests, a.out, eos,
+                          tok.decode if tok else None, a.max_batch, draft_tokens(a))
+    loaded.model.layers.close()
+    if summary and a.json:
+        print(json.dumps(summary))
+    return 0
+
+
 def cmd_generate(a: argparse.Namespace, comm: Comm) -> int:
+    if a.prompts_file:
+        return cmd_generate_many(a, comm)
     root = comm.rank == 0
     params = sampling_params(a)
 
     def early():
         params.check()
         check_positive(max_tokens=a.max_tokens)
+        draft_tokens(a)
         refuse_existing(a.logits_out and npy_path(a.logits_out), "--logits-out")
         return read_prompt(a)
     text, ids = comm.root_checked(early)
+    draft = draft_tokens(a)
     loaded = start(a, comm)
 
     def prompt_ids() -> list[int]:
@@ -241,8 +217,8 @@ def cmd_generate(a: argparse.Namespace, comm: Comm) -> int:
                           on_text=None if a.json else emit, keep_logits=bool(a.logits_out))
     c0, b0 = comm.allreduce_s, comm.allreduce_bytes
     res = generate(comm, loaded.model, session,
-                   on_step=step_line if (root and a.verbose) else None)
-    passes = 1 + len(res.step_ms)          # every rank timed the prefill and each step
+                   on_step=step_line if (root and a.verbose) else None, draft=draft)
+    passes = max(1, res.forward_passes)    # every rank timed each forward pass
     comm_ms = comm.gather_obj(round((comm.allreduce_s - c0) * 1e3 / passes, 3))
     sent = comm.gather_obj(int((comm.allreduce_bytes - b0) / passes))
     layers = loaded.model.layers
@@ -266,7 +242,8 @@ def cmd_generate(a: argparse.Namespace, comm: Comm) -> int:
             "resident_layers": resident, "window": layers.window,
             "allreduce": comm.algorithm + (f" ({comm.small} for small)" if comm.small else ""),
             "comm_ms_per_token": comm_ms,
-            "bytes_per_token": sent}))
+            "bytes_per_token": sent, "forward_passes": res.forward_passes,
+            "draft": a.draft, "draft_tokens": res.drafted, "draft_accepted": res.accepted}))
     else:
         print(flush=True)
         print(f"[mpitpi] {len(res.token_ids)} tokens on {comm.size} ranks ({loaded.dtype}): TTFT "
@@ -277,25 +254,34 @@ def cmd_generate(a: argparse.Namespace, comm: Comm) -> int:
 
 def cmd_chat(a: argparse.Namespace, comm: Comm) -> int:
     params = sampling_params(a)
-    comm.root_checked(lambda: (params.check(), check_positive(max_tokens=a.max_tokens)))
+    comm.root_checked(lambda: (params.check(), check_positive(max_tokens=a.max_tokens),
+                               draft_tokens(a)))
     loaded = start(a, comm)
     tok = need_tokenizer(comm, loaded, template=True)
-    run_chat(comm, loaded, tok, lambda: Sampler(params), a.max_tokens, a.system)
+    run_chat(comm, loaded, tok, lambda: Sampler(params), a.max_tokens, a.system,
+             draft=draft_tokens(a))
     return 0
 
 
 def cmd_serve(a: argparse.Namespace, comm: Comm) -> int:
     def check():
-        check_positive(max_tokens=a.max_tokens)
+        check_positive(max_tokens=a.max_tokens, max_queue=a.max_queue)
+        if a.max_batch is not None:
+            check_positive(max_batch=a.max_batch)
         if not 0 <= a.port <= 65535:
             raise MpitpiError(f"--port must be in 0..65535 (0: any free port), got {a.port}.")
-    comm.root_checked(check)
+        draft_tokens(a)
+        return None if a.kv_budget is None else parse_size(a.kv_budget, "--kv-budget")
+    budget = comm.root_checked(check)
     loaded = start(a, comm)
     tok = need_tokenizer(comm, loaded)
+    positions, max_batch = kv_plan(comm, loaded, budget, a.max_batch)
     name = a.name or os.path.basename(os.path.normpath(a.model or loaded.shards))
     serve(comm, loaded, tok, ServeOptions(name=name, host=a.host, port=a.port,
                                           api_key=a.api_key, default_max_tokens=a.max_tokens,
-                                          cors_origins=a.cors_origin))
+                                          cors_origins=a.cors_origin, max_batch=max_batch,
+                                          kv_positions=positions, max_queue=a.max_queue,
+                                          draft=draft_tokens(a)))
     loaded.model.layers.close()
     return 0
 
@@ -330,7 +316,7 @@ def cmd_perplexity(a: argparse.Namespace, comm: Comm) -> int:
         refuse_existing(a.save_windows, "--save-windows")
         if a.file is None:
             return default_text()
-        return _read_text(a.file, "--file", "give a file with text in it"), a.file
+        return read_text(a.file, "--file", "give a file with text in it"), a.file
     text, source = comm.root_checked(early)
     loaded = start(a, comm)
     tok = need_tokenizer(comm, loaded)

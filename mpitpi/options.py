@@ -6,8 +6,11 @@ every command that takes them spells and documents them the same way.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 
 from mpitpi.comm import ALGORITHMS
+from mpitpi.errors import MpitpiError
 from mpitpi.sampling import SamplingParams
 from mpitpi.synth import SHAPES
 from mpitpi.weights import DTYPES
@@ -82,6 +85,24 @@ def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--seed", type=int, help="sampling seed")
 
 
+def add_draft_options(p: argparse.ArgumentParser) -> None:
+    """--draft and --draft-max (speculative decoding on rank 0)."""
+    p.add_argument("--draft", choices=["none", "lookup"], default="none",
+                   help="speculative decoding: 'lookup' guesses the next tokens from where the "
+                   "last ones occurred before in the prompt or the output, and checks the "
+                   "guesses in the same forward pass (same text when greedy, same "
+                   "distribution when sampling; default none)")
+    p.add_argument("--draft-max", type=int, default=8, metavar="K",
+                   help="tokens guessed per pass with --draft (default 8)")
+
+
+def draft_tokens(a: argparse.Namespace) -> int:
+    """Tokens to draft per pass from --draft/--draft-max (0: off); MpitpiError if bad."""
+    if a.draft_max < 1:
+        raise MpitpiError(f"--draft-max must be at least 1, got {a.draft_max}.")
+    return a.draft_max if a.draft == "lookup" else 0
+
+
 def sampling_params(a: argparse.Namespace) -> SamplingParams:
     """The sampling options of ``a`` (SamplingParams' defaults where a command has none)."""
     given = {k: v for k, v in vars(a).items() if k in SamplingParams.__dataclass_fields__}
@@ -115,11 +136,19 @@ def args_generate(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt-file", help="read the prompt text from this UTF-8 file")
     src.add_argument("--prompt-ids", help="comma-separated token ids instead of text, or "
                      "@FILE to read them from a file")
+    src.add_argument("--prompts-file", help="many prompts, one JSON object a line ({\"prompt\": "
+                     "...}, {\"messages\": [...]} or {\"prompt_ids\": [...]}, with optional "
+                     "max_tokens, stop and sampling fields), decoded together in a batch; "
+                     "answers go to --out as JSON lines in input order")
+    p.add_argument("--out", help="with --prompts-file: the JSON-lines file to write (new)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="with --prompts-file: prompts decoded together (default 8)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to "
                    "--prompt as a user message")
     p.add_argument("--system", help="system message for --chat")
     add_sampling_options(p, max_tokens=64)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_draft_options(p)
     p.add_argument("--ignore-eos", action="store_true",
                    help="keep generating past end-of-sequence tokens (for benchmarks)")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end "
@@ -133,6 +162,7 @@ def args_generate(p: argparse.ArgumentParser) -> None:
 def args_chat(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
     add_sampling_options(p, max_tokens=256)
+    add_draft_options(p)
     p.add_argument("--system", help="system message")
 
 
@@ -144,6 +174,15 @@ def args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="model name in the API (default: from --model)")
     p.add_argument("--max-tokens", type=int, default=512,
                    help="completion length when a request gives none (default 512)")
+    p.add_argument("--max-batch", type=int, help="requests decoded together, each in its own "
+                   "KV cache slot (default: as many as the KV budget holds at 2048 positions "
+                   "each, at most 16, at least 1)")
+    p.add_argument("--kv-budget", help="KV cache memory per rank for all requests, e.g. 512M "
+                   "(default: a quarter of the memory available on the rank with the least); "
+                   "a request waits until its prompt plus max_tokens fits")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a "
+                   "slot; more get 429 (default 64)")
+    add_draft_options(p)
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="a web origin (e.g. http://localhost:3000) whose pages may call the "
                    "API from a browser; repeatable, '*' for any (default: none, only the "
@@ -188,3 +227,64 @@ def args_profile(p: argparse.ArgumentParser) -> None:
 def args_commbench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=20, help="calls per size (default 20)")
     p.add_argument("--json", help="write the results to this JSON file")
+
+
+# -- checks of what the options name (rank 0, before a model is loaded) -----------------------
+
+def read_text(path: str, what: str, fill: str = "put the prompt in it") -> str:
+    """The UTF-8 text of the file ``path``; an error naming the problem and the fix if it
+    cannot be read, is not UTF-8 or is blank (the fix then: ``fill``)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise MpitpiError(f"cannot read {what} {path!r}: {e.strerror}. Fix: check the path "
+                          f"and its permissions.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MpitpiError(f"{what} {path!r} is not UTF-8 text (byte {e.start} is invalid). "
+                          f"Fix: save it as UTF-8.")
+    if not text.strip():
+        raise MpitpiError(f"{what} {path!r} is empty. Fix: {fill}.")
+    return text
+
+
+def read_prompt(a: argparse.Namespace) -> tuple[str | None, list[int] | None]:
+    """Rank 0, before any model is loaded: the prompt text, or its ids, from the options."""
+    if a.prompt_ids is not None:
+        spec = a.prompt_ids
+        if spec.startswith("@"):
+            spec = read_text(spec[1:], "prompt-ids file")
+        try:
+            ids = [int(x) for x in re.split(r"[,\s]+", spec) if x]
+        except ValueError:
+            raise MpitpiError(f"--prompt-ids {a.prompt_ids!r} is not a comma-separated list of "
+                              f"integers. Fix: e.g. --prompt-ids 1,15043,29892")
+        if not ids:
+            raise MpitpiError("--prompt-ids holds no token ids. Fix: e.g. --prompt-ids 1,2,3")
+        return None, ids
+    if a.prompt_file is not None:
+        return read_text(a.prompt_file, "prompt file"), None
+    if not a.prompt:
+        raise MpitpiError("--prompt is empty. Fix: give a prompt text.")
+    return a.prompt, None
+
+
+def npy_path(path: str) -> str:
+    """The file ``np.save(path, ...)`` writes: .npy is added when missing."""
+    return path if path.endswith(".npy") else path + ".npy"
+
+
+def refuse_existing(path: str | None, option: str) -> None:
+    """Output files are never overwritten: ``path`` is checked as it will be written."""
+    if path and os.path.lexists(path):
+        raise MpitpiError(f"{option}: {path!r} exists; it is not overwritten. Fix: remove it "
+                          f"or choose another name.")
+
+
+def check_positive(**values: int) -> None:
+    """Each named option (e.g. max_tokens=0) must be at least 1."""
+    for name, v in values.items():
+        if v < 1:
+            raise MpitpiError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")

@@ -28,11 +28,12 @@ from mpitpi.weights import LayerWeights, from_numpy, vectors_fp32
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
 
 
-def parse_size(text: str) -> int:
-    """'1.5G' / '800M' / '2GiB' / '123456' -> bytes (powers of 1024)."""
+def parse_size(text: str, flag: str = "--memory-budget") -> int:
+    """'1.5G' / '800M' / '2GiB' / '123456' -> bytes (powers of 1024); ``flag`` names the
+    option in the error."""
     m = _SIZE.match(str(text))
     if not m:
-        raise MpitpiError(f"--memory-budget {text!r} is not a size. Fix: e.g. 1.5G, 800M.")
+        raise MpitpiError(f"{flag} {text!r} is not a size. Fix: e.g. 1.5G, 800M.")
     unit = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
     return int(float(m.group(1)) * unit)
 

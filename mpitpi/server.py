@@ -2,12 +2,17 @@
 
 - Rank 0, a thread per connection (``Handler``; no MPI): parses and tokenizes a request,
   queues it as a ``Job``, relays its events (``Text``* then ``Done`` or ``Failed``).
-- Rank 0, main thread (``App.run``, the engine): runs the jobs one at a time in arrival order
-  with the followers (``comm.send_command``, then ``generate``). A job that cannot start fails
-  alone, before any collective; an exception inside ``generate`` (a rank died) ends the job.
-  After every token and prefill chunk it stops the job if its client has gone or SIGINT/
-  SIGTERM came (then queued clients get a 503, followers are told to quit, all exit 0).
-- Other ranks (``follow``): sleep in ``comm.wait_command``, run each generation, quit when told.
+- Rank 0, main thread (``App.run``, the engine): admits jobs in arrival order into the
+  running batch (batch.Batch: up to ``max_batch`` sequences, each in its own KV slot, reusing
+  a cached prefix) at pass boundaries, and runs passes with the followers while any job is
+  active (``comm.send_command`` starts a run, ``Batch.close`` ends it). A job that cannot
+  start fails alone, before any collective; an exception inside a pass (a rank died) ends
+  every job. After every token and prompt chunk a job stops if its client has gone (its slot
+  is free for the next pass) or SIGINT/SIGTERM came (then queued clients get a 503, followers
+  are told to quit, all exit 0). A job waits while the KV budget is full; one that could
+  never fit, or one past ``max_queue`` waiting, is refused at once (503, 429).
+- Other ranks (``follow``): sleep in ``comm.wait_command``, run each run's passes, quit when
+  told.
 """
 from __future__ import annotations
 
@@ -21,168 +26,21 @@ import sys
 import threading
 import time
 import traceback
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from mpitpi.api import BadRequest, Done, Failed, Job, Reply, Text, parse_request
+from mpitpi.batch import Batch, Runner
 from mpitpi.errors import MpitpiError
-from mpitpi.generate import Result, Session, check_prompt, generate
-from mpitpi.sampling import BadOption, Sampler, SamplingParams
+from mpitpi.profile import available_memory_mb
+from mpitpi.sampling import Sampler
+from mpitpi.session import Session, check_prompt
 
 MAX_BODY = 8 * 2**20   # bytes of a request body
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 ROUTES = {"/health": "GET", "/": "GET", "/index.html": "GET", "/v1/models": "GET",
           "/v1/chat/completions": "POST", "/v1/completions": "POST"}
 ALLOW = {"GET": "GET, HEAD, OPTIONS", "POST": "POST, OPTIONS"}
-
-
-class BadRequest(Exception):
-    """An answer other than 200, with an OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str | None = None, code: str | None = None):
-        super().__init__(message)
-        kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
-        self.status = status
-        self.body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-@dataclass
-class Text:      # a piece of final text, as soon as it is made
-    text: str
-
-
-@dataclass
-class Done:      # the generation ended (not cancelled)
-    result: Result
-
-
-@dataclass
-class Failed:    # the request failed, with this HTTP status
-    message: str
-    status: int = 500
-
-
-@dataclass
-class Job:
-    """One request, from its parsed body to its last event."""
-    chat: bool
-    prompt: str | list[dict]     # completions: the prompt; chat: the messages
-    max_tokens: int | None       # None until App.submit: the server's default
-    params: SamplingParams
-    stops: list[str]
-    stream: bool
-    include_usage: bool
-    ids: list[int] = field(default_factory=list)               # the tokenized prompt
-    events: queue.Queue = field(default_factory=queue.Queue)   # Text* then Done or Failed
-    gone: Callable[[], bool] = lambda: False                   # the client has left
-
-
-def _number(body: dict, key: str, integer: bool = False, default=None) -> int | float | None:
-    """body[key] as an int or a float, ``default`` when absent; 400 for other JSON types."""
-    v = body.get(key)
-    try:
-        if v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and not (
-                integer and isinstance(v, float) and not v.is_integer()):
-            return default if v is None else int(v) if integer else float(v)
-    except OverflowError:   # float(10**400)
-        pass
-    raise BadRequest(400, f"'{key}' must be {'an integer' if integer else 'a finite number'}, "
-                     f"got {json.dumps(v)}.", key)
-
-
-def parse_sampling(body: dict) -> SamplingParams:
-    """The request's SamplingParams, checked; temperature 1 when absent (OpenAI's default)."""
-    penalty = "repeat_penalty" if body.get("repetition_penalty") is None else "repetition_penalty"
-    try:
-        return SamplingParams(
-            temperature=_number(body, "temperature", default=1.0),
-            top_k=_number(body, "top_k", True, 0), top_p=_number(body, "top_p", default=1.0),
-            min_p=_number(body, "min_p", default=0.0),
-            repeat_penalty=_number(body, penalty, default=1.0),
-            seed=_number(body, "seed", True)).check()
-    except BadOption as e:
-        param = {"repeat_penalty": "repetition_penalty"}.get(e.field, e.field)
-        raise BadRequest(400, f"invalid '{param}': {e}", param)
-
-
-def parse_request(body: dict, chat: bool) -> Job:
-    """Every option of a /v1/chat/completions (``chat``) or /v1/completions body, checked."""
-    stops = body.get("stop")
-    stops = [] if stops is None else [stops] if isinstance(stops, str) else stops
-    if not (isinstance(stops, list) and len(stops) <= 4 and all(isinstance(s, str) for s in stops)):
-        raise BadRequest(400, "'stop' must be a string or a list of at most 4 strings.", "stop")
-    if not isinstance(stream := body.get("stream", False), bool):
-        raise BadRequest(400, "'stream' must be true or false.", "stream")
-    if body.get("n", 1) != 1:
-        raise BadRequest(400, "only 'n': 1 is supported.", "n")
-    if not isinstance(so := body.get("stream_options") or {}, dict):
-        raise BadRequest(400, "'stream_options' must be an object.", "stream_options")
-    key = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
-    if (max_tokens := _number(body, key, integer=True)) is not None and max_tokens < 1:
-        raise BadRequest(400, f"'{key}' must be >= 1, got {max_tokens}.", "max_tokens")
-    prompt = p[0] if isinstance(p := body.get("prompt"), list) and len(p) == 1 else p
-    if not chat and not (isinstance(prompt, str) and prompt):
-        raise BadRequest(400, "'prompt' must be a non-empty string.", "prompt")
-    return Job(chat, parse_messages(body) if chat else prompt, max_tokens,
-               parse_sampling(body), stops, stream, bool(so.get("include_usage", False)))
-
-
-def parse_messages(body: dict) -> list[dict]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise BadRequest(400, "'messages' must be a non-empty list.", "messages")
-    out = []
-    for i, m in enumerate(msgs):
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list) and all(   # [{"type": "text", "text": ...}, ...]
-                isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
-                for c in content):
-            content = "".join(c["text"] for c in content)
-        if not isinstance(content, str) or m.get("role") not in ("system", "user", "assistant"):
-            raise BadRequest(400, f"messages[{i}] needs a 'role' (system, user or assistant) and "
-                             "a 'content' string or list of text parts.", "messages")
-        out.append({"role": m["role"], "content": content})
-    return out
-
-
-class Reply:
-    """The API objects of one completion (chat or text): stream chunks, or the whole."""
-
-    def __init__(self, model: str, chat: bool, include_usage: bool):
-        self.chat, self.include_usage = chat, include_usage
-        self.kind = "chat.completion" if chat else "text_completion"
-        self.base = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
-                     "created": int(time.time()), "model": model}
-
-    def chunk(self, choice: dict, finish: str | None = None, **more) -> dict:
-        return {**self.base, "object": self.kind + (".chunk" if self.chat else ""), **more,
-                "choices": [{"index": 0, **choice, "finish_reason": finish}]}
-
-    def delta(self, text: str) -> dict:
-        return self.chunk({"delta": {"content": text}} if self.chat else
-                           {"text": text, "logprobs": None})
-
-    def end(self, res: Result) -> list[dict]:
-        usage, timings = self.stats(res)
-        last = self.chunk({"delta": {}} if self.chat else {"text": "", "logprobs": None},
-                           res.finish_reason, timings=timings)
-        usage = {**self.base, "object": last["object"], "choices": [], "usage": usage}
-        return [last, usage] if self.include_usage else [last]
-
-    def whole(self, res: Result) -> dict:
-        usage, timings = self.stats(res)
-        choice = ({"message": {"role": "assistant", "content": res.text}} if self.chat else
-                  {"text": res.text, "logprobs": None})
-        return {**self.base, "object": self.kind, "usage": usage, "timings": timings,
-                "choices": [{"index": 0, **choice, "finish_reason": res.finish_reason}]}
-
-    @staticmethod
-    def stats(res: Result) -> tuple[dict, dict]:   # usage, timings
-        n, p = len(res.token_ids), res.prompt_tokens
-        return ({"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n},
-                {"ttft_ms": round(res.ttft_ms, 1), "ms_per_token": round(res.ms_per_token, 2)})
 
 
 @dataclass
@@ -194,6 +52,10 @@ class ServeOptions:
     default_max_tokens: int = 512   # completion length when a request gives none
     cors_origins: list[str] = field(default_factory=list)   # web origins allowed; '*': any
     stall_after: float = 5.0        # /health says "stalled" after this long without progress
+    max_batch: int = 8              # sequences decoded together (KV slots)
+    kv_positions: int | None = None   # KV cache positions for all sequences (None: no limit)
+    max_queue: int = 64             # requests waiting for a slot before 429s
+    draft: int = 0                  # tokens guessed per pass by prompt lookup (0: off)
 
 
 class App:
@@ -204,12 +66,16 @@ class App:
         self.jobs: queue.Queue = queue.Queue()
         self.stopping = threading.Event()
         self.created = int(time.time())
-        self.busy = False          # the engine is inside a generation
+        self.batch = Batch(comm, loaded.model, opts.max_batch, opts.kv_positions, opts.draft)
+        self.waiting: list[tuple[Job, Session]] = []   # engine only: made, not yet admitted
+        self.running: dict[int, Job] = {}              # id(session) -> its job
+        self.busy = False          # the engine is inside a run of passes
         self.last_progress = 0.0   # monotonic time of its last token or prefill chunk
         self.longest_gap = 0.0     # the longest wait for progress seen so far
 
     def submit(self, job: Job) -> None:
-        """Handler thread: queue the tokenized ``job``; 400 if it exceeds the context."""
+        """Handler thread: queue the tokenized ``job``; 400 if it exceeds the context, 503
+        if it could never fit the KV budget, 429 when too many wait already."""
         ctx, n = self.loaded.args.max_seq_len, len(job.ids)
         if job.max_tokens is None:
             job.max_tokens = max(1, min(self.opts.default_max_tokens, ctx - n))
@@ -218,6 +84,16 @@ class App:
                              f"exceeds this model's context of {ctx} tokens.",
                              "max_tokens" if n < ctx else "messages" if job.chat else "prompt",
                              code="context_length_exceeded")
+        if not self.batch.fits_ever(n + job.max_tokens):
+            raise BadRequest(503, f"the prompt ({n} tokens) plus max_tokens ({job.max_tokens}) "
+                             f"needs more KV cache than this server's whole budget of "
+                             f"{self.opts.kv_positions} positions. Fix: lower max_tokens, or "
+                             f"start the server with a larger --kv-budget.",
+                             code="kv_budget_exceeded")
+        if self.jobs.qsize() + len(self.waiting) >= self.opts.max_queue:
+            raise BadRequest(429, f"{self.opts.max_queue} requests are already waiting; try "
+                             f"again later (or start the server with a larger --max-queue).",
+                             kind="rate_limit_error", code="queue_full")
         if self.stopping.is_set():
             raise BadRequest(503, "the server is shutting down.")
         self.jobs.put(job)
@@ -252,39 +128,71 @@ class App:
             job.events.put(Failed(str(e), 400))
         return None
 
+    def _take_jobs(self, wait: float) -> None:
+        """Engine thread: move queued jobs into ``waiting`` (blocking up to ``wait`` s for
+        the first), drop waiting jobs whose client left, admit waiting jobs in order."""
+        try:
+            job = self.jobs.get(timeout=wait) if wait else self.jobs.get_nowait()
+            while True:
+                if (session := self._session(job)) is not None:
+                    self.waiting.append((job, session))
+                job = self.jobs.get_nowait()
+        except queue.Empty:
+            pass
+        for job, session in list(self.waiting):
+            if job.gone():
+                self.waiting.remove((job, session))
+                job.events.put(Failed("the client has left.", 499))
+        while self.waiting and self.batch.admit(self.waiting[0][1]):
+            job, session = self.waiting.pop(0)
+            self.running[id(session)] = job
+
+    def _finished(self, session: Session) -> None:
+        job = self.running.pop(id(session))
+        if session.result.finish_reason != "cancelled":
+            return job.events.put(Done(session.result))
+        why = ("the server is shutting down.", 503) if self.stopping.is_set() else (
+            "the client has left.", 499)   # 499: nginx's "client closed request"
+        job.events.put(Failed(*why))
+
     def run(self) -> None:
-        """Rank 0's main thread: run queued jobs with the followers until stopping, then fail
-        the rest and tell the followers to quit. Collective errors are re-raised."""
-        while not self.stopping.is_set():
-            try:
-                job = self.jobs.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if (session := self._session(job)) is None:
-                continue
-            self.last_progress, self.busy = time.monotonic(), True
-            try:
-                self.comm.send_command({"op": "generate"})
-                res = generate(self.comm, self.loaded.model, session)
-                why = ("the server is shutting down.", 503) if self.stopping.is_set() else (
-                    "the client has left.", 499)   # 499: nginx's "client closed request"
-                job.events.put(Failed(*why) if res.finish_reason == "cancelled" else Done(res))
-            except BaseException as e:
-                job.events.put(Failed(f"generation failed: {e}"))
-                raise
-            finally:
+        """Rank 0's main thread: run the batch with the followers until stopping, then end
+        the jobs in flight, fail the rest and tell the followers to quit. Collective errors
+        are re-raised (every job in flight is failed first)."""
+        try:
+            while not self.stopping.is_set() or self.batch.active:
+                if not self.stopping.is_set():
+                    self._take_jobs(0 if self.batch.active else 0.1)
+                if self.batch.active:
+                    if not self.busy:   # wake the followers for a run of passes
+                        self.comm.send_command({"op": "generate"})
+                        self.last_progress, self.busy = time.monotonic(), True
+                    for session in self.batch.step():
+                        self._finished(session)
+                elif self.busy:
+                    self.batch.close()
+                    self.busy = False
+            if self.busy:
+                self.batch.close()
                 self.busy = False
+        except BaseException as e:
+            for job in self.running.values():
+                job.events.put(Failed(f"generation failed: {e}"))
+            raise
+        for job, _ in self.waiting:
+            job.events.put(Failed("the server is shutting down.", 503))
         while not self.jobs.empty():
             self.jobs.get().events.put(Failed("the server is shutting down.", 503))
         self.comm.send_command({"op": "quit"})
 
 
 def follow(comm, loaded) -> None:
-    """Ranks other than 0: run each generation rank 0 starts, until told to quit."""
+    """Ranks other than 0: run each run of passes rank 0 starts, until told to quit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # rank 0 leads the shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    runner = Runner(comm, loaded.model)
     while comm.wait_command()["op"] != "quit":
-        generate(comm, loaded.model, None)
+        runner.follow()
 
 
 def closed(sock: socket.socket) -> bool:
@@ -470,6 +378,25 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+def kv_bytes_per_position(loaded) -> int:
+    """KV cache bytes one position takes on the rank holding the most KV heads (fp32 k and
+    v of every layer)."""
+    a = loaded.args
+    return 2 * a.n_layers * max(s.n_kv for s in loaded.plan) * a.head_dim * 4
+
+
+def kv_plan(comm, loaded, budget_bytes: int | None, max_batch: int | None) -> tuple[int, int]:
+    """Collective: (KV positions for all sequences, max batch) from ``--kv-budget`` (None:
+    a quarter of the least available memory over the ranks) and ``--max-batch`` (None: as
+    many sequences of min(context, 2048) positions as the budget holds, 1..16)."""
+    least = min(comm.allgather_obj(available_memory_mb()))
+    budget = budget_bytes if budget_bytes is not None else int(least * 2**20 / 4)
+    positions = budget // kv_bytes_per_position(loaded)
+    if max_batch is None:
+        max_batch = max(1, min(16, positions // min(loaded.args.max_seq_len, 2048)))
+    return positions, max_batch
+
+
 def serve(comm, loaded, tokenizer, opts: ServeOptions) -> None:
     """Collective: rank 0 serves HTTP until SIGINT/SIGTERM; the others follow."""
     bound: list[HTTPServer] = []   # rank 0's
@@ -490,7 +417,9 @@ def serve(comm, loaded, tokenizer, opts: ServeOptions) -> None:
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
                      daemon=True).start()
     print(f"mpitpi: serving {opts.name} on {comm.size} ranks at "
-          f"http://{opts.host}:{httpd.server_address[1]}/ (OpenAI API under /v1)", flush=True)
+          f"http://{opts.host}:{httpd.server_address[1]}/ (OpenAI API under /v1); up to "
+          f"{opts.max_batch} requests at once, KV budget {opts.kv_positions} positions",
+          flush=True)
     try:
         app.run()
     finally:
