@@ -23,6 +23,13 @@ VENV=${VENV:-$HERE/.venv}
 BR=$PREFIX-br
 LAUNCH=$(mktemp /tmp/mpitpi-launch.XXXXXX)
 
+if [ "$DELAY" != 0 ] && ! "$VENV/bin/python" -c "import netfilterqueue" 2>/dev/null; then
+  # the delayer's needs, installed on first use: iptables-legacy, libnetfilter-queue, and
+  # PyPI's NetfilterQueue built against it
+  apt-get install -y -q iptables libnetfilter-queue-dev >/dev/null
+  "$VENV/bin/pip" install -q NetfilterQueue
+fi
+
 DELAYERS=()
 cleanup() {
   for pid in "${DELAYERS[@]}"; do kill "$pid" 2>/dev/null || true; done

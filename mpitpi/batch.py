@@ -9,8 +9,9 @@ when some sequence samples. An empty pass ends the run; followers go back to wai
 
 Rank 0 (``Batch``) holds the sequences: it admits a Session into a free KV slot (the one
 whose cached tokens share the longest prefix with the prompt: those positions are reused),
-feeds prompts in chunks of ``PREFILL_CHUNK`` rows beside the decoding sequences' one row
-each (plus their drafted tokens, checked in the same pass), picks the tokens and stops
+feeds prompts in passes of up to ``PREFILL_CHUNK`` rows (chunks of several prompts at once),
+taking turns with passes of the decoding sequences' one row each (plus their drafted tokens,
+checked in the same pass), picks the tokens and stops
 sequences. KV memory is counted in positions (``KV_STEP`` rounded) against a budget; free
 slots keep their cache for reuse until the space is needed.
 """
@@ -238,15 +239,22 @@ class Batch:
                 q.done = True
                 ended.append(q)
         decoding = [q for q in self.seqs if q.started and not q.done]
-        prefill = next((q for q in self.seqs if not q.started and not q.done), None)
-        # a pass is a prompt chunk or the decoding rows, never both (prompt rows are run
-        # apart, with fp32 activations); they take turns while a prompt is being read
-        if prefill is not None and (not decoding or not self.prompt_turn):
-            chunk = prefill.pending[:PREFILL_CHUNK]
-            last = len(chunk) == len(prefill.pending)
-            segs.append(Segment(prefill.slot, prefill.fed, torch.tensor(chunk, dtype=torch.int64),
-                                1 if last else 0))
-            owners.append(prefill)
+        prompts = [q for q in self.seqs if not q.started and not q.done]
+        # a pass is prompt rows or decoding rows, never both (prompt rows are run apart, with
+        # fp32 activations); they take turns while prompts are being read. A prompt pass
+        # takes chunks of several prompts, up to PREFILL_CHUNK rows in all (each row's
+        # numbers do not depend on the rows beside it)
+        if prompts and (not decoding or not self.prompt_turn):
+            room = PREFILL_CHUNK
+            for q in prompts:
+                chunk = q.pending[:room]
+                last = len(chunk) == len(q.pending)
+                segs.append(Segment(q.slot, q.fed, torch.tensor(chunk, dtype=torch.int64),
+                                    1 if last else 0))
+                owners.append(q)
+                room -= len(chunk)
+                if room == 0:
+                    break
             self.prompt_turn = True
         else:
             for q in decoding:
