@@ -312,21 +312,23 @@ class DecodeStep:
         rows[:, :, 3] = sin.data_ptr() + off
         rows[:, :, 4], rows[:, :, 5], rows[:, :, 6] = caps, starts, positions
         self.rows, self.n = rows, B
-        self.row_bytes = B * ROW_WORDS * 8
+        base, step = rows.ctypes.data, B * ROW_WORDS * 8
+        self.row_ptrs = [base + i * step for i in range(rows.shape[0])]   # per layer
+        self.ptrs = (self.x.data_ptr(), self.part.data_ptr(), self.kv_of_q.data_ptr())
         return self.x, self.part
 
     def attn(self, i: int, norm: torch.Tensor, wqkv: CWeight, wo: CWeight) -> bool:
         """Layer i's attention half for the rows set by ``places``."""
-        _lib.decode_attn(self.x.data_ptr(), norm.data_ptr(), self.eps, wqkv, wo,
-                         self.rows.ctypes.data + i * self.row_bytes,
-                         self.n, self.n_q, self.n_kv, self.hd, self.kv_of_q.data_ptr(),
-                         self.scratch.c, self.part.data_ptr(), self.add)
+        x, part, kv = self.ptrs
+        _lib.decode_attn(x, norm.data_ptr(), self.eps, wqkv, wo, self.row_ptrs[i], self.n,
+                         self.n_q, self.n_kv, self.hd, kv, self.scratch.c, part, self.add)
         return not self.add
 
     def mlp(self, norm: torch.Tensor, w13: CWeight, w2: CWeight) -> bool:
         """A layer's MLP half; w13 holds gate rows, then up rows."""
-        _lib.decode_mlp(self.x.data_ptr(), norm.data_ptr(), self.eps, w13, w2, self.n,
-                        self.scratch.c, self.part.data_ptr(), self.add)
+        x, part, _ = self.ptrs
+        _lib.decode_mlp(x, norm.data_ptr(), self.eps, w13, w2, self.n, self.scratch.c, part,
+                        self.add)
         return not self.add
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from itertools import accumulate
 from dataclasses import dataclass
 from typing import Callable
 
@@ -297,7 +298,7 @@ class Transformer:
         x = self.embed_tokens(tokens)                             # (R, dim)
         decode = self.fused and not any(g.prompt for g in segs)
         x = self._fused(segs, x) if decode else self._layers(x, segs)
-        ends = torch.tensor([g.tokens.shape[0] for g in segs]).cumsum(0).tolist()
+        ends = list(accumulate(g.tokens.shape[0] for g in segs))
         rows = [r for g, e in zip(segs, ends) for r in range(e - g.n_out, e)]
         h = x if len(rows) == x.shape[0] else x[rows]             # (n_out total, dim)
         return self.top.lm_head(rms_norm(h, self.top.norm, self.args.norm_eps), decode=decode)
