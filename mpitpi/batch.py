@@ -159,15 +159,16 @@ class Seq:
 
 class Batch:
     """Rank 0's scheduler. ``max_batch`` KV slots; ``kv_budget`` cache positions in all
-    (None: no limit); ``draft`` tokens guessed per decoding sequence and pass (0: off);
+    (None: no limit); ``draft`` tokens guessed per decoding sequence and pass (0: off), by
+    ``drafter(slot, history, k)`` (draft.ModelDrafter) or else by prompt lookup;
     ``reuse`` False runs every prompt whole (benchmarks of the prefill).
     Collective only in ``step`` and ``close`` (the followers run ``Runner.follow``)."""
 
     def __init__(self, comm: Comm, model: Transformer, max_batch: int = 1,
                  kv_budget: int | None = None, draft: int = 0, on_pass=None,
-                 reuse: bool = True):
+                 reuse: bool = True, drafter=None):
         self.model, self.max_batch, self.budget, self.draft = model, max_batch, kv_budget, draft
-        self.reuse = reuse
+        self.reuse, self.drafter = reuse, drafter
         self.runner = Runner(comm, model, on_pass)
         self.seqs: list[Seq] = []
         self.drops: list[int] = []
@@ -221,6 +222,8 @@ class Batch:
                 held -= self.model.capacity(s)
                 self.model.drop(s)
                 self.drops.append(s)
+                if self.drafter is not None:
+                    self.drafter.drop(s)
             if held + max(need, self.model.capacity(slot)) > self.budget:
                 return False
         n = reuse(slot)
@@ -282,7 +285,13 @@ class Batch:
         """The last token of a decoding sequence, and its drafted continuation."""
         s = q.session
         room = s.max_tokens - len(s.result.token_ids) - 1   # tokens it may still make after
-        guess = lookup(s.history, min(self.draft, room)) if self.draft and room > 0 else []
+        k = min(self.draft, room)
+        if k < 1:
+            guess = []
+        elif self.drafter is not None:
+            guess = self.drafter(q.slot, s.history, k)
+        else:
+            guess = lookup(s.history, k)
         tokens = torch.tensor(q.pending + guess, dtype=torch.int64)
         return Segment(q.slot, q.fed, tokens, tokens.shape[0], prompt=False)
 

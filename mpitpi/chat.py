@@ -30,7 +30,8 @@ def _read(prompt: str) -> str | None:
 
 
 def run_chat(comm, loaded, tokenizer, make_sampler, max_tokens: int,
-             system: str | None = None, interactive: bool | None = None, draft: int = 0) -> None:
+             system: str | None = None, interactive: bool | None = None, draft: int = 0,
+             drafter=None) -> None:
     """Collective. ``tokenizer`` and ``make_sampler()`` are used on rank 0 only. Each turn
     reuses the cached positions of the conversation so far (generate's KV slot 0), so only
     the new message is prefilled; ``draft``: tokens guessed per pass (0: off)."""
@@ -79,7 +80,7 @@ def run_chat(comm, loaded, tokenizer, make_sampler, max_tokens: int,
 
         session = Session(ids, max_tokens, make_sampler(), loaded.args.eos_token_ids,
                           tokenizer.decode, on_text=emit) if root else None
-        res = generate(comm, loaded.model, session, draft=draft)
+        res = generate(comm, loaded.model, session, draft=draft, drafter=drafter)
         if root:
             print(flush=True)
             print(f"[{len(res.token_ids)} tokens, {res.cached_tokens} of {res.prompt_tokens} "

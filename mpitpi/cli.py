@@ -36,6 +36,7 @@ from mpitpi.choices import describe
 from mpitpi.comm import Comm
 from mpitpi.commbench import run_commbench
 from mpitpi.errors import CollectiveError, MpitpiError
+from mpitpi.draft import ModelDrafter
 from mpitpi.generate import generate
 from mpitpi.loader import Loaded, load_model, measure_ratios
 from mpitpi.offline import read_prompts, run_offline
@@ -124,6 +125,25 @@ def start(a: argparse.Namespace, comm: Comm) -> Loaded:
     return loaded
 
 
+def start_drafter(a: argparse.Namespace, comm: Comm, loaded: Loaded) -> ModelDrafter | None:
+    """Collective: rank 0 loads ``--draft-model`` alone (None elsewhere, or without it); a
+    model of another vocabulary is refused on every rank."""
+    if not a.draft_model:
+        return None
+
+    made: list[ModelDrafter] = []
+
+    def load() -> None:   # rank 0; an MpitpiError reaches every rank
+        small = load_model(comm.alone(), a.draft_model, None, None, progress=True)
+        if small.args.vocab_size != loaded.args.vocab_size:
+            raise MpitpiError(f"--draft-model {a.draft_model!r} has a vocabulary of "
+                              f"{small.args.vocab_size} tokens, the model {loaded.args.vocab_size}"
+                              f": a draft model must share the model's tokenizer.")
+        made.append(ModelDrafter(small.model))
+    comm.root_checked(load)
+    return made[0] if made else None
+
+
 # -- the subcommands ---------------------------------------------------------------------------
 
 def cmd_split(a: argparse.Namespace) -> int:
@@ -169,7 +189,8 @@ def cmd_generate_many(a: argparse.Namespace, comm: Comm) -> int:
         loaded.args.max_seq_len))
     eos = [] if a.ignore_eos else loaded.args.eos_token_ids
     summary = run_offline(comm, loaded.model, requests, a.out, eos,
-                          tok.decode if tok else None, a.max_batch, draft_tokens(a))
+                          tok.decode if tok else None, a.max_batch, draft_tokens(a),
+                          start_drafter(a, comm, loaded))
     loaded.model.layers.close()
     if summary and a.json:
         print(json.dumps(summary))
@@ -217,7 +238,8 @@ def cmd_generate(a: argparse.Namespace, comm: Comm) -> int:
                           on_text=None if a.json else emit, keep_logits=bool(a.logits_out))
     c0, b0 = comm.allreduce_s, comm.allreduce_bytes
     res = generate(comm, loaded.model, session,
-                   on_step=step_line if (root and a.verbose) else None, draft=draft)
+                   on_step=step_line if (root and a.verbose) else None, draft=draft,
+                   drafter=start_drafter(a, comm, loaded))
     passes = max(1, res.forward_passes)    # every rank timed each forward pass
     comm_ms = comm.gather_obj(round((comm.allreduce_s - c0) * 1e3 / passes, 3))
     sent = comm.gather_obj(int((comm.allreduce_bytes - b0) / passes))
@@ -259,7 +281,7 @@ def cmd_chat(a: argparse.Namespace, comm: Comm) -> int:
     loaded = start(a, comm)
     tok = need_tokenizer(comm, loaded, template=True)
     run_chat(comm, loaded, tok, lambda: Sampler(params), a.max_tokens, a.system,
-             draft=draft_tokens(a))
+             draft=draft_tokens(a), drafter=start_drafter(a, comm, loaded))
     return 0
 
 
@@ -281,7 +303,8 @@ def cmd_serve(a: argparse.Namespace, comm: Comm) -> int:
                                           api_key=a.api_key, default_max_tokens=a.max_tokens,
                                           cors_origins=a.cors_origin, max_batch=max_batch,
                                           kv_positions=positions, max_queue=a.max_queue,
-                                          draft=draft_tokens(a)))
+                                          draft=draft_tokens(a),
+                                          drafter=start_drafter(a, comm, loaded)))
     loaded.model.layers.close()
     return 0
 

@@ -77,6 +77,11 @@ class Comm:
         self.allreduce_bytes = 0
         self.allreduce_s = 0.0
 
+    def alone(self) -> Comm:
+        """This rank by itself (MPI's COMM_SELF): for what one rank runs alone (a draft
+        model on rank 0); not collective."""
+        return Comm(MPI.COMM_SELF, hosts=[self.host])
+
     def with_algorithm(self, algorithm: str) -> Comm:
         """Collective when ``algorithm`` is ``auto`` (it calibrates), local otherwise: a new
         Comm over the same communicator and ranks that all-reduces with ``algorithm``. It

@@ -18,12 +18,13 @@ from mpitpi.session import Result, Session
 
 def generate(comm: Comm, model: Transformer, session: Session | None,
              on_step: Callable[[int, float, float, int], None] | None = None,
-             draft: int = 0, reuse: bool = True) -> Result:
+             draft: int = 0, reuse: bool = True, drafter=None) -> Result:
     """Collective: every rank calls it; rank 0 passes its Session, the others None.
 
     One sequence in KV slot 0 (batch.Batch with one slot): the prompt positions still
     cached there from the previous call are reused (unless ``reuse`` is False).
-    ``draft``: tokens guessed per pass by prompt lookup (0: off). ``on_step(pass, ms,
+    ``draft``: tokens guessed per pass (0: off), by rank 0's ``drafter`` (a small model,
+    draft.ModelDrafter) or by prompt lookup. ``on_step(pass, ms,
     comm_ms, bytes)`` is called on every rank after each forward pass with its wall time,
     its time inside all-reduces and the bytes this rank sent in them. Returns rank 0's
     session result on rank 0; elsewhere a Result
@@ -34,7 +35,7 @@ def generate(comm: Comm, model: Transformer, session: Session | None,
         runner.follow()
         return Result(forward_passes=runner.passes, step_ms=runner.step_ms[1:],
                       ttft_ms=runner.step_ms[0] if runner.step_ms else 0.0)
-    batch = Batch(comm, model, draft=draft, on_pass=on_step, reuse=reuse)
+    batch = Batch(comm, model, draft=draft, on_pass=on_step, reuse=reuse, drafter=drafter)
     batch.admit(session)
     while batch.active:
         batch.step()

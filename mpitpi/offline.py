@@ -80,7 +80,7 @@ def read_prompts(path: str, tok, params: SamplingParams, max_tokens: int, stops:
 
 
 def run_offline(comm, model, requests: list[Request] | None, out_path: str | None, eos: list[int],
-                decode, max_batch: int, draft: int) -> dict | None:
+                decode, max_batch: int, draft: int, drafter=None) -> dict | None:
     """Collective: rank 0 runs ``requests`` through a Batch of ``max_batch`` slots, writes
     ``out_path`` (created, never overwritten) and prints a summary line on stderr; the others
     follow. Returns rank 0's summary."""
@@ -90,7 +90,7 @@ def run_offline(comm, model, requests: list[Request] | None, out_path: str | Non
     t0 = time.perf_counter()
     sessions = [Session(r.ids, r.max_tokens, Sampler(r.params), eos, decode, r.stops)
                 for r in requests]
-    batch = Batch(comm, model, max_batch, draft=draft)
+    batch = Batch(comm, model, max_batch, draft=draft, drafter=drafter)
     done, written, waiting = set(), 0, list(range(len(sessions)))
     passes = 0
     with open(out_path, "x", encoding="utf-8") as f, \

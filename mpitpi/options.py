@@ -92,15 +92,21 @@ def add_draft_options(p: argparse.ArgumentParser) -> None:
                    "last ones occurred before in the prompt or the output, and checks the "
                    "guesses in the same forward pass (same text when greedy, same "
                    "distribution when sampling; default none)")
+    p.add_argument("--draft-model", metavar="M", help="speculative decoding with a small model "
+                   "of the same vocabulary that rank 0 runs alone (a name, folder or GGUF as "
+                   "--model; e.g. an int4 SmolLM2 for a larger model of its family)")
     p.add_argument("--draft-max", type=int, default=8, metavar="K",
-                   help="tokens guessed per pass with --draft (default 8)")
+                   help="tokens guessed per pass with --draft or --draft-model (default 8)")
 
 
 def draft_tokens(a: argparse.Namespace) -> int:
-    """Tokens to draft per pass from --draft/--draft-max (0: off); MpitpiError if bad."""
+    """Tokens to draft per pass from --draft/--draft-model/--draft-max (0: off);
+    MpitpiError if bad."""
     if a.draft_max < 1:
         raise MpitpiError(f"--draft-max must be at least 1, got {a.draft_max}.")
-    return a.draft_max if a.draft == "lookup" else 0
+    if a.draft_model and a.draft == "lookup":
+        raise MpitpiError("--draft lookup and --draft-model are two ways to guess; choose one.")
+    return a.draft_max if a.draft == "lookup" or a.draft_model else 0
 
 
 def sampling_params(a: argparse.Namespace) -> SamplingParams:

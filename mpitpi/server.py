@@ -55,7 +55,8 @@ class ServeOptions:
     max_batch: int = 8              # sequences decoded together (KV slots)
     kv_positions: int | None = None   # KV cache positions for all sequences (None: no limit)
     max_queue: int = 64             # requests waiting for a slot before 429s
-    draft: int = 0                  # tokens guessed per pass by prompt lookup (0: off)
+    draft: int = 0                  # tokens guessed per pass (0: off)
+    drafter: object = None          # rank 0's draft.ModelDrafter; None: prompt lookup
 
 
 class App:
@@ -66,7 +67,8 @@ class App:
         self.jobs: queue.Queue = queue.Queue()
         self.stopping = threading.Event()
         self.created = int(time.time())
-        self.batch = Batch(comm, loaded.model, opts.max_batch, opts.kv_positions, opts.draft)
+        self.batch = Batch(comm, loaded.model, opts.max_batch, opts.kv_positions, opts.draft,
+                           drafter=opts.drafter)
         self.waiting: list[tuple[Job, Session]] = []   # engine only: made, not yet admitted
         self.running: dict[int, Job] = {}              # id(session) -> its job
         self.busy = False          # the engine is inside a run of passes

@@ -134,3 +134,20 @@ def test_a_second_chat_turn_reuses_the_first():
     assert len(turns) == 2, r.stderr
     first, second = (int(t.split(",")[1].split()[0]) for t in turns)
     assert first == 0 and second > 20, turns
+
+
+def test_a_draft_model_keeps_the_text_and_one_of_another_vocabulary_is_refused(models):
+    outs = []
+    for extra in ([], ["--draft-model", "smollm2-135m"]):
+        r = run_mpi(2, ["generate", "--model", "smollm2-135m", "--dtype", "fp16", "--chat",
+                        "--prompt", "Name three rivers in Europe.", "--max-tokens", "24",
+                        "--json", *extra], timeout=300)
+        assert r.returncode == 0, r.stderr
+        outs.append(json.loads(r.stdout))
+    plain, drafted = outs
+    assert drafted["token_ids"] == plain["token_ids"]
+    assert drafted["draft_accepted"] > 0 and drafted["forward_passes"] < plain["forward_passes"]
+    folder, _ = models("llama-gqa")                        # a vocabulary of 256 tokens
+    r = run_mpi(2, ["generate", "--model", "smollm2-135m", "--prompt", "Hi", "--max-tokens",
+                    "4", "--draft-model", folder], timeout=300)
+    assert r.returncode != 0 and "vocabulary" in r.stderr and "Traceback" not in r.stderr
