@@ -10,7 +10,7 @@ from mpitpi import kernels
 from mpitpi.batch import Batch, Pass
 from mpitpi.checkpoint import open_checkpoint
 from mpitpi.comm import Comm
-from mpitpi.draft import lookup
+from mpitpi.draft import ModelDrafter, lookup
 from mpitpi.loader import open_rank
 from mpitpi.model import Segment, Transformer
 from mpitpi.sampling import Sampler, SamplingParams
@@ -162,3 +162,32 @@ def test_the_kv_budget_holds_a_request_back_until_memory_is_free(models, tmp_pat
         b.step()
     b.close()
     assert len(c.result.token_ids) == 5 and b.drops == []
+
+
+@needs_kernels
+def test_sampled_text_keeps_its_distribution_with_a_draft_model(models, tmp_path):
+    """Two-sample chi-square over the 8 outcomes of 3 tokens sampled with top-k 2, with and
+    without a draft model (the same tiny model, so guesses are often kept and often not)."""
+    folder, _ = models("llama-gqa")
+    write_shards(open_checkpoint(folder), str(tmp_path / "s"), 1, None, "fp32", progress=False)
+    model, small = _model(str(tmp_path / "s"), "fp32"), _model(str(tmp_path / "s"), "fp32")
+    drafter = ModelDrafter(small)
+    n, counts, kept = 800, [{}, {}], 0
+    for i in range(n):
+        for which in (0, 1):
+            s = Session([1, 17, 42, 5], 3, Sampler(SamplingParams(temperature=1.5, top_k=2,
+                                                                  seed=i * 2 + which)))
+            b = Batch(Comm(), model, draft=2 * which, drafter=drafter if which else None)
+            b.admit(s)
+            while b.active:
+                b.step()
+            key = tuple(s.result.token_ids)
+            counts[which][key] = counts[which].get(key, 0) + 1
+            kept += s.result.accepted
+    keys = sorted(set(counts[0]) | set(counts[1]))
+    a = np.array([counts[0].get(k, 0) for k in keys], float)
+    c = np.array([counts[1].get(k, 0) for k in keys], float)
+    expect = (a + c) / 2
+    chi2 = float((((a - expect) ** 2 + (c - expect) ** 2) / np.maximum(expect, 1)).sum())
+    assert kept > n // 4                  # the rule was exercised both ways
+    assert chi2 < 24.3, (chi2, keys, a, c)   # df = 7: p = 0.001
