@@ -57,7 +57,7 @@ def _model(folder, dtype):
     return Transformer(args, plan, 0, top, layers)
 
 
-@pytest.fixture(scope="module", params=["fp32", "int4"])
+@pytest.fixture(scope="module", params=["fp32", "int8", "int4"])
 def shards(models, tmp_path_factory, request):
     folder, _ = models("llama-gqa")
     out = str(tmp_path_factory.mktemp(f"batch_{request.param}"))

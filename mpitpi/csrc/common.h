@@ -144,6 +144,92 @@ static inline float dot_i8_row(const int8_t *w, const int16_t *xq, const float *
     return sum;
 }
 
+/* One int8 weight row against R input rows (R = 1 .. 4): each 32 weights are widened to int16
+ * once for all R. Every row gets the same operations in the same order whatever R is (one
+ * accumulator per row, one noinline finish), so a row's result does not depend on the rows
+ * beside it. y[r * ys] receives row r's product. */
+#if defined(__AVX512BW__) && defined(__AVX512F__)
+static __attribute__((noinline)) float i8_finish(__m512 acc, const int8_t *w, const float *x,
+                                                 const float *ws, int64_t in, int64_t group,
+                                                 int64_t full) {
+    float sum = _mm512_reduce_add_ps(acc);
+    if (full * group < in) {
+        float a = 0.f;
+        for (int64_t i = full * group; i < in; i++) a += (float)w[i] * x[i];
+        sum += a * ws[full];
+    }
+    return sum;
+}
+
+#define DOT_I8_ROWS(R)                                                                    \
+static inline void dot_i8_rows##R(const int8_t *w, int16_t *const *xq, const float *ws,    \
+                                  float *const *xs, const float *const *x, int64_t in,     \
+                                  int64_t group, int64_t full, float *y, int64_t ys) {     \
+    __m512 acc[R];                                                                        \
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                             \
+    for (int64_t g = 0; g < full; g++) {                                                  \
+        const int8_t *wg = w + g * group;                                                 \
+        __m512i a0[R], a1[R];                                                             \
+        for (int r = 0; r < R; r++) { a0[r] = _mm512_setzero_si512(); a1[r] = a0[r]; }     \
+        for (int64_t i = 0; i < group; i += 64) {                                         \
+            __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wg + i))); \
+            for (int r = 0; r < R; r++)                                                   \
+                a0[r] = DPWSSD512(a0[r], w0,                                              \
+                                  _mm512_loadu_si512((const void *)(xq[r] + g * group + i))); \
+            if (i + 32 < group) {                                                         \
+                __m512i w1 = _mm512_cvtepi8_epi16(                                        \
+                    _mm256_loadu_si256((const __m256i *)(wg + i + 32)));                  \
+                for (int r = 0; r < R; r++)                                               \
+                    a1[r] = DPWSSD512(a1[r], w1, _mm512_loadu_si512(                      \
+                        (const void *)(xq[r] + g * group + i + 32)));                     \
+            }                                                                             \
+        }                                                                                 \
+        for (int r = 0; r < R; r++)                                                       \
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[r], a1[r])),  \
+                                     _mm512_set1_ps(ws[g] * xs[r][g]), acc[r]);           \
+    }                                                                                     \
+    for (int r = 0; r < R; r++)                                                           \
+        y[r * ys] = i8_finish(acc[r], w, x[r], ws, in, group, full);                      \
+}
+#else
+#define DOT_I8_ROWS(R)                                                                    \
+static inline void dot_i8_rows##R(const int8_t *w, int16_t *const *xq, const float *ws,    \
+                                  float *const *xs, const float *const *x, int64_t in,     \
+                                  int64_t group, int64_t full, float *y, int64_t ys) {     \
+    for (int r = 0; r < R; r++)                                                           \
+        y[r * ys] = dot_i8_row(w, xq[r], ws, xs[r], x[r], in, group, full);               \
+}
+#endif
+DOT_I8_ROWS(1)
+DOT_I8_ROWS(2)
+DOT_I8_ROWS(3)
+DOT_I8_ROWS(4)
+
+/* y[b * ys] = weight row w . x[b] for B input rows, 4 at a time (dot_i8_rows): xq, xs, x
+ * hold each row's quantised activations, scales and fp32 values at strides sq, ss, sx. */
+static inline void dot_i8_batch(const int8_t *w, const float *ws, int16_t *xq, int64_t sq,
+                                float *xs, int64_t ss, const float *x, int64_t sx, int64_t B,
+                                int64_t in, int64_t group, int64_t full, float *y, int64_t ys) {
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {
+        int16_t *q[4];
+        float *s[4];
+        const float *xr[4];
+        int64_t R = B - b0 < 4 ? B - b0 : 4;
+        for (int64_t r = 0; r < R; r++) {
+            q[r] = xq + (b0 + r) * sq;
+            s[r] = xs + (b0 + r) * ss;
+            xr[r] = x + (b0 + r) * sx;
+        }
+        float *yo = y + b0 * ys;
+        switch (R) {
+        case 1: dot_i8_rows1(w, q, ws, s, xr, in, group, full, yo, ys); break;
+        case 2: dot_i8_rows2(w, q, ws, s, xr, in, group, full, yo, ys); break;
+        case 3: dot_i8_rows3(w, q, ws, s, xr, in, group, full, yo, ys); break;
+        default: dot_i8_rows4(w, q, ws, s, xr, in, group, full, yo, ys);
+        }
+    }
+}
+
 #if defined(__F16C__) && defined(__FMA__)
 #define HAVE_F16X8 1
 /* gcc does not vectorise scalar F16C conversions: eight at a time by hand. */

@@ -103,6 +103,16 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
         }
         return;
     }
+    if (w->dtype == W_I8) {   /* groups of up to 4 input rows share each widened block */
+        int64_t ng = (in + w->group - 1) / w->group, full = in / w->group;
+        for (int64_t o = o0; o < o1; o++) {
+            dot_i8_batch((const int8_t *)w->data + o * in, (const float *)w->scale + o * ng,
+                         s->xq, s->sxq, s->xs, s->sxs, x, xs, B, in, w->group, full, y + o, ys);
+            if (w->bias)
+                for (int64_t b = 0; b < B; b++) y[b * ys + o] += w->bias[o];
+        }
+        return;
+    }
     for (int64_t o = o0; o < o1; o++) {
         for (int64_t b = 0; b < B; b++) {
             const float *xb = x + b * xs;

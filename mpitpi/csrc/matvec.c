@@ -83,11 +83,10 @@ void matvec_i8(const float *restrict x, const int8_t *restrict w, const float *r
     float *xs = malloc(sizeof(float) * T * n_groups);
     for (int64_t t = 0; t < T; t++)
         quantize_x(x + t * in, in, group, xq + t * in, xs + t * n_groups);
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static)   /* rows of x by fours share widened weights */
     for (int64_t o = 0; o < out; o++)
-        for (int64_t t = 0; t < T; t++)
-            y[t * out + o] = dot_i8_row(w + o * in, xq + t * in, scale + o * n_groups,
-                                        xs + t * n_groups, x + t * in, in, group, full);
+        dot_i8_batch(w + o * in, scale + o * n_groups, xq, in, xs, n_groups, x, in, T, in, group,
+                     full, y + o, out);
     free(xq);
     free(xs);
 }
