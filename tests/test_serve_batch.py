@@ -66,7 +66,7 @@ def test_a_full_queue_gets_429_a_request_past_the_kv_budget_503_and_drafts_chang
         status, body = s.request("POST", "/v1/chat/completions", {
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6000})
         assert status == 503 and "--kv-budget" in body["error"]["message"], body
-        long = STORY                               # 2000 tokens: about 30 s
+        long = {**STORY, "stream": True}           # 2000 tokens: about 30 s
         first = s.post_raw(long)                   # takes the one slot
         time.sleep(3)
         second = s.post_raw(long)                  # waits in the queue
@@ -79,8 +79,13 @@ def test_a_full_queue_gets_429_a_request_past_the_kv_budget_503_and_drafts_chang
         while b"\r\n\r\n" not in got:
             got += second.recv(65536)
         assert got.startswith(b"HTTP/1.1 200"), got[:200]
-        second.close()
-        assert ask(s, "Say hello.", max_tokens=4)["usage"]["completion_tokens"] >= 1
+        second.close()                             # its slot is free at its next token
+        deadline = time.monotonic() + 20
+        while (got := s.request("POST", "/v1/chat/completions", {
+                "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}))[0] \
+                == 429 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert got[0] == 200 and got[1]["usage"]["completion_tokens"] >= 1, got
     finally:
         s.stop()
 
