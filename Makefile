@@ -36,9 +36,10 @@ demo: install
 	$(MPIEXEC) -n $(NP) $(VENV)/bin/mpitpi generate --model smollm2-135m --chat \
 		--prompt "$(PROMPT)" --max-tokens 128
 
-# Run the test suite (multi-rank tests launch $(MPIEXEC) with a timeout each).
+# Run the test suite (multi-rank tests launch $(MPIEXEC) with a timeout each); the 15
+# slowest tests are listed at the end, to keep the whole CI run short.
 test: install
-	PATH=$(abspath $(VENV))/bin:$$PATH HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	PATH=$(abspath $(VENV))/bin:$$PATH HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
 
 # Benchmarks against transformers' generate on the same model, in one run (jobs/bench.sh):
 # JSON, a markdown table and a PNG under bench/. Timings never run as tests.
