@@ -258,9 +258,9 @@ ROW_WORDS = 7   # csrc/decode.c's row_t: cache_k, cache_v, cos, sin pointers; ca
 
 def attend_rows(q: torch.Tensor, rows: np.ndarray, kv_of_q: torch.Tensor) -> torch.Tensor:
     """Prompt rows' attention with the decode step's loop: q (T, n_q, hd) contiguous fp32
-    with rope applied; ``rows`` (T, ROW_WORDS) int64 row_t of each row (its cache of this
-    layer, already written; cap, start, pos) -> (T, n_q hd). Each row is computed as it
-    would be alone."""
+    with rope applied; ``rows`` (T, ROW_WORDS) contiguous int64 row_t of each row (its
+    cache of this layer, already written; cap, start, pos) -> (T, n_q hd). Each row is
+    computed as it would be alone."""
     T, n_q, hd = q.shape
     out = torch.empty(T, n_q * hd)
     _lib.attend_rows(q.data_ptr(), rows.ctypes.data, T, n_q, hd, kv_of_q.data_ptr(),
@@ -272,8 +272,8 @@ class DecodeStep:
     """The fused step for B rows, each a token at its own position of its own KV cache.
 
     ``places`` sets, once per pass, each row's cache (per layer), rope rows and keys, and
-    returns the (B, dim) ``x`` to fill and ``part`` that receives this rank's partial sums;
-    then ``attn`` and ``mlp`` run one layer half each. Buffers grow with B and are kept.
+    returns the (B, dim) ``x`` to fill (``part`` receives this rank's partial sums); then
+    ``attn`` and ``mlp`` run one layer half each. Buffers grow with B and are kept.
 
     ``add``: a world of one rank has nothing to all-reduce, so the C step adds its partial
     sum into x itself and the caller skips the reduce (the step returns False); otherwise it
@@ -295,27 +295,20 @@ class DecodeStep:
             self.x_all, self.part_all = torch.empty(B, dim), torch.empty(B, dim)
             self.B = B
 
-    def places(self, cos: torch.Tensor, sin: torch.Tensor, kv_ptrs: list[np.ndarray],
-               caps: list[int], starts: list[int], positions: list[int]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row b: the caches whose (n_layers, 2) data pointers (k, v per layer) are
-        ``kv_ptrs[b]``, of row stride ``caps[b]``; keys [starts[b], positions[b]]; cos,
-        sin (positions, hd) contiguous fp32, kept alive by the caller. Returns this pass's
-        (B, dim) x and part."""
-        B = len(positions)
+    def places(self, table: np.ndarray, cos: torch.Tensor, sin: torch.Tensor
+               ) -> torch.Tensor:
+        """Set this pass's rows: ``table`` (n_layers, B, ROW_WORDS) int64 row_t of each row
+        in each layer (model.Transformer._row_table), pointing into ``cos``, ``sin`` and the
+        caches, which the caller keeps alive. Returns the (B, dim) x to fill; the partial
+        sums land in ``part``."""
+        B = table.shape[1]
         self.resize(B)
         self.x, self.part = self.x_all[:B], self.part_all[:B]
-        rows = np.empty((kv_ptrs[0].shape[0], B, ROW_WORDS), np.int64)   # (layers, B, 7)
-        rows[:, :, 0:2] = np.stack(kv_ptrs, axis=1)
-        off = np.asarray(positions, np.int64) * (self.hd * 4)
-        rows[:, :, 2] = cos.data_ptr() + off
-        rows[:, :, 3] = sin.data_ptr() + off
-        rows[:, :, 4], rows[:, :, 5], rows[:, :, 6] = caps, starts, positions
-        self.rows, self.n = rows, B
-        base, step = rows.ctypes.data, B * ROW_WORDS * 8
-        self.row_ptrs = [base + i * step for i in range(rows.shape[0])]   # per layer
+        self.tables, self.n = (table, cos, sin), B
+        base, step = table.ctypes.data, B * ROW_WORDS * 8
+        self.row_ptrs = [base + i * step for i in range(table.shape[0])]   # per layer
         self.ptrs = (self.x.data_ptr(), self.part.data_ptr(), self.kv_of_q.data_ptr())
-        return self.x, self.part
+        return self.x
 
     def attn(self, i: int, norm: torch.Tensor, wqkv: CWeight, wo: CWeight) -> bool:
         """Layer i's attention half for the rows set by ``places``."""

@@ -192,9 +192,10 @@ class Transformer:
         return allowed
 
     def attention(self, i: int, w: LayerWeights, x: torch.Tensor, segs: list[Segment],
-                  masks: list[torch.Tensor | None]) -> torch.Tensor:
+                  masks: list[torch.Tensor | None], table: np.ndarray | None) -> torch.Tensor:
         """x: (R, dim) normed rows of ``segs`` -> (R, dim) partial output of this rank's
-        heads; each segment attends to its own slot's cache (written here)."""
+        heads; each segment attends to its own slot's cache (written here), row by row in
+        C when ``table`` (``_row_table``) is given, else by torch with ``masks``."""
         s, hd = self.s, self.args.head_dim
         R = x.shape[0]
         q, k, v = w.wqkv(x).split(self.split_qkv, dim=-1)       # (R, (n_q + 2 n_kv) hd)
@@ -210,9 +211,9 @@ class Transformer:
             cache_k[:, start:end] = apply_rope(k[:, row:row + T], cos, sin)
             cache_v[:, start:end] = v[:, row:row + T]
             row += T
-            if self.c_attention:   # each row as it would be alone, whatever the chunk
+            if table is not None:   # each row as it would be alone, whatever the chunk
                 outs.append(kernels.attend_rows(qs.transpose(0, 1).contiguous(),
-                                                self._rows(seg, i), self.kv_of_q))
+                                                table[i, row - T:row], self.kv_of_q))
                 continue
             keys, vals = cache_k[:, :end], cache_v[:, :end]      # (n_kv, end, hd)
             if not self.gqa:
@@ -223,15 +224,24 @@ class Transformer:
         o = outs[0] if len(outs) == 1 else torch.cat(outs)       # (R, n_q hd)
         return w.wo(o)                                            # (R, dim) partial
 
-    def _rows(self, seg: Segment, i: int) -> np.ndarray:
-        """(T, ROW_WORDS) row_t of each row of ``seg`` in layer i (kernels.attend_rows)."""
-        T, win = seg.tokens.shape[0], self.args.sliding_window
-        pos = np.arange(seg.start, seg.end, dtype=np.int64)
-        rows = np.zeros((T, kernels.ROW_WORDS), np.int64)
-        rows[:, 0:2] = self.kv_ptrs[seg.slot][i]
-        rows[:, 4], rows[:, 6] = self.capacity(seg.slot), pos
-        rows[:, 5] = np.maximum(0, pos + 1 - win) if win else 0
-        return rows
+    def _row_table(self, segs: list[Segment]) -> np.ndarray:
+        """(n_layers, R, ROW_WORDS) csrc/decode.c row_t of every row of ``segs``: its slot's
+        k and v cache of each layer and their row stride, its rope rows, the first key it
+        attends (a sliding window's start, else 0) and its position."""
+        win, hd = self.args.sliding_window, self.args.head_dim
+        pos = np.concatenate([np.arange(g.start, g.end, dtype=np.int64) for g in segs])
+        table = np.empty((self.n_layers, pos.size, kernels.ROW_WORDS), np.int64)
+        row = 0
+        for g in segs:
+            T = g.tokens.shape[0]
+            table[:, row:row + T, 0:2] = self.kv_ptrs[g.slot][:, None, :]
+            table[:, row:row + T, 4] = self.capacity(g.slot)
+            row += T
+        table[:, :, 2] = self.cos.data_ptr() + pos * (hd * 4)
+        table[:, :, 3] = self.sin.data_ptr() + pos * (hd * 4)
+        table[:, :, 5] = np.maximum(0, pos + 1 - win) if win else 0
+        table[:, :, 6] = pos
+        return table
 
     def mlp(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """x: (T, dim) normed input -> (T, dim) partial output of this rank's FFN columns."""
@@ -261,16 +271,7 @@ class Transformer:
     def _fused(self, segs: list[Segment], x: torch.Tensor) -> torch.Tensor:
         """Every row of ``segs`` through the fused step, each with exactly the numbers it
         would get alone -> (R, dim)."""
-        win = self.args.sliding_window
-        ptrs, caps, starts, pos = [], [], [], []
-        for g in segs:
-            for t in range(g.tokens.shape[0]):
-                p = g.start + t
-                ptrs.append(self.kv_ptrs[g.slot])
-                caps.append(self.capacity(g.slot))
-                starts.append(max(0, p + 1 - win) if win else 0)
-                pos.append(p)
-        xs, _ = self.step.places(self.cos, self.sin, ptrs, caps, starts, pos)
+        xs = self.step.places(self._row_table(segs), self.cos, self.sin)
         xs.copy_(x)
         for i in range(self.n_layers):
             self.decode_layer(i, self.layers.get(i))
@@ -286,9 +287,8 @@ class Transformer:
         activations, their attention row by row in C (each row's numbers do not depend on
         how the prompt was cut into chunks, nor on which prefix was cached). Collective:
         1 + 2 n_layers calls of ``reduce``, the same on every rank, whatever the number of
-        segments. Each slot's
-        cache is grown as needed and written at its segment's positions; ``cached[slot]``
-        becomes the tokens before ``start`` and these.
+        segments. Each slot's cache is grown as needed and written at its segment's
+        positions; ``cached[slot]`` becomes the tokens before ``start`` and these.
         """
         for seg in segs:
             self.reserve(seg.end, seg.slot)
@@ -320,9 +320,11 @@ class Transformer:
         (2 n_layers calls of ``reduce``)."""
         eps = self.args.norm_eps
         masks = [self._mask(g.tokens.shape[0], g.start) for g in segs]
+        table = self._row_table(segs) if self.c_attention else None
         for i in range(self.n_layers):
             w = self.layers.get(i)                                # waits if still loading
-            x = x + self.reduce(self.attention(i, w, rms_norm(x, w.attn_norm, eps), segs, masks))
+            h = self.attention(i, w, rms_norm(x, w.attn_norm, eps), segs, masks, table)
+            x = x + self.reduce(h)
             h = self.mlp(w, rms_norm(x, w.ffn_norm, eps))
             self.layers.done(i)                                   # the slot may be refilled
             x = x + self.reduce(h)
