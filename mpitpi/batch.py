@@ -28,7 +28,7 @@ from mpitpi.choices import PREFILL_ROWS
 from mpitpi.comm import Comm
 from mpitpi.draft import lookup
 from mpitpi.session import Session
-from mpitpi.model import KV_STEP, Segment, Transformer
+from mpitpi.model import Segment, Transformer, kv_positions
 
 PREFILL_CHUNK = PREFILL_ROWS   # prompt rows per pass; cancellation is checked between chunks
 HEAD = 128            # int64 words of a pass's first broadcast; a longer pass sends the rest
@@ -87,7 +87,8 @@ class Runner:
     def __init__(self, comm: Comm, model: Transformer, on_pass=None):
         self.comm, self.model, self.on_pass = comm, model, on_pass
         self.buf = np.zeros(HEAD, np.int64)
-        self.passes, self.step_ms = 0, []
+        self.passes = 0          # passes run so far, every run together
+        self.ms = 0.0            # the last pass's wall time
         self.fault = _fault_pass(comm.rank)
 
     def exchange(self, p: Pass | None) -> Pass | None:
@@ -124,23 +125,20 @@ class Runner:
                 logits = self.comm.gather_rows(local, self.model.vocab_counts)
             elif p.n_out:
                 best = self.comm.argmax_rows(local, self.model.vocab_offset)
-        ms = (time.perf_counter() - t0) * 1e3
-        self.step_ms.append(ms)
+        self.ms = ms = (time.perf_counter() - t0) * 1e3
         if self.on_pass is not None:
             self.on_pass(self.passes, ms, (self.comm.allreduce_s - c0) * 1e3,
                          self.comm.allreduce_bytes - b0)
         self.passes += 1
         return p, logits, best
 
-    def follow(self) -> None:
-        """Ranks other than 0: run passes until rank 0 ends the run."""
+    def follow(self) -> list[float]:
+        """Ranks other than 0: run passes until rank 0 ends the run; the wall time of each
+        of its passes, in ms."""
+        ms = []
         while self.run(None)[0] is not None:
-            pass
-
-
-def kv_positions(n: int) -> int:
-    """Cache positions a slot holds for n positions (its growth step rounded up)."""
-    return -(-n // KV_STEP) * KV_STEP
+            ms.append(self.ms)
+        return ms
 
 
 @dataclass
@@ -200,17 +198,9 @@ class Batch:
         if not free:
             return False
         prompt = session.prompt_ids
-
-        def reuse(slot: int) -> int:   # positions of the prompt already cached in ``slot``
-            if not self.reuse:
-                return 0
-            cached, n = self.model.cached.get(slot, []), 0
-            for a, b in zip(cached, prompt[:-1]):   # the last prompt token is always run
-                if a != b:
-                    break
-                n += 1
-            return n
-        slot = max(free, key=lambda s: (reuse(s), -self.model.capacity(s) if reuse(s) == 0
+        # positions of the prompt already cached in each free slot
+        reuse = {s: self.model.reusable(s, prompt) if self.reuse else 0 for s in free}
+        slot = max(free, key=lambda s: (reuse[s], -self.model.capacity(s) if reuse[s] == 0
                                         else 0, -self.last_use[s]))
         need = kv_positions(len(prompt) + session.max_tokens)
         if self.budget is not None:
@@ -226,7 +216,7 @@ class Batch:
                     self.drafter.drop(s)
             if held + max(need, self.model.capacity(slot)) > self.budget:
                 return False
-        n = reuse(slot)
+        n = reuse[slot]
         session.result.cached_tokens = n
         now = time.perf_counter()
         self.seqs.append(Seq(session, slot, n, prompt[n:], need, now))

@@ -81,7 +81,7 @@ def run_bench(comm, loaded, prompt_len: int, gen_len: int, reps: int, seed: int 
                        on_step=lambda i, ms, c, b: step_comm.append(c), reuse=False)
         if rep == 0:
             continue
-        passes = 1 + len(res.step_ms)
+        passes = res.forward_passes    # every rank counted each forward pass
         ttft.append(res.ttft_ms)
         steps.extend(res.step_ms)
         prefill_comm.append(step_comm[0])

@@ -47,11 +47,7 @@ class ModelDrafter:
         """Up to ``k`` tokens the small model expects after ``history`` (token ids)."""
         if k < 1:
             return []
-        cached, n = self.model.cached.get(slot, []), 0
-        for a, b in zip(cached, history[:-1]):   # the last token is always run
-            if a != b:
-                break
-            n += 1
+        n = self.model.reusable(slot, history)
         new = torch.tensor(history[n:], dtype=torch.int64)
         logits = self.model.forward_batch([Segment(slot, n, new, 1, new.shape[0] > 1)])
         out, pos = [], len(history)

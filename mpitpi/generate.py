@@ -24,17 +24,14 @@ def generate(comm: Comm, model: Transformer, session: Session | None,
     One sequence in KV slot 0 (batch.Batch with one slot): the prompt positions still
     cached there from the previous call are reused (unless ``reuse`` is False).
     ``draft``: tokens guessed per pass (0: off), by rank 0's ``drafter`` (a small model,
-    draft.ModelDrafter) or by prompt lookup. ``on_step(pass, ms,
-    comm_ms, bytes)`` is called on every rank after each forward pass with its wall time,
-    its time inside all-reduces and the bytes this rank sent in them. Returns rank 0's
-    session result on rank 0; elsewhere a Result
-    with the pass count and timings.
+    draft.ModelDrafter) or by prompt lookup. ``on_step(pass, ms, comm_ms, bytes)`` is
+    called on every rank after each forward pass with its wall time, its time inside
+    all-reduces and the bytes this rank sent in them. Returns rank 0's session result on
+    rank 0; elsewhere a Result with the pass count and timings.
     """
     if session is None:
-        runner = Runner(comm, model, on_step)
-        runner.follow()
-        return Result(forward_passes=runner.passes, step_ms=runner.step_ms[1:],
-                      ttft_ms=runner.step_ms[0] if runner.step_ms else 0.0)
+        ms = Runner(comm, model, on_step).follow()
+        return Result(forward_passes=len(ms), step_ms=ms[1:], ttft_ms=ms[0] if ms else 0.0)
     batch = Batch(comm, model, draft=draft, on_pass=on_step, reuse=reuse, drafter=drafter)
     batch.admit(session)
     while batch.active:

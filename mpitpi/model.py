@@ -40,6 +40,11 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 KV_STEP = 256   # a slot's cache grows by this many positions at a time
 
 
+def kv_positions(n: int) -> int:
+    """Cache positions a slot holds for n positions (its growth step rounded up)."""
+    return -(-n // KV_STEP) * KV_STEP
+
+
 @dataclass
 class Segment:
     """Rows of one sequence in a forward pass: ``tokens`` (T,) at positions
@@ -159,7 +164,7 @@ class Transformer:
         old = self.capacity(slot)
         if n <= old:
             return
-        cap = -(-n // KV_STEP) * KV_STEP
+        cap = kv_positions(n)
         ks, vs = [], []
         for i in range(self.n_layers):   # per layer: (n_kv, cap, hd), the old part copied
             for new, caches in ((ks, self.cache_k), (vs, self.cache_v)):
@@ -171,6 +176,16 @@ class Transformer:
         self.kv_ptrs[slot] = np.array([[k.data_ptr(), v.data_ptr()] for k, v in zip(ks, vs)],
                                       np.int64).reshape(self.n_layers, 2)
         self.cached.setdefault(slot, [])
+
+    def reusable(self, slot: int, ids: list[int]) -> int:
+        """Leading positions of ``ids`` whose keys and values slot ``slot`` already holds
+        (all but the last id at most: a pass needs a row to give logits)."""
+        n = 0
+        for a, b in zip(self.cached.get(slot, []), ids[:-1]):
+            if a != b:
+                break
+            n += 1
+        return n
 
     def drop(self, slot: int) -> None:
         """Free slot ``slot``'s cache (its memory goes back; its prefix is forgotten)."""

@@ -92,7 +92,6 @@ def run_offline(comm, model, requests: list[Request] | None, out_path: str | Non
                 for r in requests]
     batch = Batch(comm, model, max_batch, draft=draft, drafter=drafter)
     done, written, waiting = set(), 0, list(range(len(sessions)))
-    passes = 0
     with open(out_path, "x", encoding="utf-8") as f, \
             tqdm(total=len(sessions), unit="prompt", file=sys.stderr) as bar:
         while waiting or batch.active:
@@ -101,13 +100,12 @@ def run_offline(comm, model, requests: list[Request] | None, out_path: str | Non
             for s in batch.step():
                 done.add(sessions.index(s))
                 bar.update(1)
-            passes += 1
             while written in done:   # in input order, as soon as the earlier ones are done
                 f.write(json.dumps(_line(written, sessions[written])) + "\n")
                 f.flush()
                 written += 1
         batch.close()
-    tokens = sum(len(s.result.token_ids) for s in sessions)
+    tokens, passes = sum(len(s.result.token_ids) for s in sessions), batch.runner.passes
     secs = time.perf_counter() - t0
     print(f"[mpitpi] {len(sessions)} prompts, {tokens} tokens in {secs:.1f} s "
           f"({tokens / secs:.1f} tokens/s, {passes} forward passes) on {comm.size} ranks -> "
