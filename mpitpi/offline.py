@@ -58,7 +58,10 @@ def read_prompts(path: str, tok, params: SamplingParams, max_tokens: int, stops:
             raise MpitpiError(f"{where}: unknown field(s) {unknown}; known: {sorted(KEYS)}.")
         try:
             if "prompt_ids" in obj:
-                ids = [int(i) for i in obj["prompt_ids"]]
+                ids = obj["prompt_ids"]
+                if not (isinstance(ids, list) and all(
+                        isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+                    raise MpitpiError("\"prompt_ids\" must be a list of integers")
             elif tok is None:
                 raise MpitpiError("this model has no tokenizer: give \"prompt_ids\"")
             elif "messages" in obj:
@@ -67,7 +70,9 @@ def read_prompts(path: str, tok, params: SamplingParams, max_tokens: int, stops:
                 ids = tok.encode(str(obj["prompt"]))
             given = {k: obj[k] for k in obj if k in SamplingParams.__dataclass_fields__}
             p = replace(params, **given).check()
-            m = int(obj.get("max_tokens", max_tokens))
+            m = obj.get("max_tokens", max_tokens)
+            if not isinstance(m, int) or isinstance(m, bool):
+                raise MpitpiError(f"\"max_tokens\" must be an integer, got {m!r}")
             s = obj.get("stop", stops)
             s = [s] if isinstance(s, str) else list(s)
             check_prompt(ids, m, vocab_size, max_seq_len)

@@ -123,11 +123,14 @@ def test_a_prompts_file_runs_as_one_batch_in_input_order(tmp_path):
     again = run_mpi(1, ["generate", "--model", "smollm2-135m", "--prompts-file", str(src),
                         "--out", str(out)], timeout=120)     # never over the answers
     assert again.returncode != 0 and "not overwritten" in again.stderr
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "x"}\n{"promt": "y"}\n')
-    r = run_mpi(1, ["generate", "--model", "smollm2-135m", "--prompts-file", str(bad),
-                    "--out", str(tmp_path / "o2.jsonl")], timeout=120)
-    assert r.returncode != 0 and "line 2" in r.stderr and not (tmp_path / "o2.jsonl").exists()
+    for line, words in (('{"promt": "y"}', 'needs a "prompt"'),
+                        ('{"prompt_ids": [1e999]}', "list of integers")):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"prompt": "x"}\n' + line + "\n")
+        r = run_mpi(1, ["generate", "--model", "smollm2-135m", "--prompts-file", str(bad),
+                        "--out", str(tmp_path / "o2.jsonl")], timeout=120)
+        assert r.returncode != 0 and "line 2" in r.stderr and words in r.stderr, r.stderr
+        assert not (tmp_path / "o2.jsonl").exists()
 
 
 def test_a_second_chat_turn_reuses_the_first():
