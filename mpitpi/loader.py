@@ -14,6 +14,10 @@ import os
 import sys
 from dataclasses import dataclass
 
+import torch
+from tqdm import tqdm
+
+from mpitpi import choices
 from mpitpi.checkpoint import fingerprint, natural_dtype, open_checkpoint, resolve_model
 from mpitpi.comm import Comm
 from mpitpi.config import ModelArgs
@@ -123,32 +127,44 @@ def measure_ratios(comm: Comm, model_path: str | None, dtype: str | None,
 
 def open_rank(folder: str, rank: int, world_size: int, fingerprint: str | None,
               verify: bool = True, drop_cache: bool = False, budget: int | None = None,
-              window: int | None = None) -> tuple[ModelArgs, list[RankSlice], TopWeights,
-                                                  LayerStore]:
+              window: int | None = None, progress: bool = False
+              ) -> tuple[ModelArgs, list[RankSlice], TopWeights, LayerStore]:
     """One rank, no MPI: read the manifest of ``folder``, check it, open rank ``rank``'s
     file. Returns the model's args, the plan, this rank's vocabulary rows and its layers:
     all resident unless ``window`` (stream every layer through that many slots) or
-    ``budget`` bytes (keep as many resident as fit, stream the rest) is given."""
+    ``budget`` bytes (keep as many resident as fit, stream the rest) is given. ``progress``:
+    a bar on stderr over the bytes read now (the vocabulary rows, then each resident layer)."""
     man = read_manifest(folder)
     check_manifest(man, folder, world_size, fingerprint)
     args = ModelArgs.from_dict(man["args"])
     plan = [RankSlice.from_dict(d) for d in man["plan"]]
     reader = ShardReader(folder, rank, man, verify=verify, drop_cache=drop_cache)
+    top_names = [n for n in reader.checksums if n.startswith("vocab/") or n == "norm"]
+    per_layer = layer_bytes(reader)
+    bar = tqdm(total=sum(reader.nbytes(n) for n in top_names) + args.n_layers * per_layer,
+               desc=f"load rank {rank}", unit="B", unit_scale=True, unit_divisor=1024,
+               disable=not progress, file=sys.stderr, mininterval=0.5)
     try:
         # matrices stay in the stored dtype (weights.Weight computes in it); vectors fp32
-        stored = {n.removeprefix("vocab/"): reader.read(n)
-                  for n in reader.checksums if n.startswith("vocab/") or n == "norm"}
+        stored = {n.removeprefix("vocab/"): reader.read(n) for n in top_names}
         top = TopWeights.from_stored(vectors_fp32(stored))
-        per_layer = layer_bytes(reader)
+        bar.update(sum(reader.nbytes(n) for n in top_names))
         n_res, w = plan_residency(args.n_layers, per_layer, top.nbytes, budget, window)
         if w is None:
-            layers = Resident([read_layer(reader, i) for i in range(args.n_layers)], per_layer)
+            resident = []
+            for i in range(args.n_layers):
+                resident.append(read_layer(reader, i))
+                bar.update(per_layer)
+            layers = Resident(resident, per_layer)
             reader.close()
-        else:
+        else:   # the rest streams while generating: the bar ends at what is read now
+            bar.total = bar.n
             layers = Streamed(reader, args.n_layers, n_res, w)
     except BaseException:
         reader.close()
         raise
+    finally:
+        bar.close()
     return args, plan, top, layers
 
 
@@ -167,7 +183,44 @@ def load_model(comm: Comm, model_path: str | None, shards: str | None, ratios: s
     budget = comm.checked(parse_size, memory_budget) if memory_budget else None
     args, plan, top, layers = comm.checked(open_rank, folder, comm.rank, comm.size,
                                            info["fingerprint"], verify, drop_cache, budget,
-                                           window)
+                                           window, progress and comm.rank == 0)
     model = Transformer(args, plan, comm.rank, top, layers, reduce=comm.allreduce_)
     return Loaded(model, args, plan, info["shards"], info["tokenizer"], info["fingerprint"],
                   info["dtype"])
+
+
+def _threads(local_ranks: int, requested: int | str) -> int:
+    """--threads N, or for 'auto' the fastest count up to the host's cores divided by the
+    job's ranks on this host (every rank of the host measures at once)."""
+    if requested != "auto":
+        return int(requested)
+    cores = len(os.sched_getaffinity(0))
+    return choices.best_threads(max(1, min(cores, (os.cpu_count() or 1) // local_ranks)))
+
+
+def start_model(comm: Comm, model_path: str | None, shards: str | None = None,
+                ratios: str | None = None, dtype: str | None = None,
+                threads: int | str = "auto", verify: bool = True, progress: bool = True,
+                window: int | None = None, memory_budget: str | None = None,
+                drop_cache: bool = False, local_shards: str | None = None,
+                stall_timeout: float = 60.0) -> Loaded:
+    """Collective: torch threads for this rank (``threads``: a count or 'auto'), then its
+    model (``load_model``; a progress bar on rank 0 when ``progress``), then the stall
+    timeout (seconds a rank may go unanswered once loaded; 0: wait forever)."""
+    def check():
+        if not stall_timeout >= 0:
+            raise MpitpiError(f"--stall-timeout must be >= 0 (0: off), got {stall_timeout}.")
+    comm.root_checked(check)
+    local_ranks = comm.local_size()
+    n = comm.checked(_threads, local_ranks, threads)
+    torch.set_num_threads(n)
+    # more busy threads than cores on this host: waiting ranks must yield their core
+    comm.polite = local_ranks * n > (os.cpu_count() or 1)
+    loaded = load_model(comm, model_path, shards, ratios, dtype, verify=verify,
+                        progress=progress and comm.rank == 0, window=window,
+                        memory_budget=memory_budget, drop_cache=drop_cache,
+                        local_shards=local_shards)
+    if threads == "auto" and n >= 2 and loaded.model.layers.window is not None:
+        torch.set_num_threads(n - 1)   # leave a core to the layer reader (measured)
+    comm.stall_timeout = stall_timeout or None   # every rank at once: bcast_obj changes
+    return loaded

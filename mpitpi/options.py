@@ -15,8 +15,26 @@ from mpitpi.sampling import SamplingParams
 from mpitpi.synth import SHAPES
 from mpitpi.weights import DTYPES
 
-MODEL_HELP = "a Hugging Face folder (config.json + *.safetensors), a .gguf file, or the " \
-             "bundled 'smollm2-135m'"
+MODEL_HELP = "a Hugging Face folder (config.json + *.safetensors), a .gguf file, a Hugging " \
+             "Face model id found in the local Hugging Face cache (e.g. " \
+             "HuggingFaceTB/SmolLM2-135M-Instruct), or the bundled 'smollm2-135m'"
+LOG_LEVELS = ("warning", "info", "debug")
+
+
+def env_default(var: str, fallback=None):
+    """An option's default from the environment variable ``var`` (unset or empty: fallback);
+    argparse applies the option's type to it, so a bad value is refused like a typed one."""
+    return os.environ.get(var) or fallback
+
+
+def add_log_level(p: argparse.ArgumentParser, top: bool) -> None:
+    """--log-level, before the subcommand (``top``, default $MPITPI_LOG_LEVEL or info) or after
+    it (no default there: the top-level value stays unless given)."""
+    p.add_argument("--log-level", choices=LOG_LEVELS,
+                   default=env_default("MPITPI_LOG_LEVEL", "info") if top else argparse.SUPPRESS,
+                   help="warning: errors and results only, no progress bars; info (default, "
+                   "or $MPITPI_LOG_LEVEL): progress bars too; debug: also the traceback "
+                   "behind every error")
 
 
 def threads_arg(text: str) -> int | str:
@@ -42,7 +60,8 @@ def add_dtype(p: argparse.ArgumentParser, what: str = "weight dtype of the shard
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--model", default=env_default("MPITPI_MODEL"),
+                   help=MODEL_HELP + " (default: $MPITPI_MODEL)")
     p.add_argument("--shards", help="a shard folder made by `mpitpi split` (default: split once "
                    "into a cache folder under $MPITPI_CACHE or ~/.cache/mpitpi, then reuse)")
     p.add_argument("--ratios", help="per-rank shares of heads, FFN columns and vocabulary, "
@@ -174,9 +193,14 @@ def args_chat(p: argparse.ArgumentParser) -> None:
 
 def args_serve(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--host", default=env_default("MPITPI_HOST", "127.0.0.1"),
+                   help="address to bind (default $MPITPI_HOST or 127.0.0.1; 0.0.0.0: every "
+                   "interface)")
+    p.add_argument("--port", type=int, default=env_default("MPITPI_PORT", 8000),
+                   help="port (default $MPITPI_PORT or 8000; 0 = any free)")
+    p.add_argument("--api-key", default=env_default("MPITPI_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 requests (default "
+                   "$MPITPI_API_KEY: the environment keeps the key out of `ps`)")
     p.add_argument("--name", help="model name in the API (default: from --model)")
     p.add_argument("--max-tokens", type=int, default=512,
                    help="completion length when a request gives none (default 512)")
