@@ -176,7 +176,8 @@ def args_serve(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests, "
+                   "/tokenize, /detokenize and /metrics (docs/ENDPOINTS.md)")
     p.add_argument("--name", help="model name in the API (default: from --model)")
     p.add_argument("--max-tokens", type=int, default=512,
                    help="completion length when a request gives none (default 512)")
