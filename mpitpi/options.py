@@ -199,8 +199,9 @@ def args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=env_default("MPITPI_PORT", 8000),
                    help="port (default $MPITPI_PORT or 8000; 0 = any free)")
     p.add_argument("--api-key", default=env_default("MPITPI_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 requests (default "
-                   "$MPITPI_API_KEY: the environment keeps the key out of `ps`)")
+                   help="require 'Authorization: Bearer KEY' on /v1 requests, /tokenize, "
+                   "/detokenize and /metrics (docs/ENDPOINTS.md; default $MPITPI_API_KEY: the "
+                   "environment keeps the key out of `ps`)")
     p.add_argument("--name", help="model name in the API (default: from --model)")
     p.add_argument("--max-tokens", type=int, default=512,
                    help="completion length when a request gives none (default 512)")

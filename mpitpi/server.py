@@ -28,10 +28,13 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
+from mpitpi import tokens
 from mpitpi.api import BadRequest, Done, Failed, Job, Reply, Text, parse_request
 from mpitpi.batch import Batch, Runner
 from mpitpi.errors import MpitpiError
+from mpitpi.metrics import CONTENT_TYPE, Metrics
 from mpitpi.profile import available_memory_mb
 from mpitpi.sampling import Sampler
 from mpitpi.session import Session, check_prompt
@@ -39,7 +42,9 @@ from mpitpi.session import Session, check_prompt
 MAX_BODY = 8 * 2**20   # bytes of a request body
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 ROUTES = {"/health": "GET", "/": "GET", "/index.html": "GET", "/v1/models": "GET",
-          "/v1/chat/completions": "POST", "/v1/completions": "POST"}
+          "/v1/models/{id}": "GET", "/metrics": "GET", "/tokenize": "POST",
+          "/detokenize": "POST", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
+MODEL_PATH = "/v1/models/"   # + a model id: the route /v1/models/{id}
 ALLOW = {"GET": "GET, HEAD, OPTIONS", "POST": "POST, OPTIONS"}
 
 
@@ -74,6 +79,12 @@ class App:
         self.busy = False          # the engine is inside a run of passes
         self.last_progress = 0.0   # monotonic time of its last token or prefill chunk
         self.longest_gap = 0.0     # the longest wait for progress seen so far
+        self.metrics = Metrics(lambda: self.jobs.qsize() + len(self.waiting),
+                               lambda: len(self.running), lambda: comm.allreduce_s, comm.size)
+
+    def model_object(self) -> dict:   # the served model, as /v1/models lists it
+        return {"id": self.opts.name, "object": "model", "created": self.created,
+                "owned_by": "mpitpi"}
 
     def submit(self, job: Job) -> None:
         """Handler thread: queue the tokenized ``job``; 400 if it exceeds the context, 503
@@ -151,6 +162,7 @@ class App:
 
     def _finished(self, session: Session) -> None:
         job = self.running.pop(id(session))
+        self.metrics.finished(session.result)
         if session.result.finish_reason != "cancelled":
             return job.events.put(Done(session.result))
         why = ("the server is shutting down.", 503) if self.stopping.is_set() else (
@@ -172,11 +184,9 @@ class App:
                     for session in self.batch.step():
                         self._finished(session)
                 elif self.busy:
-                    self.batch.close()
-                    self.busy = False
+                    self._end_run()
             if self.busy:
-                self.batch.close()
-                self.busy = False
+                self._end_run()
         except BaseException as e:
             for job in self.running.values():
                 job.events.put(Failed(f"generation failed: {e}"))
@@ -187,14 +197,23 @@ class App:
             self.jobs.get().events.put(Failed("the server is shutting down.", 503))
         self.comm.send_command({"op": "quit"})
 
+    def _end_run(self) -> None:
+        """Collective: end the run of passes, then gather every rank's all-reduce seconds
+        for /metrics (once per run; ``follow`` sends them)."""
+        self.batch.close()
+        self.busy = False
+        self.metrics.set_ranks(self.comm.gather_obj(self.comm.allreduce_s))
+
 
 def follow(comm, loaded) -> None:
-    """Ranks other than 0: run each run of passes rank 0 starts, until told to quit."""
+    """Ranks other than 0: run each run of passes rank 0 starts, until told to quit; after
+    each run, send rank 0 this rank's all-reduce seconds (App._end_run)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # rank 0 leads the shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     runner = Runner(comm, loaded.model)
     while comm.wait_command()["op"] != "quit":
         runner.follow()
+        comm.gather_obj(comm.allreduce_s)
 
 
 def closed(sock: socket.socket) -> bool:
@@ -219,6 +238,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "mpitpi"
     timeout = 60        # seconds one read or write of the socket may block
     origin = None       # the request's Origin, once allowed (answers then carry CORS headers)
+    route = None        # the request's key in ROUTES (None: no route), for /metrics
 
     def log_message(self, fmt, *args):   # one line per request on stderr, non-printables escaped
         line = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in fmt % args)
@@ -227,7 +247,9 @@ class Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         """Every method: route it; answer every failure (a bug too) with a JSON error."""
         self.origin, self.answered, self.app = None, False, self.server.app  # answered: head sent
-        want = ROUTES.get(path := self.path.split("?")[0])
+        path = self.path.split("?")[0]
+        route = "/v1/models/{id}" if path.startswith(MODEL_PATH) and path != MODEL_PATH else path
+        self.route = route if (want := ROUTES.get(route)) else None
         try:
             self.origin = self._allowed_origin()
             if self.command == "OPTIONS" and want:   # with an Origin: a CORS preflight
@@ -235,6 +257,8 @@ class Handler(BaseHTTPRequestHandler):
                         600, "Access-Control-Allow-Headers": "Authorization, Content-Type"}
                 return self._head(204, {"Allow": ALLOW[want], **(cors if self.origin else {})})
             if self.command == want or (self.command == "HEAD" and want == "GET"):
+                if path in ("/tokenize", "/detokenize"):
+                    return self._tokens(path)
                 return self._post(path) if want == "POST" else self._get(path)
             if not want and self.command in ("GET", "POST"):
                 raise BadRequest(404, f"no such path: {path}", kind="not_found_error")
@@ -269,6 +293,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _head(self, status: int, headers: dict) -> None:   # + CORS for an allowed Origin
         self.answered = True
+        self.server.app.metrics.answered(self.route or "other", status)
         self.send_response(status)
         if self.origin:
             headers.update({"Access-Control-Allow-Origin": self.origin, "Vary": "Origin"})
@@ -291,7 +316,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(e.status, e.body, extra)
 
     def send_error(self, code, message=None, explain=None):   # http.server's own, as JSON
-        self.close_connection, self.origin = True, None
+        self.close_connection, self.origin, self.route = True, None, None
         self._send(code, BadRequest(code, message or explain or "bad request").body)
 
     def _get(self, path: str) -> None:
@@ -300,10 +325,24 @@ class Handler(BaseHTTPRequestHandler):
         if path in ("/", "/index.html"):
             with open(os.path.join(STATIC, "chat.html"), "rb") as f:
                 return self._send(200, f.read(), ctype="text/html; charset=utf-8")
+        self._auth()   # /v1 and /metrics
+        if path == "/metrics":
+            return self._send(200, self.app.metrics.render(), ctype=CONTENT_TYPE)
+        if path.startswith(MODEL_PATH):
+            if (name := unquote(path[len(MODEL_PATH):])) != self.app.opts.name:
+                raise BadRequest(404, f"model {name!r} is not served here; this server serves "
+                                 f"{self.app.opts.name!r}.", "model", code="model_not_found")
+            return self._send(200, self.app.model_object())
+        self._send(200, {"object": "list", "data": [self.app.model_object()]})
+
+    def _tokens(self, path: str) -> None:
+        """POST /tokenize and /detokenize (llama-server's): the tokenizer alone, no ranks."""
         self._auth()
-        self._send(200, {"object": "list", "data": [{
-            "id": self.app.opts.name, "object": "model", "created": self.app.created,
-            "owned_by": "mpitpi"}]})
+        ctype = self.headers.get("Content-Type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise BadRequest(415, f"send 'Content-Type: application/json', not {ctype!r}.")
+        answer = tokens.tokenize if path == "/tokenize" else tokens.detokenize
+        self._send(200, answer(self.app.tok, self._body()))
 
     def _body(self) -> dict:
         """The request's JSON object; its length is checked before anything is read."""

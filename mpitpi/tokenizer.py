@@ -28,6 +28,17 @@ _SPLIT = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "qwen2": _QWEN2}
 CHAT_FILE = "chat.json"   # mpitpi's own record of the chat template, beside tokenizer.json
 
 
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's alphabet: each byte is written as one printable character (itself
+    for printable Latin-1 bytes other than the soft hyphen, else chr(256 + n) in byte order)."""
+    kept = [b for b in range(256) if 0x21 <= b <= 0x7E or 0xA1 <= b <= 0xFF and b != 0xAD]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + n): b for n, b in enumerate(moved)}}
+
+
+_BYTE_OF = _byte_level_chars()   # the character of a byte-level token -> its byte
+
+
 class Tokenizer:
     """A ``tokenizers`` tokenizer plus the model's chat template and special tokens."""
 
@@ -47,8 +58,32 @@ class Tokenizer:
                               f"Fix: send valid UTF-8 text.")
         return self.tok.encode(text, add_special_tokens=special).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        """The text of ``ids``; ``special``: special tokens (BOS, EOS...) as their text too."""
+        return self.tok.decode(ids, skip_special_tokens=not special)
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids 0..vocab_size-1 are the tokenizer's (added tokens included)."""
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def piece(self, token: int) -> str | list[int]:
+        """The text of one token; its bytes as a list of ints when they are not whole UTF-8
+        (a byte-level token holding part of a character, or a <0xNN> byte token)."""
+        text = self.decode([token], special=True)
+        if "\ufffd" not in text:
+            return text
+        name = self.tok.id_to_token(token) or ""
+        if len(name) == 6 and name.startswith("<0x") and name.endswith(">"):
+            data = bytes([int(name[3:5], 16)])
+        elif all(c in _BYTE_OF for c in name):
+            data = bytes(_BYTE_OF[c] for c in name)
+        else:
+            return text
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return list(data)
 
     def render_chat(self, messages: list[dict]) -> str:
         """The chat template applied to ``messages`` with the assistant's turn opened."""
