@@ -94,29 +94,34 @@ def test_half_precision_logits_stay_close(hf_gguf, tok, tmp_path, dtype):
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("question,fact", GOLDEN)
-def test_golden_answers_identical_for_every_world_size(question, fact):
+def golden_texts(n: int, tmp_path, dtype: str | None = None) -> list[str]:
+    """The answers to every golden question from one `generate --prompts-file` run on ``n``
+    ranks (one batch: a row's numbers do not depend on its neighbours, tests/test_batch.py)."""
+    prompts, out = tmp_path / f"golden-{n}.jsonl", tmp_path / f"answers-{n}.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n"
+                               for q, _ in GOLDEN))
+    r = run_mpi(n, ["generate", "--model", "smollm2-135m", *(["--dtype", dtype] if dtype else []),
+                    "--prompts-file", str(prompts), "--out", str(out), "--max-tokens", "32"],
+                timeout=300)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line)["text"] for line in out.read_text().splitlines()]
+
+
+def test_golden_answers_identical_for_every_world_size(tmp_path):
     """Float shards: the same text whatever the split (sums differ only in the last bits)."""
-    texts = []
-    for n in (1, 2, 3, 4):
-        r = run_mpi(n, ["generate", "--model", "smollm2-135m", "--dtype", "fp16", "--chat",
-                        "--prompt", question, "--max-tokens", "32", "--json"], timeout=300)
-        assert r.returncode == 0, r.stderr
-        texts.append(json.loads(r.stdout)["text"])
-    assert fact in texts[0], texts[0]
+    texts = [golden_texts(n, tmp_path, "fp16") for n in (1, 2, 3, 4)]
+    for (question, fact), text in zip(GOLDEN, texts[0]):
+        assert fact in text, (question, text)
     assert texts == [texts[0]] * 4, texts
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_golden_answers_right_in_the_default_int4(n):
+def test_golden_answers_right_in_the_default_int4(n, tmp_path):
     """The default storage of the Q4_1 file (int4, its own blocks): every golden answer
     right. Its decode rounds activations to int8, so a last-bit difference between splits can
     move a later word: the texts of different world sizes may differ (README, limits)."""
-    for question, fact in GOLDEN:
-        r = run_mpi(n, ["generate", "--model", "smollm2-135m", "--chat", "--prompt", question,
-                        "--max-tokens", "32", "--json"], timeout=300)
-        assert r.returncode == 0, r.stderr
-        assert fact in json.loads(r.stdout)["text"], (question, r.stdout)
+    for (question, fact), text in zip(GOLDEN, golden_texts(n, tmp_path)):
+        assert fact in text, (question, text)
 
 
 def test_chat_repl_multi_turn_reset_and_end_of_input():
