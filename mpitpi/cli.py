@@ -106,7 +106,8 @@ def start(a: argparse.Namespace, comm: Comm) -> Loaded:
     return start_model(comm, a.model, a.shards, a.ratios, a.dtype, threads=a.threads,
                        verify=not a.no_verify, progress=progress(a), window=a.window,
                        memory_budget=a.memory_budget, drop_cache=a.drop_cache,
-                       local_shards=a.local_shards, stall_timeout=a.stall_timeout)
+                       local_shards=a.local_shards, stall_timeout=a.stall_timeout,
+                       vocab_dtype=a.vocab_dtype)
 
 
 def start_drafter(a: argparse.Namespace, comm: Comm, loaded: Loaded) -> ModelDrafter | None:
@@ -140,7 +141,7 @@ def cmd_split(a: argparse.Namespace) -> int:
     plan_for_args(ckpt.args, a.world_size, ratios)   # bad world size / ratios: error first
     check_out_folder(a.out)
     man = write_shards(ckpt, a.out, a.world_size, ratios, a.dtype or natural_dtype(a.model),
-                       progress=progress(a))
+                       progress=progress(a), vocab_dtype=a.vocab_dtype)
     total = sum(f["size"] for f in man["files"]) / 2**20
     print(f"wrote {a.world_size} shard files ({total:.1f} MiB) and manifest.json to {a.out}")
     return 0

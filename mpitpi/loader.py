@@ -35,10 +35,10 @@ from mpitpi.weights import TopWeights, vectors_fp32
 
 
 def cache_folder(model_path: str, fingerprint: str, world_size: int,
-                 ratios: list[float] | None, dtype: str) -> str:
+                 ratios: list[float] | None, dtype: str, vocab_dtype: str | None = None) -> str:
     key = json.dumps([fingerprint, world_size, ratios, dtype] +
                      ([GROUP] if dtype == "int8" else ["int4", BLOCK] if dtype == "int4"
-                      else []))
+                      else []) + ([] if vocab_dtype is None else ["vocab", vocab_dtype]))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     name = os.path.basename(os.path.normpath(model_path)) or "model"
     return os.path.join(cache_root(), "shards", f"{name}-n{world_size}-{dtype}-{digest}")
@@ -55,12 +55,16 @@ class Loaded:
     dtype: str                 # the shards' storage dtype (manifest)
 
 
-def _check_asked(shards: str, world_size: int, ratios, dtype) -> None:
-    """--ratios / --dtype given with --shards must agree with how the shards were made."""
+def _check_asked(shards: str, world_size: int, ratios, dtype, vocab_dtype=None) -> None:
+    """--ratios / --dtype / --vocab-dtype given with --shards must agree with how the shards
+    were made."""
     man = read_manifest(shards)
     if dtype is not None and man["dtype"] != dtype:
         raise MpitpiError(f"shards in {shards!r} store {man['dtype']}, not the --dtype {dtype} "
                           f"asked for. Fix: drop --dtype, or split again with --dtype {dtype}.")
+    if vocab_dtype is not None and man.get("vocab_dtype") != vocab_dtype:
+        raise MpitpiError(f"shards in {shards!r} were made without --vocab-dtype {vocab_dtype}. "
+                          f"Fix: drop --vocab-dtype, or split again with it.")
     if ratios is not None and man["world_size"] == world_size:
         args = ModelArgs.from_dict(man["args"])
         wanted = [s.to_dict() for s in plan_for_args(args, world_size, ratios)]
@@ -70,7 +74,8 @@ def _check_asked(shards: str, world_size: int, ratios, dtype) -> None:
                               f"--ratios, or split again with these ratios.")
 
 
-def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress) -> dict:
+def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress,
+                    vocab_dtype=None) -> dict:
     """Rank 0: find (or make, from the checkpoint) the shard folder. Returns what all need.
 
     The checkpoint is opened only to split it: a valid cached split needs only the model's
@@ -78,7 +83,7 @@ def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress
     """
     ratios = parse_ratios(ratios_text, world_size)
     if shards is not None:
-        _check_asked(shards, world_size, ratios, dtype)
+        _check_asked(shards, world_size, ratios, dtype, vocab_dtype)
     fp = None
     if model_path is None:
         if shards is None:
@@ -93,7 +98,7 @@ def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress
             raise
         if shards is None:
             dtype = dtype or natural_dtype(path)
-            shards = cache_folder(model_path, fp, world_size, ratios, dtype)
+            shards = cache_folder(model_path, fp, world_size, ratios, dtype, vocab_dtype)
             valid = False
             if os.path.isfile(os.path.join(shards, MANIFEST)):
                 try:
@@ -103,7 +108,7 @@ def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress
                     valid = False
             if not valid:
                 write_shards(open_checkpoint(path), shards, world_size, ratios, dtype,
-                             progress=progress)
+                             progress=progress, vocab_dtype=vocab_dtype)
     tok = os.path.join(shards, "tokenizer.json")
     return {"shards": shards, "fingerprint": fp, "tokenizer": tok if os.path.isfile(tok) else None,
             "dtype": read_manifest(shards)["dtype"]}
@@ -171,12 +176,13 @@ def open_rank(folder: str, rank: int, world_size: int, fingerprint: str | None,
 def load_model(comm: Comm, model_path: str | None, shards: str | None, ratios: str | None,
                dtype: str | None = None, verify: bool = True, progress: bool = True,
                window: int | None = None, memory_budget: str | None = None,
-               drop_cache: bool = False, local_shards: str | None = None) -> Loaded:
+               drop_cache: bool = False, local_shards: str | None = None,
+               vocab_dtype: str | None = None) -> Loaded:
     """Collective: every rank gets its Transformer (see ``open_rank`` for its layers)."""
     if ratios == "auto":
         ratios, _ = measure_ratios(comm, model_path, dtype, memory_budget, progress)
     info = comm.root_checked(_resolve_shards, model_path, shards, comm.size, ratios, dtype,
-                             progress)
+                             progress, vocab_dtype)
     folder = info["shards"]
     if comm.size > 1:
         folder = ensure_shards(comm, info["shards"], local_shards, progress=progress)
@@ -203,7 +209,7 @@ def start_model(comm: Comm, model_path: str | None, shards: str | None = None,
                 threads: int | str = "auto", verify: bool = True, progress: bool = True,
                 window: int | None = None, memory_budget: str | None = None,
                 drop_cache: bool = False, local_shards: str | None = None,
-                stall_timeout: float = 60.0) -> Loaded:
+                stall_timeout: float = 60.0, vocab_dtype: str | None = None) -> Loaded:
     """Collective: torch threads for this rank (``threads``: a count or 'auto'), then its
     model (``load_model``; a progress bar on rank 0 when ``progress``), then the stall
     timeout (seconds a rank may go unanswered once loaded; 0: wait forever)."""
@@ -219,7 +225,7 @@ def start_model(comm: Comm, model_path: str | None, shards: str | None = None,
     loaded = load_model(comm, model_path, shards, ratios, dtype, verify=verify,
                         progress=progress and comm.rank == 0, window=window,
                         memory_budget=memory_budget, drop_cache=drop_cache,
-                        local_shards=local_shards)
+                        local_shards=local_shards, vocab_dtype=vocab_dtype)
     if threads == "auto" and n >= 2 and loaded.model.layers.window is not None:
         torch.set_num_threads(n - 1)   # leave a core to the layer reader (measured)
     comm.stall_timeout = stall_timeout or None   # every rank at once: bcast_obj changes

@@ -52,11 +52,16 @@ def threads_arg(text: str) -> int | str:
 
 # -- options shared by several commands -------------------------------------------------------
 
-def add_dtype(p: argparse.ArgumentParser, what: str = "weight dtype of the shards") -> None:
+def add_dtype(p: argparse.ArgumentParser, what: str = "weight dtype of the shards",
+              vocab: bool = True) -> None:
     p.add_argument("--dtype", choices=DTYPES, help=f"{what}; int8 and int4 are weight-only: "
                    "int8 with one scale per row and 64 columns, int4 in blocks of 32 columns "
                    "with a scale and offset each (default: the checkpoint's own; for a GGUF "
                    "file, what its weights' bits give: int4 for Q4 files)")
+    if vocab:
+        p.add_argument("--vocab-dtype", choices=DTYPES, help="storage of the embedding and "
+                       "lm_head matrices (default: int8 in int4 shards, else --dtype); int4 "
+                       "reads fewer bytes per token at a cost in quality (docs/BENCHMARKS.md)")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -249,7 +254,7 @@ def args_perplexity(p: argparse.ArgumentParser) -> None:
 
 def args_profile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    add_dtype(p, "dtype to measure")
+    add_dtype(p, "dtype to measure", vocab=False)
     p.add_argument("--memory-budget", help="memory each rank may use for weights (default: "
                    "its available memory)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")

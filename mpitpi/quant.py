@@ -109,7 +109,7 @@ def _quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def int4_values(q: torch.Tensor) -> torch.Tensor:
     """q (out, in/2) uint8 -> the 4-bit values (out, in/32, 32) uint8 in column order."""
-    b = q.reshape(q.shape[0], -1, 16)                                     # (out, B, 16)
+    b = q.reshape(q.shape[0], q.shape[1] // 16, 16)                      # (out, B, 16)
     return torch.cat([b & 15, b >> 4], dim=2)                             # (out, B, 32)
 
 
@@ -117,4 +117,4 @@ def dequantize_int4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.
     """q (rows, in/2) uint8, d and m (rows, in/32) fp16 -> (rows, in) fp32: n * d + m."""
     n = int4_values(q).float()
     w = n * d.float()[..., None] + m.float()[..., None]
-    return w.reshape(q.shape[0], -1)
+    return w.reshape(q.shape[0], q.shape[1] * 2)   # 0 rows too (an empty embedding lookup)

@@ -150,15 +150,19 @@ def check_out_folder(out: str) -> None:
 
 
 def write_shards(ckpt: Checkpoint, out: str, world_size: int, ratios: list[float] | None = None,
-                 dtype: str = "fp32", progress: bool = True) -> dict:
+                 dtype: str = "fp32", progress: bool = True,
+                 vocab_dtype: str | None = None) -> dict:
     """Split ``ckpt`` into ``out``: one HDF5 file per rank + manifest. Returns the manifest.
+    ``vocab_dtype``: the storage of the vocabulary matrices (default: int8 in int4 shards,
+    else ``dtype``; weights.storage_for).
 
     Reads the checkpoint slice by slice (never the whole model). Writes into a staging folder
     beside ``out`` and moves it into place only when every file is complete.
     """
-    if dtype not in DTYPES:
-        raise MpitpiError(f"--dtype {dtype!r} is not supported; choose one of "
-                          f"{', '.join(DTYPES)}.")
+    for flag, d in (("--dtype", dtype), ("--vocab-dtype", vocab_dtype or dtype)):
+        if d not in DTYPES:
+            raise MpitpiError(f"{flag} {d!r} is not supported; choose one of "
+                              f"{', '.join(DTYPES)}.")
     args = ckpt.args
     plan = plan_for_args(args, world_size, ratios)
     check_out_folder(out)
@@ -176,7 +180,7 @@ def write_shards(ckpt: Checkpoint, out: str, world_size: int, ratios: list[float
                 for s in plan:
                     prefix = "" if layer is None else f"layers/{layer}/"
                     for name, t in rank_tensors(ckpt, args, s, layer, dtype):
-                        for dname, a in stored_arrays(name, t, dtype):
+                        for dname, a in stored_arrays(name, t, dtype, vocab_dtype):
                             files[s.rank].create_dataset(prefix + dname, data=a)
                             sums[s.rank][prefix + dname] = zlib.crc32(a)
                     give_back_memory()
@@ -188,8 +192,9 @@ def write_shards(ckpt: Checkpoint, out: str, world_size: int, ratios: list[float
             "format": FORMAT, "version": VERSION,
             "model": {"path": os.path.abspath(ckpt.folder), "fingerprint": ckpt.fingerprint()},
             "args": args.to_dict(), "world_size": world_size, "ratios": ratios, "dtype": dtype,
-            "int8_group": GROUP if dtype == "int8" else None,
-            "int4_block": BLOCK if dtype == "int4" else None,
+            "vocab_dtype": vocab_dtype,
+            "int8_group": GROUP if "int8" in (dtype, vocab_dtype) else None,
+            "int4_block": BLOCK if "int4" in (dtype, vocab_dtype) else None,
             "plan": [s.to_dict() for s in plan],
             "files": [{"rank": r, "file": rank_file(r),
                        "size": os.path.getsize(os.path.join(staging, rank_file(r))),

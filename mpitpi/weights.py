@@ -218,12 +218,14 @@ def quantized(t: torch.Tensor, dtype: str) -> Weight:
     return Weight(t.to(STORAGE[dtype]).contiguous())
 
 
-def storage_for(name: str, cols: int, dtype: str) -> str:
+def storage_for(name: str, cols: int, dtype: str, vocab_dtype: str | None = None) -> str:
     """The storage of matrix ``name`` (a dataset name) with ``cols`` columns in shards of
-    ``dtype``: the dtype itself, except that int4 shards keep the vocabulary matrices
-    (embedding, lm_head: the most sensitive to error) and matrices whose width is not a
-    whole number of 32-column blocks in int8."""
-    if dtype == "int4" and (name.startswith("vocab/") or not can_int4(cols)):
+    ``dtype``: the dtype itself, except that the vocabulary matrices (embedding, lm_head: the
+    most sensitive to error) take ``vocab_dtype`` when given and int8 in int4 shards when not,
+    and that a matrix whose width is not a whole number of 32-column blocks is int8, not int4."""
+    if name.startswith("vocab/"):
+        dtype = vocab_dtype or ("int8" if dtype == "int4" else dtype)
+    if dtype == "int4" and not can_int4(cols):
         return "int8"
     return dtype
 
@@ -248,23 +250,27 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
     return t.view(torch.bfloat16) if a.dtype == np.uint16 else t
 
 
-def stored_arrays(name: str, t: torch.Tensor | Weight,
-                  dtype: str) -> Iterator[tuple[str, np.ndarray]]:
+def stored_arrays(name: str, t: torch.Tensor | Weight, dtype: str,
+                  vocab_dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(dataset name, array) pairs that store tensor ``name`` in shards of ``dtype``.
 
     int8 stores a matrix as ``name`` (int8) + ``name.scale`` (fp32), int4 as ``name``
     (uint8) + ``name.scale`` + ``name.min`` (fp16) (quant.py; ``storage_for`` says which
     matrices of int4 shards are int8); both keep vectors (norms, biases) in fp32; the other
     dtypes store everything in that dtype. ``t`` may be a Weight already quantized (a GGUF
-    file's blocks, carried over unchanged): it is stored as it is.
+    file's blocks, carried over unchanged): it is stored as it is, unless it is a vocabulary
+    matrix and ``vocab_dtype`` asks for another storage.
     """
     if isinstance(t, torch.Tensor) and t.dim() == 1:
         yield name, to_numpy(t, "fp32" if dtype in ("int8", "int4") else dtype)
         return
     if isinstance(t, torch.Tensor):
-        t = quantized(t, storage_for(name, t.shape[1], dtype))
+        t = quantized(t, storage_for(name, t.shape[1], dtype, vocab_dtype))
     elif t.kind not in ("int8", "int4"):
-        t = quantized(t.data, storage_for(name, t.cols, dtype))
+        t = quantized(t.data, storage_for(name, t.cols, dtype, vocab_dtype))
+    elif vocab_dtype and name.startswith("vocab/") and t.kind != (
+            want := storage_for(name, t.cols, dtype, vocab_dtype)):
+        t = quantized(t.dequantized(), want)
     if t.kind in STORAGE:
         yield name, to_numpy(t.data, t.kind)
         return

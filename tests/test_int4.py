@@ -9,9 +9,11 @@ import torch
 from conftest import run_mpi
 from mpitpi import gguf_blocks, kernels
 from mpitpi.checkpoint import open_checkpoint, resolve_model
-from mpitpi.quant import BLOCK, dequantize_int4, dequantize_int8, int4_values, quantize_int4
+from mpitpi.quant import (BLOCK, dequantize_int4, dequantize_int8, int4_values, quantize_int4,
+                          quantize_int8)
 from mpitpi.shards import write_shards
 from mpitpi.tokenizer import chat_messages, load_tokenizer
+from mpitpi.weights import Weight, stored_arrays
 from test_house import run_ranks
 
 PROMPT = [1, 17, 42, 99, 7, 230, 5]
@@ -151,6 +153,32 @@ def test_int4_generate_across_ranks(models, tmp_path):
         assert r.returncode == 0, r.stderr
         runs.append(json.loads(r.stdout)["token_ids"])
     assert len(runs[0]) == 8 and runs[0] == runs[1]
+
+
+def test_vocab_dtype_int4_stores_and_runs_the_vocabulary_in_int4(models, tmp_path):
+    """--vocab-dtype int4: the embedding and lm_head in int4 blocks too (fewer bytes per
+    token), computed like the other int4 matrices; the manifest says so and --shards with
+    another --vocab-dtype is refused. A GGUF's int8 (Q8_0) embedding is requantized."""
+    import h5py
+    folder, _ = models("llama-wide")
+    q = str(tmp_path / "q")
+    write_shards(open_checkpoint(folder), q, 2, None, "int4", progress=False, vocab_dtype="int4")
+    with h5py.File(f"{q}/rank1.h5") as f:
+        assert f["vocab/embed"].dtype == np.uint8 and "vocab/embed.min" in f
+    assert json.load(open(f"{q}/manifest.json"))["vocab_dtype"] == "int4"
+    dequantized_copy(q, str(tmp_path / "f"))
+    steps = [torch.tensor(PROMPT)] + [torch.tensor([t]) for t in (31, 12, 77)]
+    starts = [0] + [len(PROMPT) + i for i in range(3)]
+    ref = torch.stack(run_ranks(str(tmp_path / "f"), 2, steps, starts, fused=True))
+    got = torch.stack(run_ranks(q, 2, steps, starts, fused=True))
+    assert float((got - ref).abs().max() / ref.abs().max()) < 0.06
+    r = run_mpi(1, ["generate", "--shards", q, "--vocab-dtype", "int8", "--prompt-ids", "1,2",
+                    "--max-tokens", "2"], timeout=60)
+    assert r.returncode == 2 and "--vocab-dtype int8" in r.stderr
+    q8 = Weight(*quantize_int8(torch.randn(4, 64)))
+    names = [n for n, _ in stored_arrays("vocab/embed", q8, "int4", "int4")]
+    assert names == ["vocab/embed", "vocab/embed.scale", "vocab/embed.min"]
+    assert [n for n, _ in stored_arrays("vocab/embed", q8, "int4")] == names[:2]
 
 
 @pytest.fixture(scope="module")
