@@ -56,7 +56,7 @@ def test_chat_template_renders_like_transformers(gguf_path, tok):
     assert "<|im_start|>assistant" in tok.render_chat(chat_messages("Hi"))
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [2, 4])   # 3 KV heads: split 2/1, and one held by two ranks
 def test_logits_match_transformers_gguf_loader(hf_gguf, tok, tmp_path, n):
     ids = tok.encode_chat(chat_messages(GOLDEN[0][0]))
     out = tmp_path / "logits.npy"
