@@ -41,6 +41,11 @@ STATIC = os.path.join(os.path.dirname(__file__), "static")
 ROUTES = {"/health": "GET", "/": "GET", "/index.html": "GET", "/v1/models": "GET",
           "/v1/chat/completions": "POST", "/v1/completions": "POST"}
 ALLOW = {"GET": "GET, HEAD, OPTIONS", "POST": "POST, OPTIONS"}
+# the chat page's own files, by name: nothing else under /static/ is served
+STATIC_FILES = {"chat.css": "text/css; charset=utf-8", "chat.js": "text/javascript; charset=utf-8",
+                "marked.min.js": "text/javascript; charset=utf-8",
+                "purify.min.js": "text/javascript; charset=utf-8"}
+ROUTES.update({f"/static/{name}": "GET" for name in STATIC_FILES})
 
 
 @dataclass
@@ -300,6 +305,11 @@ class Handler(BaseHTTPRequestHandler):
         if path in ("/", "/index.html"):
             with open(os.path.join(STATIC, "chat.html"), "rb") as f:
                 return self._send(200, f.read(), ctype="text/html; charset=utf-8")
+        if path.startswith("/static/"):   # only names of STATIC_FILES are routed here
+            name = path[len("/static/"):]
+            with open(os.path.join(STATIC, name), "rb") as f:
+                return self._send(200, f.read(), {"Cache-Control": "no-cache"},
+                                  ctype=STATIC_FILES[name])
         self._auth()
         self._send(200, {"object": "list", "data": [{
             "id": self.app.opts.name, "object": "model", "created": self.app.created,
