@@ -163,7 +163,8 @@ def test_stop_aborts_the_request(server, browser):
 def test_markdown_renders_and_model_html_is_shown_as_text(server, browser):
     conv = {"id": "md", "title": "markdown", "messages": [
         {"role": "user", "content": "<b>hi</b> **not markdown**"},
-        {"role": "assistant", "content": MARKDOWN}]}
+        {"role": "assistant", "content": MARKDOWN}, {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "Cut short:\n```\nstill open"}]}
     page(browser, server, {"mpitpi.conversations": json.dumps([conv]), "mpitpi.current": "md"})
     wait(browser, lambda: find(browser, ".msg.assistant .body strong"))
     body = find(browser, ".msg.assistant .body")[0]
@@ -177,6 +178,8 @@ def test_markdown_renders_and_model_html_is_shown_as_text(server, browser):
     assert link.text == "a link" and link.get_attribute("href") is None
     assert browser.execute_script("return window.pwned") is None
     assert find(browser, ".msg.user")[0].text == "<b>hi</b> **not markdown**"
+    cut = find(browser, ".msg.assistant .body")[1]   # a max_tokens cut inside a code block
+    assert cut.find_element(By.CSS_SELECTOR, "pre code").text == "still open"
 
 
 def test_conversations_switch_start_anew_and_delete(server, browser):

@@ -48,7 +48,9 @@ DOMPurify.addHook("afterSanitizeAttributes", node => {
     node.setAttribute("rel", "noopener noreferrer");
   }
 });
-const render = text => DOMPurify.sanitize(marked.parse(text));
+// + "\n": marked 4 shows a code block whose fence is still open (as while it streams) only
+// when the text ends with a newline
+const render = text => DOMPurify.sanitize(marked.parse(text + "\n"));
 
 // ---- the server
 
@@ -150,6 +152,12 @@ function bubble(role, content, meta) {   // a message's element, added to the lo
   return div;
 }
 
+function keepAtEnd(change) {   // run change(); a log scrolled to its end stays there
+  const atEnd = log.scrollHeight - log.scrollTop - log.clientHeight < 60;
+  change();
+  if (atEnd) log.scrollTop = log.scrollHeight;
+}
+
 function problem(div, message) {   // an error shown in ``div`` (null: a new one); not kept
   div = div || log.appendChild(element("div", "msg assistant"));
   div.classList.add("error");
@@ -229,9 +237,7 @@ async function answer(c) {   // stream the answer to ``c``'s last user message i
     painting = true;
     requestAnimationFrame(() => {
       painting = false;
-      const atEnd = log.scrollHeight - log.scrollTop - log.clientHeight < 60;
-      body.innerHTML = render(text);
-      if (atEnd) log.scrollTop = log.scrollHeight;
+      keepAtEnd(() => { body.innerHTML = render(text); });
     });
   };
   try {
@@ -268,8 +274,10 @@ async function answer(c) {   // stream the answer to ``c``'s last user message i
   } else if (text || !stopped) {
     c.messages.push({role: "assistant", content: text, meta});
     store();
-    body.innerHTML = render(text);
-    div.append(element("div", "meta", meta));
+    keepAtEnd(() => {
+      body.innerHTML = render(text);
+      div.append(element("div", "meta", meta));
+    });
   } else {
     div.remove();   // stopped before its first token: nothing to keep
   }
