@@ -1,7 +1,8 @@
 """The chat page (mpitpi/static/chat.*) in a real headless Chromium, driven by selenium through
 the system chromedriver, against a 2-rank server on a tiny model started with --api-key: the
-key, a streamed answer equal to the API's, the spinner, Stop, Regenerate, markdown with model
-HTML escaped, conversations kept across reloads, switching and deleting them, a wrong key."""
+key, the settings, a streamed answer equal to the API's, the spinner, Stop, Regenerate,
+markdown with model HTML escaped, conversations kept across reloads, switching and deleting
+them, a wrong key."""
 import json
 import os
 import shutil
@@ -105,7 +106,7 @@ def test_the_key_a_streamed_answer_regenerate_and_a_reload(server, browser):
     status, models = server.request("GET", "/v1/models", headers={
         "Authorization": f"Bearer {KEY}"})
     wait(browser, lambda: shown.text == models["data"][0]["id"])
-    for field, value in (("temperature", "0"), ("max-tokens", "12")):
+    for field, value in (("temperature", "0"), ("max-tokens", "12"), ("system", "Be brief.")):
         browser.find_element(By.ID, field).clear()
         browser.find_element(By.ID, field).send_keys(value)
     browser.execute_script("""window.spinners = 0; new MutationObserver(ms => ms.forEach(m =>
@@ -116,7 +117,8 @@ def test_the_key_a_streamed_answer_regenerate_and_a_reload(server, browser):
     assert browser.execute_script("return window.spinners") == 1 and not find(browser, ".spinner")
     assert not find(browser, ".msg.error")
     status, api = server.request("POST", "/v1/chat/completions", {
-        "model": shown.text, "messages": [{"role": "user", "content": "hello world"}],
+        "model": shown.text, "messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "hello world"}],
         "temperature": 0, "max_tokens": 12}, headers={"Authorization": f"Bearer {KEY}"})
     assert status == 200, api
     answer = api["choices"][0]["message"]["content"]
