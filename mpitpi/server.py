@@ -46,6 +46,11 @@ ROUTES = {"/health": "GET", "/": "GET", "/index.html": "GET", "/v1/models": "GET
           "/detokenize": "POST", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
 MODEL_PATH = "/v1/models/"   # + a model id: the route /v1/models/{id}
 ALLOW = {"GET": "GET, HEAD, OPTIONS", "POST": "POST, OPTIONS"}
+# the chat page's own files, by name: nothing else under /static/ is served
+STATIC_FILES = {"chat.css": "text/css; charset=utf-8", "chat.js": "text/javascript; charset=utf-8",
+                "marked.min.js": "text/javascript; charset=utf-8",
+                "purify.min.js": "text/javascript; charset=utf-8"}
+ROUTES.update({f"/static/{name}": "GET" for name in STATIC_FILES})
 
 
 @dataclass
@@ -325,6 +330,11 @@ class Handler(BaseHTTPRequestHandler):
         if path in ("/", "/index.html"):
             with open(os.path.join(STATIC, "chat.html"), "rb") as f:
                 return self._send(200, f.read(), ctype="text/html; charset=utf-8")
+        if path.startswith("/static/"):   # only names of STATIC_FILES are routed here
+            name = path[len("/static/"):]
+            with open(os.path.join(STATIC, name), "rb") as f:
+                return self._send(200, f.read(), {"Cache-Control": "no-cache"},
+                                  ctype=STATIC_FILES[name])
         self._auth()   # /v1 and /metrics
         if path == "/metrics":
             return self._send(200, self.app.metrics.render(), ctype=CONTENT_TYPE)
