@@ -29,7 +29,7 @@ FIELDS: dict[str, tuple[tuple[str, ...], str, str]] = {
                  "tool_calls) and tool; text content or text parts"),
     "prompt": (TEXT, HONOURED, "one string (or a list of one string)"),
     "max_tokens": (BOTH, HONOURED, "default: 512 or what the context leaves"),
-    "max_completion_tokens": (CHAT, HONOURED, "same as max_tokens"),
+    "max_completion_tokens": (BOTH, HONOURED, "same as max_tokens"),
     "stop": (BOTH, HONOURED, "up to 4 strings"),
     "stream": (BOTH, HONOURED, "server-sent events"),
     "stream_options": (BOTH, HONOURED, "include_usage honoured; include_obfuscation has no "
@@ -411,7 +411,10 @@ class Reply:
             text = self.token_text(t)[0]
             out["tokens"].append(text)
             out["token_logprobs"].append(lp)
-            out["top_logprobs"].append({self.token_text(a)[0]: b for a, b in alts})
+            top: dict[str, float] = {}
+            for a, b in alts:   # tokens of one text (U+FFFD...): the likeliest's
+                top.setdefault(self.token_text(a)[0], b)
+            out["top_logprobs"].append(top)
             out["text_offset"].append(self.offset)
             self.offset += len(text)
         return out
