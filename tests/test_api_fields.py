@@ -84,7 +84,9 @@ def test_docs_list_every_field_with_its_fate():
 
 def test_presence_and_frequency_penalties_follow_openai():
     logits = torch.tensor([2.0, 1.9, 0.0])
-    pick = lambda gen, **kw: Sampler(SamplingParams(**kw))(logits, [0, 0] + gen, None, gen)
+
+    def pick(gen, **kw):   # the prompt is [0, 0]; ``gen`` the tokens generated so far
+        return Sampler(SamplingParams(**kw))(logits, [0, 0] + gen, None, gen)
     assert pick([]) == 0 and pick([], presence_penalty=0.2) == 0   # the prompt does not count
     assert pick([0], presence_penalty=0.2) == 1 and pick([0], presence_penalty=0.05) == 0
     assert pick([0, 0], frequency_penalty=0.06) == 1 and pick([0, 0], frequency_penalty=0.04) == 0
