@@ -29,11 +29,12 @@ import traceback
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from mpitpi.api import BadRequest, Done, Failed, Job, Reply, Text, bind, parse_request
+from mpitpi.api import BadRequest, Done, Failed, Job, Text, bind, parse_request
 from mpitpi.batch import Batch, Runner
 from mpitpi.errors import MpitpiError
 from mpitpi.grammar import Grammars
 from mpitpi.profile import available_memory_mb
+from mpitpi.reply import Reply
 from mpitpi.sampling import Sampler
 from mpitpi.session import Session, check_prompt
 
