@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mpitpi.errors import MpitpiError
+from mpitpi.grammar import BadGrammar, forced_call
 from mpitpi.sampling import BadOption, SamplingParams
 from mpitpi.session import Result
 from mpitpi.tools import template_messages, template_takes_tools
@@ -349,7 +350,6 @@ def bind(job: Job, tok, grammars, vocab_size: int) -> None:
             job.ids = tok.encode(job.prompt)
     except MpitpiError as e:
         raise BadRequest(400, str(e), "messages" if job.chat else "prompt")
-    from mpitpi.grammar import BadGrammar, forced_call   # llguidance: loaded on first use
     try:
         if job.tool_names is not None and job.tool_choice != "auto":
             job.constraint = forced_call(grammars, tok.chat_template, job.tools,
