@@ -1,7 +1,10 @@
 """Choosing the next token from full-vocabulary logits (runs on rank 0 only).
 
-Order: repetition penalty, then temperature; temperature 0 is greedy (argmax); then top-k,
-top-p and min-p filters, then a draw from a seeded generator.
+Order: ``adjust`` (repetition penalty over prompt and output, OpenAI's presence and frequency
+penalties over the output, logit bias), then (in Session) a grammar's mask, then ``choose``:
+temperature 0 is greedy (argmax); else temperature, top-k, min-p and top-p filters, then a
+draw from a seeded generator. Log-probabilities (``logprobs``) are of the adjusted, masked
+logits before temperature and the filters.
 """
 from __future__ import annotations
 
@@ -31,12 +34,17 @@ class SamplingParams:
     top_p: float = 1.0           # 1: off
     min_p: float = 0.0           # 0: off
     repeat_penalty: float = 1.0  # 1: off
+    presence_penalty: float = 0.0    # OpenAI's: subtracted once from each token already made
+    frequency_penalty: float = 0.0   # OpenAI's: subtracted per time a token was already made
     seed: int | None = None
+    logit_bias: dict[int, float] | None = None   # token id -> added to its logit; -100 bans it
 
     # (low, high, low is open, high is open) per number; None: unbounded on that side
     RANGES = {"temperature": (0.0, 100.0, False, False), "top_k": (0, None, False, False),
               "top_p": (0.0, 1.0, True, False), "min_p": (0.0, 1.0, False, True),
-              "repeat_penalty": (0.0, 100.0, True, False), "seed": (0, MAX_SEED, False, False)}
+              "repeat_penalty": (0.0, 100.0, True, False), "seed": (0, MAX_SEED, False, False),
+              "presence_penalty": (-2.0, 2.0, False, False),
+              "frequency_penalty": (-2.0, 2.0, False, False)}
 
     def check(self) -> SamplingParams:
         """Raise BadOption for any option that is not a finite number in its range (NaN and
@@ -44,6 +52,9 @@ class SamplingParams:
         for f in fields(self):
             v = getattr(self, f.name)
             if v is None and f.name == "seed":
+                continue
+            if f.name == "logit_bias":
+                self._check_bias(v)
                 continue
             lo, hi, lo_open, hi_open = self.RANGES[f.name]
             integer = f.name in ("top_k", "seed")
@@ -59,6 +70,16 @@ class SamplingParams:
                                         f"got {v!r}.")
         return self
 
+    @staticmethod
+    def _check_bias(bias) -> None:
+        ok = bias is None or isinstance(bias, dict) and all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 0 and
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and
+            -100 <= v <= 100 for k, v in bias.items())
+        if not ok:
+            raise BadOption("logit_bias", "logit-bias must map token ids (integers >= 0) to "
+                            f"numbers in [-100, 100], got {bias!r}.")
+
 
 class Sampler:
     def __init__(self, params: SamplingParams):
@@ -73,23 +94,49 @@ class Sampler:
     @property
     def greedy(self) -> bool:
         """True when the choice is the plain argmax of the logits."""
-        return self.p.temperature == 0 and self.p.repeat_penalty == 1.0
+        p = self.p
+        return (p.temperature == 0 and p.repeat_penalty == 1.0 and not p.logit_bias and
+                p.presence_penalty == 0 and p.frequency_penalty == 0)
 
-    def __call__(self, logits: torch.Tensor, history: list[int], draft: int | None = None
-                 ) -> int:
-        """logits: (vocab,) float32; history: token ids seen so far (prompt + generated).
+    def __call__(self, logits: torch.Tensor, history: list[int], draft: int | None = None,
+                 generated: list[int] | None = None) -> int:
+        """logits: (vocab,) float32; history: token ids seen so far (prompt + generated);
+        ``generated``: the output's ids (presence and frequency penalties; None: none).
 
         ``draft``: a token proposed for this place (speculative decoding). It is kept with
         the probability the sampler gives it, else the token is drawn from the others
         renormalised, so the result is distributed exactly as without a draft.
         """
+        return self.choose(self.adjust(logits, history, generated or []), draft)
+
+    def adjust(self, logits: torch.Tensor, history: list[int], generated: list[int]
+               ) -> torch.Tensor:
+        """A copy of the (vocab,) ``logits`` with the penalties and the bias applied:
+        repeat_penalty (llama.cpp's: positive logits of every id in ``history`` divided,
+        negative ones multiplied), then OpenAI's ``logit -= frequency_penalty * count +
+        presence_penalty * (count > 0)`` over the ids in ``generated``, then ``logit +=
+        logit_bias[id]`` (a bias of -100 sets the logit to -inf: the token is banned)."""
         p = self.p
         logits = logits.clone()
+        vocab = logits.shape[0]
         if p.repeat_penalty != 1.0 and history:
             ids = torch.tensor(sorted(set(history)), dtype=torch.long)
-            ids = ids[ids < logits.shape[0]]
+            ids = ids[ids < vocab]
             seen = logits[ids]
             logits[ids] = torch.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and generated:
+            counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=vocab)
+            counts = counts[:vocab].to(logits.dtype)
+            logits -= counts * p.frequency_penalty + (counts > 0).to(logits.dtype) * \
+                p.presence_penalty
+        for tok, bias in (p.logit_bias or {}).items():
+            if tok < vocab:
+                logits[tok] = float("-inf") if bias <= -100 else logits[tok] + bias
+        return logits
+
+    def choose(self, logits: torch.Tensor, draft: int | None = None) -> int:
+        """The token from adjusted (and masked) ``logits``; ``draft`` as in ``__call__``."""
+        p = self.p
         if p.temperature == 0:
             return int(torch.argmax(logits))
         probs = self.distribution(logits)

@@ -31,11 +31,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
 from mpitpi import tokens
-from mpitpi.api import BadRequest, Done, Failed, Job, Reply, Text, parse_request
+from mpitpi.api import BadRequest, Done, Failed, Job, Text, bind, parse_request
 from mpitpi.batch import Batch, Runner
 from mpitpi.errors import MpitpiError
+from mpitpi.grammar import Grammars
 from mpitpi.metrics import CONTENT_TYPE, Metrics
 from mpitpi.profile import available_memory_mb
+from mpitpi.reply import Reply
 from mpitpi.sampling import Sampler
 from mpitpi.session import Session, check_prompt
 
@@ -79,6 +81,7 @@ class App:
         self.created = int(time.time())
         self.batch = Batch(comm, loaded.model, opts.max_batch, opts.kv_positions, opts.draft,
                            drafter=opts.drafter)
+        self.grammars = Grammars(tokenizer, loaded.args.vocab_size, loaded.args.eos_token_ids)
         self.waiting: list[tuple[Job, Session]] = []   # engine only: made, not yet admitted
         self.running: dict[int, Job] = {}              # id(session) -> its job
         self.busy = False          # the engine is inside a run of passes
@@ -139,9 +142,11 @@ class App:
             if job.gone():
                 return job.events.put(Failed("the client has left.", 499))
             check_prompt(job.ids, job.max_tokens, args.vocab_size, args.max_seq_len)
-            return Session(job.ids, job.max_tokens, Sampler(job.params), args.eos_token_ids,
-                           self.tok.decode, job.stops, on_text=lambda t: job.events.put(Text(t)),
-                           cancel=lambda: self._tick(job))
+            s = Session(job.ids, job.max_tokens, Sampler(job.params), args.eos_token_ids,
+                        self.tok.decode, job.stops, cancel=lambda: self._tick(job),
+                        logprobs=job.logprobs, grammar=job.constraint)
+            s.on_text = lambda t: job.events.put(Text(t, s.new_logprobs()))
+            return s
         except MpitpiError as e:
             job.events.put(Failed(str(e), 400))
         return None
@@ -382,11 +387,7 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(404, f"model {model!r} is not served here; this server serves "
                              f"{self.app.opts.name!r}.", "model", code="model_not_found")
         job = parse_request(body, chat=path == "/v1/chat/completions")
-        try:
-            tok = self.app.tok
-            job.ids = tok.encode_chat(job.prompt) if job.chat else tok.encode(job.prompt)
-        except MpitpiError as e:
-            raise BadRequest(400, str(e), "messages" if job.chat else "prompt")
+        bind(job, self.app.tok, self.app.grammars, self.app.loaded.args.vocab_size)
         job.gone = lambda: closed(self.connection)   # also once this thread has closed it
         self.app.submit(job)
         try:
@@ -397,14 +398,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def _relay(self, job: Job) -> None:
         """The one loop of both answers: events to stream chunks, or to one JSON body."""
-        reply = Reply(self.app.opts.name, job.chat, job.include_usage)
+        tok = self.app.tok
+        reply = Reply(self.app.opts.name, job.chat, job.include_usage,
+                      lambda t: (tok.decode([t]), tok.token_bytes(t)), job.tool_names,
+                      job.parallel_tool_calls)
         if job.stream:
             self._open_stream()
             if job.chat:
                 self._write(reply.chunk({"delta": {"role": "assistant", "content": ""}}))
         while isinstance(ev := job.events.get(), Text):
-            if job.stream:
-                self._write(reply.delta(ev.text))
+            if job.stream and not reply.holds_text:
+                self._write(reply.delta(ev.text, ev.logprobs))
         if not job.stream and isinstance(ev, Done):
             return self._send(200, reply.whole(ev.result))
         if not job.stream:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import gguf
 from jinja2.exceptions import TemplateError
@@ -25,7 +26,17 @@ _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
           r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _SPLIT = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "qwen2": _QWEN2}
-CHAT_FILE = "chat.json"   # mpitpi's own record of the chat template, beside tokenizer.json
+CHAT_FILE = "chat.json"
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table) -> that byte."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{chr(b): b for b in keep}, **{chr(256 + i): b for i, b in enumerate(moved)}}
+
+
+_BYTE_OF = _byte_level_chars()   # mpitpi's own record of the chat template, beside tokenizer.json
 
 
 def _byte_level_chars() -> dict[str, int]:
@@ -85,8 +96,9 @@ class Tokenizer:
         except UnicodeDecodeError:
             return list(data)
 
-    def render_chat(self, messages: list[dict]) -> str:
-        """The chat template applied to ``messages`` with the assistant's turn opened."""
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The chat template applied to ``messages`` with the assistant's turn opened;
+        ``tools`` (OpenAI tool objects) are passed as the template's ``tools`` variable."""
         if not self.chat_template:
             raise MpitpiError("this model has no chat template, so --chat cannot be used. "
                               "Fix: pass a plain --prompt without --chat.")
@@ -95,15 +107,26 @@ class Tokenizer:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
+        extra = {"tools": tools} if tools else {}
         try:
             return env.from_string(self.chat_template).render(
                 messages=messages, add_generation_prompt=True,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
         except TemplateError as e:
             raise MpitpiError(f"the model's chat template failed: {e}")
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.encode(self.render_chat(messages), special=False)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self.encode(self.render_chat(messages, tools), special=False)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (byte-level BPE: its characters mapped back to
+        bytes; a <0xNN> byte-fallback token: that byte; else its decoded text)."""
+        piece = self.tok.id_to_token(token) or ""
+        if isinstance(self.tok.decoder, decoders.ByteLevel) and all(c in _BYTE_OF for c in piece):
+            return bytes(_BYTE_OF[c] for c in piece)
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            return bytes([int(piece[3:5], 16)])
+        return self.tok.decode([token], skip_special_tokens=False).encode()
 
     def save(self, folder: str) -> None:
         """Write tokenizer.json and chat.json (template, BOS/EOS text) into ``folder``."""
