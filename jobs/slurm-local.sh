@@ -10,9 +10,10 @@
 # Everything `up` makes lives in $SLURM_LOCAL_DIR (default /var/tmp/mpitpi-slurm): a munge key
 # of its own, munged's socket, slurm.conf (this host's name, CPUs and memory from `slurmd -C`),
 # state, spool, pid and log files. When /etc/slurm/slurm.conf does not exist, `up` links it to
-# the generated one so that plain `sbatch` works; otherwise run `eval "$(jobs/slurm-local.sh
-# env)"` first. `down` stops only the daemons whose pid files are in that folder, removes the
-# link if it is still the one `up` made, then the folder; installed packages stay.
+# the generated one so that plain `sbatch` works; otherwise (or with SLURM_LOCAL_NO_ETC=1,
+# which never makes that link) run `eval "$(jobs/slurm-local.sh env)"` first. `down` stops
+# only the daemons whose pid files are in that folder, removes the link if it is still the
+# one `up` made, then the folder; installed packages stay.
 # `up` and `down` are idempotent. Run as root (the daemons and jobs run as root here).
 # Ports: SLURM_LOCAL_PORT (slurmctld, default 6817) and the next one (slurmd).
 set -euo pipefail
@@ -120,7 +121,7 @@ do_up() {
         --log-file="$STATE/munged.log" --seed-file="$STATE/munged.seed"
     alive "$STATE/slurmctld.pid" || slurmctld -f "$CONF"
     alive "$STATE/slurmd.pid" || slurmd -f "$CONF"
-    if [ ! -e "$ETC_CONF" ] && [ ! -L "$ETC_CONF" ]; then
+    if [ -z "${SLURM_LOCAL_NO_ETC:-}" ] && [ ! -e "$ETC_CONF" ] && [ ! -L "$ETC_CONF" ]; then
         mkdir -p "$(dirname "$ETC_CONF")"
         ln -s "$CONF" "$ETC_CONF"
     fi
@@ -129,14 +130,16 @@ do_up() {
     do_env
 }
 
-stop() {   # stop PIDFILE NAME: end that process and wait for it (at most 10 s)
-    alive "$1" || return 0
-    local pid
-    pid=$(cat "$1")
-    kill "$pid"
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-    say "$2 ($pid) did not stop on SIGTERM: killing it"
-    kill -9 "$pid" 2>/dev/null || true
+stop() {   # stop PIDFILE...: SIGTERM to each process named, then wait (at most 10 s each)
+    local f pids=() pid
+    for f in "$@"; do alive "$f" && pids+=("$(cat "$f")"); done
+    [ ${#pids[@]} -gt 0 ] || return 0
+    kill "${pids[@]}" 2>/dev/null || true
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || continue 2; sleep 0.05; done
+        say "process $pid did not stop on SIGTERM: killing it"
+        kill -9 "$pid" 2>/dev/null || true
+    done
 }
 
 do_down() {
@@ -145,9 +148,7 @@ do_down() {
     if alive "$STATE/slurmctld.pid"; then   # running jobs end first, as on scancel
         SLURM_CONF=$CONF scancel --full --quiet --partition=local 2>/dev/null || true
     fi
-    stop "$STATE/slurmd.pid" slurmd
-    stop "$STATE/slurmctld.pid" slurmctld
-    stop "$STATE/munged.pid" munged
+    stop "$STATE/slurmd.pid" "$STATE/slurmctld.pid" "$STATE/munged.pid"
     if [ -L "$ETC_CONF" ] && [ "$(readlink "$ETC_CONF")" = "$CONF" ]; then rm "$ETC_CONF"; fi
     rm -rf "$STATE"
     say "down"
