@@ -300,9 +300,10 @@ def run_check(a: argparse.Namespace, comm: Comm) -> int:
     found = comm.bcast_obj(found)
     if comm.rank == 0:
         if a.json:
-            print(json.dumps({"ranks": [{**asdict(r), "need": asdict(n), "rtt_us": l and l[0],
-                                         "mb_per_s": l and l[1]}
-                                        for r, n, l in zip(reports, info["needs"], links)],
+            print(json.dumps({"ranks": [{**asdict(r), "need": asdict(n),
+                                         "rtt_us": link and link[0],
+                                         "mb_per_s": link and link[1]}
+                                        for r, n, link in zip(reports, info["needs"], links)],
                               "dtype": info["dtype"], "problems": found}))
         else:
             print(format_table(reports, info["needs"], links))
