@@ -43,7 +43,7 @@ from mpitpi.profile import available_memory_mb
 from mpitpi.quant import BLOCK, GROUP
 from mpitpi.shards import MANIFEST, check_manifest, expected_shapes, read_manifest
 from mpitpi.transfer import local_folder, receive_problem, shard_state
-from mpitpi.weights import BYTES_PER_WEIGHT
+from mpitpi.weights import BYTES_PER_WEIGHT, storage_for
 
 MB = 2**20
 VERSIONS = ("python", "mpitpi", "torch", "mpi4py", "mpi")   # must agree on every rank
@@ -83,12 +83,16 @@ class Need:
 
 def rank_bytes(args: ModelArgs, s: RankSlice, dtype: str) -> tuple[int, int]:
     """Estimated bytes of rank ``s.rank``'s weights stored in ``dtype``: (embedding, lm_head
-    and final norm rows; one layer). Matrices count their int8/int4 scales, vectors fp32."""
-    per = BYTES_PER_WEIGHT[dtype] + SCALE_BYTES.get(dtype, 0)
+    and final norm rows; one layer). Matrices are counted in their storage (weights.
+    storage_for) with their int8/int4 scales, vectors in fp32 (int8/int4) or ``dtype``."""
     vec = 4 if dtype in SCALE_BYTES else BYTES_PER_WEIGHT[dtype]
     top = layer = 0.0
     for name, shape in expected_shapes(args, s).items():
-        n = math.prod(shape) * (per if len(shape) == 2 else vec)
+        if len(shape) == 2:
+            kind = storage_for(name, shape[1], dtype)
+            n = math.prod(shape) * (BYTES_PER_WEIGHT[kind] + SCALE_BYTES.get(kind, 0))
+        else:
+            n = math.prod(shape) * vec
         if name.startswith("layers/0/"):
             layer += n
         elif not name.startswith("layers/"):
@@ -262,18 +266,23 @@ def problems(reports: list[Report], needs: list[Need]) -> list[str]:
 
 def format_table(reports: list[Report], needs: list[Need],
                  links: list[tuple[float, float] | None]) -> str:
-    head = (f"{'rank':>4} {'host':16} {'python':8} {'mpitpi':7} {'torch':12} {'mpi4py':7} "
-            f"{'MPI':14} {'kernels':7} {'memory MB free/need':>19} {'disk MB free/need':>18} "
-            f"{'shard':8} {'RTT us':>8} {'MB/s':>8}  folder")
-    lines = [head]
+    """The table rank 0 prints: one row per rank; MB figures, '~' before an estimate."""
+    cols = [("rank", 4), ("host", -16), ("python", -8), ("mpitpi", -7), ("torch", -12),
+            ("mpi4py", -7), ("MPI", -14), ("kernels", -7), ("mem MB", 8), ("needs", 8),
+            ("disk MB", 9), ("needs", 8), ("shard", -8), ("RTT us", 8), ("MB/s", 7),
+            ("folder", 0)]
+
+    def row(values) -> str:
+        return " ".join(f"{str(v)[:abs(w)] if w else v:{'<' if w <= 0 else '>'}{abs(w)}}"
+                        for v, (_, w) in zip(values, cols)).rstrip()
+    lines = [row([name for name, _ in cols])]
     for r, n, link in zip(reports, needs, links):
         approx = "" if n.exact else "~"
-        rtt, bw = (f"{link[0]:8.1f}", f"{link[1]:8.0f}") if link else (f"{'-':>8}", f"{'-':>8}")
-        lines.append(
-            f"{r.rank:4d} {r.host[:16]:16} {r.python:8} {r.mpitpi:7} {r.torch[:12]:12} "
-            f"{r.mpi4py:7} {r.mpi[:14]:14} {'yes' if r.kernels else 'NO':7} "
-            f"{r.memory_mb:9.0f}/{approx}{n.memory_mb:<9.0f}"
-            f"{r.disk_mb:9.0f}/{approx}{n.disk_mb:<8.0f} {r.state:8} {rtt} {bw}  {r.folder}")
+        lines.append(row([
+            r.rank, r.host, r.python, r.mpitpi, r.torch, r.mpi4py, r.mpi,
+            "yes" if r.kernels else "NO", f"{r.memory_mb:.0f}", f"{approx}{n.memory_mb:.0f}",
+            f"{r.disk_mb:.0f}", f"{approx}{n.disk_mb:.0f}", r.state,
+            f"{link[0]:.1f}" if link else "-", f"{link[1]:.0f}" if link else "-", r.folder]))
     return "\n".join(lines)
 
 
@@ -310,6 +319,7 @@ def run_check(a: argparse.Namespace, comm: Comm) -> int:
             for line in found:
                 print(f"problem: {line}")
             if not found:
-                print(f"ok: {comm.size} ranks on {len({r.host for r in reports})} hosts are "
-                      f"ready for this model ({info['dtype']})")
+                hosts = len({r.host for r in reports})
+                print(f"ok: {comm.size} ranks on {hosts} host{'s' * (hosts > 1)} are ready "
+                      f"for this model ({info['dtype']})")
     return 1 if found else 0
