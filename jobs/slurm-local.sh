@@ -88,15 +88,24 @@ PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
-wait_idle() {   # until sinfo lists the node idle (or mixed/allocated: jobs from before)
-    local state=""
-    for _ in $(seq 60); do
-        state=$(SLURM_CONF=$CONF sinfo -h -N -o %T 2>/dev/null | head -1 || true)
+wait_idle() {   # until sinfo lists the node idle (or mixed/allocated: jobs from before), 30 s
+    local state="" start=$SECONDS d f
+    while [ $((SECONDS - start)) -lt 30 ]; do
+        for d in munged slurmctld slurmd; do
+            f=$STATE/$d.pid
+            if { [ -f "$f" ] && ! alive "$f"; } || { [ ! -f "$f" ] && [ $((SECONDS - start)) -gt 5 ]; }
+            then
+                die "$d did not start or stopped: $(grep -h -i -E 'fatal|error' \
+                    "$STATE/$d.log" 2>/dev/null | tail -1). Full log: $STATE/$d.log;" \
+                    "\`$0 down\` cleans up"
+            fi
+        done
+        state=$(SLURM_CONF=$CONF timeout 5 sinfo -h -N -o %T 2>/dev/null | head -1 || true)
         case "$state" in idle*|mix*|alloc*) return 0;; esac
         sleep 0.5
     done
-    die "the node did not come up (state '${state:-none}'); see $STATE/slurmd.log and" \
-        "$STATE/slurmctld.log"
+    die "the node did not come up in 30 s (state '${state:-none}'); see $STATE/slurmd.log and" \
+        "$STATE/slurmctld.log; \`$0 down\` cleans up"
 }
 
 do_up() {
@@ -146,7 +155,7 @@ do_down() {
     if [ ! -e "$STATE" ]; then say "not up (no $STATE)"; return; fi
     [ -f "$MARK" ] || die "$STATE was not made by this script; nothing in it is touched"
     if alive "$STATE/slurmctld.pid"; then   # running jobs end first, as on scancel
-        SLURM_CONF=$CONF scancel --full --quiet --partition=local 2>/dev/null || true
+        SLURM_CONF=$CONF timeout 10 scancel --full --quiet --partition=local 2>/dev/null || true
     fi
     stop "$STATE/slurmd.pid" "$STATE/slurmctld.pid" "$STATE/munged.pid"
     if [ -L "$ETC_CONF" ] && [ "$(readlink "$ETC_CONF")" = "$CONF" ]; then rm "$ETC_CONF"; fi
@@ -160,7 +169,7 @@ do_status() {
         if alive "$STATE/$d.pid"; then say "$d running (pid $(cat "$STATE/$d.pid"))"
         else say "$d not running"; rc=3; fi
     done
-    [ $rc = 0 ] && SLURM_CONF=$CONF sinfo -N -l
+    [ $rc = 0 ] && SLURM_CONF=$CONF timeout 10 sinfo -N -l
     return $rc
 }
 
