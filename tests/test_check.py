@@ -5,16 +5,25 @@ without C kernels (MPITPI_KERNELS=0 on that rank alone), memory short (--reserve
 differ, disks on separate hosts)."""
 import json
 import os
+import shutil
 import sys
 
 from conftest import MPIEXEC, run_cmd, run_mpi
 from mpitpi.check import Need, Report, problems
 
 
+def _cached_splits() -> set[str]:
+    folder = os.path.join(os.environ["MPITPI_CACHE"], "shards")
+    return set(os.listdir(folder)) if os.path.isdir(folder) else set()
+
+
 def test_a_ready_job_passes_and_nothing_is_written(models, tmp_path):
     folder, _ = models("llama-gqa")
+    fresh = tmp_path / "never-split"   # a name of its own: no earlier test split it
+    shutil.copytree(folder, fresh)
     local = tmp_path / "local"
-    r = run_mpi(2, ["check", "--model", folder, "--local-shards", str(local), "--json"],
+    before = _cached_splits()
+    r = run_mpi(2, ["check", "--model", str(fresh), "--local-shards", str(local), "--json"],
                 timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -30,8 +39,7 @@ def test_a_ready_job_passes_and_nothing_is_written(models, tmp_path):
     assert 0 < r1["need"]["disk_mb"] < r0["need"]["disk_mb"]
     assert r0["need"]["memory_mb"] > 512            # weights + --reserve-mb
     assert r0["rtt_us"] is None and r1["rtt_us"] > 0 and r1["mb_per_s"] > 0
-    assert not local.exists()
-    assert not os.path.exists(os.path.join(os.environ["MPITPI_CACHE"], "shards"))
+    assert not local.exists() and _cached_splits() == before
 
 
 def test_each_problem_is_one_line_naming_its_fix(models, tmp_path):
