@@ -9,6 +9,7 @@
     mpiexec -n N mpitpi perplexity --model MODEL [--file F]  how well it predicts a text
     mpiexec -n N mpitpi profile --model MODEL                what --ratios auto would choose
     mpiexec -n N mpitpi commbench                            all-reduce latency per algorithm
+    mpiexec -n N mpitpi check --model MODEL                  every host ready? (before a job)
 
 The failure path: an error every rank raised together (a checked step) is printed once by
 rank 0 and every rank exits 2; an error on one rank alone is printed with its rank and host
@@ -31,6 +32,7 @@ import torch
 from mpitpi import __version__, choices
 from mpitpi.bench import format_bench, run_bench
 from mpitpi.chat import run_chat
+from mpitpi.check import run_check
 from mpitpi.checkpoint import natural_dtype, open_checkpoint
 from mpitpi.choices import describe
 from mpitpi.comm import Comm
@@ -41,10 +43,10 @@ from mpitpi.generate import generate
 from mpitpi.hub import looks_like_id
 from mpitpi.loader import Loaded, load_model, measure_ratios, start_model
 from mpitpi.offline import read_prompts, run_offline
-from mpitpi.options import (add_log_level, args_bench, args_chat, args_commbench, args_generate,
-                            args_perplexity, args_profile, args_serve, args_split, args_synth,
-                            check_positive, draft_tokens, npy_path, read_prompt, read_text,
-                            refuse_existing, sampling_params)
+from mpitpi.options import (add_log_level, args_bench, args_chat, args_check, args_commbench,
+                            args_generate, args_perplexity, args_profile, args_serve, args_split,
+                            args_synth, check_positive, draft_tokens, npy_path, read_prompt,
+                            read_text, refuse_existing, sampling_params)
 from mpitpi.perplexity import added_bos, check_ctx, cut_windows, default_text, score
 from mpitpi.plan import parse_ratios, plan_for_args
 from mpitpi.prefetch import parse_size
@@ -410,6 +412,9 @@ COMMANDS = {
                        UNDER_MPI, args_profile, cmd_profile),
     "commbench": Command("all-reduce latency per algorithm and message size" + UNDER_MPI,
                          args_commbench, cmd_commbench),
+    "check": Command("before a long job: every rank's versions, kernels, memory, disk, shard "
+                     "and link to rank 0; one line per problem" + UNDER_MPI, args_check,
+                     run_check),
     "synth": Command("write a random-weight checkpoint with a real model's shapes (for "
                      "benchmarks)", args_synth, cmd_synth, mpi=False),
 }

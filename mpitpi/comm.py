@@ -411,3 +411,13 @@ def _merge(failed: list[tuple[int, str]], size: int) -> str:
         who = "all ranks" if len(ranks) == size else "rank " + ",".join(map(str, ranks))
         parts.append(f"[{who}] {msg}")
     return "\n".join(parts)
+
+
+def mpi_versions() -> dict[str, str]:
+    """This process's mpi4py version and MPI library (name and version, e.g. 'MPICH 5.0.2'
+    or 'Open MPI v4.1.5'): what must match on every host of a job."""
+    import mpi4py
+
+    first = MPI.Get_library_version().strip().splitlines()[0]
+    lib = " ".join(first.split(",")[0].replace("Version:", "").split())
+    return {"mpi4py": mpi4py.__version__, "mpi": lib}

@@ -154,6 +154,12 @@ def available() -> bool:
     return _load() is not None
 
 
+def unavailable_reason() -> str | None:
+    """Why the kernels are not available (None when they are): no compiler, a failed
+    build, or MPITPI_KERNELS=0. Builds them on first use, as ``available``."""
+    return None if available() else _why_not
+
+
 def library_path_or_none() -> str | None:
     """The loaded library's path (None without kernels)."""
     return _lib._name if _load() is not None else None

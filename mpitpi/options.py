@@ -260,6 +260,13 @@ def args_profile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
 
+def args_check(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)   # the job's own options: the same split, folders and memory plan
+    p.add_argument("--reserve-mb", type=float, default=512, help="memory each rank needs "
+                   "beside its weights: Python, torch, the KV cache (default 512)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+
 def args_commbench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=20, help="calls per size (default 20)")
     p.add_argument("--json", help="write the results to this JSON file")

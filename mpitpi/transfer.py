@@ -85,19 +85,42 @@ def _check_target(folder: str) -> None:
     """A folder a shard may be received into: new, empty, or one of mpitpi's shard folders
     (after removing what receives killed on this host left). Anything else is the user's:
     refused, before a byte is sent."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(".") and ".partial-" in name:
+                remove_stale(os.path.join(folder, name.split(".partial-")[0]))
+    problem = receive_problem(folder)
+    if problem:
+        raise MpitpiError(problem)
+
+
+def receive_problem(folder: str) -> str | None:
+    """Why a shard may not be received into ``folder`` (a file, or a folder holding the
+    user's files), with the fix; None when it may. Changes nothing."""
     if not os.path.exists(folder):
-        return
+        return None
     if not os.path.isdir(folder):
-        raise MpitpiError(f"--local-shards {folder!r} is a file, not a folder. Fix: give a "
-                          f"folder path (e.g. /var/tmp/mpitpi-shards).")
-    for name in os.listdir(folder):
-        if name.startswith(".") and ".partial-" in name:
-            remove_stale(os.path.join(folder, name.split(".partial-")[0]))
+        return (f"--local-shards {folder!r} is a file, not a folder. Fix: give a folder path "
+                f"(e.g. /var/tmp/mpitpi-shards).")
     names = os.listdir(folder)
     if names and not is_shard_folder(folder):
-        raise MpitpiError(f"--local-shards {folder!r} holds files that are not mpitpi shards "
-                          f"(e.g. {sorted(names)[0]!r}); nothing in it is replaced. Fix: give "
-                          f"an empty folder, or one that mpitpi made.")
+        return (f"--local-shards {folder!r} holds files that are not mpitpi shards (e.g. "
+                f"{sorted(names)[0]!r}); nothing in it is replaced. Fix: give an empty "
+                f"folder, or one that mpitpi made.")
+    return None
+
+
+def shard_state(folder: str, shards: str, rank: int, man: dict) -> str:
+    """What ``ensure_shards`` does for rank ``rank`` keeping its shard in ``folder`` (its
+    ``local_folder``): 'source' (rank 0 reads the shard folder), 'shared' (``folder`` is
+    rank 0's shard folder, seen through a shared filesystem), 'present' (a valid copy from an
+    earlier run) or 'send' (rank 0 sends it). Changes nothing."""
+    if rank == 0:
+        return "source"
+    theirs = _local_manifest(folder)
+    if _sees_source(folder, shards, man, theirs):
+        return "shared"
+    return "present" if _has_valid(folder, rank, man, theirs) else "send"
 
 
 def _send(comm: Comm, shards: str, r: int, man: dict, progress: bool) -> None:
