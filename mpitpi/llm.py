@@ -78,12 +78,18 @@ class LLM:
     def generate(self, prompts: str | list[str] | list[int] | list[list[int]], *,
                  max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
-                 seed: int | None = None, stop: str | list[str] | None = None,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 logit_bias: dict[int, float] | None = None, seed: int | None = None,
+                 stop: str | list[str] | None = None,
                  ignore_eos: bool = False) -> Completion | list[Completion]:
         """Collective: complete one prompt (a string, or a list of token ids) or a list of
         them (run together, up to ``max_batch`` at a time). Returns a Completion for one
-        prompt, a list in input order for a list. Temperature 0 (default) is greedy."""
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        prompt, a list in input order for a list. Temperature 0 (default) is greedy; the
+        sampling options are the server's (docs/API.md)."""
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty, seed=seed,
+                                presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty, logit_bias=logit_bias)
 
         def encode():
             one = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and all(

@@ -3,7 +3,8 @@
 Each input line is one object: ``{"prompt": "text"}``, ``{"messages": [{"role", "content"},
 ...]}`` (the chat template is applied) or ``{"prompt_ids": [ids]}``, with any of
 ``max_tokens``, ``stop`` and the sampling fields (``temperature``, ``top_k``, ``top_p``,
-``min_p``, ``repeat_penalty``, ``seed``) to override the command line's. Each output line:
+``min_p``, ``repeat_penalty``, ``presence_penalty``, ``frequency_penalty``, ``seed``,
+``logit_bias`` as in the API) to override the command line's. Each output line:
 ``{"index", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens",
 "cached_tokens"}``, written in input order as soon as every earlier prompt is done.
 """
@@ -69,6 +70,14 @@ def read_prompts(path: str, tok, params: SamplingParams, max_tokens: int, stops:
             else:
                 ids = tok.encode(str(obj["prompt"]))
             given = {k: obj[k] for k in obj if k in SamplingParams.__dataclass_fields__}
+            if isinstance(bias := given.get("logit_bias"), dict):   # JSON keys are strings
+                if not all(isinstance(k, str) and k.isascii() and k.isdigit() for k in bias):
+                    raise MpitpiError("\"logit_bias\" must map token ids (as strings, e.g. "
+                                      "\"50256\") to numbers in [-100, 100]")
+                given["logit_bias"] = {int(k): v for k, v in bias.items()}
+                if bad := [t for t in given["logit_bias"] if t >= vocab_size]:
+                    raise MpitpiError(f"\"logit_bias\" names token ids {bad[:5]} outside the "
+                                      f"vocabulary [0, {vocab_size})")
             p = replace(params, **given).check()
             m = obj.get("max_tokens", max_tokens)
             if not isinstance(m, int) or isinstance(m, bool):

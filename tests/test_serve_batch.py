@@ -107,6 +107,7 @@ def test_a_prompts_file_runs_as_one_batch_in_input_order(tmp_path):
     lines = [{"messages": [{"role": "user", "content": f"Name {t} in three words."}],
               "max_tokens": 12} for t in TOPICS[:5]]
     lines.insert(2, {"prompt_ids": [1, 2, 3], "max_tokens": 3, "temperature": 0.9, "seed": 1})
+    lines.append({"prompt_ids": [1, 2, 3], "max_tokens": 3, "logit_bias": {"42": 100}})
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "out.jsonl"
@@ -114,8 +115,9 @@ def test_a_prompts_file_runs_as_one_batch_in_input_order(tmp_path):
                     "--out", str(out), "--max-batch", "4"], timeout=300)
     assert r.returncode == 0, r.stderr
     got = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [g["index"] for g in got] == list(range(6))
+    assert [g["index"] for g in got] == list(range(7))
     assert got[2]["completion_tokens"] == 3
+    assert got[6]["token_ids"] == [42, 42, 42]   # logit_bias as in the API
     one = run_mpi(2, ["generate", "--model", "smollm2-135m", "--chat", "--prompt",
                       f"Name {TOPICS[3]} in three words.", "--max-tokens", "12", "--json"],
                   timeout=300)
@@ -124,7 +126,8 @@ def test_a_prompts_file_runs_as_one_batch_in_input_order(tmp_path):
                         "--out", str(out)], timeout=120)     # never over the answers
     assert again.returncode != 0 and "not overwritten" in again.stderr
     for line, words in (('{"promt": "y"}', 'needs a "prompt"'),
-                        ('{"prompt_ids": [1e999]}', "list of integers")):
+                        ('{"prompt_ids": [1e999]}', "list of integers"),
+                        ('{"prompt": "y", "logit_bias": {"a": 1}}', "logit_bias")):
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"prompt": "x"}\n' + line + "\n")
         r = run_mpi(1, ["generate", "--model", "smollm2-135m", "--prompts-file", str(bad),
