@@ -45,7 +45,8 @@ from mpitpi.loader import Loaded, load_model, measure_ratios, start_model
 from mpitpi.offline import read_prompts, run_offline
 from mpitpi.options import (add_log_level, args_bench, args_chat, args_check, args_commbench,
                             args_generate, args_perplexity, args_profile, args_serve, args_split,
-                            args_synth, check_positive, draft_tokens, npy_path, read_prompt,
+                            args_synth, check_bias, check_positive, draft_tokens, npy_path,
+                            read_prompt,
                             read_text, refuse_existing, sampling_params)
 from mpitpi.perplexity import added_bos, check_ctx, cut_windows, default_text, score
 from mpitpi.plan import parse_ratios, plan_for_args
@@ -171,6 +172,7 @@ def cmd_generate_many(a: argparse.Namespace, comm: Comm) -> int:
     comm.root_checked(early)
     loaded = start(a, comm)
     tok = TOKENIZERS.get(loaded) if comm.rank == 0 and loaded.tokenizer_path else None
+    comm.root_checked(check_bias, params, loaded.args.vocab_size)
     requests = comm.root_checked(lambda: read_prompts(
         a.prompts_file, tok, params, a.max_tokens, a.stop, loaded.args.vocab_size,
         loaded.args.max_seq_len))
@@ -206,6 +208,7 @@ def cmd_generate(a: argparse.Namespace, comm: Comm) -> int:
             tok = TOKENIZERS.get(loaded)
             ids = (tok.encode_chat(chat_messages(text, a.system)) if a.chat else tok.encode(text))
         check_prompt(ids, a.max_tokens, loaded.args.vocab_size, loaded.args.max_seq_len)
+        check_bias(params, loaded.args.vocab_size)
         return ids
     ids = comm.root_checked(prompt_ids)
 
@@ -266,6 +269,7 @@ def cmd_chat(a: argparse.Namespace, comm: Comm) -> int:
     comm.root_checked(lambda: (params.check(), check_positive(max_tokens=a.max_tokens),
                                draft_tokens(a)))
     loaded = start(a, comm)
+    comm.root_checked(check_bias, params, loaded.args.vocab_size)
     tok = need_tokenizer(comm, loaded, template=True)
     run_chat(comm, loaded, tok, lambda: Sampler(params), a.max_tokens, a.system,
              draft=draft_tokens(a), drafter=start_drafter(a, comm, loaded))

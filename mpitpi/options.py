@@ -106,6 +106,13 @@ def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--min-p", type=float, default=0.0,
                    help="drop tokens below min-p x the top probability (0 = off)")
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted once from "
+                   "the logit of each token already generated, -2..2 (0 = off; OpenAI's)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted from a "
+                   "token's logit per time it was already generated, -2..2 (0 = off; OpenAI's)")
+    p.add_argument("--logit-bias", type=logit_bias_arg, action="append", metavar="ID=BIAS",
+                   help="add BIAS (-100..100; -100 bans the token) to token ID's logit; "
+                   "repeatable")
     p.add_argument("--seed", type=int, help="sampling seed")
 
 
@@ -133,9 +140,27 @@ def draft_tokens(a: argparse.Namespace) -> int:
     return a.draft_max if a.draft == "lookup" or a.draft_model else 0
 
 
+def logit_bias_arg(text: str) -> tuple[int, float]:
+    """--logit-bias ID=BIAS -> (id, bias); the range is checked by SamplingParams."""
+    tok, _, bias = text.partition("=")
+    try:
+        return int(tok), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID=BIAS, e.g. 42=-100, got {text!r}")
+
+
+def check_bias(params: SamplingParams, vocab_size: int) -> None:
+    """--logit-bias ids must be in the model's vocabulary; MpitpiError if not."""
+    if bad := [t for t in params.logit_bias or {} if not 0 <= t < vocab_size]:
+        raise MpitpiError(f"--logit-bias names token ids {bad[:5]} outside the model's "
+                          f"vocabulary [0, {vocab_size}).")
+
+
 def sampling_params(a: argparse.Namespace) -> SamplingParams:
     """The sampling options of ``a`` (SamplingParams' defaults where a command has none)."""
     given = {k: v for k, v in vars(a).items() if k in SamplingParams.__dataclass_fields__}
+    if given.get("logit_bias") is not None:   # [(id, bias), ...] -> {id: bias}
+        given["logit_bias"] = dict(given["logit_bias"])
     return SamplingParams(**given)
 
 

@@ -125,3 +125,17 @@ def test_environment_defaults_and_log_level(models, monkeypatch):
     assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
     assert "load rank 0" in loud.stderr and "load rank 0" not in quiet.stderr
     assert quiet.stdout == loud.stdout
+
+
+def test_sampling_options_of_the_api_on_the_command_line(models):
+    folder, _ = models("llama-gqa")
+    args = ["generate", "--model", folder, "--prompt-ids", "1,2", "--max-tokens", "3", "--json"]
+    r = run_mpi(2, [*args, "--logit-bias", "42=100", "--presence-penalty", "0.5",
+                    "--frequency-penalty", "0.5"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == [42, 42, 42]
+    r = run_mpi(2, [*args, "--logit-bias", "99999=1"], timeout=60)
+    assert r.returncode == 2 and "outside the model's vocabulary" in r.stderr
+    r = run_mpi(1, [*args, "--presence-penalty", "3"], timeout=60)
+    assert r.returncode == 2 and "presence-penalty" in r.stderr
+
