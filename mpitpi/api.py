@@ -91,7 +91,8 @@ def check_fields(body: dict, chat: bool) -> None:
             raise BadRequest(400, f"unknown field {name!r} for {path}{other}. Fix: leave it out "
                              f"(docs/API.md lists every field this server reads).", name,
                              code="unknown_parameter")
-        if spec[1] == REFUSED and value is not None and value not in REFUSED_OK.get(name, []):
+        if spec[1] == REFUSED and value is not None and not any(   # 1 == True: types too
+                value == ok and type(value) is type(ok) for ok in REFUSED_OK.get(name, [])):
             raise BadRequest(400, f"{name!r}: {json.dumps(value)} is not supported here: "
                              f"{spec[2]}.", name, code="unsupported_parameter")
 
@@ -242,7 +243,8 @@ def parse_tools(body: dict) -> tuple[list[dict] | None, str | dict, bool]:
     if choice is None:
         choice = "auto"
     named = isinstance(choice, dict) and choice.get("type") == "function" and isinstance(
-        choice.get("function"), dict) and choice["function"].get("name") in names
+        choice.get("function"), dict) and isinstance(choice["function"].get("name"), str) and \
+        choice["function"]["name"] in names
     if not (choice in ("none", "auto", "required") or named):
         raise BadRequest(400, "'tool_choice' must be \"none\", \"auto\", \"required\" or "
                          "{\"type\": \"function\", \"function\": {\"name\": NAME}} naming one of "

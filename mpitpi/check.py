@@ -81,7 +81,8 @@ class Need:
     exact: bool
 
 
-def rank_bytes(args: ModelArgs, s: RankSlice, dtype: str) -> tuple[int, int]:
+def rank_bytes(args: ModelArgs, s: RankSlice, dtype: str,
+               vocab_dtype: str | None = None) -> tuple[int, int]:
     """Estimated bytes of rank ``s.rank``'s weights stored in ``dtype``: (embedding, lm_head
     and final norm rows; one layer). Matrices are counted in their storage (weights.
     storage_for) with their int8/int4 scales, vectors in fp32 (int8/int4) or ``dtype``."""
@@ -89,7 +90,7 @@ def rank_bytes(args: ModelArgs, s: RankSlice, dtype: str) -> tuple[int, int]:
     top = layer = 0.0
     for name, shape in expected_shapes(args, s).items():
         if len(shape) == 2:
-            kind = storage_for(name, shape[1], dtype)
+            kind = storage_for(name, shape[1], dtype, vocab_dtype)
             n = math.prod(shape) * (BYTES_PER_WEIGHT[kind] + SCALE_BYTES.get(kind, 0))
         else:
             n = math.prod(shape) * vec
@@ -134,7 +135,7 @@ def plan_needs(a: argparse.Namespace, size: int) -> dict:
     budget = parse_size(a.memory_budget) if a.memory_budget else None
     needs = []
     for s in plan:
-        top, layer = rank_bytes(args, s, dtype)
+        top, layer = rank_bytes(args, s, dtype, a.vocab_dtype)
         total = man["files"][s.rank]["size"] if man else top + args.n_layers * layer
         if man:   # the file's own size; the per-layer figure follows it
             layer = max(0, total - top) // max(1, args.n_layers)
@@ -294,7 +295,13 @@ def run_check(a: argparse.Namespace, comm: Comm) -> int:
             raise MpitpiError(f"--reserve-mb must be >= 0, got {a.reserve_mb}.")
         return plan_needs(a, comm.size)
     info = comm.root_checked(early)
-    mine = report(comm, info["folder"], info["manifest"], a.local_shards)
+    def mine_checked():   # an unreadable folder is a problem to name, on every rank
+        try:
+            return report(comm, info["folder"], info["manifest"], a.local_shards)
+        except OSError as e:
+            raise MpitpiError(f"cannot inspect this rank's shard folder: {e}. Fix: make it "
+                              f"readable, or choose another --local-shards.")
+    mine = comm.checked(mine_checked)
     reports = comm.gather_obj(mine)
     if comm.rank == 0:
         for r in reports[1:]:   # the ranks rank 0 will send a shard to need room for it

@@ -65,7 +65,7 @@ class LLM:
         def tokenizer():
             if path := self.loaded.tokenizer_path:
                 self.tokenizer = load_tokenizer(path)
-        self.comm.root_checked(tokenizer)
+        self._on_root(tokenizer)
 
     @property
     def rank(self) -> int:
@@ -99,7 +99,7 @@ class LLM:
                 raise MpitpiError("prompts must be a string, a list of token ids, or a "
                                   "non-empty list of those.")
             return one, [self._ids(p) for p in items]
-        one, ids = self.comm.root_checked(encode)
+        one, ids = self._on_root(encode)
         out = self._run(ids, max_tokens, params, stop, ignore_eos)
         return out[0] if one else out
 
@@ -117,7 +117,7 @@ class LLM:
                 raise MpitpiError("messages must be a non-empty list of {'role': 'system' | "
                                   "'user' | 'assistant', 'content': str}.")
             return self.tokenizer.encode_chat(messages)
-        ids = self.comm.root_checked(render)
+        ids = self._on_root(render)
         return self.generate(ids, **options)
 
     def close(self) -> None:
@@ -131,6 +131,19 @@ class LLM:
         self.close()
 
     # -- rank 0's side -------------------------------------------------------------------------
+
+    def _on_root(self, fn):
+        """Collective: ``fn()`` on rank 0, its result on every rank; any exception in it (a
+        TypeError from an argument of the wrong type too) is raised on every rank as an
+        MpitpiError, so no rank is left in the next collective."""
+        def guarded():
+            try:
+                return fn()
+            except MpitpiError:
+                raise
+            except Exception as e:
+                raise MpitpiError(f"{type(e).__name__}: {e}") from e
+        return self.comm.root_checked(guarded)
 
     def _ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -151,9 +164,10 @@ class LLM:
 
         def sessions():
             params.check()
+            if not (stop is None or isinstance(stop, str) or isinstance(stop, (list, tuple))
+                    and all(isinstance(s, str) for s in stop)):
+                raise MpitpiError(f"stop must be a string or a list of strings, got {stop!r}.")
             stops = [stop] if isinstance(stop, str) else list(stop or [])
-            if not all(isinstance(s, str) for s in stops):
-                raise MpitpiError("stop must be a string or a list of strings.")
             decode = self.tokenizer.decode if self.tokenizer else None
             for p in ids:
                 if not (isinstance(max_tokens, int) and not isinstance(max_tokens, bool)):
@@ -161,7 +175,7 @@ class LLM:
                 check_prompt(p, max_tokens, args.vocab_size, args.max_seq_len)
                 made.append(Session(p, max_tokens, Sampler(params),
                                     [] if ignore_eos else args.eos_token_ids, decode, stops))
-        self.comm.root_checked(sessions)
+        self._on_root(sessions)
         if self.comm.rank != 0:
             Runner(self.comm, self.loaded.model).follow()
             return self.comm.bcast_obj(None)

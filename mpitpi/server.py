@@ -53,6 +53,8 @@ STATIC_FILES = {"chat.css": "text/css; charset=utf-8", "chat.js": "text/javascri
                 "marked.min.js": "text/javascript; charset=utf-8",
                 "purify.min.js": "text/javascript; charset=utf-8"}
 ROUTES.update({f"/static/{name}": "GET" for name in STATIC_FILES})
+PAGE_CSP = ("default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'self'; "
+            "frame-ancestors 'none'")
 
 
 @dataclass
@@ -332,9 +334,10 @@ class Handler(BaseHTTPRequestHandler):
     def _get(self, path: str) -> None:
         if path == "/health":
             return self._send(*self.app.health())
-        if path in ("/", "/index.html"):
+        if path in ("/", "/index.html"):   # the page loads nothing but this server's files
             with open(os.path.join(STATIC, "chat.html"), "rb") as f:
-                return self._send(200, f.read(), ctype="text/html; charset=utf-8")
+                return self._send(200, f.read(), {"Content-Security-Policy": PAGE_CSP},
+                                  ctype="text/html; charset=utf-8")
         if path.startswith("/static/"):   # only names of STATIC_FILES are routed here
             name = path[len("/static/"):]
             with open(os.path.join(STATIC, name), "rb") as f:

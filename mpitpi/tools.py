@@ -30,10 +30,13 @@ def template_messages(messages: list[dict]) -> list[dict]:
             calls = []
             for c in m["tool_calls"]:
                 f = dict(c["function"])
-                try:
-                    f["arguments"] = json.loads(f.get("arguments") or "{}")
-                except ValueError:
-                    pass   # not JSON: shown as the client sent it
+                if isinstance(args := f.get("arguments") or "{}", str):
+                    try:
+                        f["arguments"] = json.loads(args)
+                    except ValueError:
+                        pass   # not JSON: shown as the client sent it
+                else:
+                    f["arguments"] = args   # an object already
                 calls.append({**c, "function": f})
             m["tool_calls"] = calls
         out.append(m)

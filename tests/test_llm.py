@@ -41,6 +41,10 @@ SCRIPT = textwrap.dedent("""
         llm.generate("hello", max_tokens=0)
     except MpitpiError as e:
         out["error"] = str(e)
+    try:
+        llm.generate("hello", max_tokens=2, stop=5)
+    except MpitpiError as e:
+        out["error2"] = str(e)
     msgs = [{"role": "user", "content": "hello"}]
     first = llm.chat(msgs, max_tokens=4)
     msgs += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "dog"}]
@@ -70,6 +74,7 @@ def test_python_api_alone_and_under_mpiexec(chatmodel, tmp_path):
         assert o["many"] == [reference_greedy(hf, tok.encode(p), 5)
                              for p in ("the quick", "hello world", "the lazy")]
         assert "max_tokens" in o["error"] or "max-tokens" in o["error"]
+        assert "stop must be" in o["error2"]
         assert o["cached"] > len(tok.encode("<s>user: hello\n"))
     assert "load rank" not in alone.stderr   # progress=False
 

@@ -6,6 +6,9 @@ them, a wrong key."""
 import json
 import os
 import shutil
+import time
+import urllib.request
+from urllib.parse import quote
 
 import pytest
 from selenium import webdriver
@@ -23,7 +26,8 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"   # Debian
 TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
 MARKDOWN = ("Some **bold** text and `inline` code.\n\n```python\nprint(1 < 2)\n```\n\n"
             "<script>window.pwned = 1</script>\n\n"
-            "An <img src=x onerror=\"window.pwned = 2\"> and [a link](javascript:window.pwned=3).")
+            "An <img src=x onerror=\"window.pwned = 2\"> and [a link](javascript:window.pwned=3)."
+            "\n\n![leak](http://127.0.0.1:9/leak.png)")
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +180,9 @@ def test_markdown_renders_and_model_html_is_shown_as_text(server, browser):
     assert "<script>window.pwned = 1</script>" in body.text
     assert '<img src=x onerror="window.pwned = 2">' in body.text
     assert not body.find_elements(By.CSS_SELECTOR, "script, img")
-    link = body.find_element(By.CSS_SELECTOR, "a")
+    link, image = body.find_elements(By.CSS_SELECTOR, "a")
     assert link.text == "a link" and link.get_attribute("href") is None
+    assert image.text == "leak" and image.get_attribute("href") == "http://127.0.0.1:9/leak.png"
     assert browser.execute_script("return window.pwned") is None
     assert find(browser, ".msg.user")[0].text == "<b>hi</b> **not markdown**"
     cut = find(browser, ".msg.assistant .body")[1]   # a max_tokens cut inside a code block
@@ -215,3 +220,17 @@ def test_a_wrong_key_is_an_error_that_opens_the_settings(server, browser):
     assert "wrong API key" in error.text and "Settings" in error.text
     assert browser.find_element(By.ID, "settings").is_displayed()
     assert browser.find_element(By.ID, "key").get_attribute("value") == "wrong"
+
+
+def test_a_question_in_the_address_waits_for_the_user(server, browser):
+    """/?q=... fills the input and sends nothing: a link from another site must not ask
+    with this browser's key. The page carries a content security policy."""
+    page(browser, server, {"mpitpi.key": KEY})
+    browser.get(server.url + "/?q=" + quote("Hello there"))
+    wait(browser, lambda: browser.find_element(By.ID, "input").get_attribute("value"))
+    assert browser.find_element(By.ID, "input").get_attribute("value") == "Hello there"
+    assert "?q" not in browser.current_url
+    time.sleep(1)
+    assert not find(browser, ".msg") and stored(browser) == []
+    with urllib.request.urlopen(server.url + "/", timeout=30) as r:
+        assert "default-src 'self'" in r.headers["Content-Security-Policy"]

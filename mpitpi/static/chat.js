@@ -39,9 +39,12 @@ function store() {
 
 const escapeHtml = s => s.replace(/[&<>"']/g, c =>
   ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]);
-// raw HTML in model text is shown as text, never parsed (block and inline HTML both come here)
+// raw HTML in model text is shown as text, never parsed (block and inline HTML both come here);
+// a markdown image becomes a link: model text must not make the browser fetch any address
 marked.use({gfm: true, breaks: true, headerIds: false, mangle: false,
-            renderer: {html: escapeHtml}});
+            renderer: {html: escapeHtml,
+                       image: (href, title, text) =>
+                         `<a href="${escapeHtml(href || "")}">${escapeHtml(text || href || "")}</a>`}});
 DOMPurify.addHook("afterSanitizeAttributes", node => {
   if (node.tagName === "A") {   // links open beside the chat, never in place of it
     node.setAttribute("target", "_blank");
@@ -343,10 +346,14 @@ if (current && !conv()) current = null;
 showList();
 showLog();
 loadModel();
-// a link like /?q=Hello asks its question in a new conversation (once: the address is cleaned)
+// a link like /?q=Hello puts its question in the input of a new conversation; the user sends
+// it (a link from another site must not ask with this browser's key); the address is cleaned
 const asked = new URLSearchParams(location.search).get("q");
 if (asked) {
   history.replaceState(null, "", location.pathname);
   current = null;
-  ask(asked);
+  showList();
+  showLog();
+  input.value = asked;
+  input.focus();
 }
