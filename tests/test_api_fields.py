@@ -53,13 +53,17 @@ REFUSE = [(True, "n", 2), (False, "best_of", 3), (False, "echo", True), (False, 
           (True, "frequency_penalty", -3), (True, "response_format", {"type": "yaml"}),
           (True, "tool_choice", "required"), (True, "tool_choice", {"type": "function",
                                                                     "function": {"name": "g"}}),
-          (True, "tools", [{"type": "function"}]), (True, "parallel_tool_calls", "yes")]
+          (True, "tools", [{"type": "function"}]), (True, "parallel_tool_calls", "yes"),
+          (True, "n", True), (False, "echo", 0),
+          (True, "tool_choice", {"type": "function", "function": {"name": ["get_weather"]}})]
 
 
 @pytest.mark.parametrize("chat,name,value", REFUSE, ids=[f"{r[1]}={r[2]}" for r in REFUSE])
 def test_refused_fields_get_a_400_naming_them(chat, name, value):
     with pytest.raises(BadRequest) as e:
-        parse_request(body(chat, **{name: value}), chat)
+        parse_request(body(chat, **{name: value}, **(
+            {"tools": [WEATHER]} if name == "tool_choice" and isinstance(value, dict) and
+            isinstance(value["function"]["name"], list) else {})), chat)
     assert e.value.status == 400 and e.value.body["error"]["param"] == name, e.value.body
     assert name in e.value.body["error"]["message"] or "'" in e.value.body["error"]["message"]
 
@@ -145,13 +149,16 @@ def test_tools_are_rendered_and_refused_without_template_support(toolmodel):
                 "id": "call_1", "type": "function", "function": {
                     "name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
             {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
-    job = parse_request({"messages": msgs, "tools": [WEATHER]}, True)
-    bind(job, tok, None, 300)
-    text = tok.tok.decode(job.ids, skip_special_tokens=False)
-    assert '"name": "get_weather"' in text and '"description": "the weather of a city"' in text
-    assert ('<|assistant|><tool_call>{"arguments": {"city": "Oslo"}, "name": "get_weather"}'
-            '</tool_call>') in text.replace("\\u003c", "<").replace("\\u003e", ">")
-    assert "<|tool|>sunny" in text and text.endswith("<|assistant|>")
+    as_object = [*msgs[:1], {**msgs[1], "tool_calls": [{**msgs[1]["tool_calls"][0], "function": {
+        "name": "get_weather", "arguments": {"city": "Oslo"}}}]}, msgs[2]]
+    for history in (as_object, msgs):   # arguments as an object (some clients) or a string
+        job = parse_request({"messages": history, "tools": [WEATHER]}, True)
+        bind(job, tok, None, 300)
+        text = tok.tok.decode(job.ids, skip_special_tokens=False)
+        assert '"name": "get_weather"' in text and '"description": "the weather of a city"' in text
+        assert ('<|assistant|><tool_call>{"arguments": {"city": "Oslo"}, "name": "get_weather"}'
+                '</tool_call>') in text.replace("\\u003c", "<").replace("\\u003e", ">")
+        assert "<|tool|>sunny" in text and text.endswith("<|assistant|>")
     none = parse_request({"messages": msgs[:1], "tools": [WEATHER], "tool_choice": "none"}, True)
     bind(none, tok, None, 300)
     assert "get_weather" not in tok.tok.decode(none.ids) and none.tool_names is None
@@ -171,10 +178,11 @@ def test_tools_are_rendered_and_refused_without_template_support(toolmodel):
 @pytest.fixture(scope="module")
 def tiny(toolmodel, tmp_path_factory):
     """The server on 2 ranks of toolmodel (its shards in the tests' own cache)."""
-    os.environ["MPITPI_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
-    s = Server(2, ["--model", toolmodel[0]])
-    yield s
-    s.kill()
+    with pytest.MonkeyPatch.context() as mp:   # its shards in the tests' own cache
+        mp.setenv("MPITPI_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        s = Server(2, ["--model", toolmodel[0]])
+        yield s
+        s.kill()
 
 
 def post(server, path, req):
