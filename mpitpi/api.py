@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from mpitpi.errors import MpitpiError
 from mpitpi.grammar import BadGrammar, forced_call
-from mpitpi.sampling import BadOption, SamplingParams
+from mpitpi.sampling import BadOption, SamplingParams, bias_from_json, bias_outside
 from mpitpi.session import Result
 from mpitpi.tools import template_messages, template_takes_tools
 
@@ -168,14 +168,10 @@ def _number(body: dict, key: str, integer: bool = False, default=None) -> int | 
 
 def _logit_bias(body: dict) -> dict[int, float] | None:
     """{"token id": bias} -> {id: bias}; the range is checked by SamplingParams."""
-    bias = body.get("logit_bias")
-    if bias is None:
-        return None
-    if not isinstance(bias, dict) or not all(
-            isinstance(k, str) and k.isascii() and k.isdigit() and len(k) < 12 for k in bias):
-        raise BadRequest(400, "'logit_bias' must map token ids (as strings, e.g. \"50256\") "
-                         "to numbers in [-100, 100].", "logit_bias")
-    return {int(k): v for k, v in bias.items()}
+    try:
+        return bias_from_json(body.get("logit_bias"))
+    except BadOption as e:
+        raise BadRequest(400, f"'logit_bias': {e}", "logit_bias")
 
 
 def parse_sampling(body: dict) -> SamplingParams:
@@ -333,9 +329,8 @@ def bind(job: Job, tok, grammars, vocab_size: int) -> None:
     """Checks and work that need the model: logit_bias ids in its vocabulary, tools only
     where its chat template shows them, the prompt's token ids (``job.ids``), the grammar
     of response_format or a forced tool call (``job.constraint``)."""
-    bad = [t for t in (job.params.logit_bias or {}) if t >= vocab_size]
-    if bad:
-        raise BadRequest(400, f"'logit_bias' names token ids {bad[:5]} outside this model's "
+    if bad := bias_outside(job.params.logit_bias, vocab_size):
+        raise BadRequest(400, f"'logit_bias' names token ids {bad} outside this model's "
                          f"vocabulary [0, {vocab_size}).", "logit_bias")
     uses_tools = job.chat and (job.tools or any(
         m["role"] == "tool" or "tool_calls" in m for m in job.prompt))

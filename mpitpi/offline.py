@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from mpitpi.batch import Batch, Runner
 from mpitpi.errors import MpitpiError
-from mpitpi.sampling import BadOption, Sampler, SamplingParams
+from mpitpi.sampling import BadOption, Sampler, SamplingParams, bias_from_json, bias_outside
 from mpitpi.session import Session, check_prompt
 
 KEYS = {"prompt", "messages", "prompt_ids", "max_tokens", "stop",
@@ -70,13 +70,10 @@ def read_prompts(path: str, tok, params: SamplingParams, max_tokens: int, stops:
             else:
                 ids = tok.encode(str(obj["prompt"]))
             given = {k: obj[k] for k in obj if k in SamplingParams.__dataclass_fields__}
-            if isinstance(bias := given.get("logit_bias"), dict):   # JSON keys are strings
-                if not all(isinstance(k, str) and k.isascii() and k.isdigit() for k in bias):
-                    raise MpitpiError("\"logit_bias\" must map token ids (as strings, e.g. "
-                                      "\"50256\") to numbers in [-100, 100]")
-                given["logit_bias"] = {int(k): v for k, v in bias.items()}
-                if bad := [t for t in given["logit_bias"] if t >= vocab_size]:
-                    raise MpitpiError(f"\"logit_bias\" names token ids {bad[:5]} outside the "
+            if "logit_bias" in given:   # as in the API: JSON keys are strings
+                given["logit_bias"] = bias_from_json(given["logit_bias"])
+                if bad := bias_outside(given["logit_bias"], vocab_size):
+                    raise MpitpiError(f"\"logit_bias\" names token ids {bad} outside the "
                                       f"vocabulary [0, {vocab_size})")
             p = replace(params, **given).check()
             m = obj.get("max_tokens", max_tokens)

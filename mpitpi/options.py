@@ -11,7 +11,7 @@ import re
 
 from mpitpi.comm import ALGORITHMS
 from mpitpi.errors import MpitpiError
-from mpitpi.sampling import SamplingParams
+from mpitpi.sampling import SamplingParams, bias_outside
 from mpitpi.synth import SHAPES
 from mpitpi.weights import DTYPES
 
@@ -151,8 +151,8 @@ def logit_bias_arg(text: str) -> tuple[int, float]:
 
 def check_bias(params: SamplingParams, vocab_size: int) -> None:
     """--logit-bias ids must be in the model's vocabulary; MpitpiError if not."""
-    if bad := [t for t in params.logit_bias or {} if not 0 <= t < vocab_size]:
-        raise MpitpiError(f"--logit-bias names token ids {bad[:5]} outside the model's "
+    if bad := bias_outside(params.logit_bias, vocab_size):
+        raise MpitpiError(f"--logit-bias names token ids {bad} outside the model's "
                           f"vocabulary [0, {vocab_size}).")
 
 

@@ -169,3 +169,22 @@ class Sampler:
             sp[drop] = 0
             probs = torch.zeros_like(probs).scatter_(0, idx, sp)
         return probs
+
+
+def bias_from_json(bias) -> dict[int, float] | None:
+    """A JSON ``logit_bias`` ({"token id": bias}, keys strings as JSON has them) -> {id: bias};
+    BadOption naming the field if a key is not a token id (the values are checked by
+    SamplingParams.check)."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict) or not all(
+            isinstance(k, str) and k.isascii() and k.isdigit() and len(k) < 12 for k in bias):
+        raise BadOption("logit_bias", "logit_bias must map token ids (as strings, e.g. "
+                                      "\"50256\") to numbers in [-100, 100].")
+    return {int(k): v for k, v in bias.items()}
+
+
+def bias_outside(bias: dict[int, float] | None, vocab_size: int) -> list[int]:
+    """The token ids of ``bias`` outside a vocabulary of ``vocab_size`` (at most 5)."""
+    return [t for t in bias or {} if not 0 <= t < vocab_size][:5]
+

@@ -347,23 +347,28 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             return self._send(200, self.app.metrics.render(), ctype=CONTENT_TYPE)
         if path.startswith(MODEL_PATH):
-            if (name := unquote(path[len(MODEL_PATH):])) != self.app.opts.name:
-                raise BadRequest(404, f"model {name!r} is not served here; this server serves "
-                                 f"{self.app.opts.name!r}.", "model", code="model_not_found")
+            self._served(unquote(path[len(MODEL_PATH):]))
             return self._send(200, self.app.model_object())
         self._send(200, {"object": "list", "data": [self.app.model_object()]})
 
     def _tokens(self, path: str) -> None:
         """POST /tokenize and /detokenize (llama-server's): the tokenizer alone, no ranks."""
         self._auth()
-        ctype = self.headers.get("Content-Type", "")
-        if ctype.split(";")[0].strip().lower() != "application/json":
-            raise BadRequest(415, f"send 'Content-Type: application/json', not {ctype!r}.")
         answer = tokens.tokenize if path == "/tokenize" else tokens.detokenize
         self._send(200, answer(self.app.tok, self._body()))
 
+    def _served(self, model) -> None:
+        """404 unless ``model`` is the id this server serves."""
+        if model != self.app.opts.name:
+            raise BadRequest(404, f"model {model!r} is not served here; this server serves "
+                             f"{self.app.opts.name!r}.", "model", code="model_not_found")
+
     def _body(self) -> dict:
-        """The request's JSON object; its length is checked before anything is read."""
+        """The request's JSON object (Content-Type application/json); its length is checked
+        before anything is read."""
+        ctype = self.headers.get("Content-Type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise BadRequest(415, f"send 'Content-Type: application/json', not {ctype!r}.")
         lengths = set(self.headers.get_all("Content-Length") or [])
         if self.headers.get("Transfer-Encoding") or not lengths:
             raise BadRequest(411, "a POST needs a Content-Length (and no Transfer-Encoding).")
@@ -382,13 +387,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _post(self, path: str) -> None:
         self._auth()
-        ctype = self.headers.get("Content-Type", "")
-        if ctype.split(";")[0].strip().lower() != "application/json":
-            raise BadRequest(415, f"send 'Content-Type: application/json', not {ctype!r}.")
         body = self._body()
-        if (model := body.get("model")) is not None and model != self.app.opts.name:
-            raise BadRequest(404, f"model {model!r} is not served here; this server serves "
-                             f"{self.app.opts.name!r}.", "model", code="model_not_found")
+        if (model := body.get("model")) is not None:
+            self._served(model)
         job = parse_request(body, chat=path == "/v1/chat/completions")
         bind(job, self.app.tok, self.app.grammars, self.app.loaded.args.vocab_size)
         job.gone = lambda: closed(self.connection)   # also once this thread has closed it

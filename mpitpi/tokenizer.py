@@ -26,17 +26,7 @@ _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
           r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _SPLIT = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "qwen2": _QWEN2}
-CHAT_FILE = "chat.json"
-
-
-def _byte_level_chars() -> dict[str, int]:
-    """Byte-level BPE's printable stand-in for each byte (GPT-2's table) -> that byte."""
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    moved = [b for b in range(256) if b not in keep]
-    return {**{chr(b): b for b in keep}, **{chr(256 + i): b for i, b in enumerate(moved)}}
-
-
-_BYTE_OF = _byte_level_chars()   # mpitpi's own record of the chat template, beside tokenizer.json
+CHAT_FILE = "chat.json"   # mpitpi's own record of the chat template, beside tokenizer.json
 
 
 def _byte_level_chars() -> dict[str, int]:
@@ -84,13 +74,7 @@ class Tokenizer:
         text = self.decode([token], special=True)
         if "\ufffd" not in text:
             return text
-        name = self.tok.id_to_token(token) or ""
-        if len(name) == 6 and name.startswith("<0x") and name.endswith(">"):
-            data = bytes([int(name[3:5], 16)])
-        elif all(c in _BYTE_OF for c in name):
-            data = bytes(_BYTE_OF[c] for c in name)
-        else:
-            return text
+        data = self.token_bytes(token)
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError:

@@ -121,7 +121,7 @@ def test_serve_job_answers_until_scancel(slurm, textmodel, tmp_path):
     port = free_port_pair()
     job = submit(slurm, "slurm-serve.sbatch", tmp_path, {
         **job_env(tmp_path), "MODEL": folder, "SERVE_HOST": "127.0.0.1", "SERVE_PORT": port,
-        "LAUNCHER": "srun"})
+        "LAUNCHER": "srun", "API_KEY": "slurm-key"})
     out = tmp_path / f"{job}.out"
     try:
         deadline, health = time.monotonic() + 60, None
@@ -135,13 +135,16 @@ def test_serve_job_answers_until_scancel(slurm, textmodel, tmp_path):
                 time.sleep(0.3)
         assert health == {"status": "ok", "ranks": 2}, out.read_text()[-3000:]
         assert f"mpitpi: URL http://127.0.0.1:{port}/v1" in out.read_text()
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        c.request("POST", "/v1/completions", body=json.dumps(
-            {"prompt": "the quick", "max_tokens": 4, "temperature": 0}),
-            headers={"Content-Type": "application/json"})
-        r = c.getresponse()
-        body = json.loads(r.read())
-        assert r.status == 200, body
+        req = json.dumps({"prompt": "the quick", "max_tokens": 4, "temperature": 0})
+        for key, status in ((None, 401), ("slurm-key", 200)):   # API_KEY: through the env
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            c.request("POST", "/v1/completions", body=req, headers={
+                "Content-Type": "application/json",
+                **({"Authorization": f"Bearer {key}"} if key else {})})
+            r = c.getresponse()
+            body = json.loads(r.read())
+            assert r.status == status, body
+        assert "slurm-key" not in open(out).read()
         n = body["usage"]["completion_tokens"]
         assert n >= 1 and body["choices"][0]["text"] == tok.decode(ref[:n])
     finally:
