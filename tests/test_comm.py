@@ -67,7 +67,7 @@ def test_star_and_ring_sum_like_mpi(n):
     assert r.stdout.split() == ["ok", "mpi", "ok", "star", "ok", "ring"]
 
 
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [3])   # the sums alone at 2-5 ranks: test_star_and_ring_sum_like_mpi
 def test_generate_same_tokens_with_every_algorithm(models, n):
     folder, _ = models("llama-gqa")
     got = {}

@@ -15,7 +15,7 @@ from mpitpi.prefetch import parse_size, plan_residency
 IDS = "1,17,42,99,7"
 
 
-@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 3])   # alone, and an uneven split of the heads
 def test_tokens_identical_resident_window_and_budget(models, n):
     folder, hf = models("llama-deep")
     layer = sum(p.numel() * 4 for k, p in hf.named_parameters() if ".layers.0." in k)
