@@ -12,7 +12,7 @@ import json
 import threading
 
 import llguidance
-import llguidance.torch
+import llguidance.numpy   # not llguidance.torch: it imports torch's compiler, 2 s a process
 import torch
 
 from mpitpi.errors import MpitpiError
@@ -31,12 +31,13 @@ class Constraint:
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab: int):
         self.m, self.vocab = matcher, vocab
-        self.bits = llguidance.torch.allocate_token_bitmask(1, vocab)   # (1, ceil(vocab/32))
+        self.words = llguidance.numpy.allocate_token_bitmask(1, vocab)  # (1, ceil(vocab/32))
+        self.bits = torch.from_numpy(self.words)                        # the same memory
         self.shifts = torch.arange(32, dtype=torch.int32)
 
     def allowed(self) -> torch.Tensor:
         """(vocab,) bool: the tokens the grammar allows next (EOS once it is complete)."""
-        llguidance.torch.fill_next_token_bitmask(self.m, self.bits)
+        llguidance.numpy.fill_next_token_bitmask(self.m, self.words)
         words = self.bits[0].unsqueeze(1)                            # (n_words, 1) int32
         return ((words >> self.shifts) & 1).flatten()[:self.vocab].bool()
 

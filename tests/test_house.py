@@ -3,6 +3,8 @@ forward pass run in one process: one thread per rank, summing through a shared b
 split arithmetic is checked against transformers in milliseconds, without mpiexec."""
 import ast
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -151,3 +153,12 @@ def test_tensor_parallel_forward_in_process_matches_transformers(models, tmp_pat
     rel = float((ours - expect).abs().max() / expect.abs().max())
     assert rel < 1e-4, rel
     assert torch.equal(ours.argmax(-1), expect.argmax(-1))
+
+
+def test_starting_mpitpi_does_not_import_torchs_compiler():
+    """Every rank of every run imports the CLI: torch's compiler (torch._dynamo, pulled in
+    by e.g. llguidance.torch's @torch.compile) would add about 2 s to each start."""
+    r = subprocess.run([sys.executable, "-c", "import sys, mpitpi.cli; "
+                        "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout[:500] + r.stderr[-2000:]
