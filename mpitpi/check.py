@@ -63,7 +63,7 @@ class Report:
     mpi: str
     kernels: bool
     kernels_why: str | None     # why not, when not
-    memory_mb: float            # available memory (MemAvailable)
+    memory_mb: float            # available memory (MemAvailable, or less in a cgroup)
     folder: str                 # where this rank's shard is read from (or will be)
     disk_mb: float              # free space on the filesystem of ``folder``
     device: int                 # that filesystem's st_dev (ranks of a host may share it)

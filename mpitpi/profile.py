@@ -30,12 +30,57 @@ class RankFigures:
         return asdict(self)
 
 
+NO_LIMIT = 2**60   # a cgroup "limit" at or above this is none (v1 writes 2^63 rounded down)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return None if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+def cgroup_room_mb(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float:
+    """MB this process's memory cgroup may still take (its limit less its usage: a SLURM job
+    step's allocation, a container's limit); inf without a limit. cgroup v2 (memory.max,
+    memory.current) and v1 (memory.limit_in_bytes, memory.usage_in_bytes), looked up at the
+    process's own cgroup path and at the mount's root (a cgroup namespace shows its own root
+    there); the tightest found counts."""
+    try:
+        with open(proc) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return float("inf")
+    room = float("inf")
+    for line in lines:
+        hid, ctrls, path = (line.split(":", 2) + ["", ""])[:3]
+        if hid == "0":
+            where, files = [root + path, root], ("memory.max", "memory.current")
+        elif "memory" in ctrls.split(","):
+            where = [f"{root}/memory{path}", f"{root}/memory"]
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        for folder in where:
+            limit, used = (_read_int(f"{folder.rstrip('/')}/{n}") for n in files)
+            if limit is not None and limit < NO_LIMIT and used is not None:
+                room = min(room, max(0, limit - used) / 2**20)
+                break
+    return room
+
+
 def available_memory_mb() -> float:
+    """MB this rank can still use: the host's MemAvailable, or less when its cgroup (a SLURM
+    allocation, a container) allows less."""
+    host = float("inf")
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    return float("inf")
+                host = int(line.split()[1]) / 1024
+                break
+    return min(host, cgroup_room_mb())
 
 
 def matvec_gbs(dim: int, ffn: int, dtype: str, seconds: float = 0.5) -> float:

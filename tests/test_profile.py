@@ -77,3 +77,24 @@ def test_profile_command_json(models):
     assert len(out["ranks"]) == 2 and all(x["gbs"] > 0 for x in out["ranks"])
     assert sum(p["q_heads"][1] - p["q_heads"][0] for p in out["plan"]) == 8
     assert len(out["ratios"].split(",")) == 2
+
+
+def test_cgroup_room_counts_a_slurm_or_container_memory_limit(tmp_path):
+    from mpitpi.profile import cgroup_room_mb
+
+    def tree(proc: str, files: dict) -> float:
+        (tmp_path / "cgroup").write_text(proc)
+        for name, text in files.items():
+            (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "fs" / name).write_text(text)
+        return cgroup_room_mb(str(tmp_path / "cgroup"), str(tmp_path / "fs"))
+    # cgroup v2, a SLURM step's own path: 1 GiB allowed, 256 MiB used
+    assert tree("0::/slurm/job_7/step_0\n", {"slurm/job_7/step_0/memory.max": str(2**30),
+                                              "slurm/job_7/step_0/memory.current": str(2**28)}
+                ) == 768
+    # cgroup v1 seen from inside a namespace: only the mount's root has the files
+    assert tree("4:memory:/docker/abc\n0::/\n", {"memory/memory.limit_in_bytes": str(2**31),
+                                                 "memory/memory.usage_in_bytes": str(2**30),
+                                                 "memory.max": "max", "memory.current": "5"}
+                ) == 1024
+    assert tree("0::/\n", {"memory.max": "max", "memory.current": "5"}) == float("inf")
