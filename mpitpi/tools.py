@@ -45,7 +45,8 @@ def template_messages(messages: list[dict]) -> list[dict]:
 
 def _call(obj, names: set[str]) -> dict | None:
     """An API tool call from a parsed {"name", "arguments"|"parameters"} of a known tool."""
-    if not isinstance(obj, dict) or obj.get("name") not in names:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or \
+            obj["name"] not in names:   # model output: a name may be any JSON value
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",

@@ -124,7 +124,8 @@ def test_tool_calls_are_read_back_in_both_forms():
     content, calls = parse_tool_calls('<|python_tag|>{"name": "get_weather", "parameters": '
                                       '{"city": "Rome"}}', names)
     assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"city": "Rome"}
-    for plain in ('{"name": "other", "arguments": {}}', "no call here", "<tool_call>{bad"):
+    for plain in ('{"name": "other", "arguments": {}}', "no call here", "<tool_call>{bad",
+                  '{"name": ["get_weather"], "arguments": {}}'):   # a list: no crash
         assert parse_tool_calls(plain, names) == (plain, [])
 
 
