@@ -318,3 +318,18 @@ class Batch:
     def close(self) -> None:
         """Collective: end the run (the followers' ``Runner.follow`` returns)."""
         self.runner.run(None)
+
+    def run_all(self, sessions: list[Session], done=None) -> None:
+        """Collective (rank 0's side; the others ``Runner.follow``): every session through
+        the batch, admitted in order as slots free, ``done(session)`` as each ends; then
+        ``close``."""
+        waiting = list(sessions)
+        while waiting or self.active:
+            while waiting and self.admit(waiting[0]):
+                waiting.pop(0)
+            if not self.active:   # an empty batch that admits nothing would spin forever
+                raise RuntimeError("a session does not fit an empty batch's KV budget")
+            for s in self.step():
+                if done is not None:
+                    done(s)
+        self.close()

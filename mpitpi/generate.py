@@ -32,9 +32,6 @@ def generate(comm: Comm, model: Transformer, session: Session | None,
     if session is None:
         ms = Runner(comm, model, on_step).follow()
         return Result(forward_passes=len(ms), step_ms=ms[1:], ttft_ms=ms[0] if ms else 0.0)
-    batch = Batch(comm, model, draft=draft, on_pass=on_step, reuse=reuse, drafter=drafter)
-    batch.admit(session)
-    while batch.active:
-        batch.step()
-    batch.close()
+    Batch(comm, model, draft=draft, on_pass=on_step, reuse=reuse,
+          drafter=drafter).run_all([session])
     return session.result

@@ -179,13 +179,7 @@ class LLM:
         if self.comm.rank != 0:
             Runner(self.comm, self.loaded.model).follow()
             return self.comm.bcast_obj(None)
-        batch = Batch(self.comm, self.loaded.model, self.max_batch)
-        waiting = list(made)
-        while waiting or batch.active:
-            while waiting and batch.admit(waiting[0]):
-                waiting.pop(0)
-            batch.step()
-        batch.close()
+        Batch(self.comm, self.loaded.model, self.max_batch).run_all(made)
         done = [Completion(r.text, r.token_ids, r.finish_reason, r.prompt_tokens,
                            r.cached_tokens, round(r.ttft_ms, 3), round(r.ms_per_token, 3))
                 for r in (s.result for s in made)]

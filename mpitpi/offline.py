@@ -102,20 +102,19 @@ def run_offline(comm, model, requests: list[Request] | None, out_path: str | Non
     sessions = [Session(r.ids, r.max_tokens, Sampler(r.params), eos, decode, r.stops)
                 for r in requests]
     batch = Batch(comm, model, max_batch, draft=draft, drafter=drafter)
-    done, written, waiting = set(), 0, list(range(len(sessions)))
+    index = {id(s): i for i, s in enumerate(sessions)}
+    done, written = set(), 0
     with open(out_path, "x", encoding="utf-8") as f, \
             tqdm(total=len(sessions), unit="prompt", file=sys.stderr) as bar:
-        while waiting or batch.active:
-            while waiting and batch.admit(sessions[waiting[0]]):
-                waiting.pop(0)
-            for s in batch.step():
-                done.add(sessions.index(s))
-                bar.update(1)
+        def finished(s: Session) -> None:
+            nonlocal written
+            done.add(index[id(s)])
+            bar.update(1)
             while written in done:   # in input order, as soon as the earlier ones are done
                 f.write(json.dumps(_line(written, sessions[written])) + "\n")
                 f.flush()
                 written += 1
-        batch.close()
+        batch.run_all(sessions, finished)
     tokens, passes = sum(len(s.result.token_ids) for s in sessions), batch.runner.passes
     secs = time.perf_counter() - t0
     print(f"[mpitpi] {len(sessions)} prompts, {tokens} tokens in {secs:.1f} s "
