@@ -36,12 +36,12 @@ from mpitpi.checkpoint import fingerprint, natural_dtype, open_checkpoint, resol
 from mpitpi.comm import Comm, mpi_versions
 from mpitpi.config import ModelArgs
 from mpitpi.errors import MpitpiError
-from mpitpi.loader import cache_folder
+from mpitpi.loader import cached_split
 from mpitpi.plan import RankSlice, parse_ratios, plan_for_args
 from mpitpi.prefetch import parse_size, plan_residency
 from mpitpi.profile import available_memory_mb
 from mpitpi.quant import BLOCK, GROUP
-from mpitpi.shards import MANIFEST, check_manifest, expected_shapes, read_manifest
+from mpitpi.shards import check_manifest, expected_shapes, read_manifest
 from mpitpi.transfer import local_folder, receive_problem, shard_state
 from mpitpi.weights import BYTES_PER_WEIGHT, storage_for
 
@@ -117,14 +117,7 @@ def _existing_split(a: argparse.Namespace, size: int) -> tuple[str, dict | None,
     args = open_checkpoint(path).args
     fp = fingerprint(path)
     dtype = a.dtype or natural_dtype(path)
-    folder = cache_folder(a.model, fp, size, ratios, dtype, a.vocab_dtype)
-    man = None
-    if os.path.isfile(os.path.join(folder, MANIFEST)):
-        try:
-            man = read_manifest(folder)
-            check_manifest(man, folder, size, fp)
-        except MpitpiError:
-            man = None   # the job splits again
+    folder, man = cached_split(a.model, fp, size, ratios, dtype, a.vocab_dtype)
     return folder, man, args, dtype, ratios
 
 

@@ -74,6 +74,21 @@ def _check_asked(shards: str, world_size: int, ratios, dtype, vocab_dtype=None) 
                               f"--ratios, or split again with these ratios.")
 
 
+def cached_split(model_path: str, fp: str, world_size: int, ratios: list[float] | None,
+                 dtype: str, vocab_dtype: str | None = None) -> tuple[str, dict | None]:
+    """Rank 0, no writes: the cache folder of this split and its manifest, or None when the
+    folder holds no valid split of this model (not made yet, or stale: made again)."""
+    folder = cache_folder(model_path, fp, world_size, ratios, dtype, vocab_dtype)
+    if os.path.isfile(os.path.join(folder, MANIFEST)):
+        try:
+            man = read_manifest(folder)
+            check_manifest(man, folder, world_size, fp)
+            return folder, man
+        except MpitpiError:
+            pass
+    return folder, None
+
+
 def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress,
                     vocab_dtype=None) -> dict:
     """Rank 0: find (or make, from the checkpoint) the shard folder. Returns what all need.
@@ -98,15 +113,8 @@ def _resolve_shards(model_path, shards, world_size, ratios_text, dtype, progress
             raise
         if shards is None:
             dtype = dtype or natural_dtype(path)
-            shards = cache_folder(model_path, fp, world_size, ratios, dtype, vocab_dtype)
-            valid = False
-            if os.path.isfile(os.path.join(shards, MANIFEST)):
-                try:
-                    check_manifest(read_manifest(shards), shards, world_size, fp)
-                    valid = True
-                except MpitpiError:
-                    valid = False
-            if not valid:
+            shards, man = cached_split(model_path, fp, world_size, ratios, dtype, vocab_dtype)
+            if man is None:
                 write_shards(open_checkpoint(path), shards, world_size, ratios, dtype,
                              progress=progress, vocab_dtype=vocab_dtype)
     tok = os.path.join(shards, "tokenizer.json")
