@@ -124,8 +124,10 @@ def test_int4_model_matches_fp32_on_the_same_weights(models, tmp_path, name, n, 
     """int4 shards (int4 where whole blocks fit, int8 elsewhere) against fp32 shards of the
     numbers they hold, prompt then one-token steps through the fused C step: only the int8
     activations of the int4 products differ, so the logits stay within 6% of the largest and
-    the top token mostly agrees. (Against the unquantized model, 4 bits cost tiny random
-    models 2-40% of their logits: measured in docs/BENCHMARKS.md, a fact about those models.)"""
+    the top token agrees wherever the reference's lead over the second exceeds 2% of the
+    largest logit (near-ties may flip with the order of a sum). (Against the unquantized
+    model, 4 bits cost tiny random models 2-40% of their logits: measured in
+    docs/BENCHMARKS.md, a fact about those models.)"""
     folder, _ = models(name)
     write_shards(open_checkpoint(folder), str(tmp_path / "q"), n, ratios, "int4",
                  progress=False)
@@ -137,9 +139,14 @@ def test_int4_model_matches_fp32_on_the_same_weights(models, tmp_path, name, n, 
     got = torch.stack(run_ranks(str(tmp_path / "q"), n, steps, starts, fused=True))
     rel = float((got - ref).abs().max() / ref.abs().max())
     agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
-    print(f"{name} N={n}: relative logit error {rel:.4f}, top-1 agreement {agree:.2f}")
+    top2 = ref.topk(2, -1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.02 * ref.abs().max()
+    same = got.argmax(-1) == ref.argmax(-1)
+    print(f"{name} N={n}: relative logit error {rel:.4f}, top-1 agreement {agree:.2f}, "
+          f"{int(clear.sum())} of {clear.numel()} positions with a clear lead")
     assert rel < 0.06, rel
-    assert agree >= 0.8, agree
+    assert bool(same[clear].all()), (same, clear)
+    assert agree >= 0.7, agree
 
 
 def test_int4_generate_across_ranks(models, tmp_path):

@@ -254,6 +254,25 @@ static inline float hsum(__m256 v) {
  *     d xs[b] (sum over j of n_j a_j)  +  m xsum[b]
  * with the integer sum in one instruction on AVX2 (vpmaddubsw: unsigned n times signed a,
  * pairs added; with VNNI vpdpbusd also adds the quads). */
+#if defined(__AVX512BW__) && defined(__F16C__) && defined(__FMA__)
+/* The AVX-512 loop (dot_i4_row) takes four blocks per register: the 64 bytes of blocks
+ * b..b+3 give their low nibbles (each block's columns 0-15) in one register and their high
+ * nibbles (columns 16-31) in another, each 16-byte lane one block. The activations of
+ * blocks below nb / 8 * 8 are stored to match, once per product instead of reordering the
+ * nibbles for every weight row: in each group of four blocks, the four blocks' columns 0-15,
+ * then their columns 16-31. The blocks after (at most 7) stay in column order. */
+#define I4_GROUPED 1
+static inline int64_t i4_slot(int64_t b, int64_t i, int64_t nb) {
+    if (b >= nb / 8 * 8) return b * 32 + i;
+    return (b & ~(int64_t)3) * 32 + (i >= 16 ? 64 : 0) + (b & 3) * 16 + (i & 15);
+}
+#else
+static inline int64_t i4_slot(int64_t b, int64_t i, int64_t nb) {
+    (void)nb;
+    return b * 32 + i;
+}
+#endif
+
 static inline void quantize_x8(const float *x, int64_t nb, int8_t *xq, float *xs, float *xsum) {
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * 32;
@@ -263,7 +282,7 @@ static inline void quantize_x8(const float *x, int64_t nb, int8_t *xq, float *xs
         int sum = 0;
         for (int i = 0; i < 32; i++) {
             int v = (int)lrintf(xb[i] * inv);
-            xq[b * 32 + i] = (int8_t)v;
+            xq[i4_slot(b, i, nb)] = (int8_t)v;
             sum += v;
         }
         xs[b] = s;
@@ -292,10 +311,15 @@ static inline int32_t dot_i4_block(const uint8_t *q, const int8_t *a) {
 #else
 #define DPBUSD(a, b) _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
 #endif
+/* a0 . b0 + a1 . b1 per group of four bytes, as int32 (a unsigned 4-bit, b signed 8-bit:
+ * without VNNI the int16 pair sums, at most 4 x 15 x 128, cannot saturate) */
 #if defined(__AVX512VNNI__)
-#define DPBUSD512(a, b) _mm512_dpbusd_epi32(_mm512_setzero_si512(), a, b)
+#define DPBUSD512X2(a0, b0, a1, b1) \
+    _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), a0, b0), a1, b1)
 #else
-#define DPBUSD512(a, b) _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1))
+#define DPBUSD512X2(a0, b0, a1, b1)                                                     \
+    _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(a0, b0),                    \
+                                       _mm512_maddubs_epi16(a1, b1)), _mm512_set1_epi16(1))
 #endif
 
 #if defined(__AVX2__) && defined(HAVE_F16X8)
@@ -324,29 +348,32 @@ static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16
                                int64_t nb) {
     float sum = 0.f;
     int64_t b = 0;
-#if defined(__AVX512BW__) && defined(HAVE_F16X8)
-    /* two blocks per instruction: their 32 bytes -> [low nibbles of both | high nibbles of
-     * both], 128-bit lanes reordered to block b's 32 columns then block b + 1's */
+#if defined(I4_GROUPED) && defined(HAVE_F16X8)
+    /* eight blocks a step, four per register (the activations' layout: i4_slot); block k's
+     * int32 sums lie in lane k of p0 (blocks 0-3) and p1 (4-7), and the lanes take their
+     * block's scale from one vector of the eight */
     const __m512i low = _mm512_set1_epi8(15);
-    __m512 acc = _mm512_setzero_ps();
+    const __m512i pick0 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i pick1 = _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
     __m256 macc = _mm256_setzero_ps();
     for (; b + 8 <= nb; b += 8) {
-        /* the eight blocks' scales; block pair k's lanes take scales k and k + 1 */
         __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(f16x8(d + b), _mm256_loadu_ps(xs + b)));
         macc = _mm256_fmadd_ps(f16x8(m + b), _mm256_loadu_ps(xsum + b), macc);
-        for (int k = 0; k < 8; k += 2) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(q + (b + k) * 16));
-            __m512i n = _mm512_inserti64x4(_mm512_castsi256_si512(raw),
-                                           _mm256_srli_epi16(raw, 4), 1);
-            n = _mm512_and_si512(n, low);
-            n = _mm512_shuffle_i64x2(n, n, 0xD8);
-            __m512i p = DPBUSD512(n, _mm512_loadu_si512((const void *)(xq + (b + k) * 32)));
-            __m512i pick = _mm512_set_epi32(k + 1, k + 1, k + 1, k + 1, k + 1, k + 1, k + 1,
-                                            k + 1, k, k, k, k, k, k, k, k);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(pick, s), acc);
-        }
+        __m512i r0 = _mm512_loadu_si512((const void *)(q + b * 16));
+        __m512i r1 = _mm512_loadu_si512((const void *)(q + b * 16 + 64));
+        const int8_t *x = xq + b * 32;
+        __m512i p0 = DPBUSD512X2(_mm512_and_si512(r0, low), _mm512_loadu_si512(x),
+                                 _mm512_and_si512(_mm512_srli_epi16(r0, 4), low),
+                                 _mm512_loadu_si512(x + 64));
+        __m512i p1 = DPBUSD512X2(_mm512_and_si512(r1, low), _mm512_loadu_si512(x + 128),
+                                 _mm512_and_si512(_mm512_srli_epi16(r1, 4), low),
+                                 _mm512_loadu_si512(x + 192));
+        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(pick0, s), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(pick1, s), acc1);
     }
-    sum = _mm512_reduce_add_ps(acc) + hsum(macc) + dot_i4_tail(q, d, m, xq, xs, xsum, b, nb);
+    sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + hsum(macc) +
+          dot_i4_tail(q, d, m, xq, xs, xsum, b, nb);
     b = nb;
 #elif defined(__AVX2__) && defined(HAVE_F16X8)
     const __m256i low = _mm256_set1_epi8(15);
@@ -388,12 +415,14 @@ static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16
  * whatever R is (one accumulator per row, one noinline finish), so a row's result does not
  * depend on the rows beside it; only for that, the result may differ from dot_i4_row's in
  * the last bits. */
-#if defined(__AVX512BW__) && defined(HAVE_F16X8)
-static __attribute__((noinline)) float i4_finish(__m512 acc, __m256 macc, const uint8_t *q,
-                                                 const uint16_t *d, const uint16_t *m,
-                                                 const int8_t *xq, const float *xs,
-                                                 const float *xsum, int64_t b, int64_t nb) {
-    return _mm512_reduce_add_ps(acc) + hsum(macc) + dot_i4_tail(q, d, m, xq, xs, xsum, b, nb);
+#if defined(I4_GROUPED) && defined(HAVE_F16X8)
+static __attribute__((noinline)) float i4_finish(__m512 acc0, __m512 acc1, __m256 macc,
+                                                 const uint8_t *q, const uint16_t *d,
+                                                 const uint16_t *m, const int8_t *xq,
+                                                 const float *xs, const float *xsum, int64_t b,
+                                                 int64_t nb) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + hsum(macc) +
+           dot_i4_tail(q, d, m, xq, xs, xsum, b, nb);
 }
 
 #define DOT_I4_ROWS(R)                                                                    \
@@ -401,32 +430,39 @@ static inline void dot_i4_rows##R(const uint8_t *q, const uint16_t *d, const uin
                                   int8_t *const *xq, float *const *xs,                     \
                                   float *const *xsum, int64_t nb, float *y, int64_t ys) { \
     const __m512i low = _mm512_set1_epi8(15);                                             \
-    __m512 acc[R], s[R];                                                                  \
+    const __m512i pick0 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0); \
+    const __m512i pick1 = _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4); \
+    __m512 acc0[R], acc1[R];                                                              \
     __m256 macc[R];                                                                       \
-    for (int r = 0; r < R; r++) { acc[r] = _mm512_setzero_ps(); macc[r] = _mm256_setzero_ps(); } \
+    for (int r = 0; r < R; r++) {                                                         \
+        acc0[r] = acc1[r] = _mm512_setzero_ps();                                          \
+        macc[r] = _mm256_setzero_ps();                                                    \
+    }                                                                                     \
     int64_t b = 0;                                                                        \
     for (; b + 8 <= nb; b += 8) {                                                         \
         __m256 dv = f16x8(d + b), mv = f16x8(m + b);                                      \
+        __m512i r0 = _mm512_loadu_si512((const void *)(q + b * 16));                      \
+        __m512i r1 = _mm512_loadu_si512((const void *)(q + b * 16 + 64));                 \
+        __m512i l0 = _mm512_and_si512(r0, low);                                           \
+        __m512i h0 = _mm512_and_si512(_mm512_srli_epi16(r0, 4), low);                     \
+        __m512i l1 = _mm512_and_si512(r1, low);                                           \
+        __m512i h1 = _mm512_and_si512(_mm512_srli_epi16(r1, 4), low);                     \
         for (int r = 0; r < R; r++) {                                                     \
-            s[r] = _mm512_castps256_ps512(_mm256_mul_ps(dv, _mm256_loadu_ps(xs[r] + b))); \
+            __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(dv, _mm256_loadu_ps(xs[r] + b))); \
             macc[r] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xsum[r] + b), macc[r]);         \
-        }                                                                                 \
-        for (int k = 0; k < 8; k += 2) {                                                  \
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(q + (b + k) * 16));        \
-            __m512i n = _mm512_inserti64x4(_mm512_castsi256_si512(raw),                   \
-                                           _mm256_srli_epi16(raw, 4), 1);                 \
-            n = _mm512_shuffle_i64x2(_mm512_and_si512(n, low), _mm512_and_si512(n, low), 0xD8); \
-            __m512i pick = _mm512_set_epi32(k + 1, k + 1, k + 1, k + 1, k + 1, k + 1, k + 1, \
-                                            k + 1, k, k, k, k, k, k, k, k);               \
-            for (int r = 0; r < R; r++) {                                                 \
-                __m512i p = DPBUSD512(n, _mm512_loadu_si512((const void *)(xq[r] + (b + k) * 32))); \
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),                           \
-                                         _mm512_permutexvar_ps(pick, s[r]), acc[r]);      \
-            }                                                                             \
+            const int8_t *x = xq[r] + b * 32;                                             \
+            __m512i p0 = DPBUSD512X2(l0, _mm512_loadu_si512(x), h0,                       \
+                                     _mm512_loadu_si512(x + 64));                         \
+            __m512i p1 = DPBUSD512X2(l1, _mm512_loadu_si512(x + 128), h1,                 \
+                                     _mm512_loadu_si512(x + 192));                        \
+            acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(pick0, s), \
+                                      acc0[r]);                                           \
+            acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(pick1, s), \
+                                      acc1[r]);                                           \
         }                                                                                 \
     }                                                                                     \
     for (int r = 0; r < R; r++)                                                           \
-        y[r * ys] = i4_finish(acc[r], macc[r], q, d, m, xq[r], xs[r], xsum[r], b, nb);    \
+        y[r * ys] = i4_finish(acc0[r], acc1[r], macc[r], q, d, m, xq[r], xs[r], xsum[r], b, nb); \
 }
 #else
 #define DOT_I4_ROWS(R)                                                                    \
