@@ -1,20 +1,28 @@
 """Per-host choices of how a Weight multiplies, measured on the host, not baked in.
 
-Two decisions differ between CPUs by several times (docs/BENCHMARKS.md):
+Three decisions differ between CPUs (docs/BENCHMARKS.md):
 
-- ``max_t[dtype]``: the number of input rows up to which the C kernels beat torch's matrix
-  product (decode is 1 row; short prompts a few; int8 against a dequantized copy). Measured
-  once per kernel build by timing both on a 2048 x 2048 matrix for 1, 2, 4, ... 64 rows.
-- ``prefill[dtype]``: what fp16 and bf16 weights compute in for longer inputs: ``bf16``
+- ``prefill[dtype]``: what fp16 and bf16 weights compute in for prompt rows: ``bf16``
   (torch's bf16 product, fast only where the CPU has bf16 instructions) or ``fp32`` (the
   weight widened per call). Without avx512_bf16 / amx_bf16 it is fp32 without measuring;
   with them the faster of the two, measured.
+- ``max_t[dtype]``: prompt rows take one path whatever their number, so that a row's numbers
+  do not depend on the rows beside it (a prompt cut into chunks, a cached prefix reused,
+  several prompts in one pass all give the same numbers, hence the same greedy text): the C
+  kernels (every row computed alone; ``max_t`` unbounded) or torch's product (``max_t`` 0).
+  Decode rows always take the C kernels.
+- ``pad[dtype]``: torch's product gives a row the same numbers whatever the row count only
+  for some counts (on the AMD EPYC of docs/BENCHMARKS.md, fp32 on 2 threads: any multiple
+  of 4, not 5, 7 or 9 rows; bf16 any count). Measured here: the least of 1, 2, 4, 8, 16
+  whose multiples all agree, 0 if none: then prompt rows take the C kernels; else the
+  faster of the two at prompt-chunk sizes, torch's inputs padded with zero rows to a
+  multiple of ``pad``.
 
 The figures are written as JSON beside the kernel library (one file per library, which is
 per CPU and compiler) with the CPU they were measured on. One process measures (an exclusive
-lock file); others starting at the same moment use the defaults from the CPU's features for
-that run. ``python -m mpitpi.choices`` (make install) measures up front; ``mpitpi profile``
-prints the choices and why.
+lock file); others starting at the same moment use the defaults (the C kernels for every
+prompt row) for that run. ``python -m mpitpi.choices`` (make install) measures up front;
+``mpitpi profile`` prints the choices and why.
 """
 from __future__ import annotations
 
@@ -39,10 +47,13 @@ def _bf16_instructions() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-# kernel row counts before (or without) measuring; also what a choices file measured by an
-# older version, without some dtype, falls back to
+# before (or without) measuring: every prompt row through the C kernels (int4 beyond a
+# chunk through torch on a dequantized copy), which compute each row alone
 PREFILL_ROWS = 128   # rows of a prompt chunk (batch.PREFILL_CHUNK)
-DEFAULT_MAX_T = {"fp32": 8, "bf16": 2, "fp16": 2, "int8": 1 << 30, "int4": PREFILL_ROWS}
+C_ALWAYS = 1 << 30
+DEFAULT_MAX_T = {"fp32": C_ALWAYS, "bf16": C_ALWAYS, "fp16": C_ALWAYS, "int8": C_ALWAYS,
+                 "int4": PREFILL_ROWS}
+VERSION = 2          # of the measurement: a choices file of another version is measured again
 
 
 @dataclass
@@ -51,14 +62,21 @@ class Choices:
     prefill: dict[str, str] = field(default_factory=lambda: {
         "bf16": "bf16" if _bf16_instructions() else "fp32",
         "fp16": "bf16" if _bf16_instructions() else "fp32"})
+    pad: dict[str, int] = field(default_factory=dict)
     measured: bool = False
     why: list[str] = field(default_factory=list)
     cpu: str = ""
+    version: int = VERSION
 
     def kernel_rows(self, kind: str) -> int:
-        """Input rows up to which a weight of storage ``kind`` (weights.DTYPES) uses the C
-        kernels (int4 for 2 rows and more: its exact-activation kernel)."""
+        """Prompt rows up to which a weight of storage ``kind`` (weights.DTYPES) uses the C
+        kernels: unbounded or 0 (torch) for all but int4 (beyond a prompt chunk, torch)."""
         return self.max_t.get(kind, DEFAULT_MAX_T[kind])
+
+    def pad_rows(self, kind: str) -> int:
+        """torch's product gives each row the same numbers whenever the row count is a
+        multiple of this (prompt inputs are padded with zero rows to one)."""
+        return self.pad.get(kind, 1)
 
     def prefill_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """What a weight stored in ``dtype`` computes in for inputs past ``kernel_rows``."""
@@ -78,20 +96,61 @@ def _median_ms(f, reps: int = 7) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def _crossover(ours, theirs, n: int, g: torch.Generator) -> int:
-    """The most rows of x (n,) in ROWS for which ``ours(x)`` is not slower than
-    ``theirs(x)``, stopping at the first loss; at least 1."""
-    best = 0
-    for t in ROWS:
-        x = torch.randn(t, n, generator=g)
-        if _median_ms(lambda: ours(x)) > _median_ms(lambda: theirs(x)):
-            break
-        best = t
-    return max(best, 1)
+TIMED = (8, 32, PREFILL_ROWS)   # prompt-chunk sizes the path is chosen by (summed times)
+NARROW = 576         # a second width checked for invariance (SmolLM2's)
+MULTIPLES = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32)
+
+
+def invariant_from(f, n: int, g: torch.Generator) -> int:
+    """The least m of 1, 2, 4, 8, 16 such that ``f`` (x (T, n) -> (T, out)) gives every row
+    the numbers it gives it within PREFILL_ROWS rows, wherever the row stands, whenever T is
+    a multiple of m: at this thread count and at 1 thread. 0 if none is."""
+    x = torch.randn(PREFILL_ROWS, n, generator=g)
+    threads = torch.get_num_threads()
+    worst = 1
+    for t in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(t)
+        try:
+            full = f(x)
+            if not torch.equal(f(x.roll(37, 0)), full.roll(37, 0)):
+                return 0
+            m = next((m for m in (1, 2, 4, 8, 16)
+                      if all(torch.equal(f(x[:T]), full[:T])
+                             for T in {m * k for k in MULTIPLES if m * k < PREFILL_ROWS})), 0)
+        finally:
+            torch.set_num_threads(threads)
+        if m == 0:
+            return 0
+        worst = max(worst, m)
+    return worst
+
+
+def _choose(c: Choices, name: str, ours, theirs, n: int, g: torch.Generator, how: str) -> None:
+    """Prompt rows of ``name`` through the C kernels (``ours``) or torch (``theirs``, padded
+    to the rows from which it is row-invariant, if any)."""
+    pads = [invariant_from(theirs, n, g), invariant_from(theirs, NARROW, g)]
+    pad = 0 if 0 in pads else max(pads)
+    xs = [torch.randn(t, n, generator=g) for t in TIMED]
+    c_ms = sum(_median_ms(lambda: ours(x), reps=5) for x in xs)
+    if pad == 0:
+        c.max_t[name] = C_ALWAYS
+        c.why.append(f"{name}: prompt rows through the C kernels (torch {how} gives a row "
+                     f"different numbers with the rows beside it)")
+        return
+    t_ms = sum(_median_ms(lambda: theirs(x), reps=5) for x in xs)
+    rows = "+".join(map(str, TIMED))
+    if t_ms < c_ms:
+        c.max_t[name], c.pad[name] = 0, pad
+        c.why.append(f"{name}: prompt rows through torch {how}, rows padded to a multiple of {pad} "
+                     f"({rows} rows: {t_ms:.1f} ms, C kernels {c_ms:.1f} ms)")
+    else:
+        c.max_t[name] = C_ALWAYS
+        c.why.append(f"{name}: prompt rows through the C kernels ({rows} rows: {c_ms:.1f} "
+                     f"ms, torch {how} {t_ms:.1f} ms)")
 
 
 def measure(n: int = 2048) -> Choices:
-    """Time the kernels against torch on this host (about a second)."""
+    """Time the kernels against torch on this host (a few seconds)."""
     c = Choices(measured=True, cpu=kernels.cpu_model())
     g = torch.Generator().manual_seed(0)
     w32 = torch.randn(n, n, generator=g)
@@ -106,24 +165,28 @@ def measure(n: int = 2048) -> Choices:
         elif dtype != torch.float32:
             c.why.append(f"{name} prefill in fp32: no avx512_bf16/amx_bf16 on this CPU")
         pre = c.prefill_dtype(dtype)
-        c.max_t[name] = _crossover(lambda x: kernels.matvec(x, w),
-                                   lambda x: F.linear(x.to(pre), w.to(pre)), n, g)
-        c.why.append(f"{name}: C kernels up to {c.max_t[name]} rows, then torch in "
-                     f"{NAMES[pre]}")
+
+        by_width = {n: w.to(pre), NARROW: w[:, :NARROW].to(pre).contiguous()}
+
+        def theirs(x, by_width=by_width, pre=pre):
+            return F.linear(x.to(pre), by_width[x.shape[1]]).float()
+        _choose(c, name, lambda x, w=w: kernels.matvec(x, w), theirs, n, g,
+                f"in {NAMES[pre]}")
     # torch has no weight-only integer product: it runs on a dequantized copy
     parts = quantize_int8(w32)
-    c.max_t["int8"] = _crossover(lambda x: kernels.matvec(x, *parts),
-                                 lambda x: F.linear(x, kernels.dequantize(*parts)), n, g)
-    c.why.append(f"int8: C kernels up to {c.max_t['int8']} rows, then torch on a dequantized "
-                 f"fp32 copy")
+
+    narrow = quantize_int8(w32[:, :NARROW].contiguous())
+
+    def dequantized(x):
+        return F.linear(x, kernels.dequantize(*(parts if x.shape[1] == n else narrow)))
+    _choose(c, "int8", lambda x: kernels.matvec(x, *parts), dequantized, n, g,
+            "on a dequantized fp32 copy")
     # int4 prompt chunks (up to PREFILL_ROWS rows) always take the exact-activation kernel,
-    # whose rows are computed independently of each other: a prompt's numbers then do not
-    # depend on how it was cut into chunks or which prefix was cached (batch.py), so a
-    # reused prefix gives the same answer as a full prefill. Measured, for the record:
-    parts = quantize_int4(w32)
+    # whose rows are computed independently of each other. Measured, for the record:
+    parts4 = quantize_int4(w32)
     x = torch.randn(PREFILL_ROWS, n, generator=g)
-    ex = _median_ms(lambda: kernels.matvec(x, *parts, exact=True))
-    dq = _median_ms(lambda: F.linear(x, kernels.dequantize(*parts)))
+    ex = _median_ms(lambda: kernels.matvec(x, *parts4, exact=True))
+    dq = _median_ms(lambda: F.linear(x, kernels.dequantize(*parts4)))
     c.max_t["int4"] = PREFILL_ROWS
     c.why.append(f"int4: C kernels with int8 activations for decode rows, with fp32 "
                  f"activations for prompt chunks ({PREFILL_ROWS} rows: {ex:.2f} ms, against "
@@ -150,7 +213,7 @@ def best_threads(most: int, n: int = 2048) -> int:
 
 
 def _path() -> str:
-    return kernels.library_path_or_none() + ".choices.json"
+    return kernels.library_path_or_none() + f".choices-v{VERSION}.json"
 
 
 _choices: Choices | None = None

@@ -80,26 +80,35 @@ class Weight:
         or drafted tokens), each computed as it would be alone (the C kernels' one-row
         arithmetic, whatever T).
 
-        Chosen per host by measurement (choices.py): decode and short inputs (up to
-        ``kernel_rows`` rows) use the C kernels, which widen each weight in registers
-        (int4 in decode rounds x to int8 per block of 32 columns);
-        longer inputs use torch's matrix product, fp16 and bf16 in bf16 where the CPU has
+        Chosen per host by measurement (choices.py): decode rows use the C kernels, which
+        widen each weight in registers (int4 in decode rounds x to int8 per block of 32
+        columns). Prompt rows take one path whatever their number, so that each row gets
+        the same numbers in any chunk: the C kernels (int4 with fp32 activations, up to a
+        chunk) or torch's matrix product on inputs padded with zero rows to the multiple
+        of rows for which it is row-invariant here: fp16 and bf16 in bf16 where the CPU has
         bf16 instructions and it measured faster, else in fp32; int8 and int4 on an fp32
         copy made for the call (kernels.dequantize), ``DEQUANT_AT_ONCE`` weights at a time.
         """
         w, c = self.data, choices.host()
-        if kernels.available() and (decode or x.shape[0] <= c.kernel_rows(self.kind)):
+        T = x.shape[0]
+        if kernels.available() and (decode or T <= c.kernel_rows(self.kind)):
             # int4: decode rounds x to int8 per block (fast); prompt rows keep x in fp32, so
             # a prompt's products are exactly the stored numbers' (an int8 rounding there
             # flipped SmolLM2's near-tie first token, docs/BENCHMARKS.md)
             y = kernels.matvec(x, w, self.scale, self.min, exact=not decode)
-        elif self.scale is not None:
+            return y if self.bias is None else y + self.bias
+        pad = -T % c.pad_rows(self.kind)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))                          # (T + pad, in)
+        if self.scale is not None:
             y = self._dequantized_product(x)
         elif w.dtype == torch.float32:
             y = F.linear(x, w)
         else:
             pre = c.prefill_dtype(w.dtype)
             y = F.linear(x.to(pre), w.to(pre)).float()
+        if pad:
+            y = y[:T]
         return y if self.bias is None else y + self.bias
 
     def _dequantized_product(self, x: torch.Tensor) -> torch.Tensor:

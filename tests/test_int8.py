@@ -141,12 +141,41 @@ def test_every_kernel_variant_this_cpu_runs_matches_torch(march, tmp_path):
 def test_host_choices_are_measured_and_kept_beside_the_kernels(monkeypatch):
     from mpitpi import choices
     c = choices.host()
-    assert c.measured and c.cpu and os.path.isfile(kernels.library_path_or_none() +
-                                                   ".choices.json")
-    assert all(c.kernel_rows(d) >= 1 for d in ("fp32", "bf16", "fp16", "int8", "int4"))
-    assert {"int8", "int4"} <= set(c.max_t)
+    assert c.measured and c.cpu and os.path.isfile(choices._path())
+    assert c.version == choices.VERSION
+    for d in ("fp32", "bf16", "fp16", "int8"):   # one prompt path whatever the row count
+        assert c.kernel_rows(d) in (0, choices.C_ALWAYS), (d, c.max_t)
+        assert c.kernel_rows(d) or c.pad_rows(d) in (1, 2, 4, 8, 16), (d, c.pad)
+    assert c.kernel_rows("int4") == choices.PREFILL_ROWS
     # a CPU without bf16 instructions never computes fp16/bf16 prefill in bf16
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
     plain = choices.Choices()
     assert plain.prefill_dtype(torch.float16) == torch.float32
     assert plain.prefill_dtype(torch.bfloat16) == torch.float32
+
+
+def test_row_invariance_is_found_where_a_product_has_it():
+    """choices.invariant_from: a product whose rows do not depend on their neighbours -> 1;
+    one that rounds differently unless the row count is a multiple of 4 -> 4; one whose
+    numbers depend on a row's place, or on any other row count -> 0."""
+    from mpitpi import choices
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, generator=g)
+
+    def plain(x):   # elementwise: each row alone (a matrix product may not be)
+        return x[:, :16] * w
+
+    def by_four(x):
+        y = plain(x)
+        return y if x.shape[0] % 4 == 0 else y + 1e-3
+
+    def by_place(x):
+        return plain(x) + torch.arange(x.shape[0]).unsqueeze(1) * 1e-3
+
+    def by_count(x):
+        return plain(x) + x.shape[0] * 1e-3
+
+    assert choices.invariant_from(plain, 64, g) == 1
+    assert choices.invariant_from(by_four, 64, g) == 4
+    assert choices.invariant_from(by_place, 64, g) == 0
+    assert choices.invariant_from(by_count, 64, g) == 0
