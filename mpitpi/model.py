@@ -207,13 +207,15 @@ class Transformer:
         return allowed
 
     def attention(self, i: int, w: LayerWeights, x: torch.Tensor, segs: list[Segment],
-                  masks: list[torch.Tensor | None], table: np.ndarray | None) -> torch.Tensor:
+                  masks: list[torch.Tensor | None], table: np.ndarray | None,
+                  decode: bool = False) -> torch.Tensor:
         """x: (R, dim) normed rows of ``segs`` -> (R, dim) partial output of this rank's
         heads; each segment attends to its own slot's cache (written here), row by row in
-        C when ``table`` (``_row_table``) is given, else by torch with ``masks``."""
+        C when ``table`` (``_row_table``) is given, else by torch with ``masks``.
+        ``decode``: the rows are decode rows (Weight.__call__)."""
         s, hd = self.s, self.args.head_dim
         R = x.shape[0]
-        q, k, v = w.wqkv(x).split(self.split_qkv, dim=-1)       # (R, (n_q + 2 n_kv) hd)
+        q, k, v = w.wqkv(x, decode).split(self.split_qkv, dim=-1)   # (R, (n_q + 2 n_kv) hd)
         q = q.view(R, s.n_q, hd).transpose(0, 1)                 # (n_q, R, hd)
         k = k.view(R, s.n_kv, hd).transpose(0, 1)                # (n_kv, R, hd)
         v = v.view(R, s.n_kv, hd).transpose(0, 1)                # (n_kv, R, hd)
@@ -237,7 +239,7 @@ class Transformer:
                                                enable_gqa=self.gqa and s.n_q != s.n_kv)
             outs.append(o.transpose(0, 1).reshape(T, s.n_q * hd))  # (T, n_q hd)
         o = outs[0] if len(outs) == 1 else torch.cat(outs)       # (R, n_q hd)
-        return w.wo(o)                                            # (R, dim) partial
+        return w.wo(o, decode)                                    # (R, dim) partial
 
     def _row_table(self, segs: list[Segment]) -> np.ndarray:
         """(n_layers, R, ROW_WORDS) csrc/decode.c row_t of every row of ``segs``: its slot's
@@ -258,10 +260,10 @@ class Transformer:
         table[:, :, 6] = pos
         return table
 
-    def mlp(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, w: LayerWeights, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
         """x: (T, dim) normed input -> (T, dim) partial output of this rank's FFN columns."""
-        g, u = w.w13(x).chunk(2, dim=-1)                          # (T, f) each
-        return w.w2(F.silu(g) * u)                                # (T, dim) partial
+        g, u = w.w13(x, decode).chunk(2, dim=-1)                  # (T, f) each
+        return w.w2(F.silu(g) * u, decode)                        # (T, dim) partial
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (T,) int64 -> (T, dim), summed over the ranks' vocabulary rows."""
@@ -311,8 +313,8 @@ class Transformer:
             self.cached[seg.slot] = self.cached[seg.slot][:seg.start] + ids
         tokens = segs[0].tokens if len(segs) == 1 else torch.cat([g.tokens for g in segs])
         x = self.embed_tokens(tokens)                             # (R, dim)
-        decode = self.fused and not any(g.prompt for g in segs)
-        x = self._fused(segs, x) if decode else self._layers(x, segs)
+        decode = not any(g.prompt for g in segs)
+        x = self._fused(segs, x) if decode and self.fused else self._layers(x, segs, decode)
         ends = list(accumulate(g.tokens.shape[0] for g in segs))
         rows = [r for g, e in zip(segs, ends) for r in range(e - g.n_out, e)]
         h = x if len(rows) == x.shape[0] else x[rows]             # (n_out total, dim)
@@ -330,17 +332,19 @@ class Transformer:
         can be run in chunks."""
         return self.forward_batch([Segment(slot, start, tokens, tokens.shape[0])])
 
-    def _layers(self, x: torch.Tensor, segs: list[Segment]) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, segs: list[Segment], decode: bool = False
+                ) -> torch.Tensor:
         """x (R, dim) embedded rows of ``segs`` -> (R, dim) after every layer, by torch
-        (2 n_layers calls of ``reduce``)."""
+        (2 n_layers calls of ``reduce``); ``decode``: they are decode rows, whose products
+        take the C kernels as in the fused step (Weight.__call__)."""
         eps = self.args.norm_eps
         masks = [self._mask(g.tokens.shape[0], g.start) for g in segs]
         table = self._row_table(segs) if self.c_attention else None
         for i in range(self.n_layers):
             w = self.layers.get(i)                                # waits if still loading
-            h = self.attention(i, w, rms_norm(x, w.attn_norm, eps), segs, masks, table)
+            h = self.attention(i, w, rms_norm(x, w.attn_norm, eps), segs, masks, table, decode)
             x = x + self.reduce(h)
-            h = self.mlp(w, rms_norm(x, w.ffn_norm, eps))
+            h = self.mlp(w, rms_norm(x, w.ffn_norm, eps), decode)
             self.layers.done(i)                                   # the slot may be refilled
             x = x + self.reduce(h)
         return x

@@ -254,17 +254,17 @@ static inline float hsum(__m256 v) {
  *     d xs[b] (sum over j of n_j a_j)  +  m xsum[b]
  * with the integer sum in one instruction on AVX2 (vpmaddubsw: unsigned n times signed a,
  * pairs added; with VNNI vpdpbusd also adds the quads). */
-#if defined(__AVX512BW__) && defined(__F16C__) && defined(__FMA__)
-/* The AVX-512 loop (dot_i4_row) takes four blocks per register: the 64 bytes of blocks
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__) && defined(__FMA__)
+/* The AVX-512 loops (i4_step) take four blocks per register: the 64 bytes of blocks
  * b..b+3 give their low nibbles (each block's columns 0-15) in one register and their high
- * nibbles (columns 16-31) in another, each 16-byte lane one block. The activations of
- * blocks below nb / 8 * 8 are stored to match, once per product instead of reordering the
- * nibbles for every weight row: in each group of four blocks, the four blocks' columns 0-15,
- * then their columns 16-31. The blocks after (at most 7) stay in column order. */
+ * nibbles (columns 16-31) in another, each 16-byte lane one block. The activations are
+ * stored to match, once per product instead of reordering the nibbles for every weight
+ * row: in each group of four blocks (the last group may hold fewer, r), the blocks'
+ * columns 0-15, then their columns 16-31. */
 #define I4_GROUPED 1
 static inline int64_t i4_slot(int64_t b, int64_t i, int64_t nb) {
-    if (b >= nb / 8 * 8) return b * 32 + i;
-    return (b & ~(int64_t)3) * 32 + (i >= 16 ? 64 : 0) + (b & 3) * 16 + (i & 15);
+    int64_t g = b / 4, r = nb - 4 * g < 4 ? nb - 4 * g : 4;
+    return g * 128 + (i >= 16 ? r * 16 : 0) + (b % 4) * 16 + (i & 15);
 }
 #else
 static inline int64_t i4_slot(int64_t b, int64_t i, int64_t nb) {
@@ -343,38 +343,105 @@ static inline float dot_i4_tail(const uint8_t *q, const uint16_t *d, const uint1
 }
 #endif
 
+#if defined(I4_GROUPED) && defined(HAVE_F16X8)
+/* Up to eight blocks [b, b + n) of one weight row, unpacked once for every input row: the
+ * low / high nibbles of blocks b..b+3 (l0, h0) and b+4..b+7 (l1, h1), and the blocks'
+ * scales and offsets in fp32; lanes of blocks past n are zero (masked loads: nothing past
+ * the row is read). */
+typedef struct {
+    __m512i l0, h0, l1, h1;
+    __m256 d, m;
+} i4_step_t;
+
+static inline __mmask64 i4_bytes(int blocks) {   /* the first 16 x blocks bytes, blocks <= 4 */
+    return blocks >= 4 ? ~(__mmask64)0 : ((__mmask64)1 << (16 * blocks)) - 1;
+}
+
+static inline i4_step_t i4_unpack(const uint8_t *q, const uint16_t *d, const uint16_t *m,
+                                  int64_t b, int n) {
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512i r0, r1;
+    i4_step_t w;
+    if (n == 8) {
+        r0 = _mm512_loadu_si512((const void *)(q + b * 16));
+        r1 = _mm512_loadu_si512((const void *)(q + b * 16 + 64));
+        w.d = f16x8(d + b);
+        w.m = f16x8(m + b);
+    } else {
+        int n0 = n < 4 ? n : 4;
+        r0 = _mm512_maskz_loadu_epi8(i4_bytes(n0), q + b * 16);
+        r1 = _mm512_maskz_loadu_epi8(i4_bytes(n - n0), q + b * 16 + 64);
+        __mmask8 k = (__mmask8)((1u << n) - 1);
+        w.d = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(k, d + b));
+        w.m = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(k, m + b));
+    }
+    w.l0 = _mm512_and_si512(r0, low);
+    w.h0 = _mm512_and_si512(_mm512_srli_epi16(r0, 4), low);
+    w.l1 = _mm512_and_si512(r1, low);
+    w.h1 = _mm512_and_si512(_mm512_srli_epi16(r1, 4), low);
+    return w;
+}
+
+/* One input row's share of those blocks: block k's int32 sums lie in lane k of p0 (blocks
+ * 0-3) or p1 (4-7) and take the block's scale d xs from one vector of the eight; the
+ * offsets' m xsum add up in macc. */
+static inline void i4_step(const i4_step_t *w, const int8_t *xq, const float *xs,
+                           const float *xsum, int64_t b, int n, __m512 *acc0, __m512 *acc1,
+                           __m256 *macc) {
+    const __m512i pick0 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i pick1 = _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4);
+    const int8_t *x = xq + b * 32;
+    __m512i x0l, x0h, x1l, x1h;
+    __m256 sv, sumv;
+    if (n == 8) {
+        x0l = _mm512_loadu_si512((const void *)x);
+        x0h = _mm512_loadu_si512((const void *)(x + 64));
+        x1l = _mm512_loadu_si512((const void *)(x + 128));
+        x1h = _mm512_loadu_si512((const void *)(x + 192));
+        sv = _mm256_loadu_ps(xs + b);
+        sumv = _mm256_loadu_ps(xsum + b);
+    } else {   /* the last group holds n0 (or n1) blocks: low halves, then high (i4_slot) */
+        int n0 = n < 4 ? n : 4, n1 = n - n0;
+        x0l = _mm512_maskz_loadu_epi8(i4_bytes(n0), x);
+        x0h = _mm512_maskz_loadu_epi8(i4_bytes(n0), x + 16 * n0);
+        x1l = _mm512_maskz_loadu_epi8(i4_bytes(n1), x + 128);
+        x1h = _mm512_maskz_loadu_epi8(i4_bytes(n1), x + 128 + 16 * n1);
+        __mmask8 k = (__mmask8)((1u << n) - 1);
+        sv = _mm256_maskz_loadu_ps(k, xs + b);
+        sumv = _mm256_maskz_loadu_ps(k, xsum + b);
+    }
+    __m512 s = _mm512_zextps256_ps512(_mm256_mul_ps(w->d, sv));
+    *macc = _mm256_fmadd_ps(w->m, sumv, *macc);
+    __m512i p0 = DPBUSD512X2(w->l0, x0l, w->h0, x0h);
+    __m512i p1 = DPBUSD512X2(w->l1, x1l, w->h1, x1h);
+    *acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(pick0, s), *acc0);
+    *acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(pick1, s), *acc1);
+}
+
+/* A row's total, out of line: the same operations for a row whatever the rows beside it */
+static __attribute__((noinline)) float i4_sum(__m512 acc0, __m512 acc1, __m256 macc) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1),
+                                              _mm512_zextps256_ps512(macc)));
+}
+#endif
+
 static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16_t *m,
                                const int8_t *xq, const float *xs, const float *xsum,
                                int64_t nb) {
     float sum = 0.f;
     int64_t b = 0;
 #if defined(I4_GROUPED) && defined(HAVE_F16X8)
-    /* eight blocks a step, four per register (the activations' layout: i4_slot); block k's
-     * int32 sums lie in lane k of p0 (blocks 0-3) and p1 (4-7), and the lanes take their
-     * block's scale from one vector of the eight */
-    const __m512i low = _mm512_set1_epi8(15);
-    const __m512i pick0 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __m512i pick1 = _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
     __m256 macc = _mm256_setzero_ps();
-    for (; b + 8 <= nb; b += 8) {
-        __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(f16x8(d + b), _mm256_loadu_ps(xs + b)));
-        macc = _mm256_fmadd_ps(f16x8(m + b), _mm256_loadu_ps(xsum + b), macc);
-        __m512i r0 = _mm512_loadu_si512((const void *)(q + b * 16));
-        __m512i r1 = _mm512_loadu_si512((const void *)(q + b * 16 + 64));
-        const int8_t *x = xq + b * 32;
-        __m512i p0 = DPBUSD512X2(_mm512_and_si512(r0, low), _mm512_loadu_si512(x),
-                                 _mm512_and_si512(_mm512_srli_epi16(r0, 4), low),
-                                 _mm512_loadu_si512(x + 64));
-        __m512i p1 = DPBUSD512X2(_mm512_and_si512(r1, low), _mm512_loadu_si512(x + 128),
-                                 _mm512_and_si512(_mm512_srli_epi16(r1, 4), low),
-                                 _mm512_loadu_si512(x + 192));
-        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(pick0, s), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(pick1, s), acc1);
+    for (; b < nb; b += 8) {
+        int n = nb - b < 8 ? (int)(nb - b) : 8;
+        i4_step_t w = n == 8 ? i4_unpack(q, d, m, b, 8) : i4_unpack(q, d, m, b, n);
+        if (n == 8)
+            i4_step(&w, xq, xs, xsum, b, 8, &acc0, &acc1, &macc);
+        else
+            i4_step(&w, xq, xs, xsum, b, n, &acc0, &acc1, &macc);
     }
-    sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + hsum(macc) +
-          dot_i4_tail(q, d, m, xq, xs, xsum, b, nb);
-    b = nb;
+    sum = i4_sum(acc0, acc1, macc);
 #elif defined(__AVX2__) && defined(HAVE_F16X8)
     const __m256i low = _mm256_set1_epi8(15);
     __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
@@ -416,22 +483,10 @@ static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16
  * depend on the rows beside it; only for that, the result may differ from dot_i4_row's in
  * the last bits. */
 #if defined(I4_GROUPED) && defined(HAVE_F16X8)
-static __attribute__((noinline)) float i4_finish(__m512 acc0, __m512 acc1, __m256 macc,
-                                                 const uint8_t *q, const uint16_t *d,
-                                                 const uint16_t *m, const int8_t *xq,
-                                                 const float *xs, const float *xsum, int64_t b,
-                                                 int64_t nb) {
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + hsum(macc) +
-           dot_i4_tail(q, d, m, xq, xs, xsum, b, nb);
-}
-
 #define DOT_I4_ROWS(R)                                                                    \
 static inline void dot_i4_rows##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
                                   int8_t *const *xq, float *const *xs,                     \
                                   float *const *xsum, int64_t nb, float *y, int64_t ys) { \
-    const __m512i low = _mm512_set1_epi8(15);                                             \
-    const __m512i pick0 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0); \
-    const __m512i pick1 = _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4); \
     __m512 acc0[R], acc1[R];                                                              \
     __m256 macc[R];                                                                       \
     for (int r = 0; r < R; r++) {                                                         \
@@ -440,29 +495,18 @@ static inline void dot_i4_rows##R(const uint8_t *q, const uint16_t *d, const uin
     }                                                                                     \
     int64_t b = 0;                                                                        \
     for (; b + 8 <= nb; b += 8) {                                                         \
-        __m256 dv = f16x8(d + b), mv = f16x8(m + b);                                      \
-        __m512i r0 = _mm512_loadu_si512((const void *)(q + b * 16));                      \
-        __m512i r1 = _mm512_loadu_si512((const void *)(q + b * 16 + 64));                 \
-        __m512i l0 = _mm512_and_si512(r0, low);                                           \
-        __m512i h0 = _mm512_and_si512(_mm512_srli_epi16(r0, 4), low);                     \
-        __m512i l1 = _mm512_and_si512(r1, low);                                           \
-        __m512i h1 = _mm512_and_si512(_mm512_srli_epi16(r1, 4), low);                     \
-        for (int r = 0; r < R; r++) {                                                     \
-            __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(dv, _mm256_loadu_ps(xs[r] + b))); \
-            macc[r] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xsum[r] + b), macc[r]);         \
-            const int8_t *x = xq[r] + b * 32;                                             \
-            __m512i p0 = DPBUSD512X2(l0, _mm512_loadu_si512(x), h0,                       \
-                                     _mm512_loadu_si512(x + 64));                         \
-            __m512i p1 = DPBUSD512X2(l1, _mm512_loadu_si512(x + 128), h1,                 \
-                                     _mm512_loadu_si512(x + 192));                        \
-            acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(pick0, s), \
-                                      acc0[r]);                                           \
-            acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(pick1, s), \
-                                      acc1[r]);                                           \
-        }                                                                                 \
+        i4_step_t w = i4_unpack(q, d, m, b, 8);                                           \
+        for (int r = 0; r < R; r++)                                                       \
+            i4_step(&w, xq[r], xs[r], xsum[r], b, 8, &acc0[r], &acc1[r], &macc[r]);       \
+    }                                                                                     \
+    if (b < nb) {                                                                         \
+        i4_step_t w = i4_unpack(q, d, m, b, (int)(nb - b));                               \
+        for (int r = 0; r < R; r++)                                                       \
+            i4_step(&w, xq[r], xs[r], xsum[r], b, (int)(nb - b), &acc0[r], &acc1[r],      \
+                    &macc[r]);                                                            \
     }                                                                                     \
     for (int r = 0; r < R; r++)                                                           \
-        y[r * ys] = i4_finish(acc0[r], acc1[r], macc[r], q, d, m, xq[r], xs[r], xsum[r], b, nb); \
+        y[r * ys] = i4_sum(acc0[r], acc1[r], macc[r]);                                    \
 }
 #else
 #define DOT_I4_ROWS(R)                                                                    \
