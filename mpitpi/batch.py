@@ -1,14 +1,17 @@
 """Forward passes over several sequences at once; rank 0 decides each pass.
 
 Every rank, per pass (``run_pass``): rank 0 broadcasts the pass (``Pass.encode``: the KV
-slots to free, then per segment its slot, first position, rows and logits rows wanted, then
-every row's token), each rank frees those slots and runs ``Transformer.forward_batch``
+slots to free, the cached prefixes to copy from one slot to another, then per segment its
+slot, first position, rows and logits rows wanted, then every row's token), each rank frees
+and copies those slots and runs ``Transformer.forward_batch``
 (1 + 2 n_layers all-reduces for all rows together), and the wanted rows reach rank 0: each
 rank's best (value, index) per row for greedy sequences, or every rank's vocabulary columns
 when some sequence samples. An empty pass ends the run; followers go back to waiting.
 
 Rank 0 (``Batch``) holds the sequences: it admits a Session into a free KV slot (the one
-whose cached tokens share the longest prefix with the prompt: those positions are reused),
+whose cached tokens share the longest prefix with the prompt: those positions are reused;
+where another slot, busy or not, holds a longer one, its keys and values are copied over:
+concurrent requests with one system prompt compute it once),
 feeds prompts in passes of up to ``PREFILL_CHUNK`` rows (chunks of several prompts at once),
 taking turns with passes of the decoding sequences' one row each (plus their drafted tokens,
 checked in the same pass), picks the tokens and stops
@@ -40,6 +43,7 @@ class Pass:
     """One forward pass as every rank sees it."""
     segs: list[Segment]
     drops: list[int] = field(default_factory=list)   # KV slots to free first
+    copies: list[tuple[int, int, int]] = field(default_factory=list)  # (from, to, positions)
     full: bool = False            # the wanted rows' whole logits reach rank 0, not argmaxes
 
     @property
@@ -47,9 +51,10 @@ class Pass:
         return sum(g.n_out for g in self.segs)
 
     def encode(self) -> np.ndarray:
-        """[length, full, n_drops, n_segs, drops..., (slot, start, rows, n_out, prompt)...,
-        tokens...]"""
-        head = [0, int(self.full), len(self.drops), len(self.segs), *self.drops]
+        """[length, full, n_drops, n_copies, n_segs, drops..., (from, to, positions)...,
+        (slot, start, rows, n_out, prompt)..., tokens...]"""
+        head = [0, int(self.full), len(self.drops), len(self.copies), len(self.segs),
+                *self.drops, *(w for c in self.copies for w in c)]
         for g in self.segs:
             head += [g.slot, g.start, g.tokens.shape[0], g.n_out, int(g.prompt)]
         words = np.concatenate([np.array(head, np.int64)] +
@@ -59,15 +64,18 @@ class Pass:
 
     @staticmethod
     def decode(words: np.ndarray) -> Pass:
-        full, n_drops, n_segs = (int(w) for w in words[1:4])
-        drops = [int(w) for w in words[4:4 + n_drops]]
-        at, tok, segs = 4 + n_drops, 4 + n_drops + SEG_WORDS * n_segs, []
+        full, n_drops, n_copies, n_segs = (int(w) for w in words[1:5])
+        drops = [int(w) for w in words[5:5 + n_drops]]
+        at = 5 + n_drops + 3 * n_copies
+        c = [int(w) for w in words[5 + n_drops:at]]
+        copies = [(c[i], c[i + 1], c[i + 2]) for i in range(0, len(c), 3)]
+        tok, segs = at + SEG_WORDS * n_segs, []
         for _ in range(n_segs):
             slot, start, rows, n_out, prompt = (int(w) for w in words[at:at + SEG_WORDS])
             segs.append(Segment(slot, start, torch.from_numpy(words[tok:tok + rows].copy()),
                                 n_out, bool(prompt)))
             at, tok = at + SEG_WORDS, tok + rows
-        return Pass(segs, drops, bool(full))
+        return Pass(segs, drops, copies, bool(full))
 
 
 def _fault_pass(rank: int) -> int | None:
@@ -118,6 +126,8 @@ class Runner:
             raise RuntimeError(f"injected fault at step {self.passes} (MPITPI_FAULT_INJECT)")
         for slot in p.drops:
             self.model.drop(slot)
+        for src, dst, n in p.copies:
+            self.model.copy_prefix(src, dst, n)
         logits = best = None
         if p.segs:
             local = self.model.forward_batch(p.segs)             # (n_out, n_vocab_r)
@@ -170,6 +180,7 @@ class Batch:
         self.runner = Runner(comm, model, on_pass)
         self.seqs: list[Seq] = []
         self.drops: list[int] = []
+        self.copies: list[tuple[int, int, int]] = []
         self.last_use = {s: 0.0 for s in range(max_batch)}
         self.prompt_turn = False      # the last pass was a prompt chunk
 
@@ -205,8 +216,9 @@ class Batch:
         need = kv_positions(len(prompt) + session.max_tokens)
         if self.budget is not None:
             held = sum(self._held(s) for s in range(self.max_batch) if s != slot)
-            idle = sorted((s for s in free if s != slot and self.model.capacity(s)),
-                          key=lambda s: self.last_use[s])
+            sources = {c[0] for c in self.copies}   # copied from before this pass: kept
+            idle = sorted((s for s in free if s != slot and self.model.capacity(s)
+                           and s not in sources), key=lambda s: self.last_use[s])
             while held + max(need, self.model.capacity(slot)) > self.budget and idle:
                 s = idle.pop(0)        # forget the least recently used idle prefix
                 held -= self.model.capacity(s)
@@ -217,6 +229,13 @@ class Batch:
             if held + max(need, self.model.capacity(slot)) > self.budget:
                 return False
         n = reuse[slot]
+        if self.reuse:   # a longer prefix in another slot (not one being freed) is copied
+            others = [s for s in range(self.max_batch) if s != slot and s not in self.drops]
+            donor = max(others, key=lambda s: self.model.reusable(s, prompt), default=None)
+            if donor is not None and self.model.reusable(donor, prompt) > n:
+                n = self.model.reusable(donor, prompt)
+                self.copies.append((donor, slot, n))
+                self.model.cached[slot] = self.model.cached[donor][:n]   # as the copy leaves it
         session.result.cached_tokens = n
         now = time.perf_counter()
         self.seqs.append(Seq(session, slot, n, prompt[n:], need, now))
@@ -254,10 +273,10 @@ class Batch:
                 segs.append(self._decode_segment(q))
                 owners.append(q)
             self.prompt_turn = False
-        if segs or self.drops:
+        if segs or self.drops or self.copies:
             full = any(q.session.needs_logits for q in owners)
-            p, logits, best = self.runner.run(Pass(segs, self.drops, full))
-            self.drops = []
+            p, logits, best = self.runner.run(Pass(segs, self.drops, self.copies, full))
+            self.drops, self.copies = [], []
             now, row = time.perf_counter(), 0
             for g, q in zip(segs, owners):
                 q.session.result.forward_passes += 1

@@ -187,6 +187,16 @@ class Transformer:
             n += 1
         return n
 
+    @torch.inference_mode()
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Slot ``dst`` takes the keys and values of slot ``src``'s first ``n`` positions
+        (this rank's heads; the same bits, so a copied prefix answers as a computed one)."""
+        self.reserve(n, dst)
+        for i in range(self.n_layers):
+            self.cache_k[dst][i][:, :n] = self.cache_k[src][i][:, :n]
+            self.cache_v[dst][i][:, :n] = self.cache_v[src][i][:, :n]
+        self.cached[dst] = self.cached[src][:n]
+
     def drop(self, slot: int) -> None:
         """Free slot ``slot``'s cache (its memory goes back; its prefix is forgotten)."""
         for d in (self.cache_k, self.cache_v, self.cached, self.kv_ptrs):

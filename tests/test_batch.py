@@ -22,9 +22,10 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compile
 
 def test_pass_survives_its_encoding():
     p = Pass([Segment(3, 17, torch.tensor([5, 6, 7]), 2, False),
-              Segment(0, 0, torch.arange(200), 1, True)], drops=[1, 4], full=True)
+              Segment(0, 0, torch.arange(200), 1, True)], drops=[1, 4],
+             copies=[(2, 5, 30), (0, 1, 7)], full=True)
     q = Pass.decode(p.encode())
-    assert (q.drops, q.full) == ([1, 4], True)
+    assert (q.drops, q.copies, q.full) == ([1, 4], [(2, 5, 30), (0, 1, 7)], True)
     for a, b in zip(p.segs, q.segs):
         assert (a.slot, a.start, a.n_out, a.prompt) == (b.slot, b.start, b.n_out, b.prompt)
         assert torch.equal(a.tokens, b.tokens)
@@ -142,6 +143,28 @@ def test_sequences_decoded_together_match_each_alone(shards):
     b.close()
     assert [s.result.token_ids for s in sessions] == alone
     assert passes < sum(s.result.forward_passes for s in sessions)   # rows shared passes
+
+
+@needs_kernels
+def test_concurrent_prompts_share_a_prefix_another_slot_holds(shards):
+    """A prefix cached in one slot is copied into the slots of the sequences admitted
+    beside it (each reports it as cached) and they answer as each does alone."""
+    system = [1, 17, 42, 5, 99, 23, 7, 64, 11, 3]
+    prompts = [system + [30 + i, 40 + i] for i in range(3)]
+    alone = [_greedy(_model(*shards), p, 8, 0).token_ids for p in prompts]
+    model = _model(*shards)
+    b = Batch(Comm(), model, max_batch=4)
+    warm = Session(system + [2], 2)
+    b.admit(warm)
+    while b.active:
+        b.step()
+    sessions = [Session(p, 8) for p in prompts]
+    assert all(b.admit(s) for s in sessions)
+    while b.active:
+        b.step()
+    b.close()
+    assert [s.result.cached_tokens for s in sessions] == [len(system)] * 3
+    assert [s.result.token_ids for s in sessions] == alone
 
 
 def test_the_kv_budget_holds_a_request_back_until_memory_is_free(models, tmp_path):
