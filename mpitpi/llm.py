@@ -59,7 +59,7 @@ class LLM:
         self.loaded = start_model(self.comm, model, shards, ratios, dtype, threads=threads,
                                   progress=progress, window=window,
                                   memory_budget=memory_budget, local_shards=local_shards,
-                                  vocab_dtype=vocab_dtype)
+                                  vocab_dtype=vocab_dtype, freeze=False)   # the user's process
         self.tokenizer = None   # rank 0's
 
         def tokenizer():
