@@ -11,11 +11,18 @@ from __future__ import annotations
 import json
 import threading
 
-import llguidance
-import llguidance.numpy   # not llguidance.torch: it imports torch's compiler, 2 s a process
 import torch
 
 from mpitpi.errors import MpitpiError
+
+try:   # optional: without it the server runs and refuses constrained requests (400)
+    import llguidance
+    import llguidance.numpy   # not llguidance.torch: it imports torch's compiler, 2 s a process
+except ImportError as e:       # e.g. a platform with no llguidance wheel and no Rust compiler
+    llguidance = None
+    MISSING = (f"constrained decoding (response_format, forced tool calls) needs llguidance, "
+               f"which did not import here ({e}). Fix: pip install llguidance (a wheel, or "
+               f"a Rust toolchain to build it), then restart the server.")
 
 # JSON as models usually write it (", " and ": " between items) and no free whitespace:
 # no run of blanks can eat max_tokens
@@ -29,7 +36,7 @@ class BadGrammar(MpitpiError):
 class Constraint:
     """One generation's grammar state: ``mask`` the logits, then ``accept`` the choice."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab: int):
+    def __init__(self, matcher, vocab: int):   # matcher: an llguidance.LLMatcher
         self.m, self.vocab = matcher, vocab
         self.words = llguidance.numpy.allocate_token_bitmask(1, vocab)  # (1, ceil(vocab/32))
         self.bits = torch.from_numpy(self.words)                        # the same memory
@@ -61,7 +68,10 @@ class Grammars:
         self._lltok = None
         self._lock = threading.Lock()
 
-    def lltok(self) -> llguidance.LLTokenizer:
+    def lltok(self):
+        """llguidance's view of the tokenizer (an LLTokenizer); BadGrammar without it."""
+        if llguidance is None:
+            raise BadGrammar(MISSING)
         with self._lock:   # handler threads share it; built on first use
             if self._lltok is None:
                 self._lltok = llguidance.LLTokenizer(self.tokenizer.tok.to_str(),
@@ -76,6 +86,7 @@ class Grammars:
 
     def json_schema(self, schema: dict) -> Constraint:
         """Text that is one JSON value valid under ``schema`` ({"type": "object"}: any object)."""
+        self.lltok()   # BadGrammar, naming the fix, where llguidance is missing
         try:
             return self._make(llguidance.LLMatcher.grammar_from_json_schema(
                 json.dumps(schema), overrides=JSON_OPTIONS))
@@ -84,6 +95,7 @@ class Grammars:
 
     def lark(self, grammar: str) -> Constraint:
         """Text matching a Lark grammar (llguidance's dialect: %json {schema} embeds JSON)."""
+        self.lltok()
         return self._make(llguidance.LLMatcher.grammar_from_lark(grammar))
 
 

@@ -5,6 +5,8 @@ template that shows them, and tool calls read back."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jsonschema
 import pytest
@@ -289,3 +291,35 @@ def test_json_schema_and_json_object_answers_parse(smol):
         "response_format": {"type": "json_object"}})["choices"][0]
     assert r["finish_reason"] == "stop", r
     assert isinstance(json.loads(r["message"]["content"]), dict)
+
+
+def test_without_llguidance_constrained_requests_get_a_400_and_others_run(toolmodel):
+    """llguidance is optional (a platform without its wheel): the server's modules import,
+    a plain request binds, and response_format / a forced tool call get a 400 naming the
+    fix."""
+    code = f"""
+import sys
+sys.modules["llguidance"] = None          # as if it were not installed
+from mpitpi.api import BadRequest, bind, parse_request
+from mpitpi.grammar import Grammars
+from mpitpi.tokenizer import load_tokenizer
+tok = load_tokenizer({os.path.join(toolmodel[0], "tokenizer.json")!r})
+g = Grammars(tok, 300, [2])
+hi = [{{"role": "user", "content": "hi"}}]
+bind(parse_request({{"messages": hi}}, True), tok, g, 300)
+tools = [{WEATHER!r}]
+for req, param in (({{"messages": hi, "response_format": {{"type": "json_object"}}}},
+                    "response_format"),
+                   ({{"messages": hi, "tools": tools, "tool_choice": "required"}}, "tools")):
+    try:
+        bind(parse_request(req, True), tok, g, 300)
+    except BadRequest as e:
+        assert e.status == 400 and e.body["error"]["param"] == param, e.body
+        assert "pip install llguidance" in e.body["error"]["message"], e.body
+    else:
+        raise AssertionError("no 400")
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
