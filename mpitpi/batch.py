@@ -36,6 +36,17 @@ from mpitpi.model import Segment, Transformer, kv_positions
 PREFILL_CHUNK = PREFILL_ROWS   # prompt rows per pass; cancellation is checked between chunks
 HEAD = 128            # int64 words of a pass's first broadcast; a longer pass sends the rest
 SEG_WORDS = 5         # words describing a segment in a pass
+SHARE_MIN = 8         # prompt rows worth a pass's wait to copy them rather than compute them
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @dataclass
@@ -229,16 +240,11 @@ class Batch:
             if held + max(need, self.model.capacity(slot)) > self.budget:
                 return False
         n = reuse[slot]
-        if self.reuse:   # a longer prefix in another slot (not one being freed) is copied
-            others = [s for s in range(self.max_batch) if s != slot and s not in self.drops]
-            donor = max(others, key=lambda s: self.model.reusable(s, prompt), default=None)
-            if donor is not None and self.model.reusable(donor, prompt) > n:
-                n = self.model.reusable(donor, prompt)
-                self.copies.append((donor, slot, n))
-                self.model.cached[slot] = self.model.cached[donor][:n]   # as the copy leaves it
         session.result.cached_tokens = n
-        now = time.perf_counter()
-        self.seqs.append(Seq(session, slot, n, prompt[n:], need, now))
+        q = Seq(session, slot, n, prompt[n:], need, time.perf_counter())
+        if self.reuse:   # a longer prefix in another slot (busy or idle) is copied
+            self._copy_prefix(q)
+        self.seqs.append(q)
         return True
 
     def step(self) -> list[Session]:
@@ -258,7 +264,15 @@ class Batch:
         # numbers do not depend on the rows beside it)
         if prompts and (not decoding or not self.prompt_turn):
             room = PREFILL_CHUNK
-            for q in prompts:
+            for i, q in enumerate(prompts):
+                if self.reuse:
+                    self._copy_prefix(q)
+                    # an earlier prompt is about to compute SHARE_MIN or more of the positions
+                    # this one needs next (a shared system prompt): wait, then copy them
+                    ids = q.session.prompt_ids
+                    if any(_common(ids, p.session.prompt_ids) - q.fed >= SHARE_MIN
+                           for p in prompts[:i]):
+                        continue
                 chunk = q.pending[:room]
                 last = len(chunk) == len(q.pending)
                 segs.append(Segment(q.slot, q.fed, torch.tensor(chunk, dtype=torch.int64),
@@ -289,6 +303,19 @@ class Batch:
             self.last_use[q.slot] = time.perf_counter()
             q.session.finish()
         return [q.session for q in ended]
+
+    def _copy_prefix(self, q: Seq) -> None:
+        """If another slot holds more of ``q``'s prompt than ``q`` has fed, that prefix is
+        copied into ``q``'s slot (Pass.copies) and ``q`` goes on after it."""
+        ids = q.session.prompt_ids
+        others = [s for s in range(self.max_batch) if s != q.slot and s not in self.drops]
+        donor = max(others, key=lambda s: self.model.reusable(s, ids), default=None)
+        n = self.model.reusable(donor, ids) if donor is not None else 0
+        if n > q.fed:
+            self.copies.append((donor, q.slot, n))
+            self.model.cached[q.slot] = self.model.cached[donor][:n]   # as the copy leaves it
+            q.fed, q.pending = n, ids[n:]
+            q.session.result.cached_tokens = n
 
     def _decode_segment(self, q: Seq) -> Segment:
         """The last token of a decoding sequence, and its drafted continuation."""

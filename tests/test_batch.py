@@ -167,6 +167,23 @@ def test_concurrent_prompts_share_a_prefix_another_slot_holds(shards):
     assert [s.result.token_ids for s in sessions] == alone
 
 
+@needs_kernels
+def test_prompts_admitted_together_compute_their_shared_prefix_once(shards):
+    """Prompts arriving together with a common start (a system prompt): the later ones wait
+    a pass, copy it from the first and compute only their own rows; same answers as alone."""
+    system = list(range(20, 36))
+    prompts = [system + [50 + i, 60 + i, 70 + i] for i in range(3)]
+    alone = [_greedy(_model(*shards), p, 6, 0).token_ids for p in prompts]
+    b = Batch(Comm(), _model(*shards), max_batch=3)
+    sessions = [Session(p, 6) for p in prompts]
+    assert all(b.admit(s) for s in sessions)
+    while b.active:
+        b.step()
+    b.close()
+    assert [s.result.cached_tokens for s in sessions] == [0, len(system), len(system)]
+    assert [s.result.token_ids for s in sessions] == alone
+
+
 def test_the_kv_budget_holds_a_request_back_until_memory_is_free(models, tmp_path):
     folder, _ = models("llama-gqa")
     write_shards(open_checkpoint(folder), str(tmp_path / "s"), 1, None, "fp32", progress=False)
