@@ -306,7 +306,11 @@ class Batch:
 
     def _copy_prefix(self, q: Seq) -> None:
         """If another slot holds more of ``q``'s prompt than ``q`` has fed, that prefix is
-        copied into ``q``'s slot (Pass.copies) and ``q`` goes on after it."""
+        copied into ``q``'s slot (Pass.copies) and ``q`` goes on after it. Not while ``q``'s
+        slot is itself the source of a copy in this pass: that copy reads it first, and rank
+        0's record of the tokens each slot holds must follow the order the copies run in."""
+        if q.slot in {c[0] for c in self.copies}:
+            return
         ids = q.session.prompt_ids
         others = [s for s in range(self.max_batch) if s != q.slot and s not in self.drops]
         donor = max(others, key=lambda s: self.model.reusable(s, ids), default=None)

@@ -184,6 +184,32 @@ def test_prompts_admitted_together_compute_their_shared_prefix_once(shards):
     assert [s.result.token_ids for s in sessions] == alone
 
 
+def test_a_slot_copied_from_and_into_in_one_pass_keeps_a_true_record(models, tmp_path):
+    """A slot whose old prefix is copied out in the same pass as a new one is copied in:
+    the slot that received the old prefix is recorded as holding it (a wrong record once
+    gave a later prompt another sequence's keys and values)."""
+    folder, _ = models("llama-gqa")
+    write_shards(open_checkpoint(folder), str(tmp_path / "s"), 1, None, "fp32", progress=False)
+    model = _model(str(tmp_path / "s"), "fp32")
+    b = Batch(Comm(), model, max_batch=4)
+    x = [7] + list(range(100, 130))
+    shared = [7] + list(range(130, 290))
+    b.admit(Session(x, 2))
+    b.step()                                        # x's prompt; x decodes
+    b.admit(Session(shared + [5, 6, 9], 2))
+    b.step()                                        # x ends: its slot idle, holding x
+    b.admit(Session(shared + [8, 10, 11], 2))       # into x's old slot, waits on the first
+    b.step()
+    follow = Session(x + [20, 21, 22], 2)           # copies x out of that slot
+    b.admit(follow)
+    slot = next(q.slot for q in b.seqs if q.session is follow)
+    while b.active:
+        b.step()
+    b.close()
+    assert follow.result.cached_tokens == len(x)
+    assert model.cached[slot][:len(x)] == x
+
+
 def test_the_kv_budget_holds_a_request_back_until_memory_is_free(models, tmp_path):
     folder, _ = models("llama-gqa")
     write_shards(open_checkpoint(folder), str(tmp_path / "s"), 1, None, "fp32", progress=False)
