@@ -13,7 +13,7 @@ Three decisions differ between CPUs (docs/BENCHMARKS.md):
   Decode rows always take the C kernels.
 - ``pad[dtype]``: torch's product gives a row the same numbers whatever the row count only
   for some counts (on the AMD EPYC of docs/BENCHMARKS.md, fp32 on 2 threads: any multiple
-  of 4, not 5, 7 or 9 rows; bf16 any count). Measured here: the least of 1, 2, 4, 8, 16
+  of 4, not 5, 7 or 9 rows; bf16 any multiple of 2). Measured here: the least of 1, 2, 4, 8, 16
   whose multiples all agree, 0 if none: then prompt rows take the C kernels; else the
   faster of the two at prompt-chunk sizes, torch's inputs padded with zero rows to a
   multiple of ``pad``.
