@@ -31,22 +31,12 @@ from mpitpi.choices import PREFILL_ROWS
 from mpitpi.comm import Comm
 from mpitpi.draft import lookup
 from mpitpi.session import Session
-from mpitpi.model import Segment, Transformer, kv_positions
+from mpitpi.model import Segment, Transformer, common_prefix, kv_positions
 
 PREFILL_CHUNK = PREFILL_ROWS   # prompt rows per pass; cancellation is checked between chunks
 HEAD = 128            # int64 words of a pass's first broadcast; a longer pass sends the rest
 SEG_WORDS = 5         # words describing a segment in a pass
 SHARE_MIN = 8         # prompt rows worth a pass's wait to copy them rather than compute them
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    """Length of the common prefix of two token lists."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @dataclass
@@ -270,7 +260,7 @@ class Batch:
                     # an earlier prompt is about to compute SHARE_MIN or more of the positions
                     # this one needs next (a shared system prompt): wait, then copy them
                     ids = q.session.prompt_ids
-                    if any(_common(ids, p.session.prompt_ids) - q.fed >= SHARE_MIN
+                    if any(common_prefix(ids, p.session.prompt_ids) - q.fed >= SHARE_MIN
                            for p in prompts[:i]):
                         continue
                 chunk = q.pending[:room]
@@ -313,8 +303,8 @@ class Batch:
             return
         ids = q.session.prompt_ids
         others = [s for s in range(self.max_batch) if s != q.slot and s not in self.drops]
-        donor = max(others, key=lambda s: self.model.reusable(s, ids), default=None)
-        n = self.model.reusable(donor, ids) if donor is not None else 0
+        n, donor = max(((self.model.reusable(s, ids), s) for s in others),
+                       key=lambda t: t[0], default=(0, None))
         if n > q.fed:
             self.copies.append((donor, q.slot, n))
             self.model.cached[q.slot] = self.model.cached[donor][:n]   # as the copy leaves it

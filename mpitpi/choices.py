@@ -39,7 +39,6 @@ from mpitpi.quant import quantize_int4, quantize_int8
 
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
          torch.int8: "int8", torch.uint8: "int4"}
-ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def _bf16_instructions() -> bool:
@@ -132,13 +131,13 @@ def _choose(c: Choices, name: str, ours, theirs, n: int, g: torch.Generator, how
     to the rows from which it is row-invariant, if any)."""
     pads = [invariant_from(theirs, n, g), invariant_from(theirs, NARROW, g)]
     pad = 0 if 0 in pads else max(pads)
-    xs = [torch.randn(t, n, generator=g) for t in TIMED]
-    c_ms = sum(_median_ms(lambda: ours(x), reps=5) for x in xs)
     if pad == 0:
         c.max_t[name] = C_ALWAYS
         c.why.append(f"{name}: prompt rows through the C kernels (torch {how} gives a row "
                      f"different numbers with the rows beside it)")
         return
+    xs = [torch.randn(t, n, generator=g) for t in TIMED]
+    c_ms = sum(_median_ms(lambda: ours(x), reps=5) for x in xs)
     t_ms = sum(_median_ms(lambda: theirs(x), reps=5) for x in xs)
     rows = "+".join(map(str, TIMED))
     if t_ms < c_ms:

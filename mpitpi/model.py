@@ -62,6 +62,16 @@ class Segment:
         return self.start + self.tokens.shape[0]
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """(head_dim/2,) rotary inverse frequencies, with linear or llama3 scaling applied."""
     d = args.head_dim
@@ -180,12 +190,7 @@ class Transformer:
     def reusable(self, slot: int, ids: list[int]) -> int:
         """Leading positions of ``ids`` whose keys and values slot ``slot`` already holds
         (all but the last id at most: a pass needs a row to give logits)."""
-        n = 0
-        for a, b in zip(self.cached.get(slot, []), ids[:-1]):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix(self.cached.get(slot, []), ids[:-1])
 
     @torch.inference_mode()
     def copy_prefix(self, src: int, dst: int, n: int) -> None:

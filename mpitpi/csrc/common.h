@@ -425,24 +425,51 @@ static __attribute__((noinline)) float i4_sum(__m512 acc0, __m512 acc1, __m256 m
 }
 #endif
 
+/* One weight row against R input rows (R = 1 .. 4: the decode rows of a batch): each step of
+ * blocks is unpacked once for all R. Every row gets the same operations in the same order
+ * whatever R is (one accumulator per row, one noinline finish), so a row's result does not
+ * depend on the rows beside it, and equals dot_i4_row's. */
+#if defined(I4_GROUPED) && defined(HAVE_F16X8)
+#define DOT_I4_ROWS(R)                                                                    \
+static inline void dot_i4_rows##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
+                                  int8_t *const *xq, float *const *xs,                     \
+                                  float *const *xsum, int64_t nb, float *y, int64_t ys) { \
+    __m512 acc0[R], acc1[R];                                                              \
+    __m256 macc[R];                                                                       \
+    for (int r = 0; r < R; r++) {                                                         \
+        acc0[r] = acc1[r] = _mm512_setzero_ps();                                          \
+        macc[r] = _mm256_setzero_ps();                                                    \
+    }                                                                                     \
+    int64_t b = 0;                                                                        \
+    for (; b + 8 <= nb; b += 8) {                                                         \
+        i4_step_t w = i4_unpack(q, d, m, b, 8);                                           \
+        for (int r = 0; r < R; r++)                                                       \
+            i4_step(&w, xq[r], xs[r], xsum[r], b, 8, &acc0[r], &acc1[r], &macc[r]);       \
+    }                                                                                     \
+    if (b < nb) {                                                                         \
+        i4_step_t w = i4_unpack(q, d, m, b, (int)(nb - b));                               \
+        for (int r = 0; r < R; r++)                                                       \
+            i4_step(&w, xq[r], xs[r], xsum[r], b, (int)(nb - b), &acc0[r], &acc1[r],      \
+                    &macc[r]);                                                            \
+    }                                                                                     \
+    for (int r = 0; r < R; r++)                                                           \
+        y[r * ys] = i4_sum(acc0[r], acc1[r], macc[r]);                                    \
+}
+DOT_I4_ROWS(1)
+#endif
+
 static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16_t *m,
                                const int8_t *xq, const float *xs, const float *xsum,
                                int64_t nb) {
+#if defined(I4_GROUPED) && defined(HAVE_F16X8)
+    int8_t *x[1] = {(int8_t *)xq};
+    float *s[1] = {(float *)xs}, *t[1] = {(float *)xsum}, y;
+    dot_i4_rows1(q, d, m, x, s, t, nb, &y, 0);
+    return y;
+#else
     float sum = 0.f;
     int64_t b = 0;
-#if defined(I4_GROUPED) && defined(HAVE_F16X8)
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
-    __m256 macc = _mm256_setzero_ps();
-    for (; b < nb; b += 8) {
-        int n = nb - b < 8 ? (int)(nb - b) : 8;
-        i4_step_t w = n == 8 ? i4_unpack(q, d, m, b, 8) : i4_unpack(q, d, m, b, n);
-        if (n == 8)
-            i4_step(&w, xq, xs, xsum, b, 8, &acc0, &acc1, &macc);
-        else
-            i4_step(&w, xq, xs, xsum, b, n, &acc0, &acc1, &macc);
-    }
-    sum = i4_sum(acc0, acc1, macc);
-#elif defined(__AVX2__) && defined(HAVE_F16X8)
+#if defined(__AVX2__) && defined(HAVE_F16X8)
     const __m256i low = _mm256_set1_epi8(15);
     __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
     for (; b + 8 <= nb; b += 8) {   /* eight blocks share one load of their scales */
@@ -475,40 +502,10 @@ static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16
         sum += f16_to_f32(d[b]) * xs[b] * (float)dot_i4_block(q + b * 16, xq + b * 32) +
                f16_to_f32(m[b]) * xsum[b];
     return sum;
+#endif
 }
 
-/* One weight row against R input rows (R = 1 .. 4: the decode rows of a batch): each pair of
- * blocks is unpacked once for all R. Every row gets the same operations in the same order
- * whatever R is (one accumulator per row, one noinline finish), so a row's result does not
- * depend on the rows beside it; only for that, the result may differ from dot_i4_row's in
- * the last bits. */
-#if defined(I4_GROUPED) && defined(HAVE_F16X8)
-#define DOT_I4_ROWS(R)                                                                    \
-static inline void dot_i4_rows##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
-                                  int8_t *const *xq, float *const *xs,                     \
-                                  float *const *xsum, int64_t nb, float *y, int64_t ys) { \
-    __m512 acc0[R], acc1[R];                                                              \
-    __m256 macc[R];                                                                       \
-    for (int r = 0; r < R; r++) {                                                         \
-        acc0[r] = acc1[r] = _mm512_setzero_ps();                                          \
-        macc[r] = _mm256_setzero_ps();                                                    \
-    }                                                                                     \
-    int64_t b = 0;                                                                        \
-    for (; b + 8 <= nb; b += 8) {                                                         \
-        i4_step_t w = i4_unpack(q, d, m, b, 8);                                           \
-        for (int r = 0; r < R; r++)                                                       \
-            i4_step(&w, xq[r], xs[r], xsum[r], b, 8, &acc0[r], &acc1[r], &macc[r]);       \
-    }                                                                                     \
-    if (b < nb) {                                                                         \
-        i4_step_t w = i4_unpack(q, d, m, b, (int)(nb - b));                               \
-        for (int r = 0; r < R; r++)                                                       \
-            i4_step(&w, xq[r], xs[r], xsum[r], b, (int)(nb - b), &acc0[r], &acc1[r],      \
-                    &macc[r]);                                                            \
-    }                                                                                     \
-    for (int r = 0; r < R; r++)                                                           \
-        y[r * ys] = i4_sum(acc0[r], acc1[r], macc[r]);                                    \
-}
-#else
+#if !(defined(I4_GROUPED) && defined(HAVE_F16X8))
 #define DOT_I4_ROWS(R)                                                                    \
 static inline void dot_i4_rows##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
                                   int8_t *const *xq, float *const *xs,                     \
@@ -516,8 +513,8 @@ static inline void dot_i4_rows##R(const uint8_t *q, const uint16_t *d, const uin
     for (int r = 0; r < R; r++)                                                           \
         y[r * ys] = dot_i4_row(q, d, m, xq[r], xs[r], xsum[r], nb);                       \
 }
-#endif
 DOT_I4_ROWS(1)
+#endif
 DOT_I4_ROWS(2)
 DOT_I4_ROWS(3)
 DOT_I4_ROWS(4)
