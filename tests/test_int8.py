@@ -9,7 +9,7 @@ import torch
 
 from conftest import run_cmd, run_mpi
 from mpitpi import kernels
-from mpitpi.quant import GROUP, dequantize_int8, quantize_int8
+from mpitpi.quant import GROUP, dequantize_int8, quantize_int4, quantize_int8
 from refmodels import logits_vs_reference
 
 PROMPT = [1, 17, 42, 99, 7, 230, 5]
@@ -35,6 +35,24 @@ def test_float_kernels_match_torch(dtype, T, n_in, n_out):
     assert got.shape == (T, n_out) and got.dtype == torch.float32
     rel = ((got.double() - expect).abs().max() / expect.abs().max()).item()
     assert rel < 1e-5, rel
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("n_in", [64, 100, 576, 4100])
+def test_a_row_gets_the_same_numbers_whatever_rows_share_the_call(kind, n_in):
+    """Rows of x go through the products in groups of up to four sharing each widened
+    weight: every row's result must still be bit for bit the one it gets alone."""
+    if kind == "int4" and n_in % 32:
+        n_in = n_in // 32 * 32
+    g = torch.Generator().manual_seed(n_in)
+    x = torch.randn(9, n_in, generator=g)
+    w = torch.randn(37, n_in, generator=g)
+    stored = {"fp32": lambda: (w,), "bf16": lambda: (w.bfloat16(),),
+              "fp16": lambda: (w.half(),), "int8": lambda: quantize_int8(w),
+              "int4": lambda: quantize_int4(w)}[kind]()
+    alone = torch.cat([kernels.matvec(x[t:t + 1], *stored) for t in range(9)])
+    for T in (2, 3, 4, 5, 9):
+        assert torch.equal(kernels.matvec(x[:T], *stored), alone[:T]), T
 
 
 @pytest.mark.parametrize("T,n_in,n_out", SHAPES)

@@ -519,4 +519,197 @@ DOT_I4_ROWS(2)
 DOT_I4_ROWS(3)
 DOT_I4_ROWS(4)
 
+/* One int4 weight row against B input rows (row b's int8 activations at xq + b * sxq,
+ * scales and scaled sums at xs, xsum + b * sxs), groups of up to four sharing each
+ * unpacked step: y[b * ys] = the row's product with row b, as dot_i4_row gives it. */
+static inline void dot_i4_batch(const uint8_t *q, const uint16_t *d, const uint16_t *m,
+                                int8_t *xq, int64_t sxq, float *xs, float *xsum,
+                                int64_t sxs, int64_t B, int64_t nb, float *y, int64_t ys) {
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {
+        int8_t *xr[4];
+        float *sr[4], *tr[4];
+        int64_t R = B - b0 < 4 ? B - b0 : 4;
+        for (int64_t r = 0; r < R; r++) {
+            xr[r] = xq + (b0 + r) * sxq;
+            sr[r] = xs + (b0 + r) * sxs;
+            tr[r] = xsum + (b0 + r) * sxs;
+        }
+        float *yo = y + b0 * ys;
+        switch (R) {
+        case 1: dot_i4_rows1(q, d, m, xr, sr, tr, nb, yo, ys); break;
+        case 2: dot_i4_rows2(q, d, m, xr, sr, tr, nb, yo, ys); break;
+        case 3: dot_i4_rows3(q, d, m, xr, sr, tr, nb, yo, ys); break;
+        default: dot_i4_rows4(q, d, m, xr, sr, tr, nb, yo, ys);
+        }
+    }
+}
+
+/* Float weights (fp32, bf16 raw bits, f16 raw bits) against R fp32 input rows (R = 1 .. 4:
+ * the decode rows of a batch, or the rows of a short prompt): each weight is widened once
+ * and multiplied into every row. A row's sum runs in two vector accumulators (columns
+ * 0-15 and 16-31 of each step of 32; the AVX2 build: 0-7 and 8-15 of each 16, then a
+ * scalar tail) and ends in one out-of-line reduction, so a row gets the same operations in
+ * the same order whatever R is and whatever rows lie beside it. Independent accumulators
+ * per row keep the FMA units busy where one chain per row waited on its own latency (eight
+ * decode rows of SmolLM2 fp32 took 3.4x one row's time, docs/BENCHMARKS.md). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
+#define FROWS_512 1
+#define FW 16                                        /* columns per vector */
+typedef __m512 fvec_t;
+static inline fvec_t wide_f32(const float *w, __mmask16 k) { return _mm512_maskz_loadu_ps(k, w); }
+static inline fvec_t wide_bf16(const uint16_t *w, __mmask16 k) {
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, w));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+static inline fvec_t wide_f16(const uint16_t *w, __mmask16 k) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, w));
+}
+static inline fvec_t fvec_x(const float *x, __mmask16 k) { return _mm512_maskz_loadu_ps(k, x); }
+#define FMADD(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define FZERO() _mm512_setzero_ps()
+static __attribute__((noinline)) float frows_sum(fvec_t a0, fvec_t a1, const void *w,
+                                                 const float *x, int64_t i, int64_t n,
+                                                 int kind) {
+    (void)w; (void)x; (void)i; (void)n; (void)kind;   /* no scalar tail: masked steps */
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+static inline __mmask16 fmask(int64_t left) {   /* the first min(left, 16) lanes */
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (left > 0 ? left : 0)) - 1);
+}
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define FROWS_256 1
+#define FW 8
+typedef __m256 fvec_t;
+static inline fvec_t wide_f32(const float *w, int k) { (void)k; return _mm256_loadu_ps(w); }
+static inline fvec_t wide_bf16(const uint16_t *w, int k) {
+    (void)k;
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+static inline fvec_t wide_f16(const uint16_t *w, int k) { (void)k; return f16x8(w); }
+static inline fvec_t fvec_x(const float *x, int k) { (void)k; return _mm256_loadu_ps(x); }
+#define FMADD(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define FZERO() _mm256_setzero_ps()
+/* the columns past the last whole step of 16 one by one (kind: 0 f32, 1 bf16, 2 f16) */
+static __attribute__((noinline)) float frows_sum(fvec_t a0, fvec_t a1, const void *w,
+                                                 const float *x, int64_t i, int64_t n,
+                                                 int kind) {
+    float s = hsum(_mm256_add_ps(a0, a1));
+    for (; i < n; i++) {
+        float wi = kind == 0 ? ((const float *)w)[i]
+                 : kind == 1 ? bf16_to_f32(((const uint16_t *)w)[i])
+                             : f16_to_f32(((const uint16_t *)w)[i]);
+        s += wi * x[i];
+    }
+    return s;
+}
+#endif
+
+#if defined(FROWS_512) || defined(FROWS_256)
+/* NAME##R: y[r * ys] = w . x[r] for r < R over n columns, w of type WT widened by WIDEN.
+ * The accumulators are named variables, not arrays: gcc kept arrays of them on the stack
+ * (a store per FMA, and each widened weight loaded again per row). */
+#define FROWS_STEP(WIDEN, R, K0, K1)                                                                \
+    {                                                                                     \
+        fvec_t w0 = WIDEN(w + i, K0), w1 = WIDEN(w + i + FW, K1);                         \
+        a00 = FMADD(w0, fvec_x(x[0] + i, K0), a00);                                       \
+        a01 = FMADD(w1, fvec_x(x[0] + i + FW, K1), a01);                                  \
+        if (R > 1) {                                                                      \
+            a10 = FMADD(w0, fvec_x(x[1] + i, K0), a10);                                   \
+            a11 = FMADD(w1, fvec_x(x[1] + i + FW, K1), a11);                              \
+        }                                                                                 \
+        if (R > 2) {                                                                      \
+            a20 = FMADD(w0, fvec_x(x[2] + i, K0), a20);                                   \
+            a21 = FMADD(w1, fvec_x(x[2] + i + FW, K1), a21);                              \
+        }                                                                                 \
+        if (R > 3) {                                                                      \
+            a30 = FMADD(w0, fvec_x(x[3] + i, K0), a30);                                   \
+            a31 = FMADD(w1, fvec_x(x[3] + i + FW, K1), a31);                              \
+        }                                                                                 \
+    }
+#define DOT_F_ROWS(NAME, WT, WIDEN, KIND, R)                                              \
+static inline void NAME##R(const WT *w, const float *const *x, int64_t n, float *y,       \
+                           int64_t ys) {                                                  \
+    fvec_t a00 = FZERO(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,          \
+           a30 = a00, a31 = a00;                                                          \
+    int64_t i = 0;                                                                        \
+    for (; i + 2 * FW <= n; i += 2 * FW) FROWS_STEP(WIDEN, R, -1, -1)                               \
+    FROWS_TAIL(WIDEN, R)                                                                  \
+    y[0] = frows_sum(a00, a01, w, x[0], i, n, KIND);                                      \
+    if (R > 1) y[ys] = frows_sum(a10, a11, w, x[1], i, n, KIND);                          \
+    if (R > 2) y[2 * ys] = frows_sum(a20, a21, w, x[2], i, n, KIND);                      \
+    if (R > 3) y[3 * ys] = frows_sum(a30, a31, w, x[3], i, n, KIND);                      \
+}
+#ifdef FROWS_512   /* the last 1-31 columns as one masked step */
+#define FROWS_TAIL(WIDEN, R)                                                              \
+    if (i < n) {                                                                          \
+        __mmask16 k0 = fmask(n - i), k1 = fmask(n - i - FW);                              \
+        FROWS_STEP(WIDEN, R, k0, k1)                                                      \
+        i = n;                                                                            \
+    }
+#else              /* frows_sum adds the last 1-15 columns */
+#define FROWS_TAIL(WIDEN, R)
+#endif
+#define DOT_F_ROWS_ALL(NAME, WT, WIDEN, KIND)                                             \
+DOT_F_ROWS(NAME, WT, WIDEN, KIND, 1)                                                      \
+DOT_F_ROWS(NAME, WT, WIDEN, KIND, 2)                                                      \
+DOT_F_ROWS(NAME, WT, WIDEN, KIND, 3)                                                      \
+DOT_F_ROWS(NAME, WT, WIDEN, KIND, 4)
+DOT_F_ROWS_ALL(dot_f32_rows, float, wide_f32, 0)
+DOT_F_ROWS_ALL(dot_bf16_rows, uint16_t, wide_bf16, 1)
+DOT_F_ROWS_ALL(dot_f16_rows, uint16_t, wide_f16, 2)
+#else              /* plain C (and NEON, which gcc vectorises): one row at a time */
+#define DOT_F_ROWS_ALL(NAME, WT, LOAD)                                                    \
+static inline void NAME##1(const WT *w, const float *const *x, int64_t n, float *y,       \
+                           int64_t ys) {                                                  \
+    (void)ys;                                                                             \
+    float a = 0.f;                                                                        \
+    for (int64_t i = 0; i < n; i++) a += LOAD(w, i) * x[0][i];                            \
+    y[0] = a;                                                                             \
+}                                                                                         \
+static inline void NAME##N(const WT *w, const float *const *x, int64_t R, int64_t n,      \
+                           float *y, int64_t ys) {                                        \
+    for (int64_t r = 0; r < R; r++) NAME##1(w, x + r, n, y + r * ys, 0);                  \
+}                                                                                         \
+static inline void NAME##2(const WT *w, const float *const *x, int64_t n, float *y,       \
+                           int64_t ys) { NAME##N(w, x, 2, n, y, ys); }                    \
+static inline void NAME##3(const WT *w, const float *const *x, int64_t n, float *y,       \
+                           int64_t ys) { NAME##N(w, x, 3, n, y, ys); }                    \
+static inline void NAME##4(const WT *w, const float *const *x, int64_t n, float *y,       \
+                           int64_t ys) { NAME##N(w, x, 4, n, y, ys); }
+#define FLOAD_F32(p, i) ((p)[i])
+#define FLOAD_BF16(p, i) bf16_to_f32((p)[i])
+#define FLOAD_F16(p, i) f16_to_f32((p)[i])
+DOT_F_ROWS_ALL(dot_f32_rows, float, FLOAD_F32)
+DOT_F_ROWS_ALL(dot_bf16_rows, uint16_t, FLOAD_BF16)
+DOT_F_ROWS_ALL(dot_f16_rows, uint16_t, FLOAD_F16)
+#endif
+
+/* One weight row (kind 0 fp32, 1 bf16, 2 f16) against B input rows x[b] = x + b * sx,
+ * groups of up to four sharing each widened weight: y[b * ys] = w . x[b]. */
+static inline void dot_float_batch(int kind, const void *w, const float *x, int64_t sx,
+                                   int64_t B, int64_t n, float *y, int64_t ys) {
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {
+        const float *xr[4];
+        int64_t R = B - b0 < 4 ? B - b0 : 4;
+        for (int64_t r = 0; r < R; r++) xr[r] = x + (b0 + r) * sx;
+        float *yo = y + b0 * ys;
+#define FCASE(F, WT)                                                                      \
+        switch (R) {                                                                      \
+        case 1: F##1((const WT *)w, xr, n, yo, ys); break;                                \
+        case 2: F##2((const WT *)w, xr, n, yo, ys); break;                                \
+        case 3: F##3((const WT *)w, xr, n, yo, ys); break;                                \
+        default: F##4((const WT *)w, xr, n, yo, ys);                                      \
+        }
+        if (kind == 0) {
+            FCASE(dot_f32_rows, float)
+        } else if (kind == 1) {
+            FCASE(dot_bf16_rows, uint16_t)
+        } else {
+            FCASE(dot_f16_rows, uint16_t)
+        }
+#undef FCASE
+    }
+}
+
 #endif

@@ -53,24 +53,6 @@ static inline float dot_f32(const float *restrict w, const float *restrict x, in
     return a;
 }
 
-static inline float dot_bf16(const uint16_t *restrict w, const float *restrict x, int64_t n) {
-    float a = 0.f;
-    for (int64_t i = 0; i < n; i++) a += bf16_to_f32(w[i]) * x[i];
-    return a;
-}
-
-static inline float dot_f16(const uint16_t *restrict w, const float *restrict x, int64_t n) {
-    float a = 0.f;
-    int64_t i = 0;
-#ifdef HAVE_F16X8
-    __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(f16x8(w + i), _mm256_loadu_ps(x + i), acc);
-    a = hsum(acc);
-#endif
-    for (; i < n; i++) a += f16_to_f32(w[i]) * x[i];
-    return a;
-}
-
 /* y[b][o] = W[o] . x[b] (+ bias[o]) for weight rows [o0, o1) and each of B input rows
  * (x row stride xs, y row stride ys): a weight row is read once for all B. */
 static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const scratch_t *s,
@@ -79,25 +61,9 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
     if (w->dtype == W_I4) {   /* groups of up to 4 input rows share each unpacked block */
         int64_t nb = in / 32;
         for (int64_t o = o0; o < o1; o++) {
-            const uint8_t *q = (const uint8_t *)w->data + o * (in / 2);
-            const uint16_t *d = (const uint16_t *)w->scale + o * nb, *m = w->min + o * nb;
-            for (int64_t b0 = 0; b0 < B; b0 += 4) {
-                int8_t *xq[4];
-                float *xsc[4], *xsum[4];
-                int64_t R = B - b0 < 4 ? B - b0 : 4;
-                for (int64_t r = 0; r < R; r++) {
-                    xq[r] = (int8_t *)(s->xq + (b0 + r) * s->sxq);
-                    xsc[r] = s->xs + (b0 + r) * s->sxs;
-                    xsum[r] = s->xsum + (b0 + r) * s->sxs;
-                }
-                float *yo = y + b0 * ys + o;
-                switch (R) {
-                case 1: dot_i4_rows1(q, d, m, xq, xsc, xsum, nb, yo, ys); break;
-                case 2: dot_i4_rows2(q, d, m, xq, xsc, xsum, nb, yo, ys); break;
-                case 3: dot_i4_rows3(q, d, m, xq, xsc, xsum, nb, yo, ys); break;
-                default: dot_i4_rows4(q, d, m, xq, xsc, xsum, nb, yo, ys);
-                }
-            }
+            dot_i4_batch((const uint8_t *)w->data + o * (in / 2),
+                         (const uint16_t *)w->scale + o * nb, w->min + o * nb,
+                         (int8_t *)s->xq, 2 * s->sxq, s->xs, s->xsum, s->sxs, B, nb, y + o, ys);
             if (w->bias)
                 for (int64_t b = 0; b < B; b++) y[b * ys + o] += w->bias[o];
         }
@@ -113,37 +79,13 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
         }
         return;
     }
+    /* float weights: groups of up to 4 input rows share each widened weight */
+    int kind = w->dtype == W_F32 ? 0 : w->dtype == W_BF16 ? 1 : 2;
+    size_t size = w->dtype == W_F32 ? 4 : 2;
     for (int64_t o = o0; o < o1; o++) {
-        for (int64_t b = 0; b < B; b++) {
-            const float *xb = x + b * xs;
-            float a;
-            switch (w->dtype) {
-            case W_F32:
-                a = dot_f32((const float *)w->data + o * in, xb, in);
-                break;
-            case W_BF16:
-                a = dot_bf16((const uint16_t *)w->data + o * in, xb, in);
-                break;
-            case W_F16:
-                a = dot_f16((const uint16_t *)w->data + o * in, xb, in);
-                break;
-            case W_I8: {
-                int64_t ng = (in + w->group - 1) / w->group, full = in / w->group;
-                a = dot_i8_row((const int8_t *)w->data + o * in, s->xq + b * s->sxq,
-                               (const float *)w->scale + o * ng, s->xs + b * s->sxs, xb, in,
-                               w->group, full);
-                break;
-            }
-            default: {
-                int64_t nb = in / 32;
-                a = dot_i4_row((const uint8_t *)w->data + o * (in / 2),
-                               (const uint16_t *)w->scale + o * nb, w->min + o * nb,
-                               (const int8_t *)(s->xq + b * s->sxq), s->xs + b * s->sxs,
-                               s->xsum + b * s->sxs, nb);
-            }
-            }
-            y[b * ys + o] = w->bias ? a + w->bias[o] : a;
-        }
+        dot_float_batch(kind, (const char *)w->data + o * in * size, x, xs, B, in, y + o, ys);
+        if (w->bias)
+            for (int64_t b = 0; b < B; b++) y[b * ys + o] += w->bias[o];
     }
 }
 

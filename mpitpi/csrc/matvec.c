@@ -1,9 +1,10 @@
 /* Matrix-vector products for decode: y (T, out) = x (T, in) @ W (out, in)^T, small T.
  *
  * Decode reads every weight once per token, so it is bound by memory bandwidth when the
- * loop keeps up with it. The float loops are plain C that the compiler vectorises for the
- * host it is built on (-march=native, see kernels.py), one row at a time while x fits in
- * L1 and four rows sharing each load of x beyond; int8 is written with AVX2 intrinsics.
+ * loop keeps up with it. Every product here takes each weight row against up to four rows
+ * of x at a time with the row kernels of common.h (AVX-512 or AVX2 intrinsics where the
+ * host has them, plain C that the compiler vectorises elsewhere; -march=native, see
+ * kernels.py), so a row of x gets the same numbers whatever T is.
  * Weights stay in their storage dtype and are widened to fp32 in registers:
  *   f32, bf16 (raw bits), f16 (raw bits, F16C), i8 (times fp32 scales), i4 (blocks of 32
  *   with fp16 scale and offset; see quant.py and common.h).
@@ -12,69 +13,28 @@
  */
 #include "common.h"
 
-/* Rows one at a time: the fastest measured while x fits in L1 (in <= 4096). */
-#define MATVEC_ROWS1(NAME, WT, LOAD)                                                    \
-static void NAME(const float *restrict x, const WT *restrict w, float *restrict y,          \
-                 int64_t T, int64_t in, int64_t out, int64_t ld) {                     \
-    _Pragma("omp parallel for schedule(static)")                                        \
-    for (int64_t o = 0; o < out; o++) {                                                 \
-        const WT *wr = w + o * in;                                                      \
-        for (int64_t t = 0; t < T; t++) {                                               \
-            const float *xt = x + t * in;                                               \
-            float a = 0.f;                                                              \
-            for (int64_t i = 0; i < in; i++) a += LOAD(wr, i) * xt[i];                  \
-            y[t * ld + o] = a;                                                          \
-        }                                                                               \
-    }                                                                                   \
+/* Float weights: output rows split over the threads, each weight row against the T rows of
+ * x by fours (dot_float_batch: each row's numbers are the same whatever T is). */
+static void matvec_float(int kind, size_t size, const float *x, const void *w, float *y,
+                         int64_t T, int64_t in, int64_t out) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < out; o++)
+        dot_float_batch(kind, (const char *)w + o * in * size, x, in, T, in, y + o, out);
 }
 
-/* Four rows at a time share each load of x: faster once x no longer fits in L1. */
-#define MATVEC_ROWS4(NAME, WT, LOAD)                                                    \
-static void NAME(const float *restrict x, const WT *restrict w, float *restrict y,          \
-                 int64_t T, int64_t in, int64_t out, int64_t ld) {                     \
-    int64_t blocks = out / 4;                                                           \
-    _Pragma("omp parallel for schedule(static)")                                        \
-    for (int64_t b = 0; b < blocks; b++) {                                              \
-        int64_t o = b * 4;                                                              \
-        const WT *w0 = w + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;         \
-        for (int64_t t = 0; t < T; t++) {                                               \
-            const float *xt = x + t * in;                                               \
-            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;                               \
-            for (int64_t i = 0; i < in; i++) {                                          \
-                float xi = xt[i];                                                       \
-                a0 += LOAD(w0, i) * xi;                                                 \
-                a1 += LOAD(w1, i) * xi;                                                 \
-                a2 += LOAD(w2, i) * xi;                                                 \
-                a3 += LOAD(w3, i) * xi;                                                 \
-            }                                                                           \
-            float *yt = y + t * ld + o;                                                 \
-            yt[0] = a0; yt[1] = a1; yt[2] = a2; yt[3] = a3;                             \
-        }                                                                               \
-    }                                                                                   \
+void matvec_f32(const float *x, const float *w, float *y, int64_t T, int64_t in, int64_t out) {
+    matvec_float(0, sizeof(float), x, w, y, T, in, out);
 }
 
-/* The exported entry point: long rows by fours, the rest (and the tail) one at a time. */
-#define MATVEC(NAME, WT, LOAD)                                                          \
-MATVEC_ROWS1(NAME##_rows1, WT, LOAD)                                                    \
-MATVEC_ROWS4(NAME##_rows4, WT, LOAD)                                                    \
-void NAME(const float *x, const WT *w, float *y,                                        \
-          int64_t T, int64_t in, int64_t out) {                                         \
-    if (in <= 4096) {                                                                   \
-        NAME##_rows1(x, w, y, T, in, out, out);                                         \
-        return;                                                                         \
-    }                                                                                   \
-    int64_t head = out / 4 * 4;                                                         \
-    NAME##_rows4(x, w, y, T, in, head, out);                                            \
-    if (head < out)                                                                     \
-        NAME##_rows1(x, w + head * in, y + head, T, in, out - head, out);               \
+void matvec_bf16(const float *x, const uint16_t *w, float *y, int64_t T, int64_t in,
+                 int64_t out) {
+    matvec_float(1, sizeof(uint16_t), x, w, y, T, in, out);
 }
 
-#define LOAD_F32(p, i) ((p)[i])
-#define LOAD_BF16(p, i) bf16_to_f32((p)[i])
-#define LOAD_F16(p, i) f16_to_f32((p)[i])
-
-MATVEC(matvec_f32, float, LOAD_F32)
-MATVEC(matvec_bf16, uint16_t, LOAD_BF16)
+void matvec_f16(const float *x, const uint16_t *w, float *y, int64_t T, int64_t in,
+                int64_t out) {
+    matvec_float(2, sizeof(uint16_t), x, w, y, T, in, out);
+}
 
 void matvec_i8(const float *restrict x, const int8_t *restrict w, const float *restrict scale,
                float *restrict y, int64_t T, int64_t in, int64_t out, int64_t group) {
@@ -91,37 +51,6 @@ void matvec_i8(const float *restrict x, const int8_t *restrict w, const float *r
     free(xs);
 }
 
-#if defined(__F16C__) && defined(__FMA__)
-void matvec_f16(const float *restrict x, const uint16_t *restrict w, float *restrict y,
-                int64_t T, int64_t in, int64_t out) {
-    int64_t blocks = (out + 3) / 4, in8 = in / 8 * 8;
-    #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t o0 = b * 4, o1 = o0 + 4 < out ? o0 + 4 : out, n = o1 - o0;
-        const uint16_t *wr[4];
-        for (int64_t r = 0; r < 4; r++) wr[r] = w + (o0 + (r < n ? r : 0)) * in;
-        for (int64_t t = 0; t < T; t++) {
-            const float *xt = x + t * in;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t i = 0; i < in8; i += 8) {
-                __m256 xi = _mm256_loadu_ps(xt + i);
-                a0 = _mm256_fmadd_ps(f16x8(wr[0] + i), xi, a0);
-                a1 = _mm256_fmadd_ps(f16x8(wr[1] + i), xi, a1);
-                a2 = _mm256_fmadd_ps(f16x8(wr[2] + i), xi, a2);
-                a3 = _mm256_fmadd_ps(f16x8(wr[3] + i), xi, a3);
-            }
-            float acc[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-            for (int64_t r = 0; r < n; r++) {
-                for (int64_t i = in8; i < in; i++) acc[r] += f16_to_f32(wr[r][i]) * xt[i];
-                y[t * out + o0 + r] = acc[r];
-            }
-        }
-    }
-}
-#else
-MATVEC(matvec_f16, uint16_t, LOAD_F16)
-#endif
-
 void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_t *restrict d,
                const uint16_t *restrict m, float *restrict y, int64_t T, int64_t in,
                int64_t out) {
@@ -130,11 +59,10 @@ void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_
     float *xs = malloc(sizeof(float) * T * nb), *xsum = malloc(sizeof(float) * T * nb);
     for (int64_t t = 0; t < T; t++)
         quantize_x8(x + t * in, nb, xq + t * in, xs + t * nb, xsum + t * nb);
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static)   /* rows of x by fours share unpacked blocks */
     for (int64_t o = 0; o < out; o++)
-        for (int64_t t = 0; t < T; t++)
-            y[t * out + o] = dot_i4_row(q + o * (in / 2), d + o * nb, m + o * nb, xq + t * in,
-                                        xs + t * nb, xsum + t * nb, nb);
+        dot_i4_batch(q + o * (in / 2), d + o * nb, m + o * nb, xq, in, xs, xsum, nb, T, nb,
+                     y + o, out);
     free(xq);
     free(xs);
     free(xsum);
