@@ -519,6 +519,15 @@ DOT_I4_ROWS(2)
 DOT_I4_ROWS(3)
 DOT_I4_ROWS(4)
 
+/* While weight row o is multiplied, rows() and the matvec loops ask for row o + PF_ROWS
+ * (into L2): with several input rows the hardware prefetcher alone let memory and
+ * arithmetic take turns (fp32 576-column rows out of cache, 1 thread: 4 rows of x took
+ * 1.6x one row's time, 1.05x with this; docs/BENCHMARKS.md). A prefetch never faults. */
+#define PF_ROWS 4
+static inline void prefetch_row(const void *p, int64_t bytes) {
+    for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch((const char *)p + c, 0, 2);
+}
+
 /* One int4 weight row against B input rows (row b's int8 activations at xq + b * sxq,
  * scales and scaled sums at xs, xsum + b * sxs), groups of up to four sharing each
  * unpacked step: y[b * ys] = the row's product with row b, as dot_i4_row gives it. */
@@ -686,9 +695,12 @@ DOT_F_ROWS_ALL(dot_f16_rows, uint16_t, FLOAD_F16)
 #endif
 
 /* One weight row (kind 0 fp32, 1 bf16, 2 f16) against B input rows x[b] = x + b * sx,
- * groups of up to four sharing each widened weight: y[b * ys] = w . x[b]. */
-static inline void dot_float_batch(int kind, const void *w, const float *x, int64_t sx,
-                                   int64_t B, int64_t n, float *y, int64_t ys) {
+ * groups of up to four sharing each widened weight: y[b * ys] = w . x[b]. Out of line:
+ * inlined into decode.c's product, gcc loaded each widened weight again for every row
+ * (16 loads per 8 FMAs; eight fp32 rows of SmolLM2 on 2 ranks: 44 -> 33 ms a pass). */
+static __attribute__((noinline)) void dot_float_batch(int kind, const void *w,
+                                                      const float *x, int64_t sx, int64_t B,
+                                                      int64_t n, float *y, int64_t ys) {
     for (int64_t b0 = 0; b0 < B; b0 += 4) {
         const float *xr[4];
         int64_t R = B - b0 < 4 ? B - b0 : 4;

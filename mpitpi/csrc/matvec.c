@@ -18,8 +18,11 @@
 static void matvec_float(int kind, size_t size, const float *x, const void *w, float *y,
                          int64_t T, int64_t in, int64_t out) {
     #pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < out; o++)
+    for (int64_t o = 0; o < out; o++) {
+        if (o + PF_ROWS < out)
+            prefetch_row((const char *)w + (o + PF_ROWS) * in * size, in * size);
         dot_float_batch(kind, (const char *)w + o * in * size, x, in, T, in, y + o, out);
+    }
 }
 
 void matvec_f32(const float *x, const float *w, float *y, int64_t T, int64_t in, int64_t out) {
@@ -44,9 +47,11 @@ void matvec_i8(const float *restrict x, const int8_t *restrict w, const float *r
     for (int64_t t = 0; t < T; t++)
         quantize_x(x + t * in, in, group, xq + t * in, xs + t * n_groups);
     #pragma omp parallel for schedule(static)   /* rows of x by fours share widened weights */
-    for (int64_t o = 0; o < out; o++)
+    for (int64_t o = 0; o < out; o++) {
+        if (o + PF_ROWS < out) prefetch_row(w + (o + PF_ROWS) * in, in);
         dot_i8_batch(w + o * in, scale + o * n_groups, xq, in, xs, n_groups, x, in, T, in, group,
                      full, y + o, out);
+    }
     free(xq);
     free(xs);
 }
@@ -60,9 +65,11 @@ void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_
     for (int64_t t = 0; t < T; t++)
         quantize_x8(x + t * in, nb, xq + t * in, xs + t * nb, xsum + t * nb);
     #pragma omp parallel for schedule(static)   /* rows of x by fours share unpacked blocks */
-    for (int64_t o = 0; o < out; o++)
+    for (int64_t o = 0; o < out; o++) {
+        if (o + PF_ROWS < out) prefetch_row(q + (o + PF_ROWS) * (in / 2), in / 2);
         dot_i4_batch(q + o * (in / 2), d + o * nb, m + o * nb, xq, in, xs, xsum, nb, T, nb,
                      y + o, out);
+    }
     free(xq);
     free(xs);
     free(xsum);
