@@ -15,8 +15,9 @@ from refmodels import logits_vs_reference
 PROMPT = [1, 17, 42, 99, 7, 230, 5]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# (T, in, out): one and several rows of x; rows shorter than a group, a short last group,
-# rows past 4096 (the four-rows-at-a-time path) with an odd number of output rows
+# (T, in, out): one and several rows of x; rows shorter than a group, a short last group
+# (and a last step of 1-31 columns in the float products), long rows with an odd number
+# of output rows
 SHAPES = [(1, 7, 5), (3, 100, 33), (1, 576, 1728), (4, 192, 65), (2, 4100, 11)]
 
 

@@ -61,8 +61,7 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
     if (w->dtype == W_I4) {   /* groups of up to 4 input rows share each unpacked block */
         int64_t nb = in / 32;
         for (int64_t o = o0; o < o1; o++) {
-            if (o + PF_ROWS < w->rows)
-                prefetch_row((const uint8_t *)w->data + (o + PF_ROWS) * (in / 2), in / 2);
+            prefetch_ahead(w->data, o, in / 2, w->rows, I4_AHEAD(in / 2));
             dot_i4_batch((const uint8_t *)w->data + o * (in / 2),
                          (const uint16_t *)w->scale + o * nb, w->min + o * nb,
                          (int8_t *)s->xq, 2 * s->sxq, s->xs, s->xsum, s->sxs, B, nb, y + o, ys);
@@ -74,8 +73,6 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
     if (w->dtype == W_I8) {   /* groups of up to 4 input rows share each widened block */
         int64_t ng = (in + w->group - 1) / w->group, full = in / w->group;
         for (int64_t o = o0; o < o1; o++) {
-            if (o + PF_ROWS < w->rows)
-                prefetch_row((const int8_t *)w->data + (o + PF_ROWS) * in, in);
             dot_i8_batch((const int8_t *)w->data + o * in, (const float *)w->scale + o * ng,
                          s->xq, s->sxq, s->xs, s->sxs, x, xs, B, in, w->group, full, y + o, ys);
             if (w->bias)
@@ -87,8 +84,8 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
     int kind = w->dtype == W_F32 ? 0 : w->dtype == W_BF16 ? 1 : 2;
     size_t size = w->dtype == W_F32 ? 4 : 2;
     for (int64_t o = o0; o < o1; o++) {
-        if (o + PF_ROWS < w->rows)
-            prefetch_row((const char *)w->data + (o + PF_ROWS) * in * size, in * size);
+        if (B > 1)
+            prefetch_ahead(w->data, o, in * size, w->rows, 4 * in * size);
         dot_float_batch(kind, (const char *)w->data + o * in * size, x, xs, B, in, y + o, ys);
         if (w->bias)
             for (int64_t b = 0; b < B; b++) y[b * ys + o] += w->bias[o];
