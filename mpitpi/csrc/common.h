@@ -625,22 +625,22 @@ static __attribute__((noinline)) float frows_sum(fvec_t a0, fvec_t a1, const voi
 /* NAME##R: y[r * ys] = w . x[r] for r < R over n columns, w of type WT widened by WIDEN.
  * The accumulators are named variables, not arrays: gcc kept arrays of them on the stack
  * (a store per FMA, and each widened weight loaded again per row). */
-#define FROWS_STEP(WIDEN, R, K0, K1)                                                                \
+#define FROWS_STEP(WIDEN, R, K0, K1, I1)   /* I1: where the second vector starts */       \
     {                                                                                     \
-        fvec_t w0 = WIDEN(w + i, K0), w1 = WIDEN(w + i + FW, K1);                         \
+        fvec_t w0 = WIDEN(w + i, K0), w1 = WIDEN(w + I1, K1);                             \
         a00 = FMADD(w0, fvec_x(x[0] + i, K0), a00);                                       \
-        a01 = FMADD(w1, fvec_x(x[0] + i + FW, K1), a01);                                  \
+        a01 = FMADD(w1, fvec_x(x[0] + I1, K1), a01);                                      \
         if (R > 1) {                                                                      \
             a10 = FMADD(w0, fvec_x(x[1] + i, K0), a10);                                   \
-            a11 = FMADD(w1, fvec_x(x[1] + i + FW, K1), a11);                              \
+            a11 = FMADD(w1, fvec_x(x[1] + I1, K1), a11);                                  \
         }                                                                                 \
         if (R > 2) {                                                                      \
             a20 = FMADD(w0, fvec_x(x[2] + i, K0), a20);                                   \
-            a21 = FMADD(w1, fvec_x(x[2] + i + FW, K1), a21);                              \
+            a21 = FMADD(w1, fvec_x(x[2] + I1, K1), a21);                                  \
         }                                                                                 \
         if (R > 3) {                                                                      \
             a30 = FMADD(w0, fvec_x(x[3] + i, K0), a30);                                   \
-            a31 = FMADD(w1, fvec_x(x[3] + i + FW, K1), a31);                              \
+            a31 = FMADD(w1, fvec_x(x[3] + I1, K1), a31);                                  \
         }                                                                                 \
     }
 #define DOT_F_ROWS(NAME, WT, WIDEN, KIND, R)                                              \
@@ -649,18 +649,20 @@ static inline void NAME##R(const WT *w, const float *const *x, int64_t n, float 
     fvec_t a00 = FZERO(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,          \
            a30 = a00, a31 = a00;                                                          \
     int64_t i = 0;                                                                        \
-    for (; i + 2 * FW <= n; i += 2 * FW) FROWS_STEP(WIDEN, R, -1, -1)                               \
+    for (; i + 2 * FW <= n; i += 2 * FW) FROWS_STEP(WIDEN, R, -1, -1, i + FW)                \
     FROWS_TAIL(WIDEN, R)                                                                  \
     y[0] = frows_sum(a00, a01, w, x[0], i, n, KIND);                                      \
     if (R > 1) y[ys] = frows_sum(a10, a11, w, x[1], i, n, KIND);                          \
     if (R > 2) y[2 * ys] = frows_sum(a20, a21, w, x[2], i, n, KIND);                      \
     if (R > 3) y[3 * ys] = frows_sum(a30, a31, w, x[3], i, n, KIND);                      \
 }
-#ifdef FROWS_512   /* the last 1-31 columns as one masked step */
+#ifdef FROWS_512   /* the last 1-31 columns as one masked step (an empty second half
+                      reads nothing, at an address inside the row) */
 #define FROWS_TAIL(WIDEN, R)                                                              \
     if (i < n) {                                                                          \
         __mmask16 k0 = fmask(n - i), k1 = fmask(n - i - FW);                              \
-        FROWS_STEP(WIDEN, R, k0, k1)                                                      \
+        int64_t i1 = n - i > FW ? i + FW : i;                                             \
+        FROWS_STEP(WIDEN, R, k0, k1, i1)                                                  \
         i = n;                                                                            \
     }
 #else              /* frows_sum adds the last 1-15 columns */
@@ -674,19 +676,20 @@ DOT_F_ROWS(NAME, WT, WIDEN, KIND, 4)
 DOT_F_ROWS_ALL(dot_f32_rows, float, wide_f32, 0)
 DOT_F_ROWS_ALL(dot_bf16_rows, uint16_t, wide_bf16, 1)
 DOT_F_ROWS_ALL(dot_f16_rows, uint16_t, wide_f16, 2)
-#else              /* plain C (and NEON, which gcc vectorises): one row at a time */
+#else              /* plain C (and NEON, which gcc vectorises): one row at a time, in one
+                      out-of-line copy of the loop whatever R (its vectorisation is gcc's) */
 #define DOT_F_ROWS_ALL(NAME, WT, LOAD)                                                    \
+static __attribute__((noinline)) void NAME##N(const WT *w, const float *const *x,       \
+                                               int64_t R, int64_t n, float *y,            \
+                                               int64_t ys) {                              \
+    for (int64_t r = 0; r < R; r++) {                                                     \
+        float a = 0.f;                                                                    \
+        for (int64_t i = 0; i < n; i++) a += LOAD(w, i) * x[r][i];                        \
+        y[r * ys] = a;                                                                    \
+    }                                                                                     \
+}                                                                                         \
 static inline void NAME##1(const WT *w, const float *const *x, int64_t n, float *y,       \
-                           int64_t ys) {                                                  \
-    (void)ys;                                                                             \
-    float a = 0.f;                                                                        \
-    for (int64_t i = 0; i < n; i++) a += LOAD(w, i) * x[0][i];                            \
-    y[0] = a;                                                                             \
-}                                                                                         \
-static inline void NAME##N(const WT *w, const float *const *x, int64_t R, int64_t n,      \
-                           float *y, int64_t ys) {                                        \
-    for (int64_t r = 0; r < R; r++) NAME##1(w, x + r, n, y + r * ys, 0);                  \
-}                                                                                         \
+                           int64_t ys) { NAME##N(w, x, 1, n, y, ys); }                    \
 static inline void NAME##2(const WT *w, const float *const *x, int64_t n, float *y,       \
                            int64_t ys) { NAME##N(w, x, 2, n, y, ys); }                    \
 static inline void NAME##3(const WT *w, const float *const *x, int64_t n, float *y,       \
