@@ -160,6 +160,13 @@ def unavailable_reason() -> str | None:
     return None if available() else _why_not
 
 
+def bf16_rounds_x() -> bool:
+    """Whether bf16 weights round the activations to bf16 in the C products (CPUs with
+    AVX512_BF16: vdpbf16ps, twice the multiply-adds per instruction); elsewhere x stays
+    fp32 and each weight is widened. False without kernels."""
+    return _load() is not None and bool(_lib.bf16_rounds_x())
+
+
 def library_path_or_none() -> str | None:
     """The loaded library's path (None without kernels)."""
     return _lib._name if _load() is not None else None

@@ -704,31 +704,100 @@ DOT_F_ROWS_ALL(dot_bf16_rows, uint16_t, FLOAD_BF16)
 DOT_F_ROWS_ALL(dot_f16_rows, uint16_t, FLOAD_F16)
 #endif
 
+/* bf16 weights on CPUs with AVX512_BF16: the rows of x are rounded to bf16 once per product
+ * (to nearest even, as torch's bf16 prompt product does) and vdpbf16ps multiplies 32 pairs
+ * and adds them into 16 fp32 lanes per instruction, twice the multiply-adds of widening
+ * each weight and an FMA: y = sum over pairs of (x_bf16 w) in fp32. Two accumulators per
+ * row (64 columns a step), a masked last step, one out-of-line sum: a row gets the same
+ * operations whatever rows share the call. */
+#if defined(FROWS_512) && defined(__AVX512BF16__)
+#define BF16_DOT 1
+static inline void x_to_bf16(const float *x, int64_t n, uint16_t *xb) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(xb + i),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+    if (i < n) {
+        __mmask16 k = fmask(n - i);
+        _mm256_mask_storeu_epi16(xb + i, k,
+                                 (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, x + i)));
+    }
+}
+static inline __mmask32 bmask(int64_t left) {   /* the first min(left, 32) lanes */
+    return left >= 32 ? ~(__mmask32)0 : left <= 0 ? 0 : (((__mmask32)1 << left) - 1);
+}
+static __attribute__((noinline)) float bdot_sum(__m512 a0, __m512 a1) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+#define BDOT(acc, W, r, at, k)                                                            \
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(k, x[r] + (at)), W)
+#define BDOT_STEP(R, k0, k1, i1)                                                          \
+    {                                                                                     \
+        __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(k0, w + i);                      \
+        __m512bh w1 = (__m512bh)_mm512_maskz_loadu_epi16(k1, w + (i1));                   \
+        BDOT(a00, w0, 0, i, k0);                                                          \
+        BDOT(a01, w1, 0, i1, k1);                                                         \
+        if (R > 1) { BDOT(a10, w0, 1, i, k0); BDOT(a11, w1, 1, i1, k1); }                 \
+        if (R > 2) { BDOT(a20, w0, 2, i, k0); BDOT(a21, w1, 2, i1, k1); }                 \
+        if (R > 3) { BDOT(a30, w0, 3, i, k0); BDOT(a31, w1, 3, i1, k1); }                 \
+    }
+/* dot_bf16x_rows##R: y[r * ys] = w . xb[r] for r < R, w and xb[r] bf16, n columns */
+#define DOT_BF16X_ROWS(R)                                                                 \
+static inline void dot_bf16x_rows##R(const uint16_t *w, const uint16_t *const *x,         \
+                                     int64_t n, float *y, int64_t ys) {                   \
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00,         \
+           a30 = a00, a21 = a00, a31 = a00;                                               \
+    int64_t i = 0;                                                                        \
+    for (; i + 64 <= n; i += 64) BDOT_STEP(R, ~(__mmask32)0, ~(__mmask32)0, i + 32)       \
+    if (i < n) BDOT_STEP(R, bmask(n - i), bmask(n - i - 32), n - i > 32 ? i + 32 : i)     \
+    y[0] = bdot_sum(a00, a01);                                                            \
+    if (R > 1) y[ys] = bdot_sum(a10, a11);                                                \
+    if (R > 2) y[2 * ys] = bdot_sum(a20, a21);                                            \
+    if (R > 3) y[3 * ys] = bdot_sum(a30, a31);                                            \
+}
+DOT_BF16X_ROWS(1)
+DOT_BF16X_ROWS(2)
+DOT_BF16X_ROWS(3)
+DOT_BF16X_ROWS(4)
+#endif
+
 /* One weight row (kind 0 fp32, 1 bf16, 2 f16) against B input rows x[b] = x + b * sx,
- * groups of up to four sharing each widened weight: y[b * ys] = w . x[b]. Out of line:
- * inlined into decode.c's product, gcc loaded each widened weight again for every row
- * (16 loads per 8 FMAs; eight fp32 rows of SmolLM2 on 2 ranks: 44 -> 33 ms a pass). */
+ * groups of up to four sharing each widened weight: y[b * ys] = w . x[b]. Where BF16_DOT
+ * is defined, bf16 weights take xb[b] = xb + b * sxb instead, the rows of x in bf16
+ * (x_to_bf16); elsewhere xb is unused. Out of line: inlined into decode.c's product, gcc
+ * loaded each widened weight again for every row (16 loads per 8 FMAs; eight fp32 rows of
+ * SmolLM2 on 2 ranks: 44 -> 33 ms a pass). */
 static __attribute__((noinline)) void dot_float_batch(int kind, const void *w,
-                                                      const float *x, int64_t sx, int64_t B,
-                                                      int64_t n, float *y, int64_t ys) {
+                                                      const float *x, int64_t sx,
+                                                      const uint16_t *xb, int64_t sxb,
+                                                      int64_t B, int64_t n, float *y,
+                                                      int64_t ys) {
+    (void)xb;
+    (void)sxb;
     for (int64_t b0 = 0; b0 < B; b0 += 4) {
         const float *xr[4];
         int64_t R = B - b0 < 4 ? B - b0 : 4;
         for (int64_t r = 0; r < R; r++) xr[r] = x + (b0 + r) * sx;
         float *yo = y + b0 * ys;
-#define FCASE(F, WT)                                                                      \
+#define FCASE(F, WT, X)                                                                   \
         switch (R) {                                                                      \
-        case 1: F##1((const WT *)w, xr, n, yo, ys); break;                                \
-        case 2: F##2((const WT *)w, xr, n, yo, ys); break;                                \
-        case 3: F##3((const WT *)w, xr, n, yo, ys); break;                                \
-        default: F##4((const WT *)w, xr, n, yo, ys);                                      \
+        case 1: F##1((const WT *)w, X, n, yo, ys); break;                                 \
+        case 2: F##2((const WT *)w, X, n, yo, ys); break;                                 \
+        case 3: F##3((const WT *)w, X, n, yo, ys); break;                                 \
+        default: F##4((const WT *)w, X, n, yo, ys);                                       \
         }
         if (kind == 0) {
-            FCASE(dot_f32_rows, float)
+            FCASE(dot_f32_rows, float, xr)
         } else if (kind == 1) {
-            FCASE(dot_bf16_rows, uint16_t)
+#ifdef BF16_DOT
+            const uint16_t *br[4];
+            for (int64_t r = 0; r < R; r++) br[r] = xb + (b0 + r) * sxb;
+            FCASE(dot_bf16x_rows, uint16_t, br)
+#else
+            FCASE(dot_bf16_rows, uint16_t, xr)
+#endif
         } else {
-            FCASE(dot_f16_rows, uint16_t)
+            FCASE(dot_f16_rows, uint16_t, xr)
         }
 #undef FCASE
     }

@@ -86,7 +86,8 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
     for (int64_t o = o0; o < o1; o++) {
         if (B > 1)
             prefetch_ahead(w->data, o, in * size, w->rows, 4 * in * size);
-        dot_float_batch(kind, (const char *)w->data + o * in * size, x, xs, B, in, y + o, ys);
+        dot_float_batch(kind, (const char *)w->data + o * in * size, x, xs,
+                        (const uint16_t *)s->xq, s->sxq, B, in, y + o, ys);
         if (w->bias)
             for (int64_t b = 0; b < B; b++) y[b * ys + o] += w->bias[o];
     }
@@ -103,6 +104,10 @@ static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
         if (w->dtype == W_I4)
             quantize_x8(x + b * xs, w->cols / 32, (int8_t *)(s->xq + b * s->sxq),
                         s->xs + b * s->sxs, s->xsum + b * s->sxs);
+#ifdef BF16_DOT
+        if (w->dtype == W_BF16)
+            x_to_bf16(x + b * xs, w->cols, (uint16_t *)(s->xq + b * s->sxq));
+#endif
     }
     int64_t chunk = w->rows / (8 * omp_get_num_threads());
     chunk = chunk < 4 ? 4 : chunk > 64 ? 64 : chunk;

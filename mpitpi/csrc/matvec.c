@@ -17,12 +17,30 @@
  * x by fours (dot_float_batch: each row's numbers are the same whatever T is). */
 static void matvec_float(int kind, size_t size, const float *x, const void *w, float *y,
                          int64_t T, int64_t in, int64_t out) {
+    uint16_t *xb = NULL;
+#ifdef BF16_DOT
+    if (kind == 1) {   /* the rows of x in bf16, once (see dot_float_batch) */
+        xb = malloc(sizeof(uint16_t) * T * in);
+        for (int64_t t = 0; t < T; t++) x_to_bf16(x + t * in, in, xb + t * in);
+    }
+#endif
     #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < out; o++) {
         if (T > 1)
             prefetch_ahead(w, o, in * size, out, 4 * in * size);
-        dot_float_batch(kind, (const char *)w + o * in * size, x, in, T, in, y + o, out);
+        dot_float_batch(kind, (const char *)w + o * in * size, x, in, xb, in, T, in, y + o,
+                        out);
     }
+    free(xb);
+}
+
+/* 1 where bf16 weights round the rows of x to bf16 (dot_float_batch), else 0 */
+int bf16_rounds_x(void) {
+#ifdef BF16_DOT
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 void matvec_f32(const float *x, const float *w, float *y, int64_t T, int64_t in, int64_t out) {
