@@ -205,6 +205,16 @@ DOT_I8_ROWS(2)
 DOT_I8_ROWS(3)
 DOT_I8_ROWS(4)
 
+/* F##R(...) for a group of R = 1 .. 4 input rows: the dispatch of every row-group kernel
+ * (dot_i8_rows, dot_i4_rows, dot_f32_rows, ...) */
+#define ROWS_CALL(F, R, ...)                                                              \
+    switch (R) {                                                                          \
+    case 1: F##1(__VA_ARGS__); break;                                                     \
+    case 2: F##2(__VA_ARGS__); break;                                                     \
+    case 3: F##3(__VA_ARGS__); break;                                                     \
+    default: F##4(__VA_ARGS__);                                                           \
+    }
+
 /* y[b * ys] = weight row w . x[b] for B input rows, 4 at a time (dot_i8_rows): xq, xs, x
  * hold each row's quantised activations, scales and fp32 values at strides sq, ss, sx. */
 static inline void dot_i8_batch(const int8_t *w, const float *ws, int16_t *xq, int64_t sq,
@@ -221,12 +231,7 @@ static inline void dot_i8_batch(const int8_t *w, const float *ws, int16_t *xq, i
             xr[r] = x + (b0 + r) * sx;
         }
         float *yo = y + b0 * ys;
-        switch (R) {
-        case 1: dot_i8_rows1(w, q, ws, s, xr, in, group, full, yo, ys); break;
-        case 2: dot_i8_rows2(w, q, ws, s, xr, in, group, full, yo, ys); break;
-        case 3: dot_i8_rows3(w, q, ws, s, xr, in, group, full, yo, ys); break;
-        default: dot_i8_rows4(w, q, ws, s, xr, in, group, full, yo, ys);
-        }
+        ROWS_CALL(dot_i8_rows, R, w, q, ws, s, xr, in, group, full, yo, ys)
     }
 }
 
@@ -533,7 +538,16 @@ static inline void prefetch_ahead(const void *w, int64_t o, int64_t rb, int64_t 
     if (at + rb <= rows * rb)
         for (int64_t c = 0; c < rb; c += 64) __builtin_prefetch((const char *)w + at + c, 0, 2);
 }
-#define I4_AHEAD(rb) ((rb) < 4096 ? 4096 : 2048)
+/* That policy, for the row of int4 bytes o, and for the row of float weights o against B
+ * rows of x */
+static inline void prefetch_i4(const void *q, int64_t o, int64_t rb, int64_t rows) {
+    prefetch_ahead(q, o, rb, rows, rb < 4096 ? 4096 : 2048);
+}
+static inline void prefetch_float(const void *w, int64_t o, int64_t rb, int64_t rows,
+                                  int64_t B) {
+    if (B > 1)
+        prefetch_ahead(w, o, rb, rows, 4 * rb);
+}
 
 /* One int4 weight row against B input rows (row b's int8 activations at xq + b * sxq,
  * scales and scaled sums at xs, xsum + b * sxs), groups of up to four sharing each
@@ -551,12 +565,7 @@ static inline void dot_i4_batch(const uint8_t *q, const uint16_t *d, const uint1
             tr[r] = xsum + (b0 + r) * sxs;
         }
         float *yo = y + b0 * ys;
-        switch (R) {
-        case 1: dot_i4_rows1(q, d, m, xr, sr, tr, nb, yo, ys); break;
-        case 2: dot_i4_rows2(q, d, m, xr, sr, tr, nb, yo, ys); break;
-        case 3: dot_i4_rows3(q, d, m, xr, sr, tr, nb, yo, ys); break;
-        default: dot_i4_rows4(q, d, m, xr, sr, tr, nb, yo, ys);
-        }
+        ROWS_CALL(dot_i4_rows, R, q, d, m, xr, sr, tr, nb, yo, ys)
     }
 }
 
@@ -779,27 +788,19 @@ static __attribute__((noinline)) void dot_float_batch(int kind, const void *w,
         int64_t R = B - b0 < 4 ? B - b0 : 4;
         for (int64_t r = 0; r < R; r++) xr[r] = x + (b0 + r) * sx;
         float *yo = y + b0 * ys;
-#define FCASE(F, WT, X)                                                                   \
-        switch (R) {                                                                      \
-        case 1: F##1((const WT *)w, X, n, yo, ys); break;                                 \
-        case 2: F##2((const WT *)w, X, n, yo, ys); break;                                 \
-        case 3: F##3((const WT *)w, X, n, yo, ys); break;                                 \
-        default: F##4((const WT *)w, X, n, yo, ys);                                       \
-        }
         if (kind == 0) {
-            FCASE(dot_f32_rows, float, xr)
+            ROWS_CALL(dot_f32_rows, R, (const float *)w, xr, n, yo, ys)
         } else if (kind == 1) {
 #ifdef BF16_DOT
             const uint16_t *br[4];
             for (int64_t r = 0; r < R; r++) br[r] = xb + (b0 + r) * sxb;
-            FCASE(dot_bf16x_rows, uint16_t, br)
+            ROWS_CALL(dot_bf16x_rows, R, (const uint16_t *)w, br, n, yo, ys)
 #else
-            FCASE(dot_bf16_rows, uint16_t, xr)
+            ROWS_CALL(dot_bf16_rows, R, (const uint16_t *)w, xr, n, yo, ys)
 #endif
         } else {
-            FCASE(dot_f16_rows, uint16_t, xr)
+            ROWS_CALL(dot_f16_rows, R, (const uint16_t *)w, xr, n, yo, ys)
         }
-#undef FCASE
     }
 }
 

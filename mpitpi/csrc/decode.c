@@ -61,7 +61,7 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
     if (w->dtype == W_I4) {   /* groups of up to 4 input rows share each unpacked block */
         int64_t nb = in / 32;
         for (int64_t o = o0; o < o1; o++) {
-            prefetch_ahead(w->data, o, in / 2, w->rows, I4_AHEAD(in / 2));
+            prefetch_i4(w->data, o, in / 2, w->rows);
             dot_i4_batch((const uint8_t *)w->data + o * (in / 2),
                          (const uint16_t *)w->scale + o * nb, w->min + o * nb,
                          (int8_t *)s->xq, 2 * s->sxq, s->xs, s->xsum, s->sxs, B, nb, y + o, ys);
@@ -84,8 +84,7 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
     int kind = w->dtype == W_F32 ? 0 : w->dtype == W_BF16 ? 1 : 2;
     size_t size = w->dtype == W_F32 ? 4 : 2;
     for (int64_t o = o0; o < o1; o++) {
-        if (B > 1)
-            prefetch_ahead(w->data, o, in * size, w->rows, 4 * in * size);
+        prefetch_float(w->data, o, in * size, w->rows, B);
         dot_float_batch(kind, (const char *)w->data + o * in * size, x, xs,
                         (const uint16_t *)s->xq, s->sxq, B, in, y + o, ys);
         if (w->bias)

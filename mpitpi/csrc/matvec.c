@@ -26,8 +26,7 @@ static void matvec_float(int kind, size_t size, const float *x, const void *w, f
 #endif
     #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < out; o++) {
-        if (T > 1)
-            prefetch_ahead(w, o, in * size, out, 4 * in * size);
+        prefetch_float(w, o, in * size, out, T);
         dot_float_batch(kind, (const char *)w + o * in * size, x, in, xb, in, T, in, y + o,
                         out);
     }
@@ -65,10 +64,9 @@ void matvec_i8(const float *restrict x, const int8_t *restrict w, const float *r
     for (int64_t t = 0; t < T; t++)
         quantize_x(x + t * in, in, group, xq + t * in, xs + t * n_groups);
     #pragma omp parallel for schedule(static)   /* rows of x by fours share widened weights */
-    for (int64_t o = 0; o < out; o++) {
+    for (int64_t o = 0; o < out; o++)
         dot_i8_batch(w + o * in, scale + o * n_groups, xq, in, xs, n_groups, x, in, T, in, group,
                      full, y + o, out);
-    }
     free(xq);
     free(xs);
 }
@@ -83,7 +81,7 @@ void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_
         quantize_x8(x + t * in, nb, xq + t * in, xs + t * nb, xsum + t * nb);
     #pragma omp parallel for schedule(static)   /* rows of x by fours share unpacked blocks */
     for (int64_t o = 0; o < out; o++) {
-        prefetch_ahead(q, o, in / 2, out, I4_AHEAD(in / 2));
+        prefetch_i4(q, o, in / 2, out);
         dot_i4_batch(q + o * (in / 2), d + o * nb, m + o * nb, xq, in, xs, xsum, nb, T, nb,
                      y + o, out);
     }
