@@ -278,18 +278,54 @@ static inline int64_t i4_slot(int64_t b, int64_t i, int64_t nb) {
 }
 #endif
 
+/* x (nb blocks of 32) -> xq in i4_slot order, xs, xsum (above). Vector builds find the
+ * largest |x| and round x / s in registers: the same numbers as the scalar loop (a maximum
+ * does not depend on order; the conversion rounds to nearest-even, as lrintf does). */
 static inline void quantize_x8(const float *x, int64_t nb, int8_t *xq, float *xs, float *xsum) {
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * 32;
+#if defined(I4_GROUPED)
+        __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+        float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+#elif defined(__AVX2__)
+        const __m256 mag = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256 v[4], t;
+        for (int k = 0; k < 4; k++) v[k] = _mm256_loadu_ps(xb + 8 * k);
+        t = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], mag), _mm256_and_ps(v[1], mag)),
+                          _mm256_max_ps(_mm256_and_ps(v[2], mag), _mm256_and_ps(v[3], mag)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+#else
         float m = 0.f;
         for (int i = 0; i < 32; i++) m = fabsf(xb[i]) > m ? fabsf(xb[i]) : m;
+#endif
         float s = m > 0.f ? m / 127.f : 1.f, inv = 1.f / s;
         int sum = 0;
+#if defined(I4_GROUPED)   /* columns 0-15 and 16-31 each go to 16 consecutive slots */
+        __m512i a0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
+        __m512i a1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+        _mm_storeu_si128((__m128i *)(xq + i4_slot(b, 0, nb)), _mm512_cvtepi32_epi8(a0));
+        _mm_storeu_si128((__m128i *)(xq + i4_slot(b, 16, nb)), _mm512_cvtepi32_epi8(a1));
+        sum = _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1));
+#elif defined(__AVX2__)   /* the block's 32 slots in column order; |a| <= 127 packs exactly */
+        __m256i a[4];
+        for (int k = 0; k < 4; k++) a[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], _mm256_set1_ps(inv)));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(a[0], a[1]),
+                                       _mm256_packs_epi32(a[2], a[3]));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(xq + i4_slot(b, 0, nb)), p);
+        __m256i t4 = _mm256_add_epi32(_mm256_add_epi32(a[0], a[1]), _mm256_add_epi32(a[2], a[3]));
+        __m128i t2 = _mm_add_epi32(_mm256_castsi256_si128(t4), _mm256_extracti128_si256(t4, 1));
+        t2 = _mm_add_epi32(t2, _mm_shuffle_epi32(t2, 0x4e));
+        sum = _mm_cvtsi128_si32(_mm_add_epi32(t2, _mm_shuffle_epi32(t2, 0xb1)));
+#else
         for (int i = 0; i < 32; i++) {
             int v = (int)lrintf(xb[i] * inv);
             xq[i4_slot(b, i, nb)] = (int8_t)v;
             sum += v;
         }
+#endif
         xs[b] = s;
         xsum[b] = s * (float)sum;
     }
@@ -375,15 +411,19 @@ static inline i4_step_t i4_unpack(const uint8_t *q, const uint16_t *d, const uin
     } else {
         int n0 = n < 4 ? n : 4;
         r0 = _mm512_maskz_loadu_epi8(i4_bytes(n0), q + b * 16);
-        r1 = _mm512_maskz_loadu_epi8(i4_bytes(n - n0), q + b * 16 + 64);
+        r1 = n > 4 ? _mm512_maskz_loadu_epi8(i4_bytes(n - n0), q + b * 16 + 64)
+                   : _mm512_setzero_si512();
         __mmask8 k = (__mmask8)((1u << n) - 1);
         w.d = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(k, d + b));
         w.m = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(k, m + b));
     }
     w.l0 = _mm512_and_si512(r0, low);
     w.h0 = _mm512_and_si512(_mm512_srli_epi16(r0, 4), low);
-    w.l1 = _mm512_and_si512(r1, low);
-    w.h1 = _mm512_and_si512(_mm512_srli_epi16(r1, 4), low);
+    w.l1 = w.h1 = r1;   /* zero, and unused by i4_step, when n <= 4 */
+    if (n > 4) {
+        w.l1 = _mm512_and_si512(r1, low);
+        w.h1 = _mm512_and_si512(_mm512_srli_epi16(r1, 4), low);
+    }
     return w;
 }
 
@@ -409,8 +449,11 @@ static inline void i4_step(const i4_step_t *w, const int8_t *xq, const float *xs
         int n0 = n < 4 ? n : 4, n1 = n - n0;
         x0l = _mm512_maskz_loadu_epi8(i4_bytes(n0), x);
         x0h = _mm512_maskz_loadu_epi8(i4_bytes(n0), x + 16 * n0);
-        x1l = _mm512_maskz_loadu_epi8(i4_bytes(n1), x + 128);
-        x1h = _mm512_maskz_loadu_epi8(i4_bytes(n1), x + 128 + 16 * n1);
+        x1l = x1h = _mm512_setzero_si512();
+        if (n1 > 0) {
+            x1l = _mm512_maskz_loadu_epi8(i4_bytes(n1), x + 128);
+            x1h = _mm512_maskz_loadu_epi8(i4_bytes(n1), x + 128 + 16 * n1);
+        }
         __mmask8 k = (__mmask8)((1u << n) - 1);
         sv = _mm256_maskz_loadu_ps(k, xs + b);
         sumv = _mm256_maskz_loadu_ps(k, xsum + b);
@@ -418,9 +461,11 @@ static inline void i4_step(const i4_step_t *w, const int8_t *xq, const float *xs
     __m512 s = _mm512_zextps256_ps512(_mm256_mul_ps(w->d, sv));
     *macc = _mm256_fmadd_ps(w->m, sumv, *macc);
     __m512i p0 = DPBUSD512X2(w->l0, x0l, w->h0, x0h);
-    __m512i p1 = DPBUSD512X2(w->l1, x1l, w->h1, x1h);
     *acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(pick0, s), *acc0);
-    *acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(pick1, s), *acc1);
+    if (n > 4) {   /* a row's last step of 1-4 blocks leaves acc1 as it is (its lanes: 0) */
+        __m512i p1 = DPBUSD512X2(w->l1, x1l, w->h1, x1h);
+        *acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(pick1, s), *acc1);
+    }
 }
 
 /* A row's total, out of line: the same operations for a row whatever the rows beside it */
