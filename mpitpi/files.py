@@ -59,6 +59,5 @@ def read_safetensors_header(path: str) -> tuple[dict, int, int]:
 
 
 def gguf_field(reader, key: str, default=None):
-    """The value of GGUF metadata ``key`` from an open ``gguf.GGUFReader``, or ``default``."""
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+    """The value of GGUF metadata ``key`` from an open ``gguf_file.GGUFFile``, or ``default``."""
+    return reader.field(key, default)

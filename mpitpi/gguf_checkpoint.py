@@ -13,7 +13,6 @@ import hashlib
 import mmap
 import os
 
-import gguf
 import numpy as np
 import torch
 from gguf.quants import GGML_QUANT_SIZES, dequantize
@@ -22,8 +21,11 @@ from mpitpi import gguf_blocks
 from mpitpi.config import SUPPORTED_ARCHITECTURES, ModelArgs
 from mpitpi.errors import MpitpiError
 from mpitpi.files import gguf_field
+from mpitpi.gguf_file import GGUFFile
 from mpitpi.quant import GGUF_GROUP, quantize_int8
 from mpitpi.weights import Weight
+
+DECODE_AT_ONCE = 1 << 20   # values per piece when rows are decoded to fp32
 
 ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
          "qwen2": "Qwen2ForCausalLM"}
@@ -54,7 +56,7 @@ class GGUFCheckpoint:
             raise MpitpiError(f"model file {path!r} does not exist. Fix: pass an existing "
                               f".gguf file or a Hugging Face folder.")
         try:
-            self.reader = gguf.GGUFReader(path, "r")
+            self.reader = GGUFFile(path)
         except Exception as e:
             raise MpitpiError(f"{path} is not a readable GGUF file ({e}). Fix: check the file "
                               f"(a GGUF file starts with the bytes 'GGUF'), or download it again.")
@@ -139,9 +141,8 @@ class GGUFCheckpoint:
     def release(self) -> None:
         """Unmap the pages read so far (the file stays mapped): keeps a split's memory to
         the tensors in hand, not the whole file."""
-        mm = getattr(self.reader.data, "_mmap", None)
-        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-            mm.madvise(mmap.MADV_DONTNEED)
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self.reader.mm.madvise(mmap.MADV_DONTNEED)
 
     def has(self, name: str) -> bool:
         return name in self.tensors
@@ -165,10 +166,19 @@ class GGUFCheckpoint:
         return np.asarray(dequantize(np.asarray(data), t.tensor_type), dtype=np.float32)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) (HF layout: output features), or elements of a 1-D tensor."""
-        t = self.tensors[name]
-        x = self._dequant(name, t.data[start:stop])
-        return torch.from_numpy(self._unpermute(name, x).copy())
+        """Rows [start, stop) (HF layout: output features), or elements of a 1-D tensor.
+        Decoded DECODE_AT_ONCE values at a time into the result: a split of the vocabulary
+        into fp32 holds the result and one small piece, not several whole-size temporaries."""
+        data = self.tensors[name].data[start:stop]
+        if data.ndim == 1:
+            x = self._dequant(name, data).copy()
+        else:
+            cols = self.shape(name)[1]
+            x = np.empty((len(data), cols), np.float32)
+            step = max(1, DECODE_AT_ONCE // cols)
+            for i in range(0, len(data), step):
+                x[i:i + step] = self._dequant(name, data[i:i + step]).reshape(-1, cols)
+        return torch.from_numpy(np.ascontiguousarray(self._unpermute(name, x)))
 
     def full(self, name: str) -> torch.Tensor:
         shape = self.shape(name)

@@ -10,7 +10,6 @@ import json
 import os
 import re
 
-import gguf
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
@@ -18,6 +17,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from mpitpi.errors import MpitpiError
 from mpitpi.files import gguf_field, is_gguf
+from mpitpi.gguf_file import GGUFFile
 
 # Pre-tokenizer split patterns named by GGUF's tokenizer.ggml.pre (regexes are facts of
 # those tokenizers; the default is GPT-2's own, built into ByteLevel).
@@ -169,7 +169,7 @@ def _token_text(v):
 
 
 def _from_gguf(path: str) -> Tokenizer:
-    r = gguf.GGUFReader(path, "r")
+    r = GGUFFile(path)
 
     def field(key, default=None):
         return gguf_field(r, key, default)
