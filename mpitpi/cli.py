@@ -151,7 +151,7 @@ def cmd_split(a: argparse.Namespace) -> int:
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
-    cfg = synth(a.shape, a.out, a.layers, a.dtype, a.seed)
+    cfg = synth(a.shape, a.out, a.layers, a.dtype, a.seed, progress=progress(a))
     print(f"wrote a random {a.shape} ({cfg['num_hidden_layers']} layers, {a.dtype}) to {a.out}")
     return 0
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -33,8 +33,7 @@ _PLAIN = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.flo
           GGMLQuantizationType.I64: np.int64}
 
 
-@dataclass
-class GGUFTensor:
+class GGUFTensor(NamedTuple):
     name: str
     shape: tuple[int, ...]       # GGUF order: the row length (columns) first
     tensor_type: GGMLQuantizationType

@@ -55,3 +55,25 @@ def test_written_checkpoint_reads_back(tmp_path):
     assert ckpt.args.n_layers == 1 and cfg["num_hidden_layers"] == 1
     w = ckpt.full("model.layers.0.mlp.down_proj.weight").float()
     assert w.shape == (576, 1536) and 0.8 < float(w.std()) * 1536 ** 0.5 < 1.2
+
+
+def test_column_slices_read_only_their_columns_and_match_the_whole(tmp_path):
+    """A split cuts o_proj and down_proj by columns, one row's bytes at a time: every
+    slice, empty and whole included, equals the slice of the whole tensor; a file cut
+    short is refused."""
+    import torch
+    out = tmp_path / "m"
+    synth("smollm2-135m", str(out), layers=1, dtype="bf16", progress=False)
+    ckpt = open_checkpoint(str(out))
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.o_proj.weight"):
+        whole = ckpt.full(name)
+        for a, b in ((0, 64), (100, 333), (0, whole.shape[1]), (5, 5), (whole.shape[1] - 1,
+                                                                           whole.shape[1])):
+            got = ckpt.cols(name, a, b)
+            assert got.dtype == whole.dtype == torch.bfloat16
+            assert torch.equal(got, whole[:, a:b]), (name, a, b)
+    name = "model.layers.0.mlp.down_proj.weight"
+    path = out / ckpt.weight_map[name]
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(MpitpiError, match="cut short|Fix"):
+        open_checkpoint(str(out)).cols(name, 0, 64)
