@@ -58,12 +58,15 @@ MANIFEST = "manifest.json"
 OWN_FILES = (MANIFEST, "tokenizer.json", "chat.json")   # besides rank*.h5
 
 
+READ_ROWS_AT_ONCE = 1 << 24   # weights a split reads at a time where it quantizes them
+
+
 def rank_file(rank: int) -> str:
     return f"rank{rank}.h5"
 
 
 def rank_tensors(ckpt: Checkpoint, args: ModelArgs, s: RankSlice, layer: int | None,
-                 dtype: str = "fp32"):
+                 dtype: str = "fp32", vocab_dtype: str | None = None):
     """Yield (dataset name, tensor or Weight) for rank slice ``s``: one layer, or the
     non-layer tensors. Matrices come as the checkpoint gives them for shards of ``dtype``
     (a GGUF file's own blocks where they carry over: Checkpoint.rows_as)."""
@@ -73,20 +76,34 @@ def rank_tensors(ckpt: Checkpoint, args: ModelArgs, s: RankSlice, layer: int | N
         return ckpt.rows_as(name, a, b, dtype)
 
     def part(dataset, name, a, b):
-        """Rows [a, b) of ``name`` for ``dataset``, quantized at once where the shards store
-        that quantized: rows are quantized apart (the same numbers as the joined matrix),
-        and a split lets go of each part's float rows before it reads the next (Llama-2-70B
-        widths, 8 ranks: gate and up are 59 MB each in bf16)."""
-        t = rows(name, a, b)
-        if isinstance(t, Weight):
-            return t
-        kind = storage_for(dataset, t.shape[1], dtype)
-        return quantized(t, kind) if kind in ("int8", "int4") else Weight(t)
+        """Rows [a, b) of ``name`` for ``dataset``. Where the shards store that quantized,
+        float rows are read and quantized READ_ROWS_AT_ONCE weights at a time (rows are
+        quantized apart: the same numbers as the whole), so a split never holds a rank's
+        slice in float: Llama-3.1-405B widths on 16 ranks, a vocabulary slice is 263 MB in
+        bf16 and 131 MB in int8."""
+        cols = ckpt.shape(name)[1]
+        kind = storage_for(dataset, cols, dtype, vocab_dtype)
+        if kind not in ("int8", "int4"):
+            t = rows(name, a, b)
+            return t if isinstance(t, Weight) else Weight(t)
+        step = max(1, READ_ROWS_AT_ONCE // cols // hd) * hd   # whole heads (GGUF q, k)
+        fields, out = ("data", "scale", "min"), None
+        for r in range(a, max(a, b), step):
+            t = rows(name, r, min(b, r + step))
+            t = t if isinstance(t, Weight) else quantized(t, kind)
+            if out is None:   # the whole slice, filled piece by piece (no joined copy)
+                out = {f: getattr(t, f).new_empty((b - a, *getattr(t, f).shape[1:]))
+                       for f in fields if getattr(t, f) is not None}
+            for f, o in out.items():
+                o[r - a:r - a + len(getattr(t, f))] = getattr(t, f)
+        if out is None:   # no rows
+            return quantized(ckpt.rows(name, a, b), kind)
+        return Weight(out["data"], out.get("scale"), None, out.get("min"))
 
     if layer is None:
-        yield "vocab/embed", rows("model.embed_tokens.weight", *s.vocab)
+        yield "vocab/embed", part("vocab/embed", "model.embed_tokens.weight", *s.vocab)
         if not args.tie_embeddings:
-            yield "vocab/lm_head", rows("lm_head.weight", *s.vocab)
+            yield "vocab/lm_head", part("vocab/lm_head", "lm_head.weight", *s.vocab)
         yield "norm", ckpt.full("model.norm.weight")
         return
     p = f"model.layers.{layer}."
@@ -188,7 +205,7 @@ def write_shards(ckpt: Checkpoint, out: str, world_size: int, ratios: list[float
             for layer in tqdm(steps, desc="split", unit="layer", disable=not progress):
                 for s in plan:
                     prefix = "" if layer is None else f"layers/{layer}/"
-                    for name, t in rank_tensors(ckpt, args, s, layer, dtype):
+                    for name, t in rank_tensors(ckpt, args, s, layer, dtype, vocab_dtype):
                         for dname, a in stored_arrays(name, t, dtype, vocab_dtype):
                             files[s.rank].create_dataset(prefix + dname, data=a)
                             sums[s.rank][prefix + dname] = zlib.crc32(a)
