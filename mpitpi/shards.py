@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from mpitpi.checkpoint import Checkpoint
 from mpitpi.config import ModelArgs
+from mpitpi import pages
 from mpitpi.errors import MpitpiError
 from mpitpi.plan import RankSlice, check_plan, plan_for_args
 from mpitpi.quant import BLOCK, GGUF_GROUP, GROUP
@@ -441,9 +442,10 @@ class ShardReader:
         return int(np.prod(shape, dtype=np.int64)) * dt.itemsize
 
     def empty(self, name: str) -> np.ndarray:
-        """A buffer of the dataset's shape and stored dtype, for ``read_into``."""
+        """A buffer of the dataset's shape and stored dtype, for ``read_into`` (in 2 MiB
+        pages where the kernel gives them: pages.py)."""
         _, shape, dt = self.index[name]
-        return np.empty(shape, dt)
+        return pages.empty(shape, dt)
 
     def read_into(self, name: str, out: np.ndarray) -> np.ndarray:
         """Read dataset ``name`` into ``out`` (from ``empty``); GIL released while reading."""

@@ -1,0 +1,29 @@
+"""Weight buffers in 2 MiB pages (pages.py): the same arrays as np.empty gives, starting on
+a page boundary and backed by huge pages where the kernel offers them."""
+import numpy as np
+
+from mpitpi import pages
+
+
+def anon_huge_kb() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+
+
+def test_buffers_hold_what_np_empty_holds_and_big_ones_sit_in_huge_pages():
+    for shape, dtype in (((0,), np.float32), ((7, 3), np.int8), ((1000, 1000), np.uint8),
+                         ((1536, 2048), np.float32), ((3, 1 << 20), np.float16)):
+        a = pages.empty(shape, dtype)
+        assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+        assert a.flags.writeable and a.flags.aligned
+        a[...] = 3
+        assert float(a.sum(dtype=np.float64)) == 3 * a.size
+    before = anon_huge_kb()
+    big = pages.empty((8, 1 << 20), np.float32)   # 32 MiB: 16 whole huge pages
+    big[...] = 1.0
+    if pages.thp_mode() in ("always", "madvise"):
+        assert big.ctypes.data % pages.HUGE == 0
+        # the kernel may fall short of huge pages when memory is fragmented; most of 16
+        assert anon_huge_kb() - before >= 8 * pages.HUGE // 1024, (before, anon_huge_kb())
+    else:   # no THP to ask for: plain memory
+        assert pages.empty((8, 1 << 20), np.float32).base is None
