@@ -44,9 +44,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mpitpi import pages
 from mpitpi.checkpoint import Checkpoint
 from mpitpi.config import ModelArgs
-from mpitpi import pages
 from mpitpi.errors import MpitpiError
 from mpitpi.plan import RankSlice, check_plan, plan_for_args
 from mpitpi.quant import BLOCK, GGUF_GROUP, GROUP
