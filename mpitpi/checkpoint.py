@@ -123,7 +123,6 @@ class SafetensorsFile:
                               f"the file again.")
         return torch.from_numpy(buf).view(dt).reshape(stop - start, *shape[1:])
 
-
     def cols(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Columns [start, stop) of a 2-D tensor: one read per row of just those bytes, so
         a split holds one rank's columns, never the whole tensor, and reads no more than

@@ -56,8 +56,3 @@ def read_safetensors_header(path: str) -> tuple[dict, int, int]:
         return safetensors_header(fd, path)
     finally:
         os.close(fd)
-
-
-def gguf_field(reader, key: str, default=None):
-    """The value of GGUF metadata ``key`` from an open ``gguf_file.GGUFFile``, or ``default``."""
-    return reader.field(key, default)

@@ -20,7 +20,6 @@ from gguf.quants import GGML_QUANT_SIZES, dequantize
 from mpitpi import gguf_blocks
 from mpitpi.config import SUPPORTED_ARCHITECTURES, ModelArgs
 from mpitpi.errors import MpitpiError
-from mpitpi.files import gguf_field
 from mpitpi.gguf_file import GGUFFile
 from mpitpi.quant import GGUF_GROUP, quantize_int8
 from mpitpi.weights import Weight
@@ -75,7 +74,7 @@ class GGUFCheckpoint:
 
     def _args(self) -> ModelArgs:
         r = self.reader
-        arch_name = gguf_field(r, "general.architecture")
+        arch_name = r.field("general.architecture")
         if arch_name not in ARCHS:
             raise MpitpiError(f"unsupported GGUF architecture {arch_name!r} in {self.path}; "
                               f"supported: {', '.join(ARCHS)} (as "
@@ -83,21 +82,21 @@ class GGUFCheckpoint:
         a = arch_name
 
         def need(key):
-            v = gguf_field(r, f"{a}.{key}")
+            v = r.field(f"{a}.{key}")
             if v is None:
                 raise MpitpiError(f"{self.path}: GGUF metadata {a}.{key} is missing. Fix: "
                                   f"convert the model again with a current llama.cpp.")
             return v
 
         dim, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
-        n_kv = int(gguf_field(r, f"{a}.attention.head_count_kv", n_heads))
-        head_dim = int(gguf_field(r, f"{a}.attention.key_length",
+        n_kv = int(r.field(f"{a}.attention.head_count_kv", n_heads))
+        head_dim = int(r.field(f"{a}.attention.key_length",
                                   dim // n_heads if n_heads > 0 else 0))
-        tokens = gguf_field(r, "tokenizer.ggml.tokens") or []
-        vocab = int(gguf_field(r, f"{a}.vocab_size", len(tokens)) or
+        tokens = r.field("tokenizer.ggml.tokens") or []
+        vocab = int(r.field(f"{a}.vocab_size", len(tokens)) or
                     self.tensors["model.embed_tokens.weight"].shape[-1])
         scaling = None
-        stype = gguf_field(r, f"{a}.rope.scaling.type")
+        stype = r.field(f"{a}.rope.scaling.type")
         if stype == "linear":
             scaling = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
         elif stype not in (None, "none"):
@@ -105,20 +104,20 @@ class GGUFCheckpoint:
         if self.rope_freqs is not None:
             factors = np.asarray(self.rope_freqs.data, dtype=np.float32).ravel().tolist()
             scaling = {"rope_type": "freq_factors", "factors": factors}
-        eos = gguf_field(r, "tokenizer.ggml.eos_token_id")
-        eot = gguf_field(r, "tokenizer.ggml.eot_token_id")
+        eos = r.field("tokenizer.ggml.eos_token_id")
+        eot = r.field("tokenizer.ggml.eot_token_id")
         eos_ids = sorted({int(x) for x in (eos, eot) if x is not None})
         qkv_bias = "model.layers.0.self_attn.q_proj.bias" in self.tensors
         return ModelArgs(
             architecture=ARCHS[a], dim=dim, n_layers=int(need("block_count")), n_heads=n_heads,
             n_kv_heads=n_kv, head_dim=head_dim, ffn_dim=int(need("feed_forward_length")),
             vocab_size=vocab, norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(gguf_field(r, f"{a}.rope.freq_base", 10000.0)),
-            max_seq_len=int(gguf_field(r, f"{a}.context_length", 2048)), rope_scaling=scaling,
+            rope_theta=float(r.field(f"{a}.rope.freq_base", 10000.0)),
+            max_seq_len=int(r.field(f"{a}.context_length", 2048)), rope_scaling=scaling,
             tie_embeddings="lm_head.weight" not in self.tensors, qkv_bias=qkv_bias,
             o_bias="model.layers.0.self_attn.o_proj.bias" in self.tensors,
             mlp_bias="model.layers.0.mlp.up_proj.bias" in self.tensors,
-            bos_token_id=gguf_field(r, "tokenizer.ggml.bos_token_id"),
+            bos_token_id=r.field("tokenizer.ggml.bos_token_id"),
             eos_token_ids=eos_ids).check(self.path)
 
     def _check(self) -> None:

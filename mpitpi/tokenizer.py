@@ -16,7 +16,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as HFTokenizer
 
 from mpitpi.errors import MpitpiError
-from mpitpi.files import gguf_field, is_gguf
+from mpitpi.files import is_gguf
 from mpitpi.gguf_file import GGUFFile
 
 # Pre-tokenizer split patterns named by GGUF's tokenizer.ggml.pre (regexes are facts of
@@ -169,10 +169,7 @@ def _token_text(v):
 
 
 def _from_gguf(path: str) -> Tokenizer:
-    r = GGUFFile(path)
-
-    def field(key, default=None):
-        return gguf_field(r, key, default)
+    field = GGUFFile(path).field
 
     kind = field("tokenizer.ggml.model")
     if kind != "gpt2":
