@@ -2,10 +2,11 @@
 
 Three decisions differ between CPUs (docs/BENCHMARKS.md):
 
-- ``prefill[dtype]``: what fp16 and bf16 weights compute in for prompt rows: ``bf16``
-  (torch's bf16 product, fast only where the CPU has bf16 instructions) or ``fp32`` (the
-  weight widened per call). Without avx512_bf16 / amx_bf16 it is fp32 without measuring;
-  with them the faster of the two, measured.
+- ``prefill[dtype]``: what fp16, bf16, int8 and int4 weights compute in for prompt rows
+  that take torch's product: ``bf16`` (torch's bf16 product, fast only where the CPU has
+  bf16 instructions) or ``fp32`` (the weight widened, or dequantized, per call). Without
+  avx512_bf16 / amx_bf16 it is fp32 without measuring; with them the faster of the two,
+  measured.
 - ``max_t[dtype]``: prompt rows take one path whatever their number, so that a row's numbers
   do not depend on the rows beside it (a prompt cut into chunks, a cached prefix reused,
   several prompts in one pass all give the same numbers, hence the same greedy text): the C
@@ -52,7 +53,7 @@ PREFILL_ROWS = 128   # rows of a prompt chunk (batch.PREFILL_CHUNK)
 C_ALWAYS = 1 << 30
 DEFAULT_MAX_T = {"fp32": C_ALWAYS, "bf16": C_ALWAYS, "fp16": C_ALWAYS, "int8": C_ALWAYS,
                  "int4": PREFILL_ROWS}
-VERSION = 3          # of the measurement: a choices file of another version is measured again
+VERSION = 4          # of the measurement: a choices file of another version is measured again
 
 
 @dataclass
@@ -78,9 +79,8 @@ class Choices:
         return self.pad.get(kind, 1)
 
     def prefill_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """What a weight stored in ``dtype`` computes in for inputs past ``kernel_rows``."""
-        if dtype in (torch.int8, torch.uint8):
-            return torch.float32
+        """What a weight stored in ``dtype`` computes in for inputs past ``kernel_rows``
+        (int8 and int4: the dtype of the copy dequantized for the call)."""
         return {"bf16": torch.bfloat16, "fp32": torch.float32}[self.prefill.get(NAMES[dtype],
                                                                                  "fp32")]
 
@@ -173,25 +173,29 @@ def measure(n: int = 2048) -> Choices:
             return F.linear(x.to(pre), by_width[x.shape[1]]).float()
         _choose(c, name, lambda x, w=w: kernels.matvec(x, w), theirs, n, g,
                 f"in {NAMES[pre]}")
-    # torch has no weight-only integer product: it runs on a dequantized copy
-    parts = quantize_int8(w32)
+    # torch has no weight-only integer product: it runs on a copy dequantized for the call,
+    # in bf16 where the CPU has bf16 instructions and that measured faster, else in fp32
+    for name, quantize in (("int8", quantize_int8), ("int4", quantize_int4)):
+        wide, narrow = quantize(w32), quantize(w32[:, :NARROW].contiguous())
 
-    narrow = quantize_int8(w32[:, :NARROW].contiguous())
-
-    def dequantized(x):
-        return F.linear(x, kernels.dequantize(*(parts if x.shape[1] == n else narrow)))
-    _choose(c, "int8", lambda x: kernels.matvec(x, *parts), dequantized, n, g,
-            "on a dequantized fp32 copy")
-    # int4 prompt chunks (up to PREFILL_ROWS rows) always take the exact-activation kernel,
-    # whose rows are computed independently of each other. Measured, for the record:
-    parts4 = quantize_int4(w32)
-    x = torch.randn(PREFILL_ROWS, n, generator=g)
-    ex = _median_ms(lambda: kernels.matvec(x, *parts4, exact=True))
-    dq = _median_ms(lambda: F.linear(x, kernels.dequantize(*parts4)))
-    c.max_t["int4"] = PREFILL_ROWS
-    c.why.append(f"int4: C kernels with int8 activations for decode rows, with fp32 "
-                 f"activations for prompt chunks ({PREFILL_ROWS} rows: {ex:.2f} ms, against "
-                 f"{dq:.2f} ms on a dequantized fp32 copy), torch on such a copy beyond")
+        def dequantized(x, pre, wide=wide, narrow=narrow):
+            parts = wide if x.shape[1] == n else narrow
+            return F.linear(x.to(pre), kernels.dequantize(*parts, dtype=pre)).float()
+        if _bf16_instructions():
+            x = torch.randn(64, n, generator=g)
+            bf = _median_ms(lambda: dequantized(x, torch.bfloat16))
+            fp = _median_ms(lambda: dequantized(x, torch.float32))
+            c.prefill[name] = "bf16" if bf < fp else "fp32"
+            c.why.append(f"{name} prefill (64 rows, the copy made included): bf16 {bf:.2f} ms, "
+                         f"fp32 {fp:.2f} ms")
+        pre = torch.bfloat16 if c.prefill.get(name) == "bf16" else torch.float32
+        # int4's C kernel keeps the activations in fp32 for prompt rows (exact=True)
+        _choose(c, name, lambda x, wide=wide: kernels.matvec(x, *wide, exact=True),
+                lambda x, pre=pre: dequantized(x, pre), n, g,
+                f"on a dequantized {NAMES[pre]} copy")
+        if name == "int4" and c.max_t[name] == C_ALWAYS:   # the C kernels up to a chunk
+            c.max_t[name] = PREFILL_ROWS
+            c.why[-1] += f"; beyond {PREFILL_ROWS} rows torch on a dequantized copy"
     return c
 
 

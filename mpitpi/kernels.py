@@ -131,8 +131,8 @@ def _load():
         lib.matvec_i8.argtypes = [p, p, p, p, i64, i64, i64, i64]   # x, w, scale, y, .., group
         lib.matvec_i4.argtypes = [p, p, p, p, p, i64, i64, i64]     # x, q, d, m, y, T, in, out
         lib.matvec_i4_exact.argtypes = [p, p, p, p, p, i64, i64, i64]   # as matvec_i4
-        lib.dequant_i4.argtypes = [p, p, p, p, i64, i64]            # q, d, m, w, rows, in
-        lib.dequant_i8.argtypes = [p, p, p, i64, i64, i64]          # q, scale, w, rows, in, group
+        lib.dequant_i4.argtypes = [p, p, p, p, i64, i64, ctypes.c_int]   # q, d, m, w, rows, in, bf16
+        lib.dequant_i8.argtypes = [p, p, p, i64, i64, i64, ctypes.c_int]  # q, scale, w, .., group, bf16
         for name in (*_FUNCS.values(), "matvec_i8", "matvec_i4", "matvec_i4_exact",
                      "dequant_i4", "dequant_i8"):
             getattr(lib, name).restype = None
@@ -199,19 +199,21 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     return out
 
 
-def dequantize(w: torch.Tensor, scale: torch.Tensor,
-               min: torch.Tensor | None = None) -> torch.Tensor:
-    """An int8 (w, scale) or int4 (w, scale, min) matrix as (out, in) fp32 (the same numbers
-    as quant.dequantize_int8 / dequantize_int4, written by all threads)."""
+def dequantize(w: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An int8 (w, scale) or int4 (w, scale, min) matrix as (out, in) in ``dtype``, fp32 or
+    bf16 (the same numbers as quant.dequantize_int8 / dequantize_int4, then
+    ``.to(dtype)``), written by all threads."""
     lib = _load()
+    bf16 = {torch.float32: 0, torch.bfloat16: 1}[dtype]
     if w.dtype == torch.uint8:
-        out = torch.empty(w.shape[0], w.shape[1] * 2)
+        out = torch.empty(w.shape[0], w.shape[1] * 2, dtype=dtype)
         lib.dequant_i4(w.data_ptr(), scale.data_ptr(), min.data_ptr(), out.data_ptr(),
-                       w.shape[0], out.shape[1])
+                       w.shape[0], out.shape[1], bf16)
     else:
-        out = torch.empty(w.shape)
+        out = torch.empty(w.shape, dtype=dtype)
         lib.dequant_i8(w.data_ptr(), scale.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1],
-                       int8_group(w.shape[1], scale.shape[1]))
+                       int8_group(w.shape[1], scale.shape[1]), bf16)
     return out
 
 

@@ -333,7 +333,8 @@ class Transformer:
         ends = list(accumulate(g.tokens.shape[0] for g in segs))
         rows = [r for g, e in zip(segs, ends) for r in range(e - g.n_out, e)]
         h = x if len(rows) == x.shape[0] else x[rows]             # (n_out total, dim)
-        return self.top.lm_head(rms_norm(h, self.top.norm, self.args.norm_eps), decode=decode)
+        return self.top.lm_head(rms_norm(h, self.top.norm, self.args.norm_eps), decode=decode,
+                                logits=True)
 
     def forward(self, tokens: torch.Tensor, start: int, slot: int = 0) -> torch.Tensor:
         """tokens (T,) at positions [start, start+T) of ``slot`` -> (n_vocab_r,) logits of

@@ -32,7 +32,7 @@ BIAS = {"wqkv": "bqkv", "wo": "bo", "w13": "b13", "w2": "b2"}   # matrix -> its 
 NORMS = ("attn_norm", "ffn_norm")
 STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPES = (*STORAGE, "int8", "int4")  # every storage dtype; int8 and int4 with scales (quant.py)
-DEQUANT_AT_ONCE = 1 << 22   # int8/int4 weights widened to fp32 at a time for long inputs
+DEQUANT_AT_ONCE = 1 << 22   # int8/int4 weights dequantized at a time for prompt rows
 BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}   # no scales
 
 
@@ -75,10 +75,13 @@ class Weight:
         above, which this object keeps alive)."""
         return kernels.c_weight(self.data, self.scale, self.min, self.bias)
 
-    def __call__(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, decode: bool = False, logits: bool = False
+                 ) -> torch.Tensor:
         """x (T, in) fp32 -> (T, out) fp32. ``decode``: rows of separate tokens (a batch,
         or drafted tokens), each computed as it would be alone (the C kernels' one-row
-        arithmetic, whatever T).
+        arithmetic, whatever T). ``logits``: the vocabulary product, whose results are
+        never rounded to bf16 (SmolLM2's first answer token won by 0.08 over the second;
+        rounded to bf16 steps of 0.125 the two tied, and the wrong one was picked).
 
         Chosen per host by measurement (choices.py): decode rows use the C kernels, which
         widen each weight in registers (int4 in decode rounds x to int8 per block of 32
@@ -86,12 +89,14 @@ class Weight:
         the same numbers in any chunk: the C kernels (int4 with fp32 activations, up to a
         chunk) or torch's matrix product on inputs padded with zero rows to the multiple
         of rows for which it is row-invariant here: fp16 and bf16 in bf16 where the CPU has
-        bf16 instructions and it measured faster, else in fp32; int8 and int4 on an fp32
-        copy made for the call (kernels.dequantize), ``DEQUANT_AT_ONCE`` weights at a time.
+        bf16 instructions and it measured faster, else in fp32; int8 and int4 on a copy made
+        for the call (kernels.dequantize, in bf16 or fp32 by the same rule),
+        ``DEQUANT_AT_ONCE`` weights at a time.
         """
         w, c = self.data, choices.host()
         T = x.shape[0]
-        if kernels.available() and (decode or T <= c.kernel_rows(self.kind)):
+        exact = logits and c.prefill_dtype(w.dtype) != torch.float32
+        if kernels.available() and (decode or exact or T <= c.kernel_rows(self.kind)):
             # int4: decode rounds x to int8 per block (fast); prompt rows keep x in fp32, so
             # a prompt's products are exactly the stored numbers' (an int8 rounding there
             # flipped SmolLM2's near-tie first token, docs/BENCHMARKS.md)
@@ -112,20 +117,23 @@ class Weight:
         return y if self.bias is None else y + self.bias
 
     def _dequantized_product(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ w.T for an int8 or int4 w, on fp32 copies of a block of its rows at a time: a
-        prompt's products never hold the whole matrix in fp32 (for a Llama-3.1-405B rank of
-        16, w13 alone is 436 MB in fp32: a 64-token prompt peaked at 1096 MB with whole
-        copies, against 658 MB for a 3-token one)."""
+        """x @ w.T for an int8 or int4 w, on copies of a block of its rows at a time in this
+        host's prefill dtype (bf16 or fp32, choices.py): a prompt's products never hold the
+        whole matrix widened (for a Llama-3.1-405B rank of 16, w13 alone is 436 MB in fp32:
+        a 64-token prompt peaked at 1096 MB with whole copies, against 658 MB for a 3-token
+        one)."""
         out = self.data.shape[0]
+        pre = choices.host().prefill_dtype(self.data.dtype)
+        x = x.to(pre)
         step = max(1, DEQUANT_AT_ONCE // self.cols)
         y = torch.empty(x.shape[0], out) if step < out else None
         for r in range(0, out, step):
             part = Weight(self.data[r:r + step], self.scale[r:r + step], None,
                           None if self.min is None else self.min[r:r + step])
-            w = (kernels.dequantize(part.data, part.scale, part.min) if kernels.available()
-                 else part.dequantized())
+            w = (kernels.dequantize(part.data, part.scale, part.min, pre)
+                 if kernels.available() else part.dequantized().to(pre))
             if y is None:
-                return F.linear(x, w)
+                return F.linear(x, w).float()
             y[:, r:r + step] = F.linear(x, w)
         return y
 

@@ -76,6 +76,7 @@ def test_int4_kernel_matches_dequantized_product(T, n_in, n_out):
     q, d, m = quantize_int4(torch.randn(n_out, n_in, generator=g) + 0.3)
     w = dequantize_int4(q, d, m)
     assert torch.equal(kernels.dequantize(q, d, m), w)
+    assert torch.equal(kernels.dequantize(q, d, m, torch.bfloat16), w.bfloat16())   # prompts' copy
     expect = x.double() @ w.double().T
     got = kernels.matvec(x, q, d, m)
     rel = ((got.double() - expect).norm() / expect.norm()).item()

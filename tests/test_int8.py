@@ -64,7 +64,10 @@ def test_int8_kernel_matches_dequantized_product(T, n_in, n_out):
     x = torch.randn(T, n_in, generator=g)
     x[:, 3] = 40.0   # an outlier column: the activations' int16 steps follow each group's max
     q, scale = quantize_int8(torch.randn(n_out, n_in, generator=g))
-    expect = x.double() @ dequantize_int8(q, scale).double().T
+    w = dequantize_int8(q, scale)
+    for dtype in (torch.float32, torch.bfloat16):   # the copy prompts multiply with
+        assert torch.equal(kernels.dequantize(q, scale, dtype=dtype), w.to(dtype))
+    expect = x.double() @ w.double().T
     got = kernels.matvec(x, q, scale)
     rel = ((got.double() - expect).abs().max() / expect.abs().max()).item()
     assert rel < 1e-4, rel
@@ -167,12 +170,17 @@ def test_host_choices_are_measured_and_kept_beside_the_kernels(monkeypatch):
     for d in ("fp32", "bf16", "fp16", "int8"):   # one prompt path whatever the row count
         assert c.kernel_rows(d) in (0, choices.C_ALWAYS), (d, c.max_t)
         assert c.kernel_rows(d) or c.pad_rows(d) in (1, 2, 4, 8, 16), (d, c.pad)
-    assert c.kernel_rows("int4") == choices.PREFILL_ROWS
-    # a CPU without bf16 instructions never computes fp16/bf16 prefill in bf16
+    # int4: the C kernels up to a prompt chunk (torch beyond), or torch for every prompt row
+    assert c.kernel_rows("int4") in (0, choices.PREFILL_ROWS), c.max_t
+    assert c.kernel_rows("int4") or c.pad_rows("int4") in (1, 2, 4, 8, 16), c.pad
+    for d in ("int8", "int4"):   # bf16 copies only where it was measured faster
+        assert c.prefill.get(d, "fp32") in ("bf16", "fp32")
+        assert c.prefill.get(d, "fp32") == "fp32" or choices._bf16_instructions()
+    # a CPU without bf16 instructions never computes prefill in bf16
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
     plain = choices.Choices()
-    assert plain.prefill_dtype(torch.float16) == torch.float32
-    assert plain.prefill_dtype(torch.bfloat16) == torch.float32
+    for dtype in (torch.float16, torch.bfloat16, torch.int8, torch.uint8):
+        assert plain.prefill_dtype(dtype) == torch.float32
 
 
 def test_row_invariance_is_found_where_a_product_has_it():

@@ -8,7 +8,7 @@
  * Weights stay in their storage dtype and are widened to fp32 in registers:
  *   f32, bf16 (raw bits), f16 (raw bits, F16C), i8 (times fp32 scales), i4 (blocks of 32
  *   with fp16 scale and offset; see quant.py and common.h).
- * dequant_i8 / dequant_i4 write an integer matrix out in fp32 for torch's prefill product.
+ * dequant_i8 / dequant_i4 write an integer matrix out in fp32 or bf16 for torch's prompt product.
  * Work is split over output rows with OpenMP (the same runtime torch uses).
  */
 #include "common.h"
@@ -90,27 +90,51 @@ void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_
     free(xsum);
 }
 
-/* w (rows, in) fp32 = n d + m of an int4 matrix. */
+/* fp32 -> bf16 bits, rounded to nearest even (as torch's .to(torch.bfloat16); no NaNs here) */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* One row's n dequantized values v out as fp32 (bf16 == 0) or bf16 bits (bf16 == 1). */
+static inline void put_row(const float *v, int64_t n, void *w, int64_t at, int bf16) {
+    if (bf16)
+        for (int64_t i = 0; i < n; i++) ((uint16_t *)w)[at + i] = f32_to_bf16(v[i]);
+    else
+        memcpy((float *)w + at, v, sizeof(float) * n);
+}
+
+/* w (rows, in) = n d + m of an int4 matrix, in fp32 or (bf16 == 1) bf16 bits: torch's
+ * prompt product runs on such a copy (weights.Weight, choices.py). */
 void dequant_i4(const uint8_t *restrict q, const uint16_t *restrict d,
-                const uint16_t *restrict m, float *restrict w, int64_t rows, int64_t in) {
+                const uint16_t *restrict m, void *restrict w, int64_t rows, int64_t in,
+                int bf16) {
     int64_t nb = in / 32;
     #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < rows; o++)
-        for (int64_t b = 0; b < nb; b++)
+        for (int64_t b = 0; b < nb; b++) {
+            float v[32];
             dequant_i4_block(q + (o * nb + b) * 16, f16_to_f32(d[o * nb + b]),
-                             f16_to_f32(m[o * nb + b]), w + o * in + b * 32);
+                             f16_to_f32(m[o * nb + b]), v);
+            put_row(v, 32, w, o * in + b * 32, bf16);
+        }
 }
 
-/* w (rows, in) fp32 = q times its group's scale, of an int8 matrix. */
-void dequant_i8(const int8_t *restrict q, const float *restrict scale, float *restrict w,
-                int64_t rows, int64_t in, int64_t group) {
+/* w (rows, in) = q times its group's scale, of an int8 matrix, in fp32 or bf16 bits. */
+void dequant_i8(const int8_t *restrict q, const float *restrict scale, void *restrict w,
+                int64_t rows, int64_t in, int64_t group, int bf16) {
     int64_t ng = (in + group - 1) / group;
     #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < rows; o++)
         for (int64_t g = 0; g < ng; g++) {
             int64_t i1 = (g + 1) * group < in ? (g + 1) * group : in;
-            float s = scale[o * ng + g];
-            for (int64_t i = g * group; i < i1; i++) w[o * in + i] = (float)q[o * in + i] * s;
+            float s = scale[o * ng + g], v[32];
+            for (int64_t i0 = g * group; i0 < i1; i0 += 32) {   /* 32 columns at a time */
+                int64_t n = i1 - i0 < 32 ? i1 - i0 : 32;
+                for (int64_t i = 0; i < n; i++) v[i] = (float)q[o * in + i0 + i] * s;
+                put_row(v, n, w, o * in + i0, bf16);
+            }
         }
 }
 
