@@ -131,8 +131,9 @@ def _load():
         lib.matvec_i8.argtypes = [p, p, p, p, i64, i64, i64, i64]   # x, w, scale, y, .., group
         lib.matvec_i4.argtypes = [p, p, p, p, p, i64, i64, i64]     # x, q, d, m, y, T, in, out
         lib.matvec_i4_exact.argtypes = [p, p, p, p, p, i64, i64, i64]   # as matvec_i4
-        lib.dequant_i4.argtypes = [p, p, p, p, i64, i64, ctypes.c_int]   # q, d, m, w, rows, in, bf16
-        lib.dequant_i8.argtypes = [p, p, p, i64, i64, i64, ctypes.c_int]  # q, scale, w, .., group, bf16
+        c_int = ctypes.c_int
+        lib.dequant_i4.argtypes = [p, p, p, p, i64, i64, c_int]   # q, d, m, w, rows, in, bf16
+        lib.dequant_i8.argtypes = [p, p, p, i64, i64, i64, c_int]   # q, scale, w, .., group, bf16
         for name in (*_FUNCS.values(), "matvec_i8", "matvec_i4", "matvec_i4_exact",
                      "dequant_i4", "dequant_i8"):
             getattr(lib, name).restype = None
