@@ -95,7 +95,8 @@ class Weight:
         """
         w, c = self.data, choices.host()
         T = x.shape[0]
-        exact = logits and c.prefill_dtype(w.dtype) != torch.float32
+        pre = torch.float32 if logits else c.prefill_dtype(w.dtype)   # torch's product in
+        exact = pre != c.prefill_dtype(w.dtype)   # logits the C kernels would keep in fp32
         if kernels.available() and (decode or exact or T <= c.kernel_rows(self.kind)):
             # int4: decode rounds x to int8 per block (fast); prompt rows keep x in fp32, so
             # a prompt's products are exactly the stored numbers' (an int8 rounding there
@@ -106,24 +107,22 @@ class Weight:
         if pad:
             x = F.pad(x, (0, 0, 0, pad))                          # (T + pad, in)
         if self.scale is not None:
-            y = self._dequantized_product(x)
-        elif w.dtype == torch.float32:
+            y = self._dequantized_product(x, pre)
+        elif w.dtype == pre == torch.float32:
             y = F.linear(x, w)
         else:
-            pre = c.prefill_dtype(w.dtype)
             y = F.linear(x.to(pre), w.to(pre)).float()
         if pad:
             y = y[:T]
         return y if self.bias is None else y + self.bias
 
-    def _dequantized_product(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ w.T for an int8 or int4 w, on copies of a block of its rows at a time in this
-        host's prefill dtype (bf16 or fp32, choices.py): a prompt's products never hold the
-        whole matrix widened (for a Llama-3.1-405B rank of 16, w13 alone is 436 MB in fp32:
-        a 64-token prompt peaked at 1096 MB with whole copies, against 658 MB for a 3-token
-        one)."""
+    def _dequantized_product(self, x: torch.Tensor, pre: torch.dtype) -> torch.Tensor:
+        """x @ w.T for an int8 or int4 w, on copies of a block of its rows at a time in
+        ``pre`` (bf16 or fp32: the host's prefill dtype, choices.py; fp32 for logits): a
+        prompt's products never hold the whole matrix widened (for a Llama-3.1-405B rank of
+        16, w13 alone is 436 MB in fp32: a 64-token prompt peaked at 1096 MB with whole
+        copies, against 658 MB for a 3-token one)."""
         out = self.data.shape[0]
-        pre = choices.host().prefill_dtype(self.data.dtype)
         x = x.to(pre)
         step = max(1, DEQUANT_AT_ONCE // self.cols)
         y = torch.empty(x.shape[0], out) if step < out else None
