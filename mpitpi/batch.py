@@ -248,10 +248,10 @@ class Batch:
                 ended.append(q)
         decoding = [q for q in self.seqs if q.started and not q.done]
         prompts = [q for q in self.seqs if not q.started and not q.done]
-        # a pass is prompt rows or decoding rows, never both (prompt rows are run apart, with
-        # fp32 activations); they take turns while prompts are being read. A prompt pass
-        # takes chunks of several prompts, up to PREFILL_CHUNK rows in all (each row's
-        # numbers do not depend on the rows beside it)
+        # a pass is prompt rows or decoding rows, never both (prompt rows take their own
+        # product path, Weight.__call__); they take turns while prompts are being read. A
+        # prompt pass takes chunks of several prompts, up to PREFILL_CHUNK rows in all (each
+        # row's numbers do not depend on the rows beside it)
         if prompts and (not decoding or not self.prompt_turn):
             room = PREFILL_CHUNK
             for i, q in enumerate(prompts):

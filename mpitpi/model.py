@@ -55,7 +55,7 @@ class Segment:
     start: int
     tokens: torch.Tensor
     n_out: int = 1
-    prompt: bool = True    # rows of a prompt (fp32 activations), or decode rows
+    prompt: bool = True    # rows of a prompt (Weight.__call__'s prompt path), or decode rows
 
     @property
     def end(self) -> int:
@@ -315,8 +315,9 @@ class Transformer:
         segment's last n_out rows, in segment order (this rank's vocabulary rows).
 
         Decode rows (segments with ``prompt`` False) run the fused C step and give each row
-        the numbers it would get alone, in a batch or not; prompt rows run with fp32
-        activations, their attention row by row in C (each row's numbers do not depend on
+        the numbers it would get alone, in a batch or not; prompt rows keep fp32 activations
+        between products (each product's path per host: Weight.__call__), their attention
+        row by row in C (each row's numbers do not depend on
         how the prompt was cut into chunks, nor on which prefix was cached). Collective:
         1 + 2 n_layers calls of ``reduce``, the same on every rank, whatever the number of
         segments. Each slot's cache is grown as needed and written at its segment's

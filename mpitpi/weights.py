@@ -98,9 +98,9 @@ class Weight:
         pre = torch.float32 if logits else c.prefill_dtype(w.dtype)   # torch's product in
         exact = pre != c.prefill_dtype(w.dtype)   # logits the C kernels would keep in fp32
         if kernels.available() and (decode or exact or T <= c.kernel_rows(self.kind)):
-            # int4: decode rounds x to int8 per block (fast); prompt rows keep x in fp32, so
-            # a prompt's products are exactly the stored numbers' (an int8 rounding there
-            # flipped SmolLM2's near-tie first token, docs/BENCHMARKS.md)
+            # int4: decode rounds x to int8 per block (fast); prompt rows here keep x in
+            # fp32 (an int8 rounding there flipped SmolLM2's near-tie first token,
+            # docs/BENCHMARKS.md)
             y = kernels.matvec(x, w, self.scale, self.min, exact=not decode)
             return y if self.bias is None else y + self.bias
         pad = -T % c.pad_rows(self.kind)
