@@ -175,7 +175,8 @@ def measure(n: int = 2048) -> Choices:
                 f"in {NAMES[pre]}")
     # torch has no weight-only integer product: it runs on a copy dequantized for the call,
     # in bf16 where the CPU has bf16 instructions and that measured faster, else in fp32
-    for name, quantize in (("int8", quantize_int8), ("int4", quantize_int4)):
+    for dtype, quantize in ((torch.int8, quantize_int8), (torch.uint8, quantize_int4)):
+        name = NAMES[dtype]
         wide, narrow = quantize(w32), quantize(w32[:, :NARROW].contiguous())
 
         def dequantized(x, pre, wide=wide, narrow=narrow):
@@ -188,7 +189,7 @@ def measure(n: int = 2048) -> Choices:
             c.prefill[name] = "bf16" if bf < fp else "fp32"
             c.why.append(f"{name} prefill (64 rows, the copy made included): bf16 {bf:.2f} ms, "
                          f"fp32 {fp:.2f} ms")
-        pre = torch.bfloat16 if c.prefill.get(name) == "bf16" else torch.float32
+        pre = c.prefill_dtype(dtype)
         # int4's C kernel keeps the activations in fp32 for prompt rows (exact=True)
         _choose(c, name, lambda x, wide=wide: kernels.matvec(x, *wide, exact=True),
                 lambda x, pre=pre: dequantized(x, pre), n, g,

@@ -317,8 +317,8 @@ class Transformer:
         Decode rows (segments with ``prompt`` False) run the fused C step and give each row
         the numbers it would get alone, in a batch or not; prompt rows keep fp32 activations
         between products (each product's path per host: Weight.__call__), their attention
-        row by row in C (each row's numbers do not depend on
-        how the prompt was cut into chunks, nor on which prefix was cached). Collective:
+        row by row in C (each row's numbers do not depend on how the prompt was cut into
+        chunks, nor on which prefix was cached). Collective:
         1 + 2 n_layers calls of ``reduce``, the same on every rank, whatever the number of
         segments. Each slot's cache is grown as needed and written at its segment's
         positions; ``cached[slot]`` becomes the tokens before ``start`` and these.

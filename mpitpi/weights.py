@@ -95,9 +95,10 @@ class Weight:
         """
         w, c = self.data, choices.host()
         T = x.shape[0]
-        pre = torch.float32 if logits else c.prefill_dtype(w.dtype)   # torch's product in
-        exact = pre != c.prefill_dtype(w.dtype)   # logits the C kernels would keep in fp32
-        if kernels.available() and (decode or exact or T <= c.kernel_rows(self.kind)):
+        host = c.prefill_dtype(w.dtype)
+        pre = torch.float32 if logits else host   # what torch's product computes in
+        # logits where the host's prompt products are bf16: the C kernels, which keep fp32
+        if kernels.available() and (decode or pre != host or T <= c.kernel_rows(self.kind)):
             # int4: decode rounds x to int8 per block (fast); prompt rows here keep x in
             # fp32 (an int8 rounding there flipped SmolLM2's near-tie first token,
             # docs/BENCHMARKS.md)
