@@ -129,13 +129,16 @@ def _load():
         for name in _FUNCS.values():   # (x, w, y, T, in, out)
             getattr(lib, name).argtypes = [p, p, p, i64, i64, i64]
         lib.matvec_i8.argtypes = [p, p, p, p, i64, i64, i64, i64]   # x, w, scale, y, .., group
-        lib.matvec_i4.argtypes = [p, p, p, p, p, i64, i64, i64]     # x, q, d, m, y, T, in, out
-        lib.matvec_i4_exact.argtypes = [p, p, p, p, p, i64, i64, i64]   # as matvec_i4
+        # x, q, d, m, y, T, in, out, tile
+        lib.matvec_i4.argtypes = lib.matvec_i4_exact.argtypes = [p, p, p, p, p, i64, i64, i64, i64]
         c_int = ctypes.c_int
-        lib.dequant_i4.argtypes = [p, p, p, p, i64, i64, c_int]   # q, d, m, w, rows, in, bf16
+        # q, d, m, w, rows, in, bf16, tile
+        lib.dequant_i4.argtypes = [p, p, p, p, i64, i64, c_int, i64]
+        lib.tile_i4.argtypes = [p, p, p, i64, i64]   # q, d, m, rows, in
+        lib.i4_tile.restype = i64
         lib.dequant_i8.argtypes = [p, p, p, i64, i64, i64, c_int]   # q, scale, w, .., group, bf16
         for name in (*_FUNCS.values(), "matvec_i8", "matvec_i4", "matvec_i4_exact",
-                     "dequant_i4", "dequant_i8"):
+                     "dequant_i4", "dequant_i8", "tile_i4"):
             getattr(lib, name).restype = None
         w, s, f = ctypes.POINTER(CWeight), ctypes.POINTER(CScratch), ctypes.c_float
         lib.decode_attn.argtypes = [p, p, f, w, w, p, i64, i64, i64, i64, p, s, p, i64]
@@ -173,14 +176,33 @@ def library_path_or_none() -> str | None:
     return _lib._name if _load() is not None else None
 
 
+def i4_tile() -> int:
+    """The rows of an int4 tile in this host's build (csrc/common.h: 16 where the kernels
+    are built for AVX-512), 0 where int4 matrices keep plain rows (and without kernels)."""
+    return int(_lib.i4_tile()) if _load() is not None else 0
+
+
+def tile_i4(q: torch.Tensor, scale: torch.Tensor, min: torch.Tensor) -> int:
+    """Rearrange an int4 matrix written in plain rows (q (out, in / 2) uint8, scale and min
+    (out, in / 32) fp16, all contiguous) in place into this build's tiles; returns the tile
+    (0: nothing changed). One thread, without the GIL (the layer prefetcher calls it)."""
+    tile = i4_tile()
+    if tile:
+        _lib.tile_i4(q.data_ptr(), scale.data_ptr(), min.data_ptr(), q.shape[0],
+                     q.shape[1] * 2)
+    return tile
+
+
 def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-           min: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
+           min: torch.Tensor | None = None, exact: bool = False, tile: int = 0
+           ) -> torch.Tensor:
     """x (T, in) fp32 @ W.T -> (T, out) fp32 for the matrix W (out, in) stored as ``w``.
 
     Contract: ``available()`` is True; every tensor contiguous; w is fp32/bf16/fp16
     (out, in) alone, int8 (out, in) with ``scale`` (out, ceil(in / group)) fp32, or uint8
     (out, in / 2) int4 blocks with ``scale`` and ``min`` (out, in / 32) fp16 (quant.py).
-    int4 rounds x to int8 per block (decode); ``exact`` keeps x in fp32 (prompts).
+    int4 rounds x to int8 per block (decode); ``exact`` keeps x in fp32 (prompts); ``tile``:
+    the int4 matrix's rows are in tiles (``tile_i4``) or plain (0).
     """
     lib = _load()
     x = x.contiguous()
@@ -190,7 +212,7 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     if w.dtype == torch.uint8:
         f = lib.matvec_i4_exact if exact else lib.matvec_i4
         f(x.data_ptr(), w.data_ptr(), scale.data_ptr(), min.data_ptr(), out.data_ptr(), T, n_in,
-          n_out)
+          n_out, tile)
     elif w.dtype == torch.int8:
         lib.matvec_i8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), out.data_ptr(),
                       T, n_in, n_out, int8_group(n_in, scale.shape[1]))
@@ -201,16 +223,17 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
 
 
 def dequantize(w: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None = None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An int8 (w, scale) or int4 (w, scale, min) matrix as (out, in) in ``dtype``, fp32 or
-    bf16 (the same numbers as quant.dequantize_int8 / dequantize_int4, then
-    ``.to(dtype)``), written by all threads."""
+               dtype: torch.dtype = torch.float32, tile: int = 0) -> torch.Tensor:
+    """An int8 (w, scale) or int4 (w, scale, min; rows in tiles or plain, as ``matvec``)
+    matrix as (out, in) in ``dtype``, fp32 or bf16 (the same numbers as
+    quant.dequantize_int8 / dequantize_int4 on plain rows, then ``.to(dtype)``), written by
+    all threads."""
     lib = _load()
     bf16 = {torch.float32: 0, torch.bfloat16: 1}[dtype]
     if w.dtype == torch.uint8:
         out = torch.empty(w.shape[0], w.shape[1] * 2, dtype=dtype)
         lib.dequant_i4(w.data_ptr(), scale.data_ptr(), min.data_ptr(), out.data_ptr(),
-                       w.shape[0], out.shape[1], bf16)
+                       w.shape[0], out.shape[1], bf16, tile)
     else:
         out = torch.empty(w.shape, dtype=dtype)
         lib.dequant_i8(w.data_ptr(), scale.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1],
@@ -223,7 +246,7 @@ class CWeight(ctypes.Structure):
     outlive it (weights.Weight keeps both)."""
     _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("min", ctypes.c_void_p),
                 ("bias", ctypes.c_void_p), ("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
-                ("dtype", ctypes.c_int64), ("group", ctypes.c_int64)]
+                ("dtype", ctypes.c_int64), ("group", ctypes.c_int64), ("tile", ctypes.c_int64)]
 
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3,
@@ -231,15 +254,16 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8
 
 
 def c_weight(data: torch.Tensor, scale: torch.Tensor | None, min: torch.Tensor | None,
-             bias: torch.Tensor | None) -> CWeight:
+             bias: torch.Tensor | None, tile: int = 0) -> CWeight:
     """A CWeight over contiguous ``data`` (rows, cols; int4: rows, cols / 2), its int8 or
-    int4 ``scale``, int4 ``min`` and fp32 ``bias`` (as weights.Weight holds them)."""
+    int4 ``scale``, int4 ``min`` and fp32 ``bias`` (as weights.Weight holds them); ``tile``:
+    int4 rows in tiles (``tile_i4``) or plain (0)."""
     def ptr(t):
         return None if t is None else t.data_ptr()
     rows, cols = data.shape[0], data.shape[1] * (2 if data.dtype == torch.uint8 else 1)
     group = int8_group(cols, scale.shape[1]) if data.dtype == torch.int8 else GROUP
     return CWeight(ptr(data), ptr(scale), ptr(min), ptr(bias), rows, cols,
-                   DTYPE_CODES[data.dtype], group)
+                   DTYPE_CODES[data.dtype], group, tile)
 
 
 class CScratch(ctypes.Structure):

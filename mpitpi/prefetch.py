@@ -53,8 +53,8 @@ class LayerStore(Protocol):
 
 
 def read_layer(reader: ShardReader, i: int) -> LayerWeights:
-    """Layer i of ``reader``'s file, read now (vectors as fp32)."""
-    return LayerWeights.from_stored(vectors_fp32(reader.layer(i)))
+    """Layer i of ``reader``'s file, read now (vectors as fp32; int4 in the kernels' tiles)."""
+    return LayerWeights.from_stored(vectors_fp32(reader.layer(i))).tile_rows()
 
 
 class Resident:
@@ -132,7 +132,7 @@ class Streamed:
             self.reader.read_into(f"layers/{layer}/{name}", buf)
             if name in vectors:
                 vectors[name].copy_(from_numpy(buf))
-        return weights
+        return weights.tile_rows()
 
     def __len__(self) -> int:
         return self.n

@@ -85,6 +85,39 @@ def test_int4_kernel_matches_dequantized_product(T, n_in, n_out):
     assert ((exact.double() - expect).abs().max() / expect.abs().max()).item() < 1e-5
 
 
+@pytest.mark.parametrize("n_in,n_out", [(576, 37), (96, 16), (288, 64), (64, 5)])
+def test_int4_tiles_give_every_row_the_numbers_of_plain_rows(n_in, n_out):
+    """kernels.tile_i4 rearranges a matrix's full groups of 16 rows in place where the build
+    reads tiles (AVX-512), and leaves it as it is elsewhere. Read through its tiles, every
+    row dequantizes and multiplies fp32 rows to exactly the plain rows' numbers, and the
+    int8-activation product differs from the plain one by float rounding only (the integer
+    sums are exact; float additions run in another order). A row of x gets the same numbers
+    whatever rows come with it."""
+    g = torch.Generator().manual_seed(n_in + n_out)
+    q, d, m = quantize_int4(torch.randn(n_out, n_in, generator=g) + 0.2)
+    qt, dt, mt = q.clone(), d.clone(), m.clone()
+    tile = kernels.tile_i4(qt, dt, mt)
+    assert tile == kernels.i4_tile() and tile in (0, 16)
+    full = n_out // tile * tile if tile else 0
+    assert torch.equal(qt[full:], q[full:]) and torch.equal(dt[full:], d[full:])
+    if full:
+        assert not torch.equal(qt[:full], q[:full])   # rearranged, not copied
+    w = dequantize_int4(q, d, m)
+    assert torch.equal(kernels.dequantize(qt, dt, mt, tile=tile), w)
+    assert torch.equal(kernels.dequantize(qt, dt, mt, torch.bfloat16, tile), w.bfloat16())
+    tiled = Weight(qt, dt, None, mt, tile)
+    assert torch.equal(tiled.dequantized(), w)
+    assert torch.equal(tiled.rows(torch.tensor([0, n_out - 1])), w[[0, n_out - 1]])
+    x = torch.randn(9, n_in, generator=g)
+    assert torch.equal(kernels.matvec(x, qt, dt, mt, exact=True, tile=tile),
+                       kernels.matvec(x, q, d, m, exact=True))
+    plain, got = kernels.matvec(x, q, d, m), kernels.matvec(x, qt, dt, mt, tile=tile)
+    assert ((got - plain).abs().max() / plain.abs().max()).item() < 1e-5
+    for T in (1, 2, 5):
+        assert torch.equal(kernels.matvec(x[:T], qt, dt, mt, tile=tile), got[:T])
+        assert torch.equal(kernels.matvec(x[T:T + 1], qt, dt, mt, tile=tile), got[T:T + 1])
+
+
 def dequantized_copy(folder: str, out: str) -> None:
     """The shards in ``folder`` with every int8/int4 matrix written out in fp32: the same
     weights, for a reference that differs from them only in how products are computed."""

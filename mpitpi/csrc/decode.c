@@ -28,6 +28,7 @@ typedef struct {            /* one (rows, cols) matrix as stored, see weights.py
     const uint16_t *min;    /* int4: (rows, cols / 32) fp16 offsets, else NULL */
     const float *bias;      /* (rows,) or NULL */
     int64_t rows, cols, dtype, group;
+    int64_t tile;           /* int4: I4_TILE when tile_i4 rearranged its rows, else 0 */
 } weight_t;
 
 typedef struct {            /* caller-owned buffers, sized for the largest use; per row: */
@@ -59,14 +60,23 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
                  float *y, int64_t ys, int64_t o0, int64_t o1) {
     int64_t in = w->cols;
     if (w->dtype == W_I4) {   /* groups of up to 4 input rows share each unpacked block */
-        int64_t nb = in / 32;
-        for (int64_t o = o0; o < o1; o++) {
-            prefetch_i4(w->data, o, in / 2, w->rows);
-            dot_i4_batch((const uint8_t *)w->data + o * (in / 2),
-                         (const uint16_t *)w->scale + o * nb, w->min + o * nb,
-                         (int8_t *)s->xq, 2 * s->sxq, s->xs, s->xsum, s->sxs, B, nb, y + o, ys);
+        int64_t nb = in / 32, full = w->tile ? w->rows / w->tile * w->tile : 0;
+        for (int64_t o = o0; o < o1;) {
+            int64_t n = o < full ? w->tile : 1;   /* a whole tile: chunks start at tiles */
+            for (int64_t k = 0; k < n; k++) prefetch_i4(w->data, o + k, in / 2, w->rows);
+            const uint8_t *q = (const uint8_t *)w->data + o * (in / 2);
+            const uint16_t *d = (const uint16_t *)w->scale + o * nb, *m = w->min + o * nb;
+            int8_t *xq = (int8_t *)s->xq;
+            if (n > 1)
+                dot_i4_tile_batch(q, d, m, xq, 2 * s->sxq, s->xs, s->xsum, s->sxs, B, nb,
+                                  y + o, ys);
+            else
+                dot_i4_batch(q, d, m, xq, 2 * s->sxq, s->xs, s->xsum, s->sxs, B, nb, y + o,
+                             ys);
             if (w->bias)
-                for (int64_t b = 0; b < B; b++) y[b * ys + o] += w->bias[o];
+                for (int64_t k = 0; k < n; k++)
+                    for (int64_t b = 0; b < B; b++) y[b * ys + o + k] += w->bias[o + k];
+            o += n;
         }
         return;
     }
@@ -110,6 +120,8 @@ static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
     }
     int64_t chunk = w->rows / (8 * omp_get_num_threads());
     chunk = chunk < 4 ? 4 : chunk > 64 ? 64 : chunk;
+    if (w->dtype == W_I4 && w->tile)   /* whole tiles */
+        chunk = (chunk + w->tile - 1) / w->tile * w->tile;
     int64_t n = (w->rows + chunk - 1) / chunk;
     #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < n; c++) {

@@ -71,19 +71,67 @@ void matvec_i8(const float *restrict x, const int8_t *restrict w, const float *r
     free(xs);
 }
 
+/* Groups of rows a product hands out: each full group of ``tile`` rows (tile_i4), then
+ * each row after them. Unit u covers rows [*o0, *o0 + its count). */
+static inline int64_t i4_units(int64_t rows, int64_t tile) {
+    return tile ? rows / tile + rows % tile : rows;
+}
+static inline int64_t i4_unit(int64_t u, int64_t rows, int64_t tile, int64_t *o0) {
+    int64_t full = tile ? rows / tile : 0;
+    *o0 = u < full ? u * tile : full * tile + (u - full);
+    return u < full ? tile : 1;
+}
+
+/* The number of rows of an int4 tile in this build (0: it keeps plain rows) */
+int64_t i4_tile(void) { return I4_TILE; }
+
+/* An int4 matrix's full groups of I4_TILE rows, written as plain rows (q (rows, in / 2),
+ * d and m (rows, in / 32)), rearranged in place into tiles (common.h). One thread: it runs
+ * beside the model's compute (the layer prefetcher). */
+void tile_i4(uint8_t *q, uint16_t *d, uint16_t *m, int64_t rows, int64_t in) {
+    const int64_t T = I4_TILE, nb = in / 32;
+    if (!T || rows < T)
+        return;
+    uint8_t *tq = malloc((size_t)(T * nb * 16));
+    uint16_t *td = malloc(sizeof(uint16_t) * T * nb), *tm = malloc(sizeof(uint16_t) * T * nb);
+    for (int64_t g = 0; g < rows / T; g++) {
+        uint8_t *qg = q + g * T * nb * 16;
+        uint16_t *dg = d + g * T * nb, *mg = m + g * T * nb;
+        memcpy(tq, qg, (size_t)(T * nb * 16));
+        memcpy(td, dg, sizeof(uint16_t) * T * nb);
+        memcpy(tm, mg, sizeof(uint16_t) * T * nb);
+        for (int64_t b = 0; b < nb; b++)
+            for (int64_t k = 0; k < T; k++) {
+                for (int t = 0; t < 4; t++)
+                    memcpy(qg + ((b * 4 + t) * T + k) * 4, tq + (k * nb + b) * 16 + 4 * t, 4);
+                dg[b * T + k] = td[k * nb + b];
+                mg[b * T + k] = tm[k * nb + b];
+            }
+    }
+    free(tq);
+    free(td);
+    free(tm);
+}
+
+/* tile: 0 for plain rows, I4_TILE for a matrix tile_i4 rearranged */
 void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_t *restrict d,
                const uint16_t *restrict m, float *restrict y, int64_t T, int64_t in,
-               int64_t out) {
+               int64_t out, int64_t tile) {
     int64_t nb = in / 32;
     int8_t *xq = malloc((size_t)(T * in));
     float *xs = malloc(sizeof(float) * T * nb), *xsum = malloc(sizeof(float) * T * nb);
     for (int64_t t = 0; t < T; t++)
         quantize_x8(x + t * in, nb, xq + t * in, xs + t * nb, xsum + t * nb);
     #pragma omp parallel for schedule(static)   /* rows of x by fours share unpacked blocks */
-    for (int64_t o = 0; o < out; o++) {
-        prefetch_i4(q, o, in / 2, out);
-        dot_i4_batch(q + o * (in / 2), d + o * nb, m + o * nb, xq, in, xs, xsum, nb, T, nb,
-                     y + o, out);
+    for (int64_t u = 0; u < i4_units(out, tile); u++) {
+        int64_t o, n = i4_unit(u, out, tile, &o);
+        for (int64_t k = 0; k < n; k++) prefetch_i4(q, o + k, in / 2, out);
+        if (n > 1)
+            dot_i4_tile_batch(q + o * (in / 2), d + o * nb, m + o * nb, xq, in, xs, xsum, nb,
+                              T, nb, y + o, out);
+        else
+            dot_i4_batch(q + o * (in / 2), d + o * nb, m + o * nb, xq, in, xs, xsum, nb, T,
+                         nb, y + o, out);
     }
     free(xq);
     free(xs);
@@ -105,18 +153,19 @@ static inline void put_row(const float *v, int64_t n, void *w, int64_t at, int b
         memcpy((float *)w + at, v, sizeof(float) * n);
 }
 
-/* w (rows, in) = n d + m of an int4 matrix, in fp32 or (bf16 == 1) bf16 bits: torch's
- * prompt product runs on such a copy (weights.Weight, choices.py). */
+/* w (rows, in) = n d + m of an int4 matrix (tile: as matvec_i4), in fp32 or (bf16 == 1)
+ * bf16 bits: torch's prompt product runs on such a copy (weights.Weight, choices.py). */
 void dequant_i4(const uint8_t *restrict q, const uint16_t *restrict d,
                 const uint16_t *restrict m, void *restrict w, int64_t rows, int64_t in,
-                int bf16) {
+                int bf16, int64_t tile) {
     int64_t nb = in / 32;
     #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < rows; o++)
         for (int64_t b = 0; b < nb; b++) {
-            float v[32];
-            dequant_i4_block(q + (o * nb + b) * 16, f16_to_f32(d[o * nb + b]),
-                             f16_to_f32(m[o * nb + b]), v);
+            uint8_t raw[16];
+            float v[32], db, mb;
+            i4_block_at(q, d, m, o, b, nb, rows, tile, raw, &db, &mb);
+            dequant_i4_block(raw, db, mb, v);
             put_row(v, 32, w, o * in + b * 32, bf16);
         }
 }
@@ -140,24 +189,25 @@ void dequant_i8(const int8_t *restrict q, const float *restrict scale, void *res
 
 /* int4 with fp32 activations, for prompts: each block of 32 weights is dequantized once in
  * registers and used for up to TCH rows of x, so the products are the dequantized matrix's
- * (exact activations, no fp32 copy of the matrix in memory). */
+ * (exact activations, no fp32 copy of the matrix in memory); tile: as matvec_i4. */
 #define TCH 8
 void matvec_i4_exact(const float *restrict x, const uint8_t *restrict q,
                      const uint16_t *restrict d, const uint16_t *restrict m, float *restrict y,
-                     int64_t T, int64_t in, int64_t out) {
+                     int64_t T, int64_t in, int64_t out, int64_t tile) {
     int64_t nb = in / 32;
     #pragma omp parallel for schedule(dynamic, 8)
     for (int64_t o = 0; o < out; o++) {
-        const uint8_t *qo = q + o * (in / 2);
         for (int64_t t0 = 0; t0 < T; t0 += TCH) {
             int64_t nt = T - t0 < TCH ? T - t0 : TCH;
 #if defined(__AVX512F__) && defined(HAVE_F16X8)
             __m512 acc[TCH][2];
             for (int t = 0; t < TCH; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
             for (int64_t b = 0; b < nb; b++) {
-                __m128i raw = _mm_loadu_si128((const __m128i *)(qo + b * 16));
-                __m512 db = _mm512_set1_ps(f16_to_f32(d[o * nb + b]));
-                __m512 mb = _mm512_set1_ps(f16_to_f32(m[o * nb + b]));
+                uint8_t bytes[16];
+                float ds, ms;
+                i4_block_at(q, d, m, o, b, nb, out, tile, bytes, &ds, &ms);
+                __m128i raw = _mm_loadu_si128((const __m128i *)bytes);
+                __m512 db = _mm512_set1_ps(ds), mb = _mm512_set1_ps(ms);
                 __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
                     _mm_and_si128(raw, _mm_set1_epi8(15))));
                 __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
@@ -176,9 +226,10 @@ void matvec_i4_exact(const float *restrict x, const uint8_t *restrict q,
             float acc[TCH][32];
             memset(acc, 0, sizeof(acc));
             for (int64_t b = 0; b < nb; b++) {
-                float w[32];
-                dequant_i4_block(qo + b * 16, f16_to_f32(d[o * nb + b]),
-                                 f16_to_f32(m[o * nb + b]), w);
+                uint8_t bytes[16];
+                float w[32], ds, ms;
+                i4_block_at(q, d, m, o, b, nb, out, tile, bytes, &ds, &ms);
+                dequant_i4_block(bytes, ds, ms, w);
                 for (int t = 0; t < nt; t++) {
                     const float *xt = x + (t0 + t) * in + b * 32;
                     for (int j = 0; j < 32; j++) acc[t][j] += w[j] * xt[j];

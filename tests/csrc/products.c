@@ -15,9 +15,9 @@ void matvec_f16(const float *, const uint16_t *, float *, int64_t, int64_t, int6
 void matvec_i8(const float *, const int8_t *, const float *, float *, int64_t, int64_t, int64_t,
                int64_t);
 void matvec_i4(const float *, const uint8_t *, const uint16_t *, const uint16_t *, float *,
-               int64_t, int64_t, int64_t);
+               int64_t, int64_t, int64_t, int64_t);
 void matvec_i4_exact(const float *, const uint8_t *, const uint16_t *, const uint16_t *,
-                     float *, int64_t, int64_t, int64_t);
+                     float *, int64_t, int64_t, int64_t, int64_t);
 
 static void *take(FILE *f, size_t n) {
     void *p = malloc(n ? n : 1);
@@ -47,7 +47,7 @@ int main(int argc, char **argv) {
     } else {
         uint8_t *w = take(f, out * in / 2);
         uint16_t *d = take(f, 2 * out * (in / 32)), *m = take(f, 2 * out * (in / 32));
-        (kind == 4 ? matvec_i4 : matvec_i4_exact)(x, w, d, m, y, T, in, out);
+        (kind == 4 ? matvec_i4 : matvec_i4_exact)(x, w, d, m, y, T, in, out, 0);   /* rows */
     }
     fclose(f);
     FILE *o = fopen(argv[2], "wb");
