@@ -35,6 +35,8 @@ import torch
 from mpitpi.files import cache_root
 from mpitpi.quant import GROUP, int8_group
 
+I8_TILE_GROUP = 256   # csrc/common.h: the widest int8 column group whose int32 sums cannot overflow
+
 CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 SOURCES = [os.path.join(CSRC, n) for n in ("matvec.c", "decode.c")]
 HEADERS = [os.path.join(CSRC, "common.h")]
@@ -128,17 +130,20 @@ def _load():
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         for name in _FUNCS.values():   # (x, w, y, T, in, out)
             getattr(lib, name).argtypes = [p, p, p, i64, i64, i64]
-        lib.matvec_i8.argtypes = [p, p, p, p, i64, i64, i64, i64]   # x, w, scale, y, .., group
+        lib.matvec_i8.argtypes = [p, p, p, p, i64, i64, i64, i64, i64]   # x, w, scale, y, T, in,
+        #                                                                  out, group, tile
         # x, q, d, m, y, T, in, out, tile
         lib.matvec_i4.argtypes = lib.matvec_i4_exact.argtypes = [p, p, p, p, p, i64, i64, i64, i64]
         c_int = ctypes.c_int
         # q, d, m, w, rows, in, bf16, tile
         lib.dequant_i4.argtypes = [p, p, p, p, i64, i64, c_int, i64]
         lib.tile_i4.argtypes = [p, p, p, i64, i64]   # q, d, m, rows, in
-        lib.i4_tile.restype = i64
-        lib.dequant_i8.argtypes = [p, p, p, i64, i64, i64, c_int]   # q, scale, w, .., group, bf16
+        lib.weight_tile.restype = i64
+        # q, scale, w, rows, in, group, bf16, tile
+        lib.dequant_i8.argtypes = [p, p, p, i64, i64, i64, c_int, i64]
+        lib.tile_i8.argtypes = [p, p, i64, i64, i64]   # w, scale, rows, in, group
         for name in (*_FUNCS.values(), "matvec_i8", "matvec_i4", "matvec_i4_exact",
-                     "dequant_i4", "dequant_i8", "tile_i4"):
+                     "dequant_i4", "dequant_i8", "tile_i4", "tile_i8"):
             getattr(lib, name).restype = None
         w, s, f = ctypes.POINTER(CWeight), ctypes.POINTER(CScratch), ctypes.c_float
         lib.decode_attn.argtypes = [p, p, f, w, w, p, i64, i64, i64, i64, p, s, p, i64]
@@ -176,20 +181,31 @@ def library_path_or_none() -> str | None:
     return _lib._name if _load() is not None else None
 
 
-def i4_tile() -> int:
+def weight_tile() -> int:
     """The rows of an int4 tile in this host's build (csrc/common.h: 16 where the kernels
     are built for AVX-512), 0 where int4 matrices keep plain rows (and without kernels)."""
-    return int(_lib.i4_tile()) if _load() is not None else 0
+    return int(_lib.weight_tile()) if _load() is not None else 0
 
 
 def tile_i4(q: torch.Tensor, scale: torch.Tensor, min: torch.Tensor) -> int:
     """Rearrange an int4 matrix written in plain rows (q (out, in / 2) uint8, scale and min
     (out, in / 32) fp16, all contiguous) in place into this build's tiles; returns the tile
     (0: nothing changed). One thread, without the GIL (the layer prefetcher calls it)."""
-    tile = i4_tile()
+    tile = weight_tile()
     if tile:
         _lib.tile_i4(q.data_ptr(), scale.data_ptr(), min.data_ptr(), q.shape[0],
                      q.shape[1] * 2)
+    return tile
+
+
+def tile_i8(w: torch.Tensor, scale: torch.Tensor) -> int:
+    """As ``tile_i4`` for an int8 matrix (w (out, in) int8, scale (out, in / group) fp32):
+    only widths that are a whole number of groups of at most 256 columns are tiled; returns
+    the tile (0: nothing changed)."""
+    tile, group = weight_tile(), int8_group(w.shape[1], scale.shape[1])
+    if not tile or w.shape[1] % group or group > I8_TILE_GROUP:
+        return 0
+    _lib.tile_i8(w.data_ptr(), scale.data_ptr(), w.shape[0], w.shape[1], group)
     return tile
 
 
@@ -202,7 +218,7 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     (out, in) alone, int8 (out, in) with ``scale`` (out, ceil(in / group)) fp32, or uint8
     (out, in / 2) int4 blocks with ``scale`` and ``min`` (out, in / 32) fp16 (quant.py).
     int4 rounds x to int8 per block (decode); ``exact`` keeps x in fp32 (prompts); ``tile``:
-    the int4 matrix's rows are in tiles (``tile_i4``) or plain (0).
+    the int4 or int8 matrix's rows are in tiles (``tile_i4``, ``tile_i8``) or plain (0).
     """
     lib = _load()
     x = x.contiguous()
@@ -215,7 +231,7 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
           n_out, tile)
     elif w.dtype == torch.int8:
         lib.matvec_i8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), out.data_ptr(),
-                      T, n_in, n_out, int8_group(n_in, scale.shape[1]))
+                      T, n_in, n_out, int8_group(n_in, scale.shape[1]), tile)
     else:
         getattr(lib, _FUNCS[w.dtype])(x.data_ptr(), w.data_ptr(), out.data_ptr(),
                                       T, n_in, n_out)
@@ -224,8 +240,8 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
 
 def dequantize(w: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None = None,
                dtype: torch.dtype = torch.float32, tile: int = 0) -> torch.Tensor:
-    """An int8 (w, scale) or int4 (w, scale, min; rows in tiles or plain, as ``matvec``)
-    matrix as (out, in) in ``dtype``, fp32 or bf16 (the same numbers as
+    """An int8 (w, scale) or int4 (w, scale, min) matrix (rows in tiles or plain, as
+    ``matvec``) as (out, in) in ``dtype``, fp32 or bf16 (the same numbers as
     quant.dequantize_int8 / dequantize_int4 on plain rows, then ``.to(dtype)``), written by
     all threads."""
     lib = _load()
@@ -237,7 +253,7 @@ def dequantize(w: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None = 
     else:
         out = torch.empty(w.shape, dtype=dtype)
         lib.dequant_i8(w.data_ptr(), scale.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1],
-                       int8_group(w.shape[1], scale.shape[1]), bf16)
+                       int8_group(w.shape[1], scale.shape[1]), bf16, tile)
     return out
 
 

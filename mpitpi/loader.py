@@ -161,7 +161,7 @@ def open_rank(folder: str, rank: int, world_size: int, fingerprint: str | None,
     try:
         # matrices stay in the stored dtype (weights.Weight computes in it); vectors fp32
         stored = {n.removeprefix("vocab/"): reader.read(n) for n in top_names}
-        top = TopWeights.from_stored(vectors_fp32(stored))
+        top = TopWeights.from_stored(vectors_fp32(stored)).tile_rows()
         bar.update(sum(reader.nbytes(n) for n in top_names))
         n_res, w = plan_residency(args.n_layers, per_layer, top.nbytes, budget, window)
         if w is None:

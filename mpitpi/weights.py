@@ -44,8 +44,8 @@ class Weight:
     scale: (out, ceil(in / group)) fp32 for int8; (out, in / 32) fp16 for int4; else None
     min:   (out, in / 32) fp16 offsets for int4, else None
     bias:  (out,) fp32 or None
-    tile:  int4 whose full groups of ``tile`` rows the kernels rearranged (``tile_rows``);
-           0: plain rows, as stored
+    tile:  int4 / int8 whose full groups of ``tile`` rows the kernels rearranged
+           (``tile_rows``); 0: plain rows, as stored
     """
     data: torch.Tensor
     scale: torch.Tensor | None = None
@@ -81,12 +81,14 @@ class Weight:
         return kernels.c_weight(self.data, self.scale, self.min, self.bias, self.tile)
 
     def tile_rows(self) -> None:
-        """This int4 matrix's rows were just written, plain: rearrange them in place into the
-        tiles the host's kernels read fastest (kernels.tile_i4: groups of 16 rows on
-        AVX-512 builds, where a batch of decode rows ran 2-3x faster). Other dtypes, and
-        hosts without tiles, keep their rows."""
+        """This int4 or int8 matrix's rows were just written, plain: rearrange them in place
+        into the tiles the host's kernels read fastest (kernels.tile_i4 / tile_i8: groups of
+        16 rows on AVX-512 builds, where 8 decode rows of SmolLM2 ran 2-3x faster). Float
+        dtypes, and hosts without tiles, keep their rows."""
         if self.kind == "int4" and kernels.available():
             self.tile = kernels.tile_i4(self.data, self.scale, self.min)
+        elif self.kind == "int8" and kernels.available():
+            self.tile = kernels.tile_i8(self.data, self.scale)
 
     def __call__(self, x: torch.Tensor, decode: bool = False, logits: bool = False
                  ) -> torch.Tensor:
@@ -154,12 +156,31 @@ class Weight:
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` (n,) as (n, in) fp32: an embedding lookup."""
-        if self.tile:
-            return self.dequantized()[index]
         if self.scale is None:
             return self.data[index].float()
-        return Weight(self.data[index], self.scale[index], None,
-                      None if self.min is None else self.min[index]).dequantized()
+        return self._plain_rows(index).dequantized()
+
+    def _plain_rows(self, index: torch.Tensor) -> Weight:
+        """Rows ``index`` (n,) of an int8 / int4 matrix, plain (gathered out of tiles)."""
+        t = self.tile
+        full = self.data.shape[0] // t * t if t else 0
+        if not full:
+            return Weight(self.data[index], self.scale[index], None,
+                          None if self.min is None else self.min[index])
+        tiled = index < full
+        g, k = index // t, index % t                              # tile, row in it
+        data, scale = self.data[index].clone(), self.scale[index].clone()
+        mins = None if self.min is None else self.min[index].clone()
+        ng = self.scale.shape[1]
+        if self.kind == "int4":   # per block: 4 chunks of t rows x 4 bytes (csrc/common.h)
+            q = self.data[:full].view(full // t, ng, 4, t, 4)     # (G, nb, chunk, row, byte)
+            data[tiled] = q[g[tiled], :, :, k[tiled]].reshape(-1, self.data.shape[1])
+            mins[tiled] = self.min[:full].view(full // t, ng, t)[g[tiled], :, k[tiled]]
+        else:                     # per column pair: t rows x 2 bytes
+            q = self.data[:full].view(full // t, self.cols // 2, t, 2)   # (G, pair, row, 2)
+            data[tiled] = q[g[tiled], :, k[tiled]].reshape(-1, self.cols)
+        scale[tiled] = self.scale[:full].view(full // t, ng, t)[g[tiled], :, k[tiled]]
+        return Weight(data, scale, None, mins)
 
     @property
     def nbytes(self) -> int:
@@ -240,6 +261,12 @@ class TopWeights:
         embed = Weight.from_stored(tensors, "embed")
         lm_head = Weight.from_stored(tensors, "lm_head") if "lm_head" in tensors else embed
         return cls(embed, lm_head, tensors["norm"].float())
+
+    def tile_rows(self) -> TopWeights:
+        """The vocabulary product's matrix was just read: into the kernels' tiles, in place
+        (Weight.tile_rows; a tied embedding's lookups gather rows out of them). Returns self."""
+        self.lm_head.tile_rows()
+        return self
 
     @property
     def nbytes(self) -> int:

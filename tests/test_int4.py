@@ -97,7 +97,7 @@ def test_int4_tiles_give_every_row_the_numbers_of_plain_rows(n_in, n_out):
     q, d, m = quantize_int4(torch.randn(n_out, n_in, generator=g) + 0.2)
     qt, dt, mt = q.clone(), d.clone(), m.clone()
     tile = kernels.tile_i4(qt, dt, mt)
-    assert tile == kernels.i4_tile() and tile in (0, 16)
+    assert tile == kernels.weight_tile() and tile in (0, 16)
     full = n_out // tile * tile if tile else 0
     assert torch.equal(qt[full:], q[full:]) and torch.equal(dt[full:], d[full:])
     if full:

@@ -10,6 +10,7 @@ import torch
 from conftest import run_cmd, run_mpi
 from mpitpi import kernels
 from mpitpi.quant import GROUP, dequantize_int8, quantize_int4, quantize_int8
+from mpitpi.weights import Weight
 from refmodels import logits_vs_reference
 
 PROMPT = [1, 17, 42, 99, 7, 230, 5]
@@ -71,6 +72,37 @@ def test_int8_kernel_matches_dequantized_product(T, n_in, n_out):
     got = kernels.matvec(x, q, scale)
     rel = ((got.double() - expect).abs().max() / expect.abs().max()).item()
     assert rel < 1e-4, rel
+
+
+@pytest.mark.parametrize("n_in,n_out,group", [(576, 37, 64), (576, 48, 32), (96, 20, 64),
+                                               (64, 5, 64), (2048, 16, 32)])
+def test_int8_tiles_give_every_row_the_numbers_of_plain_rows(n_in, n_out, group):
+    """kernels.tile_i8 rearranges the full groups of 16 rows of a matrix whose width is a
+    whole number of column groups (AVX-512 builds; elsewhere, and for other widths, the rows
+    stay plain). Read through its tiles every row dequantizes exactly as before, an
+    embedding lookup gathers the same rows, the product differs by float rounding only, and
+    a row of x gets the same numbers whatever rows come with it."""
+    g = torch.Generator().manual_seed(n_in + n_out + group)
+    q, scale = quantize_int8(torch.randn(n_out, n_in, generator=g), group)
+    qt, st = q.clone(), scale.clone()
+    tile = kernels.tile_i8(qt, st)
+    assert tile == (kernels.weight_tile() if n_in % group == 0 else 0)
+    full = n_out // tile * tile if tile else 0
+    assert torch.equal(qt[full:], q[full:]) and torch.equal(st[full:], scale[full:])
+    if full:
+        assert not torch.equal(qt[:full], q[:full])   # rearranged, not copied
+    w = dequantize_int8(q, scale)
+    assert torch.equal(kernels.dequantize(qt, st, tile=tile), w)
+    assert torch.equal(kernels.dequantize(qt, st, dtype=torch.bfloat16, tile=tile), w.bfloat16())
+    tiled = Weight(qt, st, None, None, tile)
+    index = torch.tensor([n_out - 1, 0, 3, min(17, n_out - 1), 3])
+    assert torch.equal(tiled.rows(index), w[index])
+    x = torch.randn(9, n_in, generator=g)
+    plain, got = kernels.matvec(x, q, scale), kernels.matvec(x, qt, st, tile=tile)
+    assert ((got - plain).abs().max() / plain.abs().max()).item() < 1e-5
+    for T in (1, 2, 5):
+        assert torch.equal(kernels.matvec(x[:T], qt, st, tile=tile), got[:T])
+        assert torch.equal(kernels.matvec(x[T:T + 1], qt, st, tile=tile), got[T:T + 1])
 
 
 @pytest.mark.parametrize("n_in", [5, 64, 100, 130])
@@ -156,6 +188,7 @@ def test_every_kernel_variant_this_cpu_runs_matches_torch(march, tmp_path):
                  f"{HERE}/test_int8.py::test_the_kernels_build_on_this_host",
                  f"{HERE}/test_int8.py::test_float_kernels_match_torch",
                  f"{HERE}/test_int8.py::test_int8_kernel_matches_dequantized_product",
+                 f"{HERE}/test_int8.py::test_int8_tiles_give_every_row_the_numbers_of_plain_rows",
                  f"{HERE}/test_int4.py::test_int4_kernel_matches_dequantized_product",
                  f"{HERE}/test_int4.py::test_int4_tiles_give_every_row_the_numbers_of_plain_rows",
                  f"{HERE}/test_fused.py", "-k", "not wide"], env=env, timeout=600)

@@ -614,7 +614,7 @@ static inline void dot_i4_batch(const uint8_t *q, const uint16_t *d, const uint1
     }
 }
 
-/* Tiled int4. AVX-512 builds store the full groups of I4_TILE (16) weight rows interleaved
+/* Tiled int4. AVX-512 builds store the full groups of TILE (16) weight rows interleaved
  * (tile_i4 in matvec.c, run on the layers' matrices as they are read), so that one 512-bit
  * register holds four columns of each of the group's 16 rows, one row per 32-bit lane. A
  * vpdpbusd against four activation bytes broadcast to every lane then adds four products
@@ -628,7 +628,7 @@ static inline void dot_i4_batch(const uint8_t *q, const uint16_t *d, const uint1
  * values of block b in a row. Rows past the last full group keep the row layout. A row's
  * integer sums are exact, so only the order of float additions differs from dot_i4_row. */
 #if defined(I4_GROUPED) && defined(HAVE_F16X8)
-#define I4_TILE 16
+#define TILE 16
 #if defined(__AVX512VNNI__)
 #define DP512(acc, a, b) _mm512_dpbusd_epi32(acc, a, b)
 #else   /* int16 pair sums of at most 2 x 15 x 128 cannot saturate */
@@ -697,33 +697,90 @@ static inline void dot_i4_tile_batch(const uint8_t *q, const uint16_t *d, const 
         ROWS_CALL(dot_i4_tile, R, q, d, m, xr, sr, tr, nb, yo, ys)
     }
 }
+
+/* Tiled int8 (the same builds; only for widths that are a whole number of column groups of
+ * at most I8_TILE_GROUP, so a group's int32 sums cannot overflow and no fp32 tail remains).
+ * Group g of 16 rows, column pair p (columns 2p, 2p + 1): 32 bytes, row k's two at 2k;
+ * widened to int16 they fill one register, and a vpdpwssd against the activations' pair
+ * broadcast to every lane adds both products into each row's own lane. Scales: the 16
+ * rows' fp32 scales of column group j, in a row. The same vpdpwssd count as plain rows, but
+ * one widening per 16 rows' pair and no horizontal sums: the 8 decode rows of SmolLM2's
+ * int8 vocabulary slice (24576 x 576) 5.1 -> 2.0 ms in a C harness (docs/BENCHMARKS.md). */
+#define X2(x, p) _mm512_set1_epi32(*(const int32_t *)((x) + 2 * (p)))   /* 2 int16, each lane */
+#define DOT_I8_TILE(R)                                                                    \
+static inline void dot_i8_tile##R(const int8_t *w, const float *ws, int16_t *const *xq,   \
+                                  float *const *xs, int64_t in, int64_t group, float *y,   \
+                                  int64_t ys) {                                           \
+    __m512 acc[R];                                                                        \
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                             \
+    for (int64_t j = 0; j < in / group; j++) {                                            \
+        __m512i a[R];                                                                     \
+        for (int r = 0; r < R; r++) a[r] = _mm512_setzero_si512();                        \
+        for (int64_t p = j * group / 2; p < (j + 1) * group / 2; p++) {                   \
+            __m512i wp = _mm512_cvtepi8_epi16(                                            \
+                _mm256_loadu_si256((const __m256i *)(w + p * 32)));                       \
+            for (int r = 0; r < R; r++) a[r] = DPWSSD512(a[r], wp, X2(xq[r], p));         \
+        }                                                                                 \
+        __m512 sv = _mm512_loadu_ps(ws + j * 16);                                         \
+        for (int r = 0; r < R; r++)                                                       \
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r]),                            \
+                                     _mm512_mul_ps(sv, _mm512_set1_ps(xs[r][j])), acc[r]); \
+    }                                                                                     \
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ys, acc[r]);                    \
+}
+DOT_I8_TILE(1)
+DOT_I8_TILE(2)
+DOT_I8_TILE(3)
+DOT_I8_TILE(4)
+
+/* One group of 16 int8 rows (w, ws at the group's start) against B input rows (strides as
+ * dot_i8_batch), by fours: y[b * ys + k] = row k's product with input row b. */
+static inline void dot_i8_tile_batch(const int8_t *w, const float *ws, int16_t *xq, int64_t sq,
+                                     float *xs, int64_t ss, int64_t B, int64_t in,
+                                     int64_t group, float *y, int64_t ys) {
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {
+        int16_t *q[4];
+        float *s[4];
+        int64_t R = B - b0 < 4 ? B - b0 : 4;
+        for (int64_t r = 0; r < R; r++) {
+            q[r] = xq + (b0 + r) * sq;
+            s[r] = xs + (b0 + r) * ss;
+        }
+        float *yo = y + b0 * ys;
+        ROWS_CALL(dot_i8_tile, R, w, ws, q, s, in, group, yo, ys)
+    }
+}
 #else
-#define I4_TILE 0
+#define TILE 0
 static inline void dot_i4_tile_batch(const uint8_t *q, const uint16_t *d, const uint16_t *m,
                                      int8_t *xq, int64_t sxq, float *xs, float *xsum,
                                      int64_t sxs, int64_t B, int64_t nb, float *y, int64_t ys) {
     (void)q, (void)d, (void)m, (void)xq, (void)sxq, (void)xs, (void)xsum, (void)sxs, (void)B;
     (void)nb, (void)y, (void)ys;
-    abort();   /* no build without I4_TILE tiles a matrix (i4_tile() is 0) */
+    abort();   /* no build without TILE tiles a matrix (weight_tile() is 0) */
+}
+static inline void dot_i8_tile_batch(const int8_t *w, const float *ws, int16_t *xq, int64_t sq,
+                                     float *xs, int64_t ss, int64_t B, int64_t in,
+                                     int64_t group, float *y, int64_t ys) {
+    (void)w, (void)ws, (void)xq, (void)sq, (void)xs, (void)ss, (void)B, (void)in, (void)group;
+    (void)y, (void)ys;
+    abort();
 }
 #endif
+#define I8_TILE_GROUP 256   /* 127 x 32767 x 256 < 2^31 */
 
-/* Row o's block b of an int4 matrix (rows rows, nb blocks a row) whose full groups of
- * ``tile`` rows are tiled (tile 0: plain rows): its 16 bytes in the row layout into raw,
- * its scale and offset into *db and *mb. */
-static inline void i4_block_at(const uint8_t *q, const uint16_t *d, const uint16_t *m,
-                               int64_t o, int64_t b, int64_t nb, int64_t rows, int64_t tile,
-                               uint8_t *raw, float *db, float *mb) {
+/* Row o of an int8 matrix (rows rows of ``in`` columns, ng scales each) whose full groups of
+ * ``tile`` rows are tiled (0: plain rows): its in values into row, its scales into s. */
+static inline void i8_row_at(const int8_t *w, const float *scale, int64_t o, int64_t rows,
+                             int64_t in, int64_t ng, int64_t tile, int8_t *row, float *s) {
     if (tile && o < rows / tile * tile) {
-        int64_t g = o / tile, k = o % tile, at = (g * nb + b) * tile + k;
-        const uint8_t *p = q + (g * nb + b) * 16 * tile + 4 * k;
-        for (int t = 0; t < 4; t++) memcpy(raw + 4 * t, p + t * 4 * tile, 4);
-        *db = f16_to_f32(d[at]);
-        *mb = f16_to_f32(m[at]);
+        int64_t g = o / tile, k = o % tile;
+        const int8_t *base = w + g * tile * in + 2 * k;
+        for (int64_t p = 0; p < in / 2; p++) memcpy(row + 2 * p, base + p * 2 * tile, 2);
+        for (int64_t j = 0; j < ng; j++) s[j] = scale[(g * ng + j) * tile + k];
     } else {
-        memcpy(raw, q + (o * nb + b) * 16, 16);
-        *db = f16_to_f32(d[o * nb + b]);
-        *mb = f16_to_f32(m[o * nb + b]);
+        memcpy(row, w + o * in, (size_t)in);
+        memcpy(s, scale + o * ng, sizeof(float) * ng);
     }
 }
 

@@ -28,7 +28,8 @@ typedef struct {            /* one (rows, cols) matrix as stored, see weights.py
     const uint16_t *min;    /* int4: (rows, cols / 32) fp16 offsets, else NULL */
     const float *bias;      /* (rows,) or NULL */
     int64_t rows, cols, dtype, group;
-    int64_t tile;           /* int4: I4_TILE when tile_i4 rearranged its rows, else 0 */
+    int64_t tile;           /* int4, int8: TILE when tile_i4 / tile_i8 rearranged its rows,
+                               else 0 */
 } weight_t;
 
 typedef struct {            /* caller-owned buffers, sized for the largest use; per row: */
@@ -82,11 +83,21 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
     }
     if (w->dtype == W_I8) {   /* groups of up to 4 input rows share each widened block */
         int64_t ng = (in + w->group - 1) / w->group, full = in / w->group;
-        for (int64_t o = o0; o < o1; o++) {
-            dot_i8_batch((const int8_t *)w->data + o * in, (const float *)w->scale + o * ng,
-                         s->xq, s->sxq, s->xs, s->sxs, x, xs, B, in, w->group, full, y + o, ys);
+        int64_t tiled = w->tile ? w->rows / w->tile * w->tile : 0;
+        for (int64_t o = o0; o < o1;) {
+            int64_t n = o < tiled ? w->tile : 1;   /* a whole tile: chunks start at tiles */
+            const int8_t *wo = (const int8_t *)w->data + o * in;
+            const float *so = (const float *)w->scale + o * ng;
+            if (n > 1)
+                dot_i8_tile_batch(wo, so, s->xq, s->sxq, s->xs, s->sxs, B, in, w->group,
+                                  y + o, ys);
+            else
+                dot_i8_batch(wo, so, s->xq, s->sxq, s->xs, s->sxs, x, xs, B, in, w->group,
+                             full, y + o, ys);
             if (w->bias)
-                for (int64_t b = 0; b < B; b++) y[b * ys + o] += w->bias[o];
+                for (int64_t k = 0; k < n; k++)
+                    for (int64_t b = 0; b < B; b++) y[b * ys + o + k] += w->bias[o + k];
+            o += n;
         }
         return;
     }
@@ -120,7 +131,7 @@ static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
     }
     int64_t chunk = w->rows / (8 * omp_get_num_threads());
     chunk = chunk < 4 ? 4 : chunk > 64 ? 64 : chunk;
-    if (w->dtype == W_I4 && w->tile)   /* whole tiles */
+    if (w->tile)   /* int4 and int8 in tiles: whole tiles */
         chunk = (chunk + w->tile - 1) / w->tile * w->tile;
     int64_t n = (w->rows + chunk - 1) / chunk;
     #pragma omp for schedule(dynamic, 1)

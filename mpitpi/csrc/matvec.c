@@ -56,40 +56,71 @@ void matvec_f16(const float *x, const uint16_t *w, float *y, int64_t T, int64_t 
     matvec_float(2, sizeof(uint16_t), x, w, y, T, in, out);
 }
 
+/* Groups of rows a product hands out: each full group of ``tile`` rows (tile_i4, tile_i8), then
+ * each row after them. Unit u covers rows [*o0, *o0 + its count). */
+static inline int64_t tile_units(int64_t rows, int64_t tile) {
+    return tile ? rows / tile + rows % tile : rows;
+}
+static inline int64_t tile_unit(int64_t u, int64_t rows, int64_t tile, int64_t *o0) {
+    int64_t full = tile ? rows / tile : 0;
+    *o0 = u < full ? u * tile : full * tile + (u - full);
+    return u < full ? tile : 1;
+}
+
+/* tile: 0 for plain rows, TILE for a matrix tile_i8 rearranged */
 void matvec_i8(const float *restrict x, const int8_t *restrict w, const float *restrict scale,
-               float *restrict y, int64_t T, int64_t in, int64_t out, int64_t group) {
+               float *restrict y, int64_t T, int64_t in, int64_t out, int64_t group,
+               int64_t tile) {
     int64_t n_groups = (in + group - 1) / group, full = in / group;
     int16_t *xq = malloc(sizeof(int16_t) * T * in);
     float *xs = malloc(sizeof(float) * T * n_groups);
     for (int64_t t = 0; t < T; t++)
         quantize_x(x + t * in, in, group, xq + t * in, xs + t * n_groups);
     #pragma omp parallel for schedule(static)   /* rows of x by fours share widened weights */
-    for (int64_t o = 0; o < out; o++)
-        dot_i8_batch(w + o * in, scale + o * n_groups, xq, in, xs, n_groups, x, in, T, in, group,
-                     full, y + o, out);
+    for (int64_t u = 0; u < tile_units(out, tile); u++) {
+        int64_t o, n = tile_unit(u, out, tile, &o);
+        if (n > 1)
+            dot_i8_tile_batch(w + o * in, scale + o * n_groups, xq, in, xs, n_groups, T, in,
+                              group, y + o, out);
+        else
+            dot_i8_batch(w + o * in, scale + o * n_groups, xq, in, xs, n_groups, x, in, T, in,
+                         group, full, y + o, out);
+    }
     free(xq);
     free(xs);
 }
 
-/* Groups of rows a product hands out: each full group of ``tile`` rows (tile_i4), then
- * each row after them. Unit u covers rows [*o0, *o0 + its count). */
-static inline int64_t i4_units(int64_t rows, int64_t tile) {
-    return tile ? rows / tile + rows % tile : rows;
-}
-static inline int64_t i4_unit(int64_t u, int64_t rows, int64_t tile, int64_t *o0) {
-    int64_t full = tile ? rows / tile : 0;
-    *o0 = u < full ? u * tile : full * tile + (u - full);
-    return u < full ? tile : 1;
+/* An int8 matrix's full groups of TILE rows, written as plain rows (w (rows, in), scale
+ * (rows, in / group) fp32; in a whole number of groups of at most I8_TILE_GROUP), rearranged
+ * in place into tiles (common.h). One thread, as tile_i4. */
+void tile_i8(int8_t *w, float *scale, int64_t rows, int64_t in, int64_t group) {
+    const int64_t T = TILE, ng = in / group;
+    if (!T || rows < T || in % group || group > I8_TILE_GROUP)
+        return;
+    int8_t *tw = malloc((size_t)(T * in));
+    float *ts = malloc(sizeof(float) * T * ng);
+    for (int64_t g = 0; g < rows / T; g++) {
+        int8_t *wg = w + g * T * in;
+        float *sg = scale + g * T * ng;
+        memcpy(tw, wg, (size_t)(T * in));
+        memcpy(ts, sg, sizeof(float) * T * ng);
+        for (int64_t k = 0; k < T; k++) {
+            for (int64_t p = 0; p < in / 2; p++) memcpy(wg + (p * T + k) * 2, tw + k * in + 2 * p, 2);
+            for (int64_t j = 0; j < ng; j++) sg[j * T + k] = ts[k * ng + j];
+        }
+    }
+    free(tw);
+    free(ts);
 }
 
-/* The number of rows of an int4 tile in this build (0: it keeps plain rows) */
-int64_t i4_tile(void) { return I4_TILE; }
+/* The number of rows of a tile in this build (0: int4 and int8 matrices keep plain rows) */
+int64_t weight_tile(void) { return TILE; }
 
-/* An int4 matrix's full groups of I4_TILE rows, written as plain rows (q (rows, in / 2),
+/* An int4 matrix's full groups of TILE rows, written as plain rows (q (rows, in / 2),
  * d and m (rows, in / 32)), rearranged in place into tiles (common.h). One thread: it runs
  * beside the model's compute (the layer prefetcher). */
 void tile_i4(uint8_t *q, uint16_t *d, uint16_t *m, int64_t rows, int64_t in) {
-    const int64_t T = I4_TILE, nb = in / 32;
+    const int64_t T = TILE, nb = in / 32;
     if (!T || rows < T)
         return;
     uint8_t *tq = malloc((size_t)(T * nb * 16));
@@ -113,7 +144,7 @@ void tile_i4(uint8_t *q, uint16_t *d, uint16_t *m, int64_t rows, int64_t in) {
     free(tm);
 }
 
-/* tile: 0 for plain rows, I4_TILE for a matrix tile_i4 rearranged */
+/* tile: 0 for plain rows, TILE for a matrix tile_i4 rearranged */
 void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_t *restrict d,
                const uint16_t *restrict m, float *restrict y, int64_t T, int64_t in,
                int64_t out, int64_t tile) {
@@ -123,8 +154,8 @@ void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_
     for (int64_t t = 0; t < T; t++)
         quantize_x8(x + t * in, nb, xq + t * in, xs + t * nb, xsum + t * nb);
     #pragma omp parallel for schedule(static)   /* rows of x by fours share unpacked blocks */
-    for (int64_t u = 0; u < i4_units(out, tile); u++) {
-        int64_t o, n = i4_unit(u, out, tile, &o);
+    for (int64_t u = 0; u < tile_units(out, tile); u++) {
+        int64_t o, n = tile_unit(u, out, tile, &o);
         for (int64_t k = 0; k < n; k++) prefetch_i4(q, o + k, in / 2, out);
         if (n > 1)
             dot_i4_tile_batch(q + o * (in / 2), d + o * nb, m + o * nb, xq, in, xs, xsum, nb,
@@ -153,94 +184,167 @@ static inline void put_row(const float *v, int64_t n, void *w, int64_t at, int b
         memcpy((float *)w + at, v, sizeof(float) * n);
 }
 
+/* Rows [o, o + n) of an int4 matrix, one unit of tile_unit, in the row layout: a whole tile
+ * is copied out of its tiles into buf (n nb 16 bytes), db and mb (n nb each); plain rows are
+ * pointed at where they lie. *qr, *dr, *mr: the rows' bytes, scales and offsets. */
+static void i4_unit_rows(const uint8_t *q, const uint16_t *d, const uint16_t *m, int64_t o,
+                         int64_t n, int64_t nb, uint8_t *buf, uint16_t *db, uint16_t *mb,
+                         const uint8_t **qr, const uint16_t **dr, const uint16_t **mr) {
+    *qr = q + o * nb * 16;
+    *dr = d + o * nb;
+    *mr = m + o * nb;
+    if (n == 1)
+        return;
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t k = 0; k < n; k++) {
+            for (int t = 0; t < 4; t++)
+                memcpy(buf + (k * nb + b) * 16 + 4 * t, *qr + ((b * 4 + t) * n + k) * 4, 4);
+            db[k * nb + b] = (*dr)[b * n + k];
+            mb[k * nb + b] = (*mr)[b * n + k];
+        }
+    *qr = buf;
+    *dr = db;
+    *mr = mb;
+}
+
+/* Every thread's room for one unit's rows (i4_unit_rows) */
+typedef struct { uint8_t *q; uint16_t *d, *m; } i4_buf_t;
+static i4_buf_t i4_buf(int64_t nb) {
+    int64_t n = TILE ? TILE : 1;
+    i4_buf_t b = {malloc((size_t)(n * nb * 16)), malloc(sizeof(uint16_t) * n * nb),
+                  malloc(sizeof(uint16_t) * n * nb)};
+    return b;
+}
+static void i4_buf_free(i4_buf_t b) {
+    free(b.q);
+    free(b.d);
+    free(b.m);
+}
+
 /* w (rows, in) = n d + m of an int4 matrix (tile: as matvec_i4), in fp32 or (bf16 == 1)
  * bf16 bits: torch's prompt product runs on such a copy (weights.Weight, choices.py). */
 void dequant_i4(const uint8_t *restrict q, const uint16_t *restrict d,
                 const uint16_t *restrict m, void *restrict w, int64_t rows, int64_t in,
                 int bf16, int64_t tile) {
     int64_t nb = in / 32;
-    #pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < rows; o++)
-        for (int64_t b = 0; b < nb; b++) {
-            uint8_t raw[16];
-            float v[32], db, mb;
-            i4_block_at(q, d, m, o, b, nb, rows, tile, raw, &db, &mb);
-            dequant_i4_block(raw, db, mb, v);
-            put_row(v, 32, w, o * in + b * 32, bf16);
+    #pragma omp parallel
+    {
+        i4_buf_t buf = i4_buf(nb);
+        #pragma omp for schedule(static)
+        for (int64_t u = 0; u < tile_units(rows, tile); u++) {
+            int64_t o, n = tile_unit(u, rows, tile, &o);
+            const uint8_t *qr;
+            const uint16_t *dr, *mr;
+            i4_unit_rows(q, d, m, o, n, nb, buf.q, buf.d, buf.m, &qr, &dr, &mr);
+            for (int64_t k = 0; k < n; k++)
+                for (int64_t b = 0; b < nb; b++) {
+                    float v[32];
+                    dequant_i4_block(qr + (k * nb + b) * 16, f16_to_f32(dr[k * nb + b]),
+                                     f16_to_f32(mr[k * nb + b]), v);
+                    put_row(v, 32, w, (o + k) * in + b * 32, bf16);
+                }
         }
+        i4_buf_free(buf);
+    }
 }
 
-/* w (rows, in) = q times its group's scale, of an int8 matrix, in fp32 or bf16 bits. */
+/* w (rows, in) = q times its group's scale, of an int8 matrix (tile: as matvec_i8), in fp32
+ * or bf16 bits. */
 void dequant_i8(const int8_t *restrict q, const float *restrict scale, void *restrict w,
-                int64_t rows, int64_t in, int64_t group, int bf16) {
+                int64_t rows, int64_t in, int64_t group, int bf16, int64_t tile) {
     int64_t ng = (in + group - 1) / group;
-    #pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < rows; o++)
-        for (int64_t g = 0; g < ng; g++) {
-            int64_t i1 = (g + 1) * group < in ? (g + 1) * group : in;
-            float s = scale[o * ng + g], v[32];
-            for (int64_t i0 = g * group; i0 < i1; i0 += 32) {   /* 32 columns at a time */
-                int64_t n = i1 - i0 < 32 ? i1 - i0 : 32;
-                for (int64_t i = 0; i < n; i++) v[i] = (float)q[o * in + i0 + i] * s;
-                put_row(v, n, w, o * in + i0, bf16);
+    #pragma omp parallel
+    {
+        int8_t *row = malloc((size_t)in);
+        float *s = malloc(sizeof(float) * ng);
+        #pragma omp for schedule(static)
+        for (int64_t o = 0; o < rows; o++) {
+            i8_row_at(q, scale, o, rows, in, ng, tile, row, s);
+            for (int64_t g = 0; g < ng; g++) {
+                int64_t i1 = (g + 1) * group < in ? (g + 1) * group : in;
+                float v[32];
+                for (int64_t i0 = g * group; i0 < i1; i0 += 32) {   /* 32 columns at a time */
+                    int64_t n = i1 - i0 < 32 ? i1 - i0 : 32;
+                    for (int64_t i = 0; i < n; i++) v[i] = (float)row[i0 + i] * s[g];
+                    put_row(v, n, w, o * in + i0, bf16);
+                }
             }
         }
+        free(row);
+        free(s);
+    }
 }
 
 /* int4 with fp32 activations, for prompts: each block of 32 weights is dequantized once in
  * registers and used for up to TCH rows of x, so the products are the dequantized matrix's
  * (exact activations, no fp32 copy of the matrix in memory); tile: as matvec_i4. */
 #define TCH 8
+/* One int4 row (qo: its nb blocks, d and m their scales and offsets) against the T rows of
+ * x in fp32: y[t * out] = the row's product with row t. */
+static inline void exact_row(const float *restrict x, const uint8_t *restrict qo,
+                             const uint16_t *restrict d, const uint16_t *restrict m,
+                             float *restrict y, int64_t T, int64_t in, int64_t out) {
+    int64_t nb = in / 32;
+    for (int64_t t0 = 0; t0 < T; t0 += TCH) {
+        int64_t nt = T - t0 < TCH ? T - t0 : TCH;
+#if defined(__AVX512F__) && defined(HAVE_F16X8)
+        __m512 acc[TCH][2];
+        for (int t = 0; t < TCH; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            __m128i raw = _mm_loadu_si128((const __m128i *)(qo + b * 16));
+            __m512 db = _mm512_set1_ps(f16_to_f32(d[b]));
+            __m512 mb = _mm512_set1_ps(f16_to_f32(m[b]));
+            __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                _mm_and_si128(raw, _mm_set1_epi8(15))));
+            __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(15))));
+            lo = _mm512_fmadd_ps(lo, db, mb);
+            hi = _mm512_fmadd_ps(hi, db, mb);
+            for (int t = 0; t < nt; t++) {
+                const float *xt = x + (t0 + t) * in + b * 32;
+                acc[t][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xt), acc[t][0]);
+                acc[t][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xt + 16), acc[t][1]);
+            }
+        }
+        for (int t = 0; t < nt; t++)
+            y[(t0 + t) * out] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+#else
+        float acc[TCH][32];
+        memset(acc, 0, sizeof(acc));
+        for (int64_t b = 0; b < nb; b++) {
+            float w[32];
+            dequant_i4_block(qo + b * 16, f16_to_f32(d[b]), f16_to_f32(m[b]), w);
+            for (int t = 0; t < nt; t++) {
+                const float *xt = x + (t0 + t) * in + b * 32;
+                for (int j = 0; j < 32; j++) acc[t][j] += w[j] * xt[j];
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            float s = 0.f;
+            for (int j = 0; j < 32; j++) s += acc[t][j];
+            y[(t0 + t) * out] = s;
+        }
+#endif
+    }
+}
+
 void matvec_i4_exact(const float *restrict x, const uint8_t *restrict q,
                      const uint16_t *restrict d, const uint16_t *restrict m, float *restrict y,
                      int64_t T, int64_t in, int64_t out, int64_t tile) {
     int64_t nb = in / 32;
-    #pragma omp parallel for schedule(dynamic, 8)
-    for (int64_t o = 0; o < out; o++) {
-        for (int64_t t0 = 0; t0 < T; t0 += TCH) {
-            int64_t nt = T - t0 < TCH ? T - t0 : TCH;
-#if defined(__AVX512F__) && defined(HAVE_F16X8)
-            __m512 acc[TCH][2];
-            for (int t = 0; t < TCH; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-            for (int64_t b = 0; b < nb; b++) {
-                uint8_t bytes[16];
-                float ds, ms;
-                i4_block_at(q, d, m, o, b, nb, out, tile, bytes, &ds, &ms);
-                __m128i raw = _mm_loadu_si128((const __m128i *)bytes);
-                __m512 db = _mm512_set1_ps(ds), mb = _mm512_set1_ps(ms);
-                __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                    _mm_and_si128(raw, _mm_set1_epi8(15))));
-                __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                    _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(15))));
-                lo = _mm512_fmadd_ps(lo, db, mb);
-                hi = _mm512_fmadd_ps(hi, db, mb);
-                for (int t = 0; t < nt; t++) {
-                    const float *xt = x + (t0 + t) * in + b * 32;
-                    acc[t][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xt), acc[t][0]);
-                    acc[t][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xt + 16), acc[t][1]);
-                }
-            }
-            for (int t = 0; t < nt; t++)
-                y[(t0 + t) * out + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
-#else
-            float acc[TCH][32];
-            memset(acc, 0, sizeof(acc));
-            for (int64_t b = 0; b < nb; b++) {
-                uint8_t bytes[16];
-                float w[32], ds, ms;
-                i4_block_at(q, d, m, o, b, nb, out, tile, bytes, &ds, &ms);
-                dequant_i4_block(bytes, ds, ms, w);
-                for (int t = 0; t < nt; t++) {
-                    const float *xt = x + (t0 + t) * in + b * 32;
-                    for (int j = 0; j < 32; j++) acc[t][j] += w[j] * xt[j];
-                }
-            }
-            for (int t = 0; t < nt; t++) {
-                float s = 0.f;
-                for (int j = 0; j < 32; j++) s += acc[t][j];
-                y[(t0 + t) * out + o] = s;
-            }
-#endif
+    #pragma omp parallel
+    {
+        i4_buf_t buf = i4_buf(nb);
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < tile_units(out, tile); u++) {
+            int64_t o0, n = tile_unit(u, out, tile, &o0);
+            const uint8_t *qr;
+            const uint16_t *dr, *mr;
+            i4_unit_rows(q, d, m, o0, n, nb, buf.q, buf.d, buf.m, &qr, &dr, &mr);
+            for (int64_t k = 0; k < n; k++)
+                exact_row(x, qr + k * nb * 16, dr + k * nb, mr + k * nb, y + o0 + k, T, in,
+                          out);
         }
+        i4_buf_free(buf);
     }
 }
