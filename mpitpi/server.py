@@ -147,7 +147,8 @@ class App:
             s = Session(job.ids, job.max_tokens, Sampler(job.params), args.eos_token_ids,
                         self.tok.decode, job.stops, cancel=lambda: self._tick(job),
                         logprobs=job.logprobs, grammar=job.constraint)
-            s.on_text = lambda t: job.events.put(Text(t, s.new_logprobs()))
+            if job.stream:   # a whole answer waits for Done: no wake-up per token
+                s.on_text = lambda t: job.events.put(Text(t, s.new_logprobs()))
             return s
         except MpitpiError as e:
             job.events.put(Failed(str(e), 400))
