@@ -182,8 +182,9 @@ def library_path_or_none() -> str | None:
 
 
 def weight_tile() -> int:
-    """The rows of an int4 tile in this host's build (csrc/common.h: 16 where the kernels
-    are built for AVX-512), 0 where int4 matrices keep plain rows (and without kernels)."""
+    """The rows of an int4 or int8 tile in this host's build (csrc/common.h: 16 where the
+    kernels are built for AVX-512, 8 for AVX2), 0 where such matrices keep plain rows (plain
+    C, NEON, and without kernels)."""
     return int(_lib.weight_tile()) if _load() is not None else 0
 
 

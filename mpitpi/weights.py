@@ -83,8 +83,8 @@ class Weight:
     def tile_rows(self) -> None:
         """This int4 or int8 matrix's rows were just written, plain: rearrange them in place
         into the tiles the host's kernels read fastest (kernels.tile_i4 / tile_i8: groups of
-        16 rows on AVX-512 builds, where 8 decode rows of SmolLM2 ran 2-3x faster). Float
-        dtypes, and hosts without tiles, keep their rows."""
+        16 rows on AVX-512 builds, 8 on AVX2; 8 decode rows of SmolLM2 ran 2-3x faster).
+        Float dtypes, and builds without tiles, keep their rows."""
         if self.kind == "int4" and kernels.available():
             self.tile = kernels.tile_i4(self.data, self.scale, self.min)
         elif self.kind == "int8" and kernels.available():

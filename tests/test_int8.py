@@ -77,8 +77,8 @@ def test_int8_kernel_matches_dequantized_product(T, n_in, n_out):
 @pytest.mark.parametrize("n_in,n_out,group", [(576, 37, 64), (576, 48, 32), (96, 20, 64),
                                                (64, 5, 64), (2048, 16, 32)])
 def test_int8_tiles_give_every_row_the_numbers_of_plain_rows(n_in, n_out, group):
-    """kernels.tile_i8 rearranges the full groups of 16 rows of a matrix whose width is a
-    whole number of column groups (AVX-512 builds; elsewhere, and for other widths, the rows
+    """kernels.tile_i8 rearranges the full groups of 16 (AVX-512) or 8 (AVX2) rows of a matrix
+    whose width is a whole number of column groups (elsewhere, and for other widths, the rows
     stay plain). Read through its tiles every row dequantizes exactly as before, an
     embedding lookup gathers the same rows, the product differs by float rounding only, and
     a row of x gets the same numbers whatever rows come with it."""

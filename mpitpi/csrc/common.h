@@ -614,19 +614,30 @@ static inline void dot_i4_batch(const uint8_t *q, const uint16_t *d, const uint1
     }
 }
 
-/* Tiled int4. AVX-512 builds store the full groups of TILE (16) weight rows interleaved
- * (tile_i4 in matvec.c, run on the layers' matrices as they are read), so that one 512-bit
- * register holds four columns of each of the group's 16 rows, one row per 32-bit lane. A
- * vpdpbusd against four activation bytes broadcast to every lane then adds four products
- * into each row's own lane: no horizontal sum per row, the 16 rows' block scales are one
- * vector, the 16 results are stored at once, and one unpacked block serves up to four input
- * rows. In-cache throughput (C harness, 1 thread, AMD EPYC with VNNI, docs/BENCHMARKS.md):
- * 576 x 1536 with 1 row of x 32 -> 112 G weights/s, with 8 rows 56 -> 165.
- * Layout of group g (rows 16 g .. 16 g + 15), block b: 256 bytes, chunk t (0..3) of 64
+/* Tiles. Where the build has them, the full groups of TILE weight rows of an int4 or int8
+ * matrix are stored interleaved (tile_i4 / tile_i8 in matvec.c, run on the layers' and the
+ * vocabulary's matrices as they are read), so that one vector register holds a few columns
+ * of each of the group's rows, one row per 32-bit lane. A multiply-add against activation
+ * bytes broadcast to every lane then adds their products into each row's own lane: no
+ * horizontal sum per row, the rows' scales are one vector, their results are stored at
+ * once, and one unpacked block serves up to four input rows. A row's integer sums are
+ * exact, so only the order of float additions differs from the plain-row kernels.
+ * TILE is 16 on AVX-512 builds (512-bit registers), 8 on AVX2 builds, 0 elsewhere.
+ *
+ * int4, group g (rows TILE g ..), block b: 16 TILE bytes, chunk t (0..3) of 4 TILE bytes
  * holding bytes 4t..4t+3 of each row's 16-byte block (row k at 4 k: the low nibbles are its
- * columns 4t..4t+3, the high ones 16+4t..16+4t+3); scales and offsets: the 16 rows' fp16
- * values of block b in a row. Rows past the last full group keep the row layout. A row's
- * integer sums are exact, so only the order of float additions differs from dot_i4_row. */
+ * columns 4t..4t+3, the high ones 16+4t..16+4t+3); scales and offsets: the group's fp16
+ * values of block b, TILE in a row. In-cache throughput (C harness, 1 thread, AMD EPYC with
+ * VNNI, docs/BENCHMARKS.md): 576 x 1536 with 1 row of x 32 -> 112 G weights/s, with 8 rows
+ * 56 -> 165.
+ * int8 (only widths that are a whole number of column groups of at most I8_TILE_GROUP, so a
+ * group's int32 sums cannot overflow and no fp32 tail remains), column pair p (columns 2p,
+ * 2p + 1): 2 TILE bytes, row k's two at 2k, widened to int16 in one register and multiplied
+ * against the activations' pair; scales: the group's fp32 scales of column group j, TILE in
+ * a row. The same multiply count as plain rows, but one widening per TILE rows and no
+ * horizontal sums: the 8 decode rows of SmolLM2's int8 vocabulary slice (24576 x 576) 5.1 ->
+ * 2.0 ms in a C harness.
+ * Rows past the last full group keep the row layout. */
 #if defined(I4_GROUPED) && defined(HAVE_F16X8)
 #define TILE 16
 #if defined(__AVX512VNNI__)
@@ -674,38 +685,9 @@ static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uin
     }                                                                                     \
     for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ys, acc[r]);                    \
 }
-DOT_I4_TILE(1)
-DOT_I4_TILE(2)
-DOT_I4_TILE(3)
-DOT_I4_TILE(4)
 
-/* One group of 16 weight rows against B input rows (strides as dot_i4_batch), by fours:
- * y[b * ys + k] = row k's product with input row b. */
-static inline void dot_i4_tile_batch(const uint8_t *q, const uint16_t *d, const uint16_t *m,
-                                     int8_t *xq, int64_t sxq, float *xs, float *xsum,
-                                     int64_t sxs, int64_t B, int64_t nb, float *y, int64_t ys) {
-    for (int64_t b0 = 0; b0 < B; b0 += 4) {
-        int8_t *xr[4];
-        float *sr[4], *tr[4];
-        int64_t R = B - b0 < 4 ? B - b0 : 4;
-        for (int64_t r = 0; r < R; r++) {
-            xr[r] = xq + (b0 + r) * sxq;
-            sr[r] = xs + (b0 + r) * sxs;
-            tr[r] = xsum + (b0 + r) * sxs;
-        }
-        float *yo = y + b0 * ys;
-        ROWS_CALL(dot_i4_tile, R, q, d, m, xr, sr, tr, nb, yo, ys)
-    }
-}
-
-/* Tiled int8 (the same builds; only for widths that are a whole number of column groups of
- * at most I8_TILE_GROUP, so a group's int32 sums cannot overflow and no fp32 tail remains).
- * Group g of 16 rows, column pair p (columns 2p, 2p + 1): 32 bytes, row k's two at 2k;
- * widened to int16 they fill one register, and a vpdpwssd against the activations' pair
- * broadcast to every lane adds both products into each row's own lane. Scales: the 16
- * rows' fp32 scales of column group j, in a row. The same vpdpwssd count as plain rows, but
- * one widening per 16 rows' pair and no horizontal sums: the 8 decode rows of SmolLM2's
- * int8 vocabulary slice (24576 x 576) 5.1 -> 2.0 ms in a C harness (docs/BENCHMARKS.md). */
+/* One group of 16 int8 rows (w, ws at the group's start) against R input rows of int16
+ * activations (quantize_x): y[r * ys + k] = row k's product with input row r. */
 #define X2(x, p) _mm512_set1_epi32(*(const int32_t *)((x) + 2 * (p)))   /* 2 int16, each lane */
 #define DOT_I8_TILE(R)                                                                    \
 static inline void dot_i8_tile##R(const int8_t *w, const float *ws, int16_t *const *xq,   \
@@ -728,12 +710,106 @@ static inline void dot_i8_tile##R(const int8_t *w, const float *ws, int16_t *con
     }                                                                                     \
     for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ys, acc[r]);                    \
 }
+#elif defined(__AVX2__) && defined(HAVE_F16X8)
+#define TILE 8
+#define X4(x, c) _mm256_set1_epi32(*(const int32_t *)((x) + 4 * (c)))   /* 4 bytes, each lane */
+#define X2(x, p) _mm256_set1_epi32(*(const int32_t *)((x) + 2 * (p)))   /* 2 int16, each lane */
+
+/* The AVX2 int4 tile: 8 rows. The eight vpmaddubsw of a block (unsigned 4-bit weights times
+ * signed 8-bit activations, pairs added) are summed in int16 (at most 8 x 2 x 15 x 127 =
+ * 30480, no saturation), then widened once with vpmaddwd. */
+#define DOT_I4_TILE(R)                                                                    \
+static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
+                                  int8_t *const *xq, float *const *xs,                     \
+                                  float *const *xsum, int64_t nb, float *y, int64_t ys) { \
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);                \
+    __m256 acc[R];                                                                        \
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                             \
+    for (int64_t b = 0; b < nb; b++) {                                                    \
+        const uint8_t *qb = q + b * 128;                                                  \
+        __m256i w[8];                                                                     \
+        for (int t = 0; t < 4; t++) {                                                     \
+            __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * t));               \
+            w[t] = _mm256_and_si256(v, low);                      /* columns 4t..4t+3 */  \
+            w[4 + t] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);   /* 16+4t.. */    \
+        }                                                                                 \
+        __m256 dv = f16x8(d + b * 8), mv = f16x8(m + b * 8);                              \
+        int64_t lo = i4_slot(b, 0, nb), hi = i4_slot(b, 16, nb);                          \
+        for (int r = 0; r < R; r++) {                                                     \
+            const int8_t *xl = xq[r] + lo, *xh = xq[r] + hi;                              \
+            __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(w[0], X4(xl, 0)),           \
+                                          _mm256_maddubs_epi16(w[1], X4(xl, 1)));          \
+            __m256i s1 = _mm256_add_epi16(_mm256_maddubs_epi16(w[2], X4(xl, 2)),           \
+                                          _mm256_maddubs_epi16(w[3], X4(xl, 3)));          \
+            __m256i s2 = _mm256_add_epi16(_mm256_maddubs_epi16(w[4], X4(xh, 0)),           \
+                                          _mm256_maddubs_epi16(w[5], X4(xh, 1)));          \
+            __m256i s3 = _mm256_add_epi16(_mm256_maddubs_epi16(w[6], X4(xh, 2)),           \
+                                          _mm256_maddubs_epi16(w[7], X4(xh, 3)));          \
+            __m256i p = _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(s0, s1),       \
+                                                           _mm256_add_epi16(s2, s3)), ones); \
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),                               \
+                                     _mm256_mul_ps(dv, _mm256_set1_ps(xs[r][b])), acc[r]); \
+            acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[r][b]), acc[r]);             \
+        }                                                                                 \
+    }                                                                                     \
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ys, acc[r]);                    \
+}
+
+/* The AVX2 int8 tile: 8 rows, vpmaddwd against each broadcast pair of int16 activations. */
+#define DOT_I8_TILE(R)                                                                    \
+static inline void dot_i8_tile##R(const int8_t *w, const float *ws, int16_t *const *xq,   \
+                                  float *const *xs, int64_t in, int64_t group, float *y,   \
+                                  int64_t ys) {                                           \
+    __m256 acc[R];                                                                        \
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                             \
+    for (int64_t j = 0; j < in / group; j++) {                                            \
+        __m256i a[R];                                                                     \
+        for (int r = 0; r < R; r++) a[r] = _mm256_setzero_si256();                        \
+        for (int64_t p = j * group / 2; p < (j + 1) * group / 2; p++) {                   \
+            __m256i wp = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + p * 16))); \
+            for (int r = 0; r < R; r++) a[r] = DPWSSD(a[r], wp, X2(xq[r], p));            \
+        }                                                                                 \
+        __m256 sv = _mm256_loadu_ps(ws + j * 8);                                          \
+        for (int r = 0; r < R; r++)                                                       \
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]),                            \
+                                     _mm256_mul_ps(sv, _mm256_set1_ps(xs[r][j])), acc[r]); \
+    }                                                                                     \
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ys, acc[r]);                    \
+}
+#else
+#define TILE 0
+#endif
+
+#if TILE
+DOT_I4_TILE(1)
+DOT_I4_TILE(2)
+DOT_I4_TILE(3)
+DOT_I4_TILE(4)
 DOT_I8_TILE(1)
 DOT_I8_TILE(2)
 DOT_I8_TILE(3)
 DOT_I8_TILE(4)
 
-/* One group of 16 int8 rows (w, ws at the group's start) against B input rows (strides as
+/* One group of TILE weight rows against B input rows (strides as dot_i4_batch), by fours:
+ * y[b * ys + k] = row k's product with input row b. */
+static inline void dot_i4_tile_batch(const uint8_t *q, const uint16_t *d, const uint16_t *m,
+                                     int8_t *xq, int64_t sxq, float *xs, float *xsum,
+                                     int64_t sxs, int64_t B, int64_t nb, float *y, int64_t ys) {
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {
+        int8_t *xr[4];
+        float *sr[4], *tr[4];
+        int64_t R = B - b0 < 4 ? B - b0 : 4;
+        for (int64_t r = 0; r < R; r++) {
+            xr[r] = xq + (b0 + r) * sxq;
+            sr[r] = xs + (b0 + r) * sxs;
+            tr[r] = xsum + (b0 + r) * sxs;
+        }
+        float *yo = y + b0 * ys;
+        ROWS_CALL(dot_i4_tile, R, q, d, m, xr, sr, tr, nb, yo, ys)
+    }
+}
+
+/* One group of TILE int8 rows (w, ws at the group's start) against B input rows (strides as
  * dot_i8_batch), by fours: y[b * ys + k] = row k's product with input row b. */
 static inline void dot_i8_tile_batch(const int8_t *w, const float *ws, int16_t *xq, int64_t sq,
                                      float *xs, int64_t ss, int64_t B, int64_t in,
@@ -751,7 +827,6 @@ static inline void dot_i8_tile_batch(const int8_t *w, const float *ws, int16_t *
     }
 }
 #else
-#define TILE 0
 static inline void dot_i4_tile_batch(const uint8_t *q, const uint16_t *d, const uint16_t *m,
                                      int8_t *xq, int64_t sxq, float *xs, float *xsum,
                                      int64_t sxs, int64_t B, int64_t nb, float *y, int64_t ys) {
