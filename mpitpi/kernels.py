@@ -142,8 +142,12 @@ def _load():
         # q, scale, w, rows, in, group, bf16, tile
         lib.dequant_i8.argtypes = [p, p, p, i64, i64, i64, c_int, i64]
         lib.tile_i8.argtypes = [p, p, i64, i64, i64]   # w, scale, rows, in, group
+        # w, scale, index, n, out, rows, in, group, tile
+        lib.rows_i8.argtypes = [p, p, p, i64, p, i64, i64, i64, i64]
+        # q, d, m, index, n, out, rows, in, tile
+        lib.rows_i4.argtypes = [p, p, p, p, i64, p, i64, i64, i64]
         for name in (*_FUNCS.values(), "matvec_i8", "matvec_i4", "matvec_i4_exact",
-                     "dequant_i4", "dequant_i8", "tile_i4", "tile_i8"):
+                     "dequant_i4", "dequant_i8", "tile_i4", "tile_i8", "rows_i4", "rows_i8"):
             getattr(lib, name).restype = None
         w, s, f = ctypes.POINTER(CWeight), ctypes.POINTER(CScratch), ctypes.c_float
         lib.decode_attn.argtypes = [p, p, f, w, w, p, i64, i64, i64, i64, p, s, p, i64]
@@ -255,6 +259,23 @@ def dequantize(w: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None = 
         out = torch.empty(w.shape, dtype=dtype)
         lib.dequant_i8(w.data_ptr(), scale.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1],
                        int8_group(w.shape[1], scale.shape[1]), bf16, tile)
+    return out
+
+
+def rows(w: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None, index: torch.Tensor,
+         tile: int) -> torch.Tensor:
+    """Rows ``index`` (n,) of an int8 (w, scale) or int4 (w, scale, min) matrix whose rows are
+    in tiles (``tile``; or plain, 0) as (n, in) fp32: the numbers ``dequantize`` gives them.
+    An embedding lookup in a tiled vocabulary."""
+    index = index.to(torch.int64).contiguous()
+    n, cols = index.shape[0], w.shape[1] * (2 if w.dtype == torch.uint8 else 1)
+    out = torch.empty(n, cols)
+    if w.dtype == torch.uint8:
+        _lib.rows_i4(w.data_ptr(), scale.data_ptr(), min.data_ptr(), index.data_ptr(), n,
+                     out.data_ptr(), w.shape[0], cols, tile)
+    else:
+        _lib.rows_i8(w.data_ptr(), scale.data_ptr(), index.data_ptr(), n, out.data_ptr(),
+                     w.shape[0], cols, int8_group(cols, scale.shape[1]), tile)
     return out
 
 

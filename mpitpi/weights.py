@@ -158,29 +158,10 @@ class Weight:
         """Rows ``index`` (n,) as (n, in) fp32: an embedding lookup."""
         if self.scale is None:
             return self.data[index].float()
-        return self._plain_rows(index).dequantized()
-
-    def _plain_rows(self, index: torch.Tensor) -> Weight:
-        """Rows ``index`` (n,) of an int8 / int4 matrix, plain (gathered out of tiles)."""
-        t = self.tile
-        full = self.data.shape[0] // t * t if t else 0
-        if not full:
-            return Weight(self.data[index], self.scale[index], None,
-                          None if self.min is None else self.min[index])
-        tiled = index < full
-        g, k = index // t, index % t                              # tile, row in it
-        data, scale = self.data[index].clone(), self.scale[index].clone()
-        mins = None if self.min is None else self.min[index].clone()
-        ng = self.scale.shape[1]
-        if self.kind == "int4":   # per block: 4 chunks of t rows x 4 bytes (csrc/common.h)
-            q = self.data[:full].view(full // t, ng, 4, t, 4)     # (G, nb, chunk, row, byte)
-            data[tiled] = q[g[tiled], :, :, k[tiled]].reshape(-1, self.data.shape[1])
-            mins[tiled] = self.min[:full].view(full // t, ng, t)[g[tiled], :, k[tiled]]
-        else:                     # per column pair: t rows x 2 bytes
-            q = self.data[:full].view(full // t, self.cols // 2, t, 2)   # (G, pair, row, 2)
-            data[tiled] = q[g[tiled], :, k[tiled]].reshape(-1, self.cols)
-        scale[tiled] = self.scale[:full].view(full // t, ng, t)[g[tiled], :, k[tiled]]
-        return Weight(data, scale, None, mins)
+        if self.tile:   # a tiled vocabulary (TopWeights.tile_rows): gathered in C
+            return kernels.rows(self.data, self.scale, self.min, index, self.tile)
+        return Weight(self.data[index], self.scale[index], None,
+                      None if self.min is None else self.min[index]).dequantized()
 
     @property
     def nbytes(self) -> int:

@@ -221,6 +221,29 @@ static void i4_buf_free(i4_buf_t b) {
     free(b.m);
 }
 
+/* out (n, in) fp32 = rows index[0..n) of an int4 matrix (tile: as matvec_i4), the numbers
+ * dequant_i4 gives them. */
+void rows_i4(const uint8_t *q, const uint16_t *d, const uint16_t *m, const int64_t *index,
+             int64_t n, float *out, int64_t rows, int64_t in, int64_t tile) {
+    int64_t nb = in / 32, full = tile ? rows / tile * tile : 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t o = index[i];
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t raw[16];
+            int64_t at = o * nb + b;   /* plain rows: the block and its scale */
+            const uint8_t *p = q + at * 16;
+            if (o < full) {            /* a tile: 4 chunks of 4 tile bytes, this row at 4 k */
+                int64_t g = o / tile, k = o % tile;
+                for (int t = 0; t < 4; t++)
+                    memcpy(raw + 4 * t, q + (g * nb + b) * 16 * tile + (t * tile + k) * 4, 4);
+                p = raw;
+                at = (g * nb + b) * tile + k;
+            }
+            dequant_i4_block(p, f16_to_f32(d[at]), f16_to_f32(m[at]), out + i * in + b * 32);
+        }
+    }
+}
+
 /* w (rows, in) = n d + m of an int4 matrix (tile: as matvec_i4), in fp32 or (bf16 == 1)
  * bf16 bits: torch's prompt product runs on such a copy (weights.Weight, choices.py). */
 void dequant_i4(const uint8_t *restrict q, const uint16_t *restrict d,
@@ -246,6 +269,21 @@ void dequant_i4(const uint8_t *restrict q, const uint16_t *restrict d,
         }
         i4_buf_free(buf);
     }
+}
+
+/* out (n, in) fp32 = rows index[0..n) of an int8 matrix (tile: as matvec_i8), the numbers
+ * dequant_i8 gives them: an embedding lookup in a tiled vocabulary. */
+void rows_i8(const int8_t *q, const float *scale, const int64_t *index, int64_t n, float *out,
+             int64_t rows, int64_t in, int64_t group, int64_t tile) {
+    int64_t ng = (in + group - 1) / group;
+    int8_t *row = malloc((size_t)in);
+    float *s = malloc(sizeof(float) * ng);
+    for (int64_t i = 0; i < n; i++) {
+        i8_row_at(q, scale, index[i], rows, in, ng, tile, row, s);
+        for (int64_t c = 0; c < in; c++) out[i * in + c] = (float)row[c] * s[c / group];
+    }
+    free(row);
+    free(s);
 }
 
 /* w (rows, in) = q times its group's scale, of an int8 matrix (tile: as matvec_i8), in fp32
