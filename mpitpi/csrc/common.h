@@ -640,13 +640,31 @@ static inline void dot_i4_batch(const uint8_t *q, const uint16_t *d, const uint1
  * Rows past the last full group keep the row layout. */
 #if defined(I4_GROUPED) && defined(HAVE_F16X8)
 #define TILE 16
+#define X4(x, c) _mm512_set1_epi32(*(const int32_t *)((x) + 4 * (c)))   /* 4 bytes, each lane */
 #if defined(__AVX512VNNI__)
 #define DP512(acc, a, b) _mm512_dpbusd_epi32(acc, a, b)
-#else   /* int16 pair sums of at most 2 x 15 x 128 cannot saturate */
-#define DP512(acc, a, b) \
-    _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1)))
+/* A block's eight column quads for one input row: the int32 sums of each row's lane */
+#define I4_TILE_SUMS(w, xl, xh)                                                           \
+    ({ __m512i p0 = DP512(_mm512_setzero_si512(), w[0], X4(xl, 0));                       \
+       __m512i p1 = DP512(_mm512_setzero_si512(), w[4], X4(xh, 0));                       \
+       p0 = DP512(p0, w[1], X4(xl, 1)); p1 = DP512(p1, w[5], X4(xh, 1));                  \
+       p0 = DP512(p0, w[2], X4(xl, 2)); p1 = DP512(p1, w[6], X4(xh, 2));                  \
+       p0 = DP512(p0, w[3], X4(xl, 3)); p1 = DP512(p1, w[7], X4(xh, 3));                  \
+       _mm512_add_epi32(p0, p1); })
+#else   /* without VNNI: the eight vpmaddubsw summed in int16 (at most 8 x 2 x 15 x 127 =
+         * 30480, no saturation), widened once by vpmaddwd (as the AVX2 tile) */
+#define I4_TILE_SUMS(w, xl, xh)                                                           \
+    ({ __m512i s0 = _mm512_add_epi16(_mm512_maddubs_epi16(w[0], X4(xl, 0)),                \
+                                     _mm512_maddubs_epi16(w[1], X4(xl, 1)));               \
+       __m512i s1 = _mm512_add_epi16(_mm512_maddubs_epi16(w[2], X4(xl, 2)),                \
+                                     _mm512_maddubs_epi16(w[3], X4(xl, 3)));               \
+       __m512i s2 = _mm512_add_epi16(_mm512_maddubs_epi16(w[4], X4(xh, 0)),                \
+                                     _mm512_maddubs_epi16(w[5], X4(xh, 1)));               \
+       __m512i s3 = _mm512_add_epi16(_mm512_maddubs_epi16(w[6], X4(xh, 2)),                \
+                                     _mm512_maddubs_epi16(w[7], X4(xh, 3)));               \
+       _mm512_madd_epi16(_mm512_add_epi16(_mm512_add_epi16(s0, s1), _mm512_add_epi16(s2, s3)), \
+                         _mm512_set1_epi16(1)); })
 #endif
-#define X4(x, c) _mm512_set1_epi32(*(const int32_t *)((x) + 4 * (c)))   /* 4 bytes, each lane */
 
 /* One group of 16 weight rows (q, d, m at the group's start) against R input rows (R = 1 ..
  * 4; xq in i4_slot order, quantize_x8): y[r * ys + k] = row k's product with input row r.
@@ -655,7 +673,7 @@ static inline void dot_i4_batch(const uint8_t *q, const uint16_t *d, const uint1
 static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
                                   int8_t *const *xq, float *const *xs,                     \
                                   float *const *xsum, int64_t nb, float *y, int64_t ys) { \
-    const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();              \
+    const __m512i low = _mm512_set1_epi8(15);                                             \
     __m512 acc[R];                                                                        \
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                             \
     for (int64_t b = 0; b < nb; b++) {                                                    \
@@ -671,14 +689,8 @@ static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uin
         int64_t lo = i4_slot(b, 0, nb), hi = i4_slot(b, 16, nb);                          \
         for (int r = 0; r < R; r++) {                                                     \
             const int8_t *xl = xq[r] + lo, *xh = xq[r] + hi;                              \
-            __m512i p0 = DP512(zero, w[0], X4(xl, 0)), p1 = DP512(zero, w[4], X4(xh, 0)); \
-            p0 = DP512(p0, w[1], X4(xl, 1));                                              \
-            p1 = DP512(p1, w[5], X4(xh, 1));                                              \
-            p0 = DP512(p0, w[2], X4(xl, 2));                                              \
-            p1 = DP512(p1, w[6], X4(xh, 2));                                              \
-            p0 = DP512(p0, w[3], X4(xl, 3));                                              \
-            p1 = DP512(p1, w[7], X4(xh, 3));                                              \
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p0, p1)),       \
+            __m512i p = I4_TILE_SUMS(w, xl, xh);                                          \
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),                               \
                                      _mm512_mul_ps(dv, _mm512_set1_ps(xs[r][b])), acc[r]); \
             acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum[r][b]), acc[r]);             \
         }                                                                                 \
