@@ -37,6 +37,21 @@ def test_tokens_identical_resident_window_and_budget(models, n):
     assert len(got[0]) == 16
 
 
+@pytest.mark.parametrize("dtype", ["int4", "int8"])
+def test_streamed_integer_layers_are_tiled_again_in_every_slot(models, dtype):
+    """A streamed slot is refilled from the shard in plain rows and rearranged into the
+    kernels' tiles again (prefetch.Streamed._fill): the tokens equal those of resident
+    layers, with windows of one and two slots."""
+    folder, _ = models("llama-deep")
+    got = []
+    for mode in ([], ["--window", "1"], ["--window", "2"]):
+        r = run_mpi(2, ["generate", "--model", folder, "--dtype", dtype, "--prompt-ids", IDS,
+                        "--max-tokens", "16", "--ignore-eos", "--json", *mode])
+        assert r.returncode == 0, r.stderr
+        got.append(json.loads(r.stdout)["token_ids"])
+    assert all(g == got[0] for g in got) and len(got[0]) == 16, got
+
+
 def test_window_peak_rss_is_lower_by_the_predicted_amount(models):
     folder, hf = models("llama-wide")   # 16 layers of about 16.8 MB in fp32
     layer = sum(p.numel() * 4 for n, p in hf.named_parameters() if ".layers.0." in n)
