@@ -130,8 +130,8 @@ def _load():
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         for name in _FUNCS.values():   # (x, w, y, T, in, out)
             getattr(lib, name).argtypes = [p, p, p, i64, i64, i64]
-        lib.matvec_i8.argtypes = [p, p, p, p, i64, i64, i64, i64, i64]   # x, w, scale, y, T, in,
-        #                                                                  out, group, tile
+        # x, w, scale, y, T, in, out, group, tile
+        lib.matvec_i8.argtypes = [p, p, p, p, i64, i64, i64, i64, i64]
         # x, q, d, m, y, T, in, out, tile
         lib.matvec_i4.argtypes = lib.matvec_i4_exact.argtypes = [p, p, p, p, p, i64, i64, i64, i64]
         c_int = ctypes.c_int

@@ -53,7 +53,8 @@ class LayerStore(Protocol):
 
 
 def read_layer(reader: ShardReader, i: int) -> LayerWeights:
-    """Layer i of ``reader``'s file, read now (vectors as fp32; int4 in the kernels' tiles)."""
+    """Layer i of ``reader``'s file, read now (vectors as fp32; int4 and int8 matrices in the
+    kernels' tiles)."""
     return LayerWeights.from_stored(vectors_fp32(reader.layer(i))).tile_rows()
 
 

@@ -217,8 +217,8 @@ class LayerWeights:
                    *(tensors[n] for n in NORMS))
 
     def tile_rows(self) -> LayerWeights:
-        """Its matrices were just written (read from a shard): int4 ones into the kernels'
-        tiles (Weight.tile_rows), in place. Returns self."""
+        """Its matrices were just written (read from a shard): the int4 and int8 ones into
+        the kernels' tiles (Weight.tile_rows), in place. Returns self."""
         for w in (self.wqkv, self.wo, self.w13, self.w2):
             w.tile_rows()
         return self
