@@ -56,8 +56,8 @@ void matvec_f16(const float *x, const uint16_t *w, float *y, int64_t T, int64_t 
     matvec_float(2, sizeof(uint16_t), x, w, y, T, in, out);
 }
 
-/* Groups of rows a product hands out: each full group of ``tile`` rows (tile_i4, tile_i8), then
- * each row after them. Unit u covers rows [*o0, *o0 + its count). */
+/* Groups of rows a product hands out: each full group of ``tile`` rows (tile_i4, tile_i8),
+ * then each row after them. Unit u covers rows [*o0, *o0 + its count). */
 static inline int64_t tile_units(int64_t rows, int64_t tile) {
     return tile ? rows / tile + rows % tile : rows;
 }
@@ -105,7 +105,8 @@ void tile_i8(int8_t *w, float *scale, int64_t rows, int64_t in, int64_t group) {
         memcpy(tw, wg, (size_t)(T * in));
         memcpy(ts, sg, sizeof(float) * T * ng);
         for (int64_t k = 0; k < T; k++) {
-            for (int64_t p = 0; p < in / 2; p++) memcpy(wg + (p * T + k) * 2, tw + k * in + 2 * p, 2);
+            for (int64_t p = 0; p < in / 2; p++)
+                memcpy(wg + (p * T + k) * 2, tw + k * in + 2 * p, 2);
             for (int64_t j = 0; j < ng; j++) sg[j * T + k] = ts[k * ng + j];
         }
     }
