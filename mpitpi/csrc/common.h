@@ -215,25 +215,28 @@ DOT_I8_ROWS(4)
     default: F##4(__VA_ARGS__);                                                           \
     }
 
-/* y[b * ys] = weight row w . x[b] for B input rows, 4 at a time (dot_i8_rows): xq, xs, x
- * hold each row's quantised activations, scales and fp32 values at strides sq, ss, sx. */
-static inline void dot_i8_batch(const int8_t *w, const float *ws, int16_t *xq, int64_t sq,
-                                float *xs, int64_t ss, const float *x, int64_t sx, int64_t B,
-                                int64_t in, int64_t group, int64_t full, float *y, int64_t ys) {
-    for (int64_t b0 = 0; b0 < B; b0 += 4) {
-        int16_t *q[4];
-        float *s[4];
-        const float *xr[4];
-        int64_t R = B - b0 < 4 ? B - b0 : 4;
-        for (int64_t r = 0; r < R; r++) {
-            q[r] = xq + (b0 + r) * sq;
-            s[r] = xs + (b0 + r) * ss;
-            xr[r] = x + (b0 + r) * sx;
-        }
-        float *yo = y + b0 * ys;
-        ROWS_CALL(dot_i8_rows, R, w, q, ws, s, xr, in, group, full, yo, ys)
-    }
+/* NAME: y[b * ys] = weight row w . x[b] for B input rows, 4 at a time (ROWS: dot_i8_rows, or
+ * dot_i8_tile for a tile of rows, y[b * ys + k] for its row k): xq, xs, x hold each row's
+ * quantised activations, scales and fp32 values at strides sq, ss, sx. */
+#define I8_BATCH(NAME, ROWS)                                                              \
+static inline void NAME(const int8_t *w, const float *ws, int16_t *xq, int64_t sq,        \
+                        float *xs, int64_t ss, const float *x, int64_t sx, int64_t B,      \
+                        int64_t in, int64_t group, int64_t full, float *y, int64_t ys) {   \
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {                                               \
+        int16_t *q[4];                                                                    \
+        float *s[4];                                                                      \
+        const float *xr[4];                                                               \
+        int64_t R = B - b0 < 4 ? B - b0 : 4;                                              \
+        for (int64_t r = 0; r < R; r++) {                                                 \
+            q[r] = xq + (b0 + r) * sq;                                                    \
+            s[r] = xs + (b0 + r) * ss;                                                    \
+            xr[r] = x + (b0 + r) * sx;                                                    \
+        }                                                                                 \
+        float *yo = y + b0 * ys;                                                          \
+        ROWS_CALL(ROWS, R, w, q, ws, s, xr, in, group, full, yo, ys)                      \
+    }                                                                                     \
 }
+I8_BATCH(dot_i8_batch, dot_i8_rows)
 
 #if defined(__F16C__) && defined(__FMA__)
 #define HAVE_F16X8 1
@@ -594,25 +597,28 @@ static inline void prefetch_float(const void *w, int64_t o, int64_t rb, int64_t 
         prefetch_ahead(w, o, rb, rows, 4 * rb);
 }
 
-/* One int4 weight row against B input rows (row b's int8 activations at xq + b * sxq,
+/* NAME: one int4 weight row against B input rows (row b's int8 activations at xq + b * sxq,
  * scales and scaled sums at xs, xsum + b * sxs), groups of up to four sharing each
- * unpacked step: y[b * ys] = the row's product with row b, as dot_i4_row gives it. */
-static inline void dot_i4_batch(const uint8_t *q, const uint16_t *d, const uint16_t *m,
-                                int8_t *xq, int64_t sxq, float *xs, float *xsum,
-                                int64_t sxs, int64_t B, int64_t nb, float *y, int64_t ys) {
-    for (int64_t b0 = 0; b0 < B; b0 += 4) {
-        int8_t *xr[4];
-        float *sr[4], *tr[4];
-        int64_t R = B - b0 < 4 ? B - b0 : 4;
-        for (int64_t r = 0; r < R; r++) {
-            xr[r] = xq + (b0 + r) * sxq;
-            sr[r] = xs + (b0 + r) * sxs;
-            tr[r] = xsum + (b0 + r) * sxs;
-        }
-        float *yo = y + b0 * ys;
-        ROWS_CALL(dot_i4_rows, R, q, d, m, xr, sr, tr, nb, yo, ys)
-    }
+ * unpacked step: y[b * ys] = the row's product with row b, as dot_i4_row gives it (ROWS:
+ * dot_i4_rows; dot_i4_tile for a tile of rows, y[b * ys + k] for its row k). */
+#define I4_BATCH(NAME, ROWS)                                                              \
+static inline void NAME(const uint8_t *q, const uint16_t *d, const uint16_t *m, int8_t *xq, \
+                        int64_t sxq, float *xs, float *xsum, int64_t sxs, int64_t B,       \
+                        int64_t nb, float *y, int64_t ys) {                               \
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {                                               \
+        int8_t *xr[4];                                                                    \
+        float *sr[4], *tr[4];                                                             \
+        int64_t R = B - b0 < 4 ? B - b0 : 4;                                              \
+        for (int64_t r = 0; r < R; r++) {                                                 \
+            xr[r] = xq + (b0 + r) * sxq;                                                  \
+            sr[r] = xs + (b0 + r) * sxs;                                                  \
+            tr[r] = xsum + (b0 + r) * sxs;                                                \
+        }                                                                                 \
+        float *yo = y + b0 * ys;                                                          \
+        ROWS_CALL(ROWS, R, q, d, m, xr, sr, tr, nb, yo, ys)                               \
+    }                                                                                     \
 }
+I4_BATCH(dot_i4_batch, dot_i4_rows)
 
 /* Tiles. Where the build has them, the full groups of TILE weight rows of an int4 or int8
  * matrix are stored interleaved (tile_i4 / tile_i8 in matvec.c, run on the layers' and the
@@ -702,9 +708,10 @@ static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uin
  * activations (quantize_x): y[r * ys + k] = row k's product with input row r. */
 #define X2(x, p) _mm512_set1_epi32(*(const int32_t *)((x) + 2 * (p)))   /* 2 int16, each lane */
 #define DOT_I8_TILE(R)                                                                    \
-static inline void dot_i8_tile##R(const int8_t *w, const float *ws, int16_t *const *xq,   \
-                                  float *const *xs, int64_t in, int64_t group, float *y,   \
-                                  int64_t ys) {                                           \
+static inline void dot_i8_tile##R(const int8_t *w, int16_t *const *xq, const float *ws,    \
+                                  float *const *xs, const float *const *x, int64_t in,     \
+                                  int64_t group, int64_t full, float *y, int64_t ys) {     \
+    (void)x, (void)full;   /* a tiled width has no fp32 tail (as dot_i8_rows' arguments) */ \
     __m512 acc[R];                                                                        \
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                             \
     for (int64_t j = 0; j < in / group; j++) {                                            \
@@ -769,9 +776,10 @@ static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uin
 
 /* The AVX2 int8 tile: 8 rows, vpmaddwd against each broadcast pair of int16 activations. */
 #define DOT_I8_TILE(R)                                                                    \
-static inline void dot_i8_tile##R(const int8_t *w, const float *ws, int16_t *const *xq,   \
-                                  float *const *xs, int64_t in, int64_t group, float *y,   \
-                                  int64_t ys) {                                           \
+static inline void dot_i8_tile##R(const int8_t *w, int16_t *const *xq, const float *ws,    \
+                                  float *const *xs, const float *const *x, int64_t in,     \
+                                  int64_t group, int64_t full, float *y, int64_t ys) {     \
+    (void)x, (void)full;   /* a tiled width has no fp32 tail (as dot_i8_rows' arguments) */ \
     __m256 acc[R];                                                                        \
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                             \
     for (int64_t j = 0; j < in / group; j++) {                                            \
@@ -802,42 +810,10 @@ DOT_I8_TILE(2)
 DOT_I8_TILE(3)
 DOT_I8_TILE(4)
 
-/* One group of TILE weight rows against B input rows (strides as dot_i4_batch), by fours:
- * y[b * ys + k] = row k's product with input row b. */
-static inline void dot_i4_tile_batch(const uint8_t *q, const uint16_t *d, const uint16_t *m,
-                                     int8_t *xq, int64_t sxq, float *xs, float *xsum,
-                                     int64_t sxs, int64_t B, int64_t nb, float *y, int64_t ys) {
-    for (int64_t b0 = 0; b0 < B; b0 += 4) {
-        int8_t *xr[4];
-        float *sr[4], *tr[4];
-        int64_t R = B - b0 < 4 ? B - b0 : 4;
-        for (int64_t r = 0; r < R; r++) {
-            xr[r] = xq + (b0 + r) * sxq;
-            sr[r] = xs + (b0 + r) * sxs;
-            tr[r] = xsum + (b0 + r) * sxs;
-        }
-        float *yo = y + b0 * ys;
-        ROWS_CALL(dot_i4_tile, R, q, d, m, xr, sr, tr, nb, yo, ys)
-    }
-}
-
-/* One group of TILE int8 rows (w, ws at the group's start) against B input rows (strides as
- * dot_i8_batch), by fours: y[b * ys + k] = row k's product with input row b. */
-static inline void dot_i8_tile_batch(const int8_t *w, const float *ws, int16_t *xq, int64_t sq,
-                                     float *xs, int64_t ss, int64_t B, int64_t in,
-                                     int64_t group, float *y, int64_t ys) {
-    for (int64_t b0 = 0; b0 < B; b0 += 4) {
-        int16_t *q[4];
-        float *s[4];
-        int64_t R = B - b0 < 4 ? B - b0 : 4;
-        for (int64_t r = 0; r < R; r++) {
-            q[r] = xq + (b0 + r) * sq;
-            s[r] = xs + (b0 + r) * ss;
-        }
-        float *yo = y + b0 * ys;
-        ROWS_CALL(dot_i8_tile, R, w, ws, q, s, in, group, yo, ys)
-    }
-}
+/* One group of TILE rows against B input rows, as dot_i4_batch / dot_i8_batch: y[b * ys + k]
+ * = row k's product with input row b. */
+I4_BATCH(dot_i4_tile_batch, dot_i4_tile)
+I8_BATCH(dot_i8_tile_batch, dot_i8_tile)
 #else
 static inline void dot_i4_tile_batch(const uint8_t *q, const uint16_t *d, const uint16_t *m,
                                      int8_t *xq, int64_t sxq, float *xs, float *xsum,
@@ -847,10 +823,11 @@ static inline void dot_i4_tile_batch(const uint8_t *q, const uint16_t *d, const 
     abort();   /* no build without TILE tiles a matrix (weight_tile() is 0) */
 }
 static inline void dot_i8_tile_batch(const int8_t *w, const float *ws, int16_t *xq, int64_t sq,
-                                     float *xs, int64_t ss, int64_t B, int64_t in,
-                                     int64_t group, float *y, int64_t ys) {
-    (void)w, (void)ws, (void)xq, (void)sq, (void)xs, (void)ss, (void)B, (void)in, (void)group;
-    (void)y, (void)ys;
+                                     float *xs, int64_t ss, const float *x, int64_t sx,
+                                     int64_t B, int64_t in, int64_t group, int64_t full,
+                                     float *y, int64_t ys) {
+    (void)w, (void)ws, (void)xq, (void)sq, (void)xs, (void)ss, (void)x, (void)sx, (void)B;
+    (void)in, (void)group, (void)full, (void)y, (void)ys;
     abort();
 }
 #endif

@@ -59,59 +59,38 @@ static inline float dot_f32(const float *restrict w, const float *restrict x, in
  * (x row stride xs, y row stride ys): a weight row is read once for all B. */
 static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const scratch_t *s,
                  float *y, int64_t ys, int64_t o0, int64_t o1) {
-    int64_t in = w->cols;
+    int64_t in = w->cols, tiled = w->tile ? w->rows / w->tile * w->tile : 0;
     if (w->dtype == W_I4) {   /* groups of up to 4 input rows share each unpacked block */
-        int64_t nb = in / 32, full = w->tile ? w->rows / w->tile * w->tile : 0;
-        for (int64_t o = o0; o < o1;) {
-            int64_t n = o < full ? w->tile : 1;   /* a whole tile: chunks start at tiles */
+        int64_t nb = in / 32;
+        for (int64_t o = o0, n; o < o1; o += n) {
+            n = o < tiled ? w->tile : 1;   /* a whole tile: chunks start at tiles */
             if (n == 1)   /* a tile's contiguous bytes stream faster without (matvec.c) */
                 prefetch_i4(w->data, o, in / 2, w->rows);
-            const uint8_t *q = (const uint8_t *)w->data + o * (in / 2);
-            const uint16_t *d = (const uint16_t *)w->scale + o * nb, *m = w->min + o * nb;
-            int8_t *xq = (int8_t *)s->xq;
-            if (n > 1)
-                dot_i4_tile_batch(q, d, m, xq, 2 * s->sxq, s->xs, s->xsum, s->sxs, B, nb,
-                                  y + o, ys);
-            else
-                dot_i4_batch(q, d, m, xq, 2 * s->sxq, s->xs, s->xsum, s->sxs, B, nb, y + o,
-                             ys);
-            if (w->bias)
-                for (int64_t k = 0; k < n; k++)
-                    for (int64_t b = 0; b < B; b++) y[b * ys + o + k] += w->bias[o + k];
-            o += n;
+            (n > 1 ? dot_i4_tile_batch : dot_i4_batch)(
+                (const uint8_t *)w->data + o * (in / 2), (const uint16_t *)w->scale + o * nb,
+                w->min + o * nb, (int8_t *)s->xq, 2 * s->sxq, s->xs, s->xsum, s->sxs, B, nb,
+                y + o, ys);
         }
-        return;
-    }
-    if (w->dtype == W_I8) {   /* groups of up to 4 input rows share each widened block */
-        int64_t ng = (in + w->group - 1) / w->group, full = in / w->group;
-        int64_t tiled = w->tile ? w->rows / w->tile * w->tile : 0;
-        for (int64_t o = o0; o < o1;) {
-            int64_t n = o < tiled ? w->tile : 1;   /* a whole tile: chunks start at tiles */
-            const int8_t *wo = (const int8_t *)w->data + o * in;
-            const float *so = (const float *)w->scale + o * ng;
-            if (n > 1)
-                dot_i8_tile_batch(wo, so, s->xq, s->sxq, s->xs, s->sxs, B, in, w->group,
-                                  y + o, ys);
-            else
-                dot_i8_batch(wo, so, s->xq, s->sxq, s->xs, s->sxs, x, xs, B, in, w->group,
-                             full, y + o, ys);
-            if (w->bias)
-                for (int64_t k = 0; k < n; k++)
-                    for (int64_t b = 0; b < B; b++) y[b * ys + o + k] += w->bias[o + k];
-            o += n;
+    } else if (w->dtype == W_I8) {   /* groups of up to 4 input rows share each widened block */
+        int64_t ng = (in + w->group - 1) / w->group;
+        for (int64_t o = o0, n; o < o1; o += n) {
+            n = o < tiled ? w->tile : 1;
+            (n > 1 ? dot_i8_tile_batch : dot_i8_batch)(
+                (const int8_t *)w->data + o * in, (const float *)w->scale + o * ng, s->xq,
+                s->sxq, s->xs, s->sxs, x, xs, B, in, w->group, in / w->group, y + o, ys);
         }
-        return;
+    } else {   /* float weights: groups of up to 4 input rows share each widened weight */
+        int kind = w->dtype == W_F32 ? 0 : w->dtype == W_BF16 ? 1 : 2;
+        size_t size = w->dtype == W_F32 ? 4 : 2;
+        for (int64_t o = o0; o < o1; o++) {
+            prefetch_float(w->data, o, in * size, w->rows, B);
+            dot_float_batch(kind, (const char *)w->data + o * in * size, x, xs,
+                            (const uint16_t *)s->xq, s->sxq, B, in, y + o, ys);
+        }
     }
-    /* float weights: groups of up to 4 input rows share each widened weight */
-    int kind = w->dtype == W_F32 ? 0 : w->dtype == W_BF16 ? 1 : 2;
-    size_t size = w->dtype == W_F32 ? 4 : 2;
-    for (int64_t o = o0; o < o1; o++) {
-        prefetch_float(w->data, o, in * size, w->rows, B);
-        dot_float_batch(kind, (const char *)w->data + o * in * size, x, xs,
-                        (const uint16_t *)s->xq, s->sxq, B, in, y + o, ys);
-        if (w->bias)
-            for (int64_t b = 0; b < B; b++) y[b * ys + o] += w->bias[o];
-    }
+    if (w->bias)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t o = o0; o < o1; o++) y[b * ys + o] += w->bias[o];
 }
 
 /* Inside a parallel region, every thread: y[b] = W x[b] for B rows, weight rows handed out

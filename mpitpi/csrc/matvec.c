@@ -79,12 +79,9 @@ void matvec_i8(const float *restrict x, const int8_t *restrict w, const float *r
     #pragma omp parallel for schedule(static)   /* rows of x by fours share widened weights */
     for (int64_t u = 0; u < tile_units(out, tile); u++) {
         int64_t o, n = tile_unit(u, out, tile, &o);
-        if (n > 1)
-            dot_i8_tile_batch(w + o * in, scale + o * n_groups, xq, in, xs, n_groups, T, in,
-                              group, y + o, out);
-        else
-            dot_i8_batch(w + o * in, scale + o * n_groups, xq, in, xs, n_groups, x, in, T, in,
-                         group, full, y + o, out);
+        (n > 1 ? dot_i8_tile_batch : dot_i8_batch)(w + o * in, scale + o * n_groups, xq, in,
+                                                   xs, n_groups, x, in, T, in, group, full,
+                                                   y + o, out);
     }
     free(xq);
     free(xs);
@@ -94,8 +91,8 @@ void matvec_i8(const float *restrict x, const int8_t *restrict w, const float *r
  * (rows, in / group) fp32; in a whole number of groups of at most I8_TILE_GROUP), rearranged
  * in place into tiles (common.h). One thread, as tile_i4. */
 void tile_i8(int8_t *w, float *scale, int64_t rows, int64_t in, int64_t group) {
-    const int64_t T = TILE, ng = in / group;
-    if (!T || rows < T || in % group || group > I8_TILE_GROUP)
+    const int64_t T = TILE ? TILE : 1, ng = in / group;   /* 1: never used, no division by 0 */
+    if (!TILE || rows < T || in % group || group > I8_TILE_GROUP)
         return;
     int8_t *tw = malloc((size_t)(T * in));
     float *ts = malloc(sizeof(float) * T * ng);
@@ -121,8 +118,8 @@ int64_t weight_tile(void) { return TILE; }
  * d and m (rows, in / 32)), rearranged in place into tiles (common.h). One thread: it runs
  * beside the model's compute (the layer prefetcher). */
 void tile_i4(uint8_t *q, uint16_t *d, uint16_t *m, int64_t rows, int64_t in) {
-    const int64_t T = TILE, nb = in / 32;
-    if (!T || rows < T)
+    const int64_t T = TILE ? TILE : 1, nb = in / 32;   /* as tile_i8 */
+    if (!TILE || rows < T)
         return;
     uint8_t *tq = malloc((size_t)(T * nb * 16));
     uint16_t *td = malloc(sizeof(uint16_t) * T * nb), *tm = malloc(sizeof(uint16_t) * T * nb);
@@ -160,12 +157,8 @@ void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_
         if (n == 1)   /* a tile's 16 rows lie together: prefetches measured slower there
                        * (67 MB of int4 tiles, 1 thread: 3.8-4.7 ms without, 5.2-7.0 with) */
             prefetch_i4(q, o, in / 2, out);
-        if (n > 1)
-            dot_i4_tile_batch(q + o * (in / 2), d + o * nb, m + o * nb, xq, in, xs, xsum, nb,
-                              T, nb, y + o, out);
-        else
-            dot_i4_batch(q + o * (in / 2), d + o * nb, m + o * nb, xq, in, xs, xsum, nb, T,
-                         nb, y + o, out);
+        (n > 1 ? dot_i4_tile_batch : dot_i4_batch)(q + o * (in / 2), d + o * nb, m + o * nb,
+                                                   xq, in, xs, xsum, nb, T, nb, y + o, out);
     }
     free(xq);
     free(xs);
