@@ -53,7 +53,7 @@ PREFILL_ROWS = 128   # rows of a prompt chunk (batch.PREFILL_CHUNK)
 C_ALWAYS = 1 << 30
 DEFAULT_MAX_T = {"fp32": C_ALWAYS, "bf16": C_ALWAYS, "fp16": C_ALWAYS, "int8": C_ALWAYS,
                  "int4": PREFILL_ROWS}
-VERSION = 4          # of the measurement: a choices file of another version is measured again
+VERSION = 5          # of the measurement: a choices file of another version is measured again
 
 
 @dataclass
@@ -175,13 +175,17 @@ def measure(n: int = 2048) -> Choices:
                 f"in {NAMES[pre]}")
     # torch has no weight-only integer product: it runs on a copy dequantized for the call,
     # in bf16 where the CPU has bf16 instructions and that measured faster, else in fp32
-    for dtype, quantize in ((torch.int8, quantize_int8), (torch.uint8, quantize_int4)):
+    # the matrices are tiled as the model's are (both paths read the tiles)
+    for dtype, quantize, tile in ((torch.int8, quantize_int8, kernels.tile_i8),
+                                  (torch.uint8, quantize_int4, kernels.tile_i4)):
         name = NAMES[dtype]
         wide, narrow = quantize(w32), quantize(w32[:, :NARROW].contiguous())
+        tiles = {n: tile(*wide), NARROW: tile(*narrow)}
 
-        def dequantized(x, pre, wide=wide, narrow=narrow):
+        def dequantized(x, pre, wide=wide, narrow=narrow, tiles=tiles):
             parts = wide if x.shape[1] == n else narrow
-            return F.linear(x.to(pre), kernels.dequantize(*parts, dtype=pre)).float()
+            return F.linear(x.to(pre), kernels.dequantize(*parts, dtype=pre,
+                                                          tile=tiles[x.shape[1]])).float()
         if _bf16_instructions():
             x = torch.randn(64, n, generator=g)
             bf = _median_ms(lambda: dequantized(x, torch.bfloat16))
@@ -190,8 +194,9 @@ def measure(n: int = 2048) -> Choices:
             c.why.append(f"{name} prefill (64 rows, the copy made included): bf16 {bf:.2f} ms, "
                          f"fp32 {fp:.2f} ms")
         pre = c.prefill_dtype(dtype)
-        # int4's C kernel keeps the activations in fp32 for prompt rows (exact=True)
-        _choose(c, name, lambda x, wide=wide: kernels.matvec(x, *wide, exact=True),
+        # int4's C kernel rounds prompt rows to int16 per block (wide=True)
+        _choose(c, name, lambda x, parts=wide: kernels.matvec(x, *parts, wide=True,
+                                                              tile=tiles[n]),
                 lambda x, pre=pre: dequantized(x, pre), n, g,
                 f"on a dequantized {NAMES[pre]} copy")
         if name == "int4" and c.max_t[name] == C_ALWAYS:   # the C kernels up to a chunk

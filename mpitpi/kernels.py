@@ -132,8 +132,8 @@ def _load():
             getattr(lib, name).argtypes = [p, p, p, i64, i64, i64]
         # x, w, scale, y, T, in, out, group, tile
         lib.matvec_i8.argtypes = [p, p, p, p, i64, i64, i64, i64, i64]
-        # x, q, d, m, y, T, in, out, tile
-        lib.matvec_i4.argtypes = lib.matvec_i4_exact.argtypes = [p, p, p, p, p, i64, i64, i64, i64]
+        # x, q, d, m, y, T, in, out, tile, wide
+        lib.matvec_i4.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64]
         c_int = ctypes.c_int
         # q, d, m, w, rows, in, bf16, tile
         lib.dequant_i4.argtypes = [p, p, p, p, i64, i64, c_int, i64]
@@ -146,8 +146,8 @@ def _load():
         lib.rows_i8.argtypes = [p, p, p, i64, p, i64, i64, i64, i64]
         # q, d, m, index, n, out, rows, in, tile
         lib.rows_i4.argtypes = [p, p, p, p, i64, p, i64, i64, i64]
-        for name in (*_FUNCS.values(), "matvec_i8", "matvec_i4", "matvec_i4_exact",
-                     "dequant_i4", "dequant_i8", "tile_i4", "tile_i8", "rows_i4", "rows_i8"):
+        for name in (*_FUNCS.values(), "matvec_i8", "matvec_i4", "dequant_i4",
+                     "dequant_i8", "tile_i4", "tile_i8", "rows_i4", "rows_i8"):
             getattr(lib, name).restype = None
         w, s, f = ctypes.POINTER(CWeight), ctypes.POINTER(CScratch), ctypes.c_float
         lib.decode_attn.argtypes = [p, p, f, w, w, p, i64, i64, i64, i64, p, s, p, i64]
@@ -215,14 +215,16 @@ def tile_i8(w: torch.Tensor, scale: torch.Tensor) -> int:
 
 
 def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-           min: torch.Tensor | None = None, exact: bool = False, tile: int = 0
+           min: torch.Tensor | None = None, wide: bool = False, tile: int = 0
            ) -> torch.Tensor:
     """x (T, in) fp32 @ W.T -> (T, out) fp32 for the matrix W (out, in) stored as ``w``.
 
     Contract: ``available()`` is True; every tensor contiguous; w is fp32/bf16/fp16
     (out, in) alone, int8 (out, in) with ``scale`` (out, ceil(in / group)) fp32, or uint8
     (out, in / 2) int4 blocks with ``scale`` and ``min`` (out, in / 32) fp16 (quant.py).
-    int4 rounds x to int8 per block (decode); ``exact`` keeps x in fp32 (prompts); ``tile``:
+    int4 rounds x per block of 32 to int8 (decode) or, ``wide``, to int16 (prompt rows and
+    logits: 1/65534 of the block's largest |x|, and a row's numbers do not depend on the rows
+    beside it, in a tile or not); ``tile``:
     the int4 or int8 matrix's rows are in tiles (``tile_i4``, ``tile_i8``) or plain (0).
     """
     lib = _load()
@@ -231,9 +233,8 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     n_out = w.shape[0]
     out = torch.empty(T, n_out)
     if w.dtype == torch.uint8:
-        f = lib.matvec_i4_exact if exact else lib.matvec_i4
-        f(x.data_ptr(), w.data_ptr(), scale.data_ptr(), min.data_ptr(), out.data_ptr(), T, n_in,
-          n_out, tile)
+        lib.matvec_i4(x.data_ptr(), w.data_ptr(), scale.data_ptr(), min.data_ptr(),
+                      out.data_ptr(), T, n_in, n_out, tile, int(wide))
     elif w.dtype == torch.int8:
         lib.matvec_i8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), out.data_ptr(),
                       T, n_in, n_out, int8_group(n_in, scale.shape[1]), tile)
@@ -306,7 +307,7 @@ def c_weight(data: torch.Tensor, scale: torch.Tensor | None, min: torch.Tensor |
 
 class CScratch(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_void_p) for n in ("h", "mid", "act", "xq", "xs", "xsum")] +
-                [(n, ctypes.c_int64) for n in ("sh", "smid", "sact", "sxq", "sxs")])
+                [(n, ctypes.c_int64) for n in ("sh", "smid", "sact", "sxq", "sxs", "wide")])
 
 
 def _stride(n: int) -> int:
@@ -317,8 +318,8 @@ def _stride(n: int) -> int:
 class Scratch:
     """The fused step's buffers for ``rows`` rows, made once per batch size (no per-token
     allocation): per row h (dim,), mid (max(qkv rows, 2 f),), act (max(n_q hd, f),),
-    quantized activations (int16 for int8 weights, int8 for int4), their scales per group
-    and block sums."""
+    quantized activations (int16 for int8 weights; int8 for int4, int16 for prompt rows),
+    their scales per group and block sums."""
 
     def __init__(self, dim: int, mid: int, act: int, rows: int = 1):
         widest = max(dim, act)
@@ -328,7 +329,7 @@ class Scratch:
         self.tensors = [torch.empty(rows * st[0]), torch.empty(rows * st[1]),
                         torch.empty(rows * st[2]), torch.empty(rows * st[3], dtype=torch.int16),
                         torch.empty(rows * st[4]), torch.empty(rows * st[4])]
-        self.c = CScratch(*(t.data_ptr() for t in self.tensors), *st)
+        self.c = CScratch(*(t.data_ptr() for t in self.tensors), *st, 0)
 
 
 ROW_WORDS = 7   # csrc/decode.c's row_t: cache_k, cache_v, cos, sin pointers; cap, start, pos
@@ -373,14 +374,16 @@ class DecodeStep:
             self.x_all, self.part_all = torch.empty(B, dim), torch.empty(B, dim)
             self.B = B
 
-    def places(self, table: np.ndarray, cos: torch.Tensor, sin: torch.Tensor
-               ) -> torch.Tensor:
+    def places(self, table: np.ndarray, cos: torch.Tensor, sin: torch.Tensor,
+               prompt: bool = False) -> torch.Tensor:
         """Set this pass's rows: ``table`` (n_layers, B, ROW_WORDS) int64 row_t of each row
         in each layer (model.Transformer._row_table), pointing into ``cos``, ``sin`` and the
-        caches, which the caller keeps alive. Returns the (B, dim) x to fill; the partial
-        sums land in ``part``."""
+        caches, which the caller keeps alive. ``prompt``: they are prompt rows, whose int4
+        products take int16 activations (``matvec``'s ``wide``), not decode's int8. Returns
+        the (B, dim) x to fill; the partial sums land in ``part``."""
         B = table.shape[1]
         self.resize(B)
+        self.scratch.c.wide = int(prompt)
         self.x, self.part = self.x_all[:B], self.part_all[:B]
         self.tables, self.n = (table, cos, sin), B
         base, step = table.ctypes.data, B * ROW_WORDS * 8

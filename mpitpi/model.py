@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpitpi import kernels
+from mpitpi import choices, kernels
 from mpitpi.config import ModelArgs
 from mpitpi.plan import RankSlice, vocab_counts
 from mpitpi.prefetch import LayerStore
@@ -300,10 +300,11 @@ class Transformer:
         if more:
             step.x.add_(self.reduce(step.part))
 
-    def _fused(self, segs: list[Segment], x: torch.Tensor) -> torch.Tensor:
+    def _fused(self, segs: list[Segment], x: torch.Tensor, prompt: bool = False
+               ) -> torch.Tensor:
         """Every row of ``segs`` through the fused step, each with exactly the numbers it
-        would get alone -> (R, dim)."""
-        xs = self.step.places(self._row_table(segs), self.cos, self.sin)
+        would get alone -> (R, dim). ``prompt``: prompt rows (int4 products in int16)."""
+        xs = self.step.places(self._row_table(segs), self.cos, self.sin, prompt)
         xs.copy_(x)
         for i in range(self.n_layers):
             self.decode_layer(i, self.layers.get(i))
@@ -318,7 +319,9 @@ class Transformer:
         the numbers it would get alone, in a batch or not; prompt rows keep fp32 activations
         between products (each product's path per host: Weight.__call__), their attention
         row by row in C (each row's numbers do not depend on how the prompt was cut into
-        chunks, nor on which prefix was cached). Collective:
+        chunks, nor on which prefix was cached). Where every layer matrix's prompt product
+        is the C kernels' for this many rows (choices.py; int4 and int8 on most hosts),
+        prompt rows run the fused step too, in its prompt mode (``_prompt_fused``). Collective:
         1 + 2 n_layers calls of ``reduce``, the same on every rank, whatever the number of
         segments. Each slot's cache is grown as needed and written at its segment's
         positions; ``cached[slot]`` becomes the tokens before ``start`` and these.
@@ -330,12 +333,25 @@ class Transformer:
         tokens = segs[0].tokens if len(segs) == 1 else torch.cat([g.tokens for g in segs])
         x = self.embed_tokens(tokens)                             # (R, dim)
         decode = not any(g.prompt for g in segs)
-        x = self._fused(segs, x) if decode and self.fused else self._layers(x, segs, decode)
+        if self.fused and (decode or self._prompt_fused(x.shape[0])):
+            x = self._fused(segs, x, prompt=not decode)
+        else:
+            x = self._layers(x, segs, decode)
         ends = list(accumulate(g.tokens.shape[0] for g in segs))
         rows = [r for g, e in zip(segs, ends) for r in range(e - g.n_out, e)]
         h = x if len(rows) == x.shape[0] else x[rows]             # (n_out total, dim)
         return self.top.lm_head(rms_norm(h, self.top.norm, self.args.norm_eps), decode=decode,
                                 logits=True)
+
+    def _prompt_fused(self, R: int) -> bool:
+        """Whether R prompt rows run the fused step: where Weight.__call__ would take the C
+        kernels for every layer matrix (R within each storage's ``kernel_rows``), the fused
+        step computes the same products (int4 with int16 activations, as there) without a
+        Python round per operation; each row still gets the numbers it would get alone. The
+        answer depends on R and the host only, so a prompt row computed in any chunk, or in
+        a cached prefix, got it the same way."""
+        c = choices.host()
+        return all(R <= c.kernel_rows(k) for k in self.layers.kinds)
 
     def forward(self, tokens: torch.Tensor, start: int, slot: int = 0) -> torch.Tensor:
         """tokens (T,) at positions [start, start+T) of ``slot`` -> (n_vocab_r,) logits of

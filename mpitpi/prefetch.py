@@ -43,6 +43,7 @@ class LayerStore(Protocol):
     ``done(i)`` says the model has finished with it (its memory may be reused)."""
     n_resident: int            # layers kept in memory for good
     window: int | None         # slots the other layers stream through; None: all resident
+    kinds: set[str]            # the storages of the layers' matrices (weights.DTYPES keys)
     layer_nbytes: int          # bytes of one layer's slices as stored
     wait_s: float              # seconds ``get`` has waited for reads so far
 
@@ -65,6 +66,7 @@ class Resident:
 
     def __init__(self, layers: list[LayerWeights], layer_nbytes: int):
         self.layers = layers
+        self.kinds = set().union(*(w.kinds() for w in layers))
         self.n_resident = len(layers)
         self.layer_nbytes = layer_nbytes
         self.wait_s = 0.0
@@ -104,6 +106,7 @@ class Streamed:
         self.streamed = list(range(n_resident, n_layers))
         self.window = min(window, max(1, len(self.streamed)))
         self.wait_s = 0.0
+        self.kinds = set().union(*(w.kinds() for w in self.resident))
         self._stop = threading.Event()
         self._free: queue.Queue = queue.Queue()
         self._ready: queue.Queue = queue.Queue()
@@ -111,6 +114,7 @@ class Streamed:
         if not self.streamed:
             return
         for slot in self._slots():
+            self.kinds |= slot[2].kinds()
             self._free.put(slot)
         self._thread = threading.Thread(target=self._run, name="mpitpi-prefetch", daemon=True)
         self._thread.start()

@@ -114,10 +114,10 @@ class Weight:
         pre = torch.float32 if logits else host   # what torch's product computes in
         # logits where the host's prompt products are bf16: the C kernels, which keep fp32
         if kernels.available() and (decode or pre != host or T <= c.kernel_rows(self.kind)):
-            # int4: decode rounds x to int8 per block (fast); prompt rows here keep x in
-            # fp32 (an int8 rounding there flipped SmolLM2's near-tie first token,
+            # int4: decode rounds x to int8 per block (fast); prompt rows and logits to
+            # int16 (an int8 rounding there flipped SmolLM2's near-tie first token,
             # docs/BENCHMARKS.md)
-            y = kernels.matvec(x, w, self.scale, self.min, exact=not decode, tile=self.tile)
+            y = kernels.matvec(x, w, self.scale, self.min, wide=not decode, tile=self.tile)
             return y if self.bias is None else y + self.bias
         pad = -T % c.pad_rows(self.kind)
         if pad:
@@ -222,6 +222,10 @@ class LayerWeights:
         for w in (self.wqkv, self.wo, self.w13, self.w2):
             w.tile_rows()
         return self
+
+    def kinds(self) -> set[str]:
+        """The storages of its matrices (keys of DTYPES)."""
+        return {w.kind for w in (self.wqkv, self.wo, self.w13, self.w2)}
 
 
 @dataclass

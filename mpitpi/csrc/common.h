@@ -601,12 +601,12 @@ static inline void prefetch_float(const void *w, int64_t o, int64_t rb, int64_t 
  * scales and scaled sums at xs, xsum + b * sxs), groups of up to four sharing each
  * unpacked step: y[b * ys] = the row's product with row b, as dot_i4_row gives it (ROWS:
  * dot_i4_rows; dot_i4_tile for a tile of rows, y[b * ys + k] for its row k). */
-#define I4_BATCH(NAME, ROWS)                                                              \
-static inline void NAME(const uint8_t *q, const uint16_t *d, const uint16_t *m, int8_t *xq, \
+#define I4_BATCH(NAME, ROWS, XT)                                                          \
+static inline void NAME(const uint8_t *q, const uint16_t *d, const uint16_t *m, XT *xq,   \
                         int64_t sxq, float *xs, float *xsum, int64_t sxs, int64_t B,       \
                         int64_t nb, float *y, int64_t ys) {                               \
     for (int64_t b0 = 0; b0 < B; b0 += 4) {                                               \
-        int8_t *xr[4];                                                                    \
+        XT *xr[4];                                                                        \
         float *sr[4], *tr[4];                                                             \
         int64_t R = B - b0 < 4 ? B - b0 : 4;                                              \
         for (int64_t r = 0; r < R; r++) {                                                 \
@@ -618,7 +618,68 @@ static inline void NAME(const uint8_t *q, const uint16_t *d, const uint16_t *m, 
         ROWS_CALL(ROWS, R, q, d, m, xr, sr, tr, nb, yo, ys)                               \
     }                                                                                     \
 }
-I4_BATCH(dot_i4_batch, dot_i4_rows)
+I4_BATCH(dot_i4_batch, dot_i4_rows, int8_t)
+
+/* int4 against int16 activations (prompt rows, the int4 vocabulary's logits): x is quantised
+ * per block of 32 to int16 (quantize_x16: error 1/65534 of the block's largest |x|, where
+ * decode's int8 has 1/254), and a block's share is d xs[b] (sum of n_j a_j) + m xsum[b] as
+ * above. The integer sums are exact (|sum| <= 15 x 32767 x 32 < 2^24, so their conversion to
+ * fp32 is exact too) and every row's float steps are the same two fused multiply-adds per
+ * block in block order, in the tiles' lanes as in dot_i4w_row: a row gets the same numbers
+ * whatever rows lie beside it, in a tile or not, on every build with FMA.
+ * The activations are stored in pair order, to match the tiles' unpacking (DOT_I4W_TILE):
+ * int32 word 4t + k of a block holds the int16 pair of columns (4t, 4t + 2), (4t + 1,
+ * 4t + 3), (16 + 4t, 18 + 4t), (17 + 4t, 19 + 4t) for k = 0 .. 3. */
+static inline int i4w_slot(int c) {
+    int h = c >= 16, t = (c & 15) >> 2, k = c & 3;
+    return 2 * (4 * t + 2 * h + (k & 1)) + (k >> 1);
+}
+
+static inline void quantize_x16(const float *x, int64_t nb, int16_t *xq, float *xs,
+                                float *xsum) {
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * 32;
+        float m = 0.f;
+        for (int i = 0; i < 32; i++) m = fabsf(xb[i]) > m ? fabsf(xb[i]) : m;
+        float s = m > 0.f ? m / 32767.f : 1.f, inv = 1.f / s;
+        int sum = 0;
+        for (int i = 0; i < 32; i++) {
+            int v = (int)lrintf(xb[i] * inv);
+            xq[b * 32 + i4w_slot(i)] = (int16_t)v;
+            sum += v;
+        }
+        xs[b] = s;
+        xsum[b] = s * (float)sum;
+    }
+}
+
+static inline float dot_i4w_row(const uint8_t *q, const uint16_t *d, const uint16_t *m,
+                                const int16_t *xq, const float *xs, const float *xsum,
+                                int64_t nb) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *qb = q + b * 16;
+        const int16_t *a = xq + b * 32;
+        int32_t s = 0;
+        for (int j = 0; j < 16; j++)
+            s += (qb[j] & 15) * a[i4w_slot(j)] + (qb[j] >> 4) * a[i4w_slot(j + 16)];
+        acc = fmaf((float)s, f16_to_f32(d[b]) * xs[b], acc);
+        acc = fmaf(f16_to_f32(m[b]), xsum[b], acc);
+    }
+    return acc;
+}
+#define DOT_I4W_ROWS(R)                                                                   \
+static inline void dot_i4w_rows##R(const uint8_t *q, const uint16_t *d, const uint16_t *m, \
+                                   int16_t *const *xq, float *const *xs,                   \
+                                   float *const *xsum, int64_t nb, float *y, int64_t ys) { \
+    for (int r = 0; r < R; r++)                                                           \
+        y[r * ys] = dot_i4w_row(q, d, m, xq[r], xs[r], xsum[r], nb);                      \
+}
+DOT_I4W_ROWS(1)
+DOT_I4W_ROWS(2)
+DOT_I4W_ROWS(3)
+DOT_I4W_ROWS(4)
+I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
 
 /* Tiles. Where the build has them, the full groups of TILE weight rows of an int4 or int8
  * matrix are stored interleaved (tile_i4 / tile_i8 in matvec.c, run on the layers' and the
@@ -729,6 +790,44 @@ static inline void dot_i8_tile##R(const int8_t *w, int16_t *const *xq, const flo
     }                                                                                     \
     for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ys, acc[r]);                    \
 }
+
+/* One group of 16 int4 rows against R input rows of int16 activations (quantize_x16): a
+ * 64-byte chunk t of a block gives four registers of int16 column pairs, one row per lane
+ * (v & 15: columns 4t, 4t + 2; v >> 8: 4t + 1, 4t + 3; v >> 4 and v >> 12: the same plus 16),
+ * each multiplied against the activations' matching pair with vpdpwssd. */
+#define DOT_I4W_TILE(R)                                                                   \
+static inline void dot_i4w_tile##R(const uint8_t *q, const uint16_t *d, const uint16_t *m, \
+                                   int16_t *const *xq, float *const *xs,                   \
+                                   float *const *xsum, int64_t nb, float *y, int64_t ys) { \
+    const __m512i low = _mm512_set1_epi16(15);                                            \
+    __m512 acc[R];                                                                        \
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                             \
+    for (int64_t b = 0; b < nb; b++) {                                                    \
+        const uint8_t *qb = q + b * 256;                                                  \
+        __m512i w[16];                                                                    \
+        for (int t = 0; t < 4; t++) {                                                     \
+            __m512i v = _mm512_loadu_si512((const void *)(qb + 64 * t));                  \
+            w[4 * t] = _mm512_and_si512(v, low);                                          \
+            w[4 * t + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 8), low);                \
+            w[4 * t + 2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);                \
+            w[4 * t + 3] = _mm512_srli_epi16(v, 12);                                      \
+        }                                                                                 \
+        __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + b * 16)));   \
+        __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + b * 16)));   \
+        for (int r = 0; r < R; r++) {                                                     \
+            const int16_t *a = xq[r] + b * 32;                                            \
+            __m512i p0 = _mm512_setzero_si512(), p1 = _mm512_setzero_si512();             \
+            for (int p = 0; p < 16; p += 2) {                                             \
+                p0 = DPWSSD512(p0, w[p], X2(a, p));                                       \
+                p1 = DPWSSD512(p1, w[p + 1], X2(a, p + 1));                               \
+            }                                                                             \
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p0, p1)),         \
+                                     _mm512_mul_ps(dv, _mm512_set1_ps(xs[r][b])), acc[r]); \
+            acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum[r][b]), acc[r]);             \
+        }                                                                                 \
+    }                                                                                     \
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ys, acc[r]);                    \
+}
 #elif defined(__AVX2__) && defined(HAVE_F16X8)
 #define TILE 8
 #define X4(x, c) _mm256_set1_epi32(*(const int32_t *)((x) + 4 * (c)))   /* 4 bytes, each lane */
@@ -796,6 +895,42 @@ static inline void dot_i8_tile##R(const int8_t *w, int16_t *const *xq, const flo
     }                                                                                     \
     for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ys, acc[r]);                    \
 }
+
+/* The AVX2 int4 tile against int16 activations: 8 rows, as the AVX-512 one (vpmaddwd). */
+#define DOT_I4W_TILE(R)                                                                   \
+static inline void dot_i4w_tile##R(const uint8_t *q, const uint16_t *d, const uint16_t *m, \
+                                   int16_t *const *xq, float *const *xs,                   \
+                                   float *const *xsum, int64_t nb, float *y, int64_t ys) { \
+    const __m256i low = _mm256_set1_epi16(15);                                            \
+    __m256 acc[R];                                                                        \
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                             \
+    for (int64_t b = 0; b < nb; b++) {                                                    \
+        const uint8_t *qb = q + b * 128;                                                  \
+        __m256 dv = f16x8(d + b * 8), mv = f16x8(m + b * 8);                              \
+        __m256i p[R];                                                                     \
+        for (int r = 0; r < R; r++) p[r] = _mm256_setzero_si256();                        \
+        for (int t = 0; t < 4; t++) {                                                     \
+            __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * t));               \
+            __m256i w0 = _mm256_and_si256(v, low);                                        \
+            __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(v, 8), low);                  \
+            __m256i w2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);                  \
+            __m256i w3 = _mm256_srli_epi16(v, 12);                                        \
+            for (int r = 0; r < R; r++) {                                                 \
+                const int16_t *a = xq[r] + b * 32;                                        \
+                p[r] = DPWSSD(p[r], w0, X2(a, 4 * t));                                    \
+                p[r] = DPWSSD(p[r], w1, X2(a, 4 * t + 1));                                \
+                p[r] = DPWSSD(p[r], w2, X2(a, 4 * t + 2));                                \
+                p[r] = DPWSSD(p[r], w3, X2(a, 4 * t + 3));                                \
+            }                                                                             \
+        }                                                                                 \
+        for (int r = 0; r < R; r++) {                                                     \
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]),                            \
+                                     _mm256_mul_ps(dv, _mm256_set1_ps(xs[r][b])), acc[r]); \
+            acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[r][b]), acc[r]);             \
+        }                                                                                 \
+    }                                                                                     \
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ys, acc[r]);                    \
+}
 #else
 #define TILE 0
 #endif
@@ -812,7 +947,12 @@ DOT_I8_TILE(4)
 
 /* One group of TILE rows against B input rows, as dot_i4_batch / dot_i8_batch: y[b * ys + k]
  * = row k's product with input row b. */
-I4_BATCH(dot_i4_tile_batch, dot_i4_tile)
+DOT_I4W_TILE(1)
+DOT_I4W_TILE(2)
+DOT_I4W_TILE(3)
+DOT_I4W_TILE(4)
+I4_BATCH(dot_i4_tile_batch, dot_i4_tile, int8_t)
+I4_BATCH(dot_i4w_tile_batch, dot_i4w_tile, int16_t)
 I8_BATCH(dot_i8_tile_batch, dot_i8_tile)
 #else
 static inline void dot_i4_tile_batch(const uint8_t *q, const uint16_t *d, const uint16_t *m,
@@ -821,6 +961,14 @@ static inline void dot_i4_tile_batch(const uint8_t *q, const uint16_t *d, const 
     (void)q, (void)d, (void)m, (void)xq, (void)sxq, (void)xs, (void)xsum, (void)sxs, (void)B;
     (void)nb, (void)y, (void)ys;
     abort();   /* no build without TILE tiles a matrix (weight_tile() is 0) */
+}
+static inline void dot_i4w_tile_batch(const uint8_t *q, const uint16_t *d, const uint16_t *m,
+                                      int16_t *xq, int64_t sxq, float *xs, float *xsum,
+                                      int64_t sxs, int64_t B, int64_t nb, float *y,
+                                      int64_t ys) {
+    (void)q, (void)d, (void)m, (void)xq, (void)sxq, (void)xs, (void)xsum, (void)sxs, (void)B;
+    (void)nb, (void)y, (void)ys;
+    abort();
 }
 static inline void dot_i8_tile_batch(const int8_t *w, const float *ws, int16_t *xq, int64_t sq,
                                      float *xs, int64_t ss, const float *x, int64_t sx,

@@ -41,6 +41,8 @@ typedef struct {            /* caller-owned buffers, sized for the largest use; 
     float *xs;              /* their per-group scales */
     float *xsum;            /* int4: per block, the scale times the sum of the block */
     int64_t sh, smid, sact, sxq, sxs;   /* row strides of each (multiples of 16 elements) */
+    int64_t wide;           /* prompt rows: activations of int4 weights to int16, not int8
+                               (quantize_x16; the same numbers as kernels.matvec's wide) */
 } scratch_t;
 
 typedef struct {            /* one row of a step: its token's place */
@@ -64,12 +66,18 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
         int64_t nb = in / 32;
         for (int64_t o = o0, n; o < o1; o += n) {
             n = o < tiled ? w->tile : 1;   /* a whole tile: chunks start at tiles */
-            if (n == 1)   /* a tile's contiguous bytes stream faster without (matvec.c) */
-                prefetch_i4(w->data, o, in / 2, w->rows);
-            (n > 1 ? dot_i4_tile_batch : dot_i4_batch)(
-                (const uint8_t *)w->data + o * (in / 2), (const uint16_t *)w->scale + o * nb,
-                w->min + o * nb, (int8_t *)s->xq, 2 * s->sxq, s->xs, s->xsum, s->sxs, B, nb,
-                y + o, ys);
+            const uint8_t *q = (const uint8_t *)w->data + o * (in / 2);
+            const uint16_t *d = (const uint16_t *)w->scale + o * nb, *m = w->min + o * nb;
+            if (s->wide)
+                (n > 1 ? dot_i4w_tile_batch : dot_i4w_batch)(q, d, m, s->xq, s->sxq, s->xs,
+                                                             s->xsum, s->sxs, B, nb, y + o, ys);
+            else {
+                if (n == 1)   /* a tile's contiguous bytes stream faster without (matvec.c) */
+                    prefetch_i4(w->data, o, in / 2, w->rows);
+                (n > 1 ? dot_i4_tile_batch : dot_i4_batch)(q, d, m, (int8_t *)s->xq,
+                                                           2 * s->sxq, s->xs, s->xsum, s->sxs,
+                                                           B, nb, y + o, ys);
+            }
         }
     } else if (w->dtype == W_I8) {   /* groups of up to 4 input rows share each widened block */
         int64_t ng = (in + w->group - 1) / w->group;
@@ -101,7 +109,10 @@ static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
     for (int64_t b = 0; b < B; b++) {
         if (w->dtype == W_I8)
             quantize_x(x + b * xs, w->cols, w->group, s->xq + b * s->sxq, s->xs + b * s->sxs);
-        if (w->dtype == W_I4)
+        if (w->dtype == W_I4 && s->wide)
+            quantize_x16(x + b * xs, w->cols / 32, s->xq + b * s->sxq, s->xs + b * s->sxs,
+                         s->xsum + b * s->sxs);
+        else if (w->dtype == W_I4)
             quantize_x8(x + b * xs, w->cols / 32, (int8_t *)(s->xq + b * s->sxq),
                         s->xs + b * s->sxs, s->xsum + b * s->sxs);
 #ifdef BF16_DOT

@@ -142,23 +142,34 @@ void tile_i4(uint8_t *q, uint16_t *d, uint16_t *m, int64_t rows, int64_t in) {
     free(tm);
 }
 
-/* tile: 0 for plain rows, TILE for a matrix tile_i4 rearranged */
+/* tile: 0 for plain rows, TILE for a matrix tile_i4 rearranged; wide: x in int16 per block
+ * (quantize_x16: prompt rows and logits), else int8 (quantize_x8: decode) */
 void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_t *restrict d,
                const uint16_t *restrict m, float *restrict y, int64_t T, int64_t in,
-               int64_t out, int64_t tile) {
+               int64_t out, int64_t tile, int64_t wide) {
     int64_t nb = in / 32;
-    int8_t *xq = malloc((size_t)(T * in));
+    void *xq = malloc((size_t)(T * in) * (wide ? 2 : 1));
     float *xs = malloc(sizeof(float) * T * nb), *xsum = malloc(sizeof(float) * T * nb);
     for (int64_t t = 0; t < T; t++)
-        quantize_x8(x + t * in, nb, xq + t * in, xs + t * nb, xsum + t * nb);
+        if (wide)
+            quantize_x16(x + t * in, nb, (int16_t *)xq + t * in, xs + t * nb, xsum + t * nb);
+        else
+            quantize_x8(x + t * in, nb, (int8_t *)xq + t * in, xs + t * nb, xsum + t * nb);
     #pragma omp parallel for schedule(static)   /* rows of x by fours share unpacked blocks */
     for (int64_t u = 0; u < tile_units(out, tile); u++) {
         int64_t o, n = tile_unit(u, out, tile, &o);
-        if (n == 1)   /* a tile's 16 rows lie together: prefetches measured slower there
-                       * (67 MB of int4 tiles, 1 thread: 3.8-4.7 ms without, 5.2-7.0 with) */
-            prefetch_i4(q, o, in / 2, out);
-        (n > 1 ? dot_i4_tile_batch : dot_i4_batch)(q + o * (in / 2), d + o * nb, m + o * nb,
-                                                   xq, in, xs, xsum, nb, T, nb, y + o, out);
+        const uint8_t *qo = q + o * (in / 2);
+        const uint16_t *dq = d + o * nb, *mq = m + o * nb;
+        if (wide)
+            (n > 1 ? dot_i4w_tile_batch : dot_i4w_batch)(qo, dq, mq, xq, in, xs, xsum, nb, T,
+                                                         nb, y + o, out);
+        else {
+            if (n == 1)   /* a tile's rows lie together: prefetches measured slower there
+                           * (67 MB of int4 tiles, 1 thread: 3.8-4.7 ms without, 5.2-7.0 with) */
+                prefetch_i4(q, o, in / 2, out);
+            (n > 1 ? dot_i4_tile_batch : dot_i4_batch)(qo, dq, mq, xq, in, xs, xsum, nb, T, nb,
+                                                       y + o, out);
+        }
     }
     free(xq);
     free(xs);
@@ -306,79 +317,5 @@ void dequant_i8(const int8_t *restrict q, const float *restrict scale, void *res
         }
         free(row);
         free(s);
-    }
-}
-
-/* int4 with fp32 activations, for prompts: each block of 32 weights is dequantized once in
- * registers and used for up to TCH rows of x, so the products are the dequantized matrix's
- * (exact activations, no fp32 copy of the matrix in memory); tile: as matvec_i4. */
-#define TCH 8
-/* One int4 row (qo: its nb blocks, d and m their scales and offsets) against the T rows of
- * x in fp32: y[t * out] = the row's product with row t. */
-static inline void exact_row(const float *restrict x, const uint8_t *restrict qo,
-                             const uint16_t *restrict d, const uint16_t *restrict m,
-                             float *restrict y, int64_t T, int64_t in, int64_t out) {
-    int64_t nb = in / 32;
-    for (int64_t t0 = 0; t0 < T; t0 += TCH) {
-        int64_t nt = T - t0 < TCH ? T - t0 : TCH;
-#if defined(__AVX512F__) && defined(HAVE_F16X8)
-        __m512 acc[TCH][2];
-        for (int t = 0; t < TCH; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nb; b++) {
-            __m128i raw = _mm_loadu_si128((const __m128i *)(qo + b * 16));
-            __m512 db = _mm512_set1_ps(f16_to_f32(d[b]));
-            __m512 mb = _mm512_set1_ps(f16_to_f32(m[b]));
-            __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                _mm_and_si128(raw, _mm_set1_epi8(15))));
-            __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(15))));
-            lo = _mm512_fmadd_ps(lo, db, mb);
-            hi = _mm512_fmadd_ps(hi, db, mb);
-            for (int t = 0; t < nt; t++) {
-                const float *xt = x + (t0 + t) * in + b * 32;
-                acc[t][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xt), acc[t][0]);
-                acc[t][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xt + 16), acc[t][1]);
-            }
-        }
-        for (int t = 0; t < nt; t++)
-            y[(t0 + t) * out] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
-#else
-        float acc[TCH][32];
-        memset(acc, 0, sizeof(acc));
-        for (int64_t b = 0; b < nb; b++) {
-            float w[32];
-            dequant_i4_block(qo + b * 16, f16_to_f32(d[b]), f16_to_f32(m[b]), w);
-            for (int t = 0; t < nt; t++) {
-                const float *xt = x + (t0 + t) * in + b * 32;
-                for (int j = 0; j < 32; j++) acc[t][j] += w[j] * xt[j];
-            }
-        }
-        for (int t = 0; t < nt; t++) {
-            float s = 0.f;
-            for (int j = 0; j < 32; j++) s += acc[t][j];
-            y[(t0 + t) * out] = s;
-        }
-#endif
-    }
-}
-
-void matvec_i4_exact(const float *restrict x, const uint8_t *restrict q,
-                     const uint16_t *restrict d, const uint16_t *restrict m, float *restrict y,
-                     int64_t T, int64_t in, int64_t out, int64_t tile) {
-    int64_t nb = in / 32;
-    #pragma omp parallel
-    {
-        i4_buf_t buf = i4_buf(nb);
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < tile_units(out, tile); u++) {
-            int64_t o0, n = tile_unit(u, out, tile, &o0);
-            const uint8_t *qr;
-            const uint16_t *dr, *mr;
-            i4_unit_rows(q, d, m, o0, n, nb, buf.q, buf.d, buf.m, &qr, &dr, &mr);
-            for (int64_t k = 0; k < n; k++)
-                exact_row(x, qr + k * nb * 16, dr + k * nb, mr + k * nb, y + o0 + k, T, in,
-                          out);
-        }
-        i4_buf_free(buf);
     }
 }

@@ -3,8 +3,9 @@
  *
  * usage: products IN OUT. IN: int64 kind, T, in, out, then x (T, in) fp32, then the weight
  * as stored (kind 0 fp32, 1 bf16, 2 f16: (out, in); 3 int8: (out, in) + scales
- * (out, ceil(in / group)) fp32, group in a sixth int64; 4 int4 and 5 int4 exact:
- * (out, in / 2) bytes + d, m (out, in / 32) fp16). OUT: y (T, out) fp32. */
+ * (out, ceil(in / group)) fp32, group in a sixth int64; 4 int4 with int8 activations and
+ * 5 with int16 ones: (out, in / 2) bytes + d, m (out, in / 32) fp16). OUT: y (T, out) fp32.
+ * Integer matrices in plain rows (tile 0). */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,11 +14,9 @@ void matvec_f32(const float *, const float *, float *, int64_t, int64_t, int64_t
 void matvec_bf16(const float *, const uint16_t *, float *, int64_t, int64_t, int64_t);
 void matvec_f16(const float *, const uint16_t *, float *, int64_t, int64_t, int64_t);
 void matvec_i8(const float *, const int8_t *, const float *, float *, int64_t, int64_t, int64_t,
-               int64_t);
+               int64_t, int64_t);
 void matvec_i4(const float *, const uint8_t *, const uint16_t *, const uint16_t *, float *,
-               int64_t, int64_t, int64_t, int64_t);
-void matvec_i4_exact(const float *, const uint8_t *, const uint16_t *, const uint16_t *,
-                     float *, int64_t, int64_t, int64_t, int64_t);
+               int64_t, int64_t, int64_t, int64_t, int64_t);
 
 static void *take(FILE *f, size_t n) {
     void *p = malloc(n ? n : 1);
@@ -43,11 +42,11 @@ int main(int argc, char **argv) {
     } else if (kind == 3) {
         int8_t *w = take(f, out * in);
         float *s = take(f, 4 * out * ((in + group - 1) / group));
-        matvec_i8(x, w, s, y, T, in, out, group);
+        matvec_i8(x, w, s, y, T, in, out, group, 0);
     } else {
         uint8_t *w = take(f, out * in / 2);
         uint16_t *d = take(f, 2 * out * (in / 32)), *m = take(f, 2 * out * (in / 32));
-        (kind == 4 ? matvec_i4 : matvec_i4_exact)(x, w, d, m, y, T, in, out, 0);   /* rows */
+        matvec_i4(x, w, d, m, y, T, in, out, 0, kind == 5);
     }
     fclose(f);
     FILE *o = fopen(argv[2], "wb");
