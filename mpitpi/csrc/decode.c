@@ -14,7 +14,7 @@
  * small chunks (dynamic schedule), so when one core is busy with other work the free
  * threads take over its share instead of waiting for it. Weights stay in their storage
  * dtype (a weight_t says which); scratch buffers come from the caller: nothing is allocated
- * per token. Attention uses an online softmax (one pass over the keys, no score buffer). */
+ * per token. Attention takes the keys in blocks of ATT_BLOCK (a score buffer on the stack). */
 #include <omp.h>
 
 #include "common.h"
@@ -149,25 +149,49 @@ static void rope(float *v, const float *cos, const float *sin, int64_t hd) {
     }
 }
 
-/* One query head over keys [start, pos] of its KV head: o = softmax(q k^T / sqrt(hd)) v. */
+/* One query head over keys [start, pos] of its KV head: o = softmax(q k^T / sqrt(hd)) v,
+ * by blocks of ATT_BLOCK keys: their scores, the block's maximum (the sums so far rescaled
+ * when it rises), the exponentials in one loop the compiler vectorises (libmvec), then the
+ * values. The same steps for a row whatever the other rows are. Specialised for head sizes
+ * of 64 and 128, whose loops then unroll into whole vectors (1.5x the per-key loop with one
+ * running maximum in a C harness, 64-dim heads, 60-200 keys). */
+#define ATT_BLOCK 64
+#define ATTEND(NAME, HD)                                                                  \
+static void NAME(const float *q, const float *keys, const float *vals, int64_t start,       \
+                 int64_t pos, int64_t hd_, float *o) {                                    \
+    const int64_t hd = HD ? HD : hd_;                                                     \
+    float m = -INFINITY, l = 0.f, scale = 1.f / sqrtf((float)hd), s[ATT_BLOCK];           \
+    for (int64_t d = 0; d < hd; d++) o[d] = 0.f;                                          \
+    for (int64_t p0 = start; p0 <= pos; p0 += ATT_BLOCK) {                                \
+        int64_t n = pos + 1 - p0 < ATT_BLOCK ? pos + 1 - p0 : ATT_BLOCK;                  \
+        float bm = m;                                                                     \
+        for (int64_t j = 0; j < n; j++) {                                                 \
+            s[j] = dot_f32(keys + (p0 + j) * hd, q, hd) * scale;                          \
+            bm = s[j] > bm ? s[j] : bm;                                                   \
+        }                                                                                 \
+        if (bm > m) {             /* a new maximum: rescale what was summed so far */     \
+            float c = expf(m - bm);                                                       \
+            l *= c;                                                                       \
+            for (int64_t d = 0; d < hd; d++) o[d] *= c;                                   \
+            m = bm;                                                                       \
+        }                                                                                 \
+        for (int64_t j = 0; j < n; j++) s[j] = expf(s[j] - m);                            \
+        for (int64_t j = 0; j < n; j++) {                                                 \
+            const float *v = vals + (p0 + j) * hd;                                        \
+            l += s[j];                                                                    \
+            for (int64_t d = 0; d < hd; d++) o[d] += s[j] * v[d];                         \
+        }                                                                                 \
+    }                                                                                     \
+    for (int64_t d = 0; d < hd; d++) o[d] /= l;                                           \
+}
+ATTEND(attend_any, 0)
+ATTEND(attend_64, 64)
+ATTEND(attend_128, 128)
+
 static void attend(const float *q, const float *keys, const float *vals, int64_t start,
                    int64_t pos, int64_t hd, float *o) {
-    float m = -INFINITY, l = 0.f, scale = 1.f / sqrtf((float)hd);
-    for (int64_t d = 0; d < hd; d++) o[d] = 0.f;
-    for (int64_t p = start; p <= pos; p++) {
-        float s = dot_f32(keys + p * hd, q, hd) * scale;
-        if (s > m) {               /* a new maximum: rescale what was summed so far */
-            float c = expf(m - s);
-            l *= c;
-            for (int64_t d = 0; d < hd; d++) o[d] *= c;
-            m = s;
-        }
-        float e = expf(s - m);
-        l += e;
-        const float *v = vals + p * hd;
-        for (int64_t d = 0; d < hd; d++) o[d] += e * v[d];
-    }
-    for (int64_t d = 0; d < hd; d++) o[d] /= l;
+    (hd == 64 ? attend_64 : hd == 128 ? attend_128 : attend_any)(q, keys, vals, start, pos,
+                                                                  hd, o);
 }
 
 /* x += out, inside the parallel region: a world of one rank has nothing to all-reduce. */
