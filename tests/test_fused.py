@@ -17,9 +17,10 @@ CASES = [("llama-odd", 3, [2, 1, 1]), ("qwen2", 2, None), ("mistral", 3, None),
 # largest |fused - torch| relative to the largest logit; the int8 kernel rounds activations to
 # int16 per group in both paths, bf16/fp16 widen in registers in both: only summation order
 # differs (int8: 2e-4, measured 1.3e-4 where the prompt rows take the fused step too, as they
-# do where int8 prompt products take the C kernels, choices.py). int4 rounds activations to int8 per block in both, but a last-bit difference in
-# the norm before it can move an activation by a whole 1/127 step, which 16 random layers
-# amplify: 2e-2 (measured 8e-3). bf16 on CPUs with AVX512_BF16 rounds activations to bf16
+# do where int8 prompt products take the C kernels, choices.py). int4 rounds decode
+# activations to int8 per block in both, but a last-bit difference in the norm before it can
+# move an activation by a whole 1/127 step, which 16 random layers amplify: 2e-2 (measured
+# 8e-3). bf16 on CPUs with AVX512_BF16 rounds activations to bf16
 # in both paths (kernels.bf16_rounds_x), with the same amplification: 2e-2 (measured 5e-3)
 BOUND = {"fp32": 1e-5, "bf16": 2e-2 if kernels.bf16_rounds_x() else 1e-4, "fp16": 1e-4,
          "int8": 2e-4, "int4": 2e-2}
