@@ -320,7 +320,7 @@ class Transformer:
         between products (each product's path per host: Weight.__call__), their attention
         row by row in C (each row's numbers do not depend on how the prompt was cut into
         chunks, nor on which prefix was cached). Where every layer matrix's prompt product
-        is the C kernels' for this many rows (choices.py; int4 and int8 on most hosts),
+        is the C kernels' for this many rows (choices.py, measured per host),
         prompt rows run the fused step too, in its prompt mode (``_prompt_fused``). Collective:
         1 + 2 n_layers calls of ``reduce``, the same on every rank, whatever the number of
         segments. Each slot's cache is grown as needed and written at its segment's

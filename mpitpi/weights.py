@@ -101,7 +101,7 @@ class Weight:
         Chosen per host by measurement (choices.py): decode rows use the C kernels, which
         widen each weight in registers (int4 in decode rounds x to int8 per block of 32
         columns). Prompt rows take one path whatever their number, so that each row gets
-        the same numbers in any chunk: the C kernels (int4 with fp32 activations, up to a
+        the same numbers in any chunk: the C kernels (int4 with int16 activations, up to a
         chunk) or torch's matrix product on inputs padded with zero rows to the multiple
         of rows for which it is row-invariant here: fp16 and bf16 in bf16 where the CPU has
         bf16 instructions and it measured faster, else in fp32; int8 and int4 on a copy made
