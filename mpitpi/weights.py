@@ -219,13 +219,16 @@ class LayerWeights:
     def tile_rows(self) -> LayerWeights:
         """Its matrices were just written (read from a shard): the int4 and int8 ones into
         the kernels' tiles (Weight.tile_rows), in place. Returns self."""
-        for w in (self.wqkv, self.wo, self.w13, self.w2):
+        for w in self.matrices():
             w.tile_rows()
         return self
 
+    def matrices(self) -> tuple[Weight, Weight, Weight, Weight]:
+        return self.wqkv, self.wo, self.w13, self.w2
+
     def kinds(self) -> set[str]:
         """The storages of its matrices (keys of DTYPES)."""
-        return {w.kind for w in (self.wqkv, self.wo, self.w13, self.w2)}
+        return {w.kind for w in self.matrices()}
 
 
 @dataclass

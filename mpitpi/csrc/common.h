@@ -638,18 +638,14 @@ static inline int i4w_slot(int c) {
 static inline void quantize_x16(const float *x, int64_t nb, int16_t *xq, float *xs,
                                 float *xsum) {
     for (int64_t b = 0; b < nb; b++) {
-        const float *xb = x + b * 32;
-        float m = 0.f;
-        for (int i = 0; i < 32; i++) m = fabsf(xb[i]) > m ? fabsf(xb[i]) : m;
-        float s = m > 0.f ? m / 32767.f : 1.f, inv = 1.f / s;
+        int16_t a[32];   /* rounded as int8 weights' activations are (quantize_x), in pair order */
+        quantize_x(x + b * 32, 32, 32, a, xs + b);
         int sum = 0;
         for (int i = 0; i < 32; i++) {
-            int v = (int)lrintf(xb[i] * inv);
-            xq[b * 32 + i4w_slot(i)] = (int16_t)v;
-            sum += v;
+            xq[b * 32 + i4w_slot(i)] = a[i];
+            sum += a[i];
         }
-        xs[b] = s;
-        xsum[b] = s * (float)sum;
+        xsum[b] = xs[b] * (float)sum;
     }
 }
 
