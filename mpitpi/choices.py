@@ -53,7 +53,7 @@ PREFILL_ROWS = 128   # rows of a prompt chunk (batch.PREFILL_CHUNK)
 C_ALWAYS = 1 << 30
 DEFAULT_MAX_T = {"fp32": C_ALWAYS, "bf16": C_ALWAYS, "fp16": C_ALWAYS, "int8": C_ALWAYS,
                  "int4": PREFILL_ROWS}
-VERSION = 5          # of the measurement: a choices file of another version is measured again
+VERSION = 6          # of the measurement: a choices file of another version is measured again
 
 
 @dataclass
@@ -95,7 +95,9 @@ def _median_ms(f, reps: int = 7) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
-TIMED = (8, 32, PREFILL_ROWS)   # prompt-chunk sizes the path is chosen by (summed times)
+# prompt-pass sizes the path is chosen by (summed times): one row (a server request or chat
+# turn past a cached prefix), a short prompt, a longer one, a full chunk
+TIMED = (1, 8, 32, PREFILL_ROWS)
 NARROW = 576         # a second width checked for invariance (SmolLM2's)
 MULTIPLES = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 65, 97, 127)
 
