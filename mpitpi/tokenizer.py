@@ -48,6 +48,7 @@ class Tokenizer:
         self.tok = tok
         self.chat_template = chat_template
         self.bos_token, self.eos_token = bos, eos
+        self._template = None   # the chat template compiled, at its first use
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of ``text``; ``special``: add the tokenizer's own BOS etc."""
@@ -86,18 +87,25 @@ class Tokenizer:
         if not self.chat_template:
             raise MpitpiError("this model has no chat template, so --chat cannot be used. "
                               "Fix: pass a plain --prompt without --chat.")
-        def raise_exception(msg):
-            raise TemplateError(msg)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
         extra = {"tools": tools} if tools else {}
         try:
-            return env.from_string(self.chat_template).render(
+            return self._compiled_template().render(
                 messages=messages, add_generation_prompt=True,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
         except TemplateError as e:
             raise MpitpiError(f"the model's chat template failed: {e}")
+
+    def _compiled_template(self):
+        """The chat template compiled once (about 1.5 ms a compile: every server request
+        paid it, holding the GIL, while the engine thread ran passes)."""
+        if self._template is None:
+            def raise_exception(msg):
+                raise TemplateError(msg)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        return self._template
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return self.encode(self.render_chat(messages, tools), special=False)
