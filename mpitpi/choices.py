@@ -2,11 +2,13 @@
 
 Three decisions differ between CPUs (docs/BENCHMARKS.md):
 
-- ``prefill[dtype]``: what fp16, bf16, int8 and int4 weights compute in for prompt rows
-  that take torch's product: ``bf16`` (torch's bf16 product, fast only where the CPU has
-  bf16 instructions) or ``fp32`` (the weight widened, or dequantized, per call). Without
+- ``prefill[dtype]``: what bf16, int8 and int4 weights compute in for prompt rows that take
+  torch's product: ``bf16`` (torch's bf16 product, fast only where the CPU has bf16
+  instructions) or ``fp32`` (the weight widened, or dequantized, per call). Without
   avx512_bf16 / amx_bf16 it is fp32 without measuring; with them the faster of the two,
-  measured.
+  measured. fp16 weights always widen to fp32: a bf16 copy would round their 10-bit
+  mantissas to 7 bits (SmolLM2 fp16, a prompt's last logits 0.27 from the reference in bf16,
+  0.024 in fp32, enough to flip a golden answer's first token).
 - ``max_t[dtype]``: prompt rows take one path whatever their number, so that a row's numbers
   do not depend on the rows beside it (a prompt cut into chunks, a cached prefix reused,
   several prompts in one pass all give the same numbers, hence the same greedy text): the C
@@ -53,15 +55,14 @@ PREFILL_ROWS = 128   # rows of a prompt chunk (batch.PREFILL_CHUNK)
 C_ALWAYS = 1 << 30
 DEFAULT_MAX_T = {"fp32": C_ALWAYS, "bf16": C_ALWAYS, "fp16": C_ALWAYS, "int8": C_ALWAYS,
                  "int4": PREFILL_ROWS}
-VERSION = 6          # of the measurement: a choices file of another version is measured again
+VERSION = 7          # of the measurement: a choices file of another version is measured again
 
 
 @dataclass
 class Choices:
     max_t: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MAX_T))
     prefill: dict[str, str] = field(default_factory=lambda: {
-        "bf16": "bf16" if _bf16_instructions() else "fp32",
-        "fp16": "bf16" if _bf16_instructions() else "fp32"})
+        "bf16": "bf16" if _bf16_instructions() else "fp32", "fp16": "fp32"})
     pad: dict[str, int] = field(default_factory=dict)
     measured: bool = False
     why: list[str] = field(default_factory=list)
@@ -159,14 +160,16 @@ def measure(n: int = 2048) -> Choices:
     w32 = torch.randn(n, n, generator=g)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         name, w = NAMES[dtype], w32.to(dtype)
-        if dtype != torch.float32 and _bf16_instructions():
+        if dtype == torch.bfloat16 and _bf16_instructions():
             x = torch.randn(64, n, generator=g)
             bf = _median_ms(lambda: F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)))
             fp = _median_ms(lambda: F.linear(x, w.float()))
             c.prefill[name] = "bf16" if bf < fp else "fp32"
             c.why.append(f"{name} prefill (64 rows): bf16 {bf:.2f} ms, fp32 {fp:.2f} ms")
-        elif dtype != torch.float32:
+        elif dtype == torch.bfloat16:
             c.why.append(f"{name} prefill in fp32: no avx512_bf16/amx_bf16 on this CPU")
+        elif dtype == torch.float16:
+            c.why.append(f"{name} prefill in fp32 (a bf16 copy would round the weights)")
         pre = c.prefill_dtype(dtype)
 
         by_width = {n: w.to(pre), NARROW: w[:, :NARROW].to(pre).contiguous()}

@@ -15,6 +15,7 @@
  * threads take over its share instead of waiting for it. Weights stay in their storage
  * dtype (a weight_t says which); scratch buffers come from the caller: nothing is allocated
  * per token. Attention takes the keys in blocks of ATT_BLOCK (a score buffer on the stack). */
+#include <float.h>
 #include <omp.h>
 
 #include "common.h"
@@ -153,13 +154,15 @@ static void rope(float *v, const float *cos, const float *sin, int64_t hd) {
  * by blocks of ATT_BLOCK keys: their scores, the block's maximum (the sums so far rescaled
  * when it rises), the exponentials in one loop the compiler vectorises (libmvec), then the
  * values. The same steps for a row whatever the other rows are. Plain C (specialised for
- * 64- and 128-dim heads where there is no vector version below). */
+ * 64- and 128-dim heads where there is no vector version below). The running maximum starts
+ * at -FLT_MAX, not -INFINITY: -ffast-math lets the compiler assume there are no infinities;
+ * the first block's rescale is then exp(-FLT_MAX - max) = 0 of nothing summed yet. */
 #define ATT_BLOCK 64
 #define ATTEND(NAME, HD)                                                                  \
 static void NAME(const float *q, const float *keys, const float *vals, int64_t start,       \
                  int64_t pos, int64_t hd_, float *o) {                                    \
     const int64_t hd = HD ? HD : hd_;                                                     \
-    float m = -INFINITY, l = 0.f, scale = 1.f / sqrtf((float)hd), s[ATT_BLOCK];           \
+    float m = -FLT_MAX, l = 0.f, scale = 1.f / sqrtf((float)hd), s[ATT_BLOCK];            \
     for (int64_t d = 0; d < hd; d++) o[d] = 0.f;                                          \
     for (int64_t p0 = start; p0 <= pos; p0 += ATT_BLOCK) {                                \
         int64_t n = pos + 1 - p0 < ATT_BLOCK ? pos + 1 - p0 : ATT_BLOCK;                  \
@@ -246,7 +249,7 @@ static inline vec_t sum_each(const vec_t *a) {
 static void NAME(const float *q, const float *keys, const float *vals, int64_t start,       \
                  int64_t pos, int64_t hd_, float *o) {                                    \
     enum { NV = HD / VW };                                                                \
-    float m = -INFINITY, l = 0.f, s[ATT_BLOCK] __attribute__((aligned(64)));              \
+    float m = -FLT_MAX, l = 0.f, s[ATT_BLOCK] __attribute__((aligned(64)));               \
     vec_t qv[NV], acc[NV], part[VW];                                                      \
     (void)hd_;                                                                            \
     for (int d = 0; d < NV; d++) {                                                        \
