@@ -26,19 +26,19 @@ import torch
 
 from mpitpi.errors import CollectiveError, MpitpiError
 
-# MPICH's shared-memory transport, set before MPI starts (a variable already in the
-# environment wins; other MPI libraries ignore these). By default a message over 16 KiB
-# between ranks of one host goes by CMA (the kernel copying between processes), which
-# measured 2.5-3x slower than the shared-memory cells up to 4 MiB (2 ranks, AMD EPYC VM:
-# an 18 KiB all-reduce, 8 decode rows of SmolLM2, 14.7 -> 5.1 us; 1 MiB 303 -> 127 us).
-# So cells of 64 KiB (16 of them per rank: the default's 1 MiB of shared memory) and CMA
-# only from 8 MiB (docs/BENCHMARKS.md, "All-reduce over shared memory").
+# MPICH's shared-memory transport, set before MPI starts unless the environment already
+# sets any of these (they depend on each other; other MPI libraries ignore them). With
+# MPICH's defaults (CMA, the kernel copying between processes, from 8 KiB; 64 cells of
+# 8 KiB) an all-reduce between two ranks of one host jumped from 5 us at 16 KiB to 14.7 us
+# at 18 KiB (8 decode rows of SmolLM2) and took 303 us at 1 MiB; with cells of 64 KiB (16
+# a rank: 1 MiB of shared memory) and CMA only from 8 MiB, 5.1 and 127 us (2 ranks, AMD
+# EPYC VM; docs/BENCHMARKS.md, "All-reduce over shared memory").
 SHM_DEFAULTS = {"MPIR_CVAR_CH4_SHM_POSIX_IQUEUE_CELL_SIZE": "65536",
                 "MPIR_CVAR_CH4_PACK_BUFFER_SIZE": "65536",     # must hold a cell
                 "MPIR_CVAR_CH4_SHM_POSIX_IQUEUE_NUM_CELLS": "16",
                 "MPIR_CVAR_CH4_IPC_CMA_P2P_THRESHOLD": str(8 << 20)}
-for _k, _v in SHM_DEFAULTS.items():
-    os.environ.setdefault(_k, _v)
+if not any(k in os.environ for k in SHM_DEFAULTS):
+    os.environ.update(SHM_DEFAULTS)
 
 from mpi4py import MPI  # noqa: E402  (after the variables above)
 

@@ -85,6 +85,31 @@ def test_max_all_bytes_and_with_algorithm_on_three_ranks():
     assert r.stdout.split() == ["ok", "0", "1", "2"]
 
 
+# Before importing mpitpi.comm: these variables removed, then sys.argv[1] (JSON) set
+SHM_ENV = """
+import json, os, sys
+for k in ("MPIR_CVAR_CH4_SHM_POSIX_IQUEUE_CELL_SIZE", "MPIR_CVAR_CH4_PACK_BUFFER_SIZE",
+          "MPIR_CVAR_CH4_SHM_POSIX_IQUEUE_NUM_CELLS", "MPIR_CVAR_CH4_IPC_CMA_P2P_THRESHOLD"):
+    os.environ.pop(k, None)
+os.environ.update(json.loads(sys.argv[1]))
+import mpitpi.comm
+print(json.dumps({k: os.environ.get(k) for k in mpitpi.comm.SHM_DEFAULTS}))
+"""
+
+
+def test_shared_memory_defaults_unless_the_user_sets_one():
+    """comm sets MPICH's shared-memory variables before MPI starts, all of them, and none
+    where the environment already holds one (they depend on each other)."""
+    from mpitpi.comm import SHM_DEFAULTS
+    r = run_cmd([sys.executable, "-c", SHM_ENV, "{}"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == SHM_DEFAULTS
+    key = "MPIR_CVAR_CH4_IPC_CMA_P2P_THRESHOLD"
+    r = run_cmd([sys.executable, "-c", SHM_ENV, json.dumps({key: "65536"})], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {k: "65536" if k == key else None for k in SHM_DEFAULTS}
+
+
 def test_commbench_reports_every_algorithm_and_size(tmp_path):
     out = tmp_path / "cb.json"
     r = run_mpi(2, ["commbench", "--reps", "3", "--json", str(out)], timeout=120)
