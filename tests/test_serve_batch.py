@@ -66,7 +66,9 @@ def test_a_full_queue_gets_429_a_request_past_the_kv_budget_503_and_drafts_chang
         status, body = s.request("POST", "/v1/chat/completions", {
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6000})
         assert status == 503 and "--kv-budget" in body["error"]["message"], body
-        long = {**STORY, "stream": True}           # 2000 tokens: about 30 s
+        # sampled, so the prompt-lookup drafts seldom hold and each token takes about a pass
+        # (greedily the story falls into a loop the drafts predict: 2000 tokens in 3 s)
+        long = {**STORY, "stream": True, "temperature": 1.0, "seed": 7, "max_tokens": 4000}
         first = s.post_raw(long)                   # takes the one slot
         time.sleep(3)
         second = s.post_raw(long)                  # waits in the queue
