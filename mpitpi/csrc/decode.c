@@ -250,7 +250,7 @@ static void NAME(const float *q, const float *keys, const float *vals, int64_t s
                  int64_t pos, int64_t hd_, float *o) {                                    \
     enum { NV = HD / VW };                                                                \
     float m = -FLT_MAX, l = 0.f, s[ATT_BLOCK] __attribute__((aligned(64)));               \
-    vec_t qv[NV], acc[NV], part[VW];                                                      \
+    vec_t qv[NV], acc[NV];                                                                \
     (void)hd_;                                                                            \
     for (int d = 0; d < NV; d++) {                                                        \
         qv[d] = V_MUL(V_LOAD(q + VW * d), V_SET1(1.f / sqrtf((float)HD)));                \
@@ -261,11 +261,16 @@ static void NAME(const float *q, const float *keys, const float *vals, int64_t s
         float bm = m;                                                                     \
         for (int64_t j0 = 0; j0 < n; j0 += VW) {                                          \
             int64_t nj = n - j0 < VW ? n - j0 : VW;                                       \
+            vec_t part[VW];       /* key j0 + j's products, summed over the head by lanes */ \
             for (int64_t j = 0; j < VW; j++) {                                            \
-                const float *k = keys + (p0 + j0 + j) * HD;                               \
-                part[j] = V_ZERO();                                                       \
-                for (int d = 0; j < nj && d < NV; d++)                                    \
-                    part[j] = V_FMA(V_LOAD(k + VW * d), qv[d], part[j]);                  \
+                if (j < nj) {                                                             \
+                    const float *k = keys + (p0 + j0 + j) * HD;                           \
+                    vec_t t = V_MUL(V_LOAD(k), qv[0]);                                    \
+                    for (int d = 1; d < NV; d++)                                          \
+                        t = V_FMA(V_LOAD(k + VW * d), qv[d], t);                          \
+                    part[j] = t;                                                          \
+                } else                                                                    \
+                    part[j] = V_ZERO();                                                   \
             }                                                                             \
             V_STORE(s + j0, sum_each(part));                                              \
             for (int64_t j = j0; j < j0 + nj; j++) bm = s[j] > bm ? s[j] : bm;            \
