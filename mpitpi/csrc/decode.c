@@ -190,10 +190,11 @@ ATTEND(attend_any, 0)
 
 /* The vector version: the same blocks, but the scores of VW keys at a time, each key's
  * products summed in its own register and the VW registers then summed lane-wise in one
- * fixed tree (SUM_EACH: lane j is key j's score, whatever the other keys are), instead of
- * one horizontal sum per key; q (scaled once) and o stay in registers. 64-dim heads, C
- * harness, 60-1000 keys: 5.6-6.1 -> 2.7-4.0 ns a key with AVX-512, 5.9-6.2 -> 3.9-4.5 with
- * AVX2; 128-dim heads (bound by their multiply-adds) 8.1 -> 6.7-7.0 and about the same. */
+ * fixed tree (sum_each: lane j is key j's score, whatever the other keys are), instead of
+ * one horizontal sum per key; q (scaled once) and o stay in registers. C harness, 64-1000
+ * keys, ns a key: 64-dim heads 5.4-5.6 -> 2.7-3.8 with AVX-512, 5.6-5.7 -> 3.7-4.1 with
+ * AVX2; 128-dim heads (bound by their multiply-adds) 7.2-9.2 -> 6.0-8.3 with AVX-512, about
+ * the same with AVX2 (docs/BENCHMARKS.md). */
 #if defined(__AVX512F__)
 #define VW 16
 typedef __m512 vec_t;
