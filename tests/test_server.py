@@ -149,6 +149,24 @@ def hi(s) -> None:
     assert ok == 200 and r["usage"]["completion_tokens"] >= 1, r
 
 
+def gauge(s, name: str) -> float:
+    """One unlabelled sample of GET /metrics (Prometheus text)."""
+    status, raw = s.request("GET", "/metrics")
+    assert status == 200, raw
+    return float(re.search(rf"^{name} (\S+)$", raw.decode(), re.M).group(1))
+
+
+def stopped_early(s, before: float, bound: int = 1000) -> None:
+    """Every generation has ended within 10 s, and fewer than ``bound`` tokens were
+    generated since ``before`` (mpitpi_generated_tokens_total): a story that had run on
+    would add its 2000, however fast the host."""
+    deadline = time.monotonic() + 10
+    while gauge(s, "mpitpi_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gauge(s, "mpitpi_requests_running") == 0
+    assert gauge(s, "mpitpi_generated_tokens_total") - before < bound
+
+
 def chat(s, question=QUESTION, max_tokens=24, **kw):
     c = s.client()
     return c.chat.completions.create(model="smollm2-135m", temperature=0, max_tokens=max_tokens,
@@ -220,6 +238,7 @@ def test_twenty_concurrent_clients_all_correct(server):
 
 def test_disconnect_mid_stream_does_not_disturb_the_next_request(server):
     expected = chat(server).choices[0].message.content
+    before = gauge(server, "mpitpi_generated_tokens_total")
     c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     c.request("POST", "/v1/chat/completions", body=json.dumps({
         **STORY, "stream": True}), headers={"Content-Type": "application/json"})
@@ -230,7 +249,8 @@ def test_disconnect_mid_stream_does_not_disturb_the_next_request(server):
     c.close()
     t0 = time.monotonic()
     assert chat(server).choices[0].message.content == expected
-    assert time.monotonic() - t0 < 10   # far less than 2000 tokens: the story was stopped
+    assert time.monotonic() - t0 < 10
+    stopped_early(server, before)       # the story was stopped, not left to run
 
 
 BAD = [
@@ -336,6 +356,7 @@ def test_content_length_is_checked_before_the_body_is_read(server):
 
 def test_a_non_streaming_client_that_leaves_stops_its_generation(server):
     expected = chat(server).choices[0].message.content
+    before = gauge(server, "mpitpi_generated_tokens_total")
     s = server.post_raw(STORY)
     time.sleep(1)                  # generating by now
     s.close()
@@ -343,7 +364,8 @@ def test_a_non_streaming_client_that_leaves_stops_its_generation(server):
     assert chat(server).choices[0].message.content == expected
     elapsed = time.monotonic() - t0
     print(f"[fault-time] next request after a non-streaming client left: {elapsed:.2f} s")
-    assert elapsed < 10            # far less than 2000 tokens: the story was stopped
+    assert elapsed < 10
+    stopped_early(server, before)  # the story was stopped, not left to run
 
 
 BOMBS = [
