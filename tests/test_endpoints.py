@@ -7,10 +7,9 @@ import os
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
-from test_server import Server
+from test_server import Server, scrape
 
 KEY = "sesame"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -33,14 +32,6 @@ def served(textmodel, tmp_path_factory):
 
 def post(s, path: str, body, headers=None):
     return s.request("POST", path, body, {**AUTH, **(headers or {})})
-
-
-def scrape(s) -> dict:
-    """{(sample name, sorted labels): value} of one GET /metrics."""
-    status, headers, raw = s.exchange("GET", "/metrics", headers=AUTH)
-    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    return {(x.name, tuple(sorted(x.labels.items()))): x.value
-            for fam in text_string_to_metric_families(raw.decode()) for x in fam.samples}
 
 
 def test_models_retrieve_and_auth(served):
@@ -109,13 +100,13 @@ def test_non_json_token_requests_get_415(served):
 
 def test_metrics_follow_one_completion(served):
     s, _ = served
-    before = scrape(s)
+    before = scrape(s, AUTH)
     status, r = post(s, "/v1/completions", {"prompt": TEXT, "max_tokens": 8, "temperature": 0})
     assert status == 200, r
     usage, finish = r["usage"], r["choices"][0]["finish_reason"]
     deadline = time.monotonic() + 10   # rank 1's figure comes when the run of passes ends
     while True:
-        after = scrape(s)
+        after = scrape(s, AUTH)
         ranks = {r: after[("mpitpi_allreduce_seconds_total", (("rank", r),))] for r in "01"}
         if ranks["1"] > before.get(("mpitpi_allreduce_seconds_total", (("rank", "1"),)), 0):
             break

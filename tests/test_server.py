@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import MPIEXEC, run_mpi
 
@@ -149,11 +150,17 @@ def hi(s) -> None:
     assert ok == 200 and r["usage"]["completion_tokens"] >= 1, r
 
 
+def scrape(s, headers=None) -> dict:
+    """{(sample name, sorted labels): value} of one GET /metrics."""
+    status, got, raw = s.exchange("GET", "/metrics", headers=headers)
+    assert status == 200 and got["Content-Type"].startswith("text/plain; version=0.0.4")
+    return {(x.name, tuple(sorted(x.labels.items()))): x.value
+            for fam in text_string_to_metric_families(raw.decode()) for x in fam.samples}
+
+
 def gauge(s, name: str) -> float:
-    """One unlabelled sample of GET /metrics (Prometheus text)."""
-    status, raw = s.request("GET", "/metrics")
-    assert status == 200, raw
-    return float(re.search(rf"^{name} (\S+)$", raw.decode(), re.M).group(1))
+    """One unlabelled sample of GET /metrics."""
+    return scrape(s)[(name, ())]
 
 
 def stopped_early(s, before: float, bound: int = 1000) -> None:
