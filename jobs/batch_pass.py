@@ -2,6 +2,7 @@
 split into its parts, on every rank: what bounds the server's batches.
 
     mpiexec -n 2 python jobs/batch_pass.py [--dtype int4] [--rows 1 8] [--pos 60] [--passes 40]
+                                           [--kv-dtype fp16|fp32]
 
 Each rank prints, per row count, the median over --passes passes of: the whole pass, the
 attention halves (norm, q/k/v product, rope, attention, o product: `DecodeStep.attn`), the
@@ -38,8 +39,10 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     p.add_argument("--pos", type=int, default=60)
     p.add_argument("--passes", type=int, default=40)
+    p.add_argument("--kv-dtype", choices=["fp16", "fp32"], help="default: as mpitpi's")
     a = p.parse_args()
-    llm = LLM(a.model, dtype=a.dtype, progress=False, max_batch=max(a.rows))
+    llm = LLM(a.model, dtype=a.dtype, progress=False, max_batch=max(a.rows),
+              kv_dtype=a.kv_dtype)
     model, comm = llm.loaded.model, llm.comm
     spent: dict[str, float] = {}
     kernels.DecodeStep.attn = timed(spent, "attn", kernels.DecodeStep.attn)

@@ -110,7 +110,7 @@ def start(a: argparse.Namespace, comm: Comm) -> Loaded:
                        verify=not a.no_verify, progress=progress(a), window=a.window,
                        memory_budget=a.memory_budget, drop_cache=a.drop_cache,
                        local_shards=a.local_shards, stall_timeout=a.stall_timeout,
-                       vocab_dtype=a.vocab_dtype)
+                       vocab_dtype=a.vocab_dtype, kv_dtype=a.kv_dtype)
 
 
 def start_drafter(a: argparse.Namespace, comm: Comm, loaded: Loaded) -> ModelDrafter | None:

@@ -332,7 +332,8 @@ class Scratch:
         self.c = CScratch(*(t.data_ptr() for t in self.tensors), *st, 0)
 
 
-ROW_WORDS = 7   # csrc/decode.c's row_t: cache_k, cache_v, cos, sin pointers; cap, start, pos
+ROW_WORDS = 8   # csrc/decode.c's row_t: cache_k, cache_v, cos, sin pointers; cap, start, pos,
+#                 kv16 (the caches hold fp16)
 
 
 def attend_rows(q: torch.Tensor, rows: np.ndarray, kv_of_q: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,8 @@ class LLM:
 
     ``model``: a Hugging Face folder, a .gguf file, a Hugging Face id in the local cache or
     ``smollm2-135m``; the other arguments are the command line's (``dtype`` int4, int8,
-    bf16, fp16 or fp32, ``vocab_dtype`` that of the vocabulary matrices; ``window`` streams
+    bf16, fp16 or fp32, ``vocab_dtype`` that of the vocabulary matrices, ``kv_dtype`` the KV
+    cache's (fp16 or fp32; default fp32 for fp32 weights, else fp16); ``window`` streams
     layers from disk; ``max_batch`` prompts of one
     ``generate`` call run together). Loading shows a progress bar on rank 0 unless
     ``progress`` is False."""
@@ -51,7 +52,8 @@ class LLM:
                  ratios: str | None = None, threads: int | str = "auto",
                  window: int | None = None, memory_budget: str | None = None,
                  local_shards: str | None = None, max_batch: int = 8, progress: bool = True,
-                 vocab_dtype: str | None = None, comm: Comm | None = None):
+                 vocab_dtype: str | None = None, kv_dtype: str | None = None,
+                 comm: Comm | None = None):
         self.comm = comm or Comm()
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise MpitpiError(f"max_batch must be a positive integer, got {max_batch!r}.")
@@ -59,7 +61,8 @@ class LLM:
         self.loaded = start_model(self.comm, model, shards, ratios, dtype, threads=threads,
                                   progress=progress, window=window,
                                   memory_budget=memory_budget, local_shards=local_shards,
-                                  vocab_dtype=vocab_dtype, freeze=False)   # the user's process
+                                  vocab_dtype=vocab_dtype, kv_dtype=kv_dtype,
+                                  freeze=False)   # the user's process
         self.tokenizer = None   # rank 0's
 
         def tokenizer():

@@ -24,7 +24,7 @@ from mpitpi.comm import Comm
 from mpitpi.config import ModelArgs
 from mpitpi.errors import MpitpiError
 from mpitpi.files import cache_root
-from mpitpi.model import Transformer
+from mpitpi.model import KV_DTYPES, Transformer, default_kv_dtype
 from mpitpi.plan import RankSlice, parse_ratios, plan_for_args
 from mpitpi.prefetch import (LayerStore, Resident, Streamed, layer_bytes, parse_size,
                              plan_residency, read_layer)
@@ -186,8 +186,9 @@ def load_model(comm: Comm, model_path: str | None, shards: str | None, ratios: s
                dtype: str | None = None, verify: bool = True, progress: bool = True,
                window: int | None = None, memory_budget: str | None = None,
                drop_cache: bool = False, local_shards: str | None = None,
-               vocab_dtype: str | None = None) -> Loaded:
-    """Collective: every rank gets its Transformer (see ``open_rank`` for its layers)."""
+               vocab_dtype: str | None = None, kv_dtype: str | None = None) -> Loaded:
+    """Collective: every rank gets its Transformer (see ``open_rank`` for its layers), its
+    KV cache in ``kv_dtype`` (None: model.default_kv_dtype of the shards' dtype)."""
     if ratios == "auto":
         ratios, _ = measure_ratios(comm, model_path, dtype, memory_budget, progress)
     info = comm.root_checked(_resolve_shards, model_path, shards, comm.size, ratios, dtype,
@@ -199,7 +200,8 @@ def load_model(comm: Comm, model_path: str | None, shards: str | None, ratios: s
     args, plan, top, layers = comm.checked(open_rank, folder, comm.rank, comm.size,
                                            info["fingerprint"], verify, drop_cache, budget,
                                            window, progress and comm.rank == 0)
-    model = Transformer(args, plan, comm.rank, top, layers, reduce=comm.allreduce_)
+    model = Transformer(args, plan, comm.rank, top, layers, reduce=comm.allreduce_,
+                        kv_dtype=kv_dtype or default_kv_dtype(info["dtype"]))
     return Loaded(model, args, plan, info["shards"], info["tokenizer"], info["fingerprint"],
                   info["dtype"])
 
@@ -219,7 +221,7 @@ def start_model(comm: Comm, model_path: str | None, shards: str | None = None,
                 window: int | None = None, memory_budget: str | None = None,
                 drop_cache: bool = False, local_shards: str | None = None,
                 stall_timeout: float = 60.0, vocab_dtype: str | None = None,
-                freeze: bool = True) -> Loaded:
+                kv_dtype: str | None = None, freeze: bool = True) -> Loaded:
     """Collective: torch threads for this rank (``threads``: a count or 'auto'), then its
     model (``load_model``; a progress bar on rank 0 when ``progress``), then the stall
     timeout (seconds a rank may go unanswered once loaded; 0: wait forever). ``freeze``:
@@ -228,6 +230,9 @@ def start_model(comm: Comm, model_path: str | None, shards: str | None = None,
     def check():
         if not stall_timeout >= 0:
             raise MpitpiError(f"--stall-timeout must be >= 0 (0: off), got {stall_timeout}.")
+        if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+            raise MpitpiError(f"unknown KV cache dtype {kv_dtype!r}. Fix: one of "
+                              f"{', '.join(KV_DTYPES)}, or none for the default.")
     comm.root_checked(check)
     local_ranks = comm.local_size()
     n = comm.checked(_threads, local_ranks, threads)
@@ -237,7 +242,7 @@ def start_model(comm: Comm, model_path: str | None, shards: str | None = None,
     loaded = load_model(comm, model_path, shards, ratios, dtype, verify=verify,
                         progress=progress and comm.rank == 0, window=window,
                         memory_budget=memory_budget, drop_cache=drop_cache,
-                        local_shards=local_shards, vocab_dtype=vocab_dtype)
+                        local_shards=local_shards, vocab_dtype=vocab_dtype, kv_dtype=kv_dtype)
     if threads == "auto" and n >= 2 and loaded.model.layers.window is not None:
         torch.set_num_threads(n - 1)   # leave a core to the layer reader (measured)
     comm.stall_timeout = stall_timeout or None   # every rank at once: bcast_obj changes

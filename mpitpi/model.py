@@ -38,6 +38,14 @@ from mpitpi.weights import LayerWeights, TopWeights
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 KV_STEP = 256   # a slot's cache grows by this many positions at a time
+KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}   # what a KV cache may store
+
+
+def default_kv_dtype(dtype: str) -> str:
+    """The KV cache's dtype for weights stored in ``dtype``: fp32 weights keep an fp32 cache
+    (the reference's numbers); every other storage, already rounded, takes fp16 (half the
+    cache's memory and the bytes attention reads per key; docs/BENCHMARKS.md)."""
+    return "fp32" if dtype == "fp32" else "fp16"
 
 
 def kv_positions(n: int) -> int:
@@ -121,12 +129,14 @@ class Transformer:
     norm; ``layers`` a prefetch.LayerStore of its layer slices. ``reduce`` sums a (T, dim)
     fp32 tensor over the ranks in place (comm.Comm.allreduce_; the identity on one rank).
     The KV cache and rope tables are allocated by ``reserve(n)`` before a sequence of n
-    positions is run.
+    positions is run; ``kv_dtype`` (KV_DTYPES) is what the cache stores: keys and values are
+    computed in fp32 and, in an fp16 cache, rounded once when written.
     """
 
     def __init__(self, args: ModelArgs, plan: list[RankSlice], rank: int, top: TopWeights,
-                 layers: LayerStore, reduce: Reduce | None = None):
+                 layers: LayerStore, reduce: Reduce | None = None, kv_dtype: str = "fp32"):
         s = plan[rank]
+        self.kv_dtype = KV_DTYPES[kv_dtype]
         self.args, self.s = args, s
         self.vocab_counts = vocab_counts(plan)           # rows of the gathered logits, per rank
         self.vocab_offset = s.vocab[0]                   # this rank's first vocabulary row
@@ -182,7 +192,7 @@ class Transformer:
         # admitted it, for every rank; untouched pages also stay out of RSS until used
         for i in range(self.n_layers):
             for new, caches in ((ks, self.cache_k), (vs, self.cache_v)):
-                t = torch.empty(s.n_kv, cap, hd)
+                t = torch.empty(s.n_kv, cap, hd, dtype=self.kv_dtype)
                 if old:
                     t[:, :old] = caches[slot][i]
                 new.append(t)
@@ -244,14 +254,14 @@ class Transformer:
             cos, sin = self.cos[start:end], self.sin[start:end]
             qs = apply_rope(q[:, row:row + T], cos, sin)          # (n_q, T, hd)
             cache_k, cache_v = self.cache_k[seg.slot][i], self.cache_v[seg.slot][i]
-            cache_k[:, start:end] = apply_rope(k[:, row:row + T], cos, sin)
-            cache_v[:, start:end] = v[:, row:row + T]
+            self._store(cache_k[:, start:end], apply_rope(k[:, row:row + T], cos, sin))
+            self._store(cache_v[:, start:end], v[:, row:row + T])
             row += T
             if table is not None:   # each row as it would be alone, whatever the chunk
                 outs.append(kernels.attend_rows(qs.transpose(0, 1).contiguous(),
                                                 table[i, row - T:row], self.kv_of_q))
                 continue
-            keys, vals = cache_k[:, :end], cache_v[:, :end]      # (n_kv, end, hd)
+            keys, vals = cache_k[:, :end].float(), cache_v[:, :end].float()   # (n_kv, end, hd)
             if not self.gqa:
                 keys, vals = keys[self.kv_of_q], vals[self.kv_of_q]     # (n_q, end, hd)
             o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask,
@@ -259,6 +269,12 @@ class Transformer:
             outs.append(o.transpose(0, 1).reshape(T, s.n_q * hd))  # (T, n_q hd)
         o = outs[0] if len(outs) == 1 else torch.cat(outs)       # (R, n_q hd)
         return w.wo(o, decode)                                    # (R, dim) partial
+
+    def _store(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Keys or values (fp32) into a cache slice: an fp16 cache takes them clamped to
+        +-65504 and rounded to nearest even, as the C step stores them (csrc/decode.c
+        store_kv), so a prompt row and a decode row leave the same bits."""
+        dst.copy_(src.clamp(-65504.0, 65504.0) if dst.dtype == torch.float16 else src)
 
     def _row_table(self, segs: list[Segment]) -> np.ndarray:
         """(n_layers, R, ROW_WORDS) csrc/decode.c row_t of every row of ``segs``: its slot's
@@ -277,6 +293,7 @@ class Transformer:
         table[:, :, 3] = self.sin.data_ptr() + pos * (hd * 4)
         table[:, :, 5] = np.maximum(0, pos + 1 - win) if win else 0
         table[:, :, 6] = pos
+        table[:, :, 7] = int(self.kv_dtype == torch.float16)
         return table
 
     def mlp(self, w: LayerWeights, x: torch.Tensor, decode: bool = False) -> torch.Tensor:

@@ -72,6 +72,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratios", help="per-rank shares of heads, FFN columns and vocabulary, "
                    "e.g. 2,1,1, or 'auto' to measure each rank (default: uniform)")
     add_dtype(p)
+    p.add_argument("--kv-dtype", choices=["fp16", "fp32"], help="what the KV cache stores "
+                   "(default: fp32 for fp32 weights, else fp16: half the cache memory per "
+                   "position and the bytes attention reads; keys and values are computed in "
+                   "fp32 either way)")
     p.add_argument("--threads", type=threads_arg, default="auto",
                    help="threads per rank, or 'auto' (default): of 1 .. the host's cores "
                    "divided by its ranks, the count that runs a decode product fastest at "

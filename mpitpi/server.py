@@ -439,10 +439,10 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def kv_bytes_per_position(loaded) -> int:
-    """KV cache bytes one position takes on the rank holding the most KV heads (fp32 k and
-    v of every layer)."""
-    a = loaded.args
-    return 2 * a.n_layers * max(s.n_kv for s in loaded.plan) * a.head_dim * 4
+    """KV cache bytes one position takes on the rank holding the most KV heads (k and v of
+    every layer, in the cache's dtype)."""
+    a, size = loaded.args, loaded.model.kv_dtype.itemsize
+    return 2 * a.n_layers * max(s.n_kv for s in loaded.plan) * a.head_dim * size
 
 
 def kv_plan(comm, loaded, budget_bytes: int | None, max_batch: int | None) -> tuple[int, int]:

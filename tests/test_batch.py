@@ -12,7 +12,7 @@ from mpitpi.checkpoint import open_checkpoint
 from mpitpi.comm import Comm
 from mpitpi.draft import ModelDrafter, lookup
 from mpitpi.loader import open_rank
-from mpitpi.model import Segment, Transformer
+from mpitpi.model import Segment, Transformer, default_kv_dtype
 from mpitpi.sampling import Sampler, SamplingParams
 from mpitpi.session import Session
 from mpitpi.shards import write_shards
@@ -54,8 +54,10 @@ def test_a_draft_leaves_the_sampled_distribution_unchanged(params):
 
 
 def _model(folder, dtype):
+    """One rank's model with the KV cache the product gives these weights (fp16 but for
+    fp32 weights)."""
     args, plan, top, layers = open_rank(folder, 0, 1, None)
-    return Transformer(args, plan, 0, top, layers)
+    return Transformer(args, plan, 0, top, layers, kv_dtype=default_kv_dtype(dtype))
 
 
 @pytest.fixture(scope="module", params=["fp32", "fp16", "int8", "int4"])

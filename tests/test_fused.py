@@ -6,6 +6,8 @@ import torch
 
 from mpitpi import kernels
 from mpitpi.checkpoint import open_checkpoint
+from mpitpi.loader import open_rank
+from mpitpi.model import Segment, Transformer
 from mpitpi.shards import write_shards
 
 from test_house import run_ranks
@@ -39,3 +41,46 @@ def test_fused_decode_matches_the_torch_path(models, tmp_path, name, n, ratios, 
     rel = float((got - ref).abs().max() / ref.abs().max())
     assert rel < BOUND[dtype], rel
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("name,n,ratios", CASES, ids=[f"{c[0]}-n{c[1]}" for c in CASES])
+def test_an_fp16_kv_cache_keeps_the_logits_of_an_fp32_one(models, tmp_path, name, n, ratios):
+    """fp32 weights: the fused step over fp16 caches (C attention reading fp16 keys and
+    values) against the torch path over fp32 ones: the only difference is each key and value
+    rounded once to fp16 (2^-11 relative), so the logits stay within 2e-3 and the greedy
+    tokens are the same."""
+    folder, _ = models(name)
+    write_shards(open_checkpoint(folder), str(tmp_path / "s"), n, ratios, "fp32",
+                 progress=False)
+    steps = [torch.tensor(PROMPT)] + [torch.tensor([t]) for t in NEW]
+    starts = [0] + [len(PROMPT) + i for i in range(len(NEW))]
+    ref = torch.stack(run_ranks(str(tmp_path / "s"), n, steps, starts))
+    got = torch.stack(run_ranks(str(tmp_path / "s"), n, steps, starts, fused=True,
+                                kv_dtype="fp16"))
+    rel = float((got - ref).abs().max() / ref.abs().max())
+    assert 0 < rel < 2e-3, rel
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_prompt_and_decode_rows_store_the_same_fp16_bits(models, tmp_path):
+    """The torch path (prompt rows) and the C step (decode rows) write an fp16 cache the
+    same way: clamped to +-65504, rounded to nearest even. Layer 0's keys and values come
+    from the embeddings alone, so an fp16 cache must hold exactly the fp32 cache's numbers,
+    rounded."""
+    folder, _ = models("llama-gqa")
+    write_shards(open_checkpoint(folder), str(tmp_path / "s"), 1, None, "fp32",
+                 progress=False)
+    caches = {}
+    for kv in ("fp32", "fp16"):
+        args, plan, top, layers = open_rank(str(tmp_path / "s"), 0, 1, None)
+        model = Transformer(args, plan, 0, top, layers, kv_dtype=kv)
+        model.fused = False                                        # the torch path
+        model.forward_batch([Segment(0, 0, torch.tensor(PROMPT))])
+        model.fused = True                                         # the C step
+        for i, t in enumerate(NEW):
+            model.forward_batch([Segment(0, len(PROMPT) + i, torch.tensor([t]), 1, False)])
+        end = len(PROMPT) + len(NEW)
+        caches[kv] = (model.cache_k[0][0][:, :end], model.cache_v[0][0][:, :end])
+    for c32, c16 in zip(caches["fp32"], caches["fp16"]):
+        assert c16.dtype == torch.float16
+        assert torch.equal(c16, c32.clamp(-65504, 65504).half())

@@ -102,10 +102,11 @@ class ThreadReduce:
 
 
 def run_ranks(folder: str, n: int, steps: list[torch.Tensor], starts: list[int],
-              fused: bool = False):
+              fused: bool = False, kv_dtype: str = "fp32"):
     """Every rank's Transformer in its own thread; returns, per forward pass, the full
     logits (ranks' vocabulary rows concatenated in rank order). ``fused``: one-token steps
-    through the fused C step (kernels.DecodeStep), else the torch path."""
+    through the fused C step (kernels.DecodeStep), else the torch path; ``kv_dtype``: what
+    the KV caches store."""
     reduce = ThreadReduce(n)
     out: list[list[torch.Tensor]] = [[] for _ in range(n)]
     errors: list[BaseException] = []
@@ -113,7 +114,8 @@ def run_ranks(folder: str, n: int, steps: list[torch.Tensor], starts: list[int],
     def rank(r: int) -> None:
         try:
             args, plan, top, layers = open_rank(folder, r, n, None)
-            model = Transformer(args, plan, r, top, layers, reduce=reduce.for_rank(r))
+            model = Transformer(args, plan, r, top, layers, reduce=reduce.for_rank(r),
+                                kv_dtype=kv_dtype)
             assert model.fused or not fused, "the fused step is not available"
             model.fused = fused
             model.reserve(starts[-1] + len(steps[-1]))

@@ -55,7 +55,8 @@ def test_a_repeated_prefix_is_reused_and_reported(server):
 def test_a_full_queue_gets_429_a_request_past_the_kv_budget_503_and_drafts_change_nothing(
         server):
     plain = ask(server, COPY, max_tokens=40)
-    s = Server(2, ["--max-batch", "1", "--max-queue", "1", "--kv-budget", "120M", "--draft",
+    # 60 MB of fp16 keys and values: 4096 positions of SmolLM2's most-KV rank (2 ranks)
+    s = Server(2, ["--max-batch", "1", "--max-queue", "1", "--kv-budget", "60M", "--draft",
                    "lookup"])
     try:
         drafted = ask(s, COPY, max_tokens=40)
@@ -67,8 +68,10 @@ def test_a_full_queue_gets_429_a_request_past_the_kv_budget_503_and_drafts_chang
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6000})
         assert status == 503 and "--kv-budget" in body["error"]["message"], body
         # sampled, so the prompt-lookup drafts seldom hold and each token takes about a pass
-        # (greedily the story falls into a loop the drafts predict: 2000 tokens in 3 s)
-        long = {**STORY, "stream": True, "temperature": 1.0, "seed": 7, "max_tokens": 4000}
+        # (greedily the story falls into a loop the drafts predict: 2000 tokens in 3 s); the
+        # end-of-text token forbidden, so the story runs for all 4000 (a minute here)
+        long = {**STORY, "stream": True, "temperature": 1.0, "seed": 7, "max_tokens": 4000,
+                "logit_bias": {"2": -100}}
         first = s.post_raw(long)                   # takes the one slot
         time.sleep(3)
         second = s.post_raw(long)                  # waits in the queue

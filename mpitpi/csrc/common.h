@@ -42,6 +42,34 @@ static inline float f16_to_f32(uint16_t h) {
 #endif
 }
 
+/* fp32 -> fp16 raw bits, rounded to nearest even (as torch's conversion); callers clamp to
+ * fp16's largest finite value first (+-65504), so the software version below only meets
+ * finite values, normal or subnormal in fp16. */
+static inline uint16_t f32_to_f16(float f) {
+#if defined(__F16C__) && defined(__FMA__)
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#elif defined(__ARM_NEON)
+    __fp16 h = (__fp16)f;
+    uint16_t u;
+    memcpy(&u, &h, 2);
+    return u;
+#else
+    uint32_t x, s;
+    memcpy(&x, &f, 4);
+    s = (x >> 16) & 0x8000u;
+    x &= 0x7fffffffu;
+    if (x >= 0x47800000u)              /* 65536 or more, inf, nan */
+        return (uint16_t)(s | (x > 0x7f800000u ? 0x7e00u : 0x7c00u));
+    if (x < 0x38800000u) {             /* below 2^-14: fp16 subnormal, steps of 2^-24 */
+        float a;
+        memcpy(&a, &x, 4);
+        return (uint16_t)(s | (uint32_t)lrintf(a * 16777216.0f));
+    }
+    x -= 0x38000000u;                  /* exponent bias 127 -> 15 */
+    return (uint16_t)(s | ((x + 0xfffu + ((x >> 13) & 1u)) >> 13));
+#endif
+}
+
 /* int8 with one fp32 scale per row and group of ``group`` input columns (a multiple of 32;
  * the last group of a row may be shorter): scale is (out, ceil(in / group)), see quant.py.
  * x is quantised per group to int16 (error 1/65534 of the group's largest |x|, far below

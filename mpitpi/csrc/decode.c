@@ -47,16 +47,11 @@ typedef struct {            /* caller-owned buffers, sized for the largest use; 
 } scratch_t;
 
 typedef struct {            /* one row of a step: its token's place */
-    float *cache_k, *cache_v;   /* its sequence's (n_kv, cap, hd) caches of this layer */
+    void *cache_k, *cache_v;    /* its sequence's (n_kv, cap, hd) caches of this layer */
     const float *cos, *sin;     /* (hd,) rope tables at pos */
     int64_t cap, start, pos;    /* cache row stride; keys [start, pos] are attended */
+    int64_t kv16;               /* the caches hold fp16 (raw bits), else fp32 */
 } row_t;
-
-static inline float dot_f32(const float *restrict w, const float *restrict x, int64_t n) {
-    float a = 0.f;
-    for (int64_t i = 0; i < n; i++) a += w[i] * x[i];
-    return a;
-}
 
 /* y[b][o] = W[o] . x[b] (+ bias[o]) for weight rows [o0, o1) and each of B input rows
  * (x row stride xs, y row stride ys): a weight row is read once for all B. */
@@ -158,8 +153,8 @@ static void rope(float *v, const float *cos, const float *sin, int64_t hd) {
  * at -FLT_MAX, not -INFINITY: -ffast-math lets the compiler assume there are no infinities;
  * the first block's rescale is then exp(-FLT_MAX - max) = 0 of nothing summed yet. */
 #define ATT_BLOCK 64
-#define ATTEND(NAME, HD)                                                                  \
-static void NAME(const float *q, const float *keys, const float *vals, int64_t start,       \
+#define ATTEND(NAME, HD, KT, KF)                                                          \
+static void NAME(const float *q, const KT *keys, const KT *vals, int64_t start,             \
                  int64_t pos, int64_t hd_, float *o) {                                    \
     const int64_t hd = HD ? HD : hd_;                                                     \
     float m = -FLT_MAX, l = 0.f, scale = 1.f / sqrtf((float)hd), s[ATT_BLOCK];            \
@@ -168,7 +163,10 @@ static void NAME(const float *q, const float *keys, const float *vals, int64_t s
         int64_t n = pos + 1 - p0 < ATT_BLOCK ? pos + 1 - p0 : ATT_BLOCK;                  \
         float bm = m;                                                                     \
         for (int64_t j = 0; j < n; j++) {                                                 \
-            s[j] = dot_f32(keys + (p0 + j) * hd, q, hd) * scale;                          \
+            const KT *k = keys + (p0 + j) * hd;                                           \
+            float a = 0.f;                                                                \
+            for (int64_t d = 0; d < hd; d++) a += KF(k[d]) * q[d];                        \
+            s[j] = a * scale;                                                             \
             bm = s[j] > bm ? s[j] : bm;                                                   \
         }                                                                                 \
         if (bm > m) {             /* a new maximum: rescale what was summed so far */     \
@@ -179,14 +177,16 @@ static void NAME(const float *q, const float *keys, const float *vals, int64_t s
         }                                                                                 \
         for (int64_t j = 0; j < n; j++) s[j] = expf(s[j] - m);                            \
         for (int64_t j = 0; j < n; j++) {                                                 \
-            const float *v = vals + (p0 + j) * hd;                                        \
+            const KT *v = vals + (p0 + j) * hd;                                           \
             l += s[j];                                                                    \
-            for (int64_t d = 0; d < hd; d++) o[d] += s[j] * v[d];                         \
+            for (int64_t d = 0; d < hd; d++) o[d] += s[j] * KF(v[d]);                     \
         }                                                                                 \
     }                                                                                     \
     for (int64_t d = 0; d < hd; d++) o[d] /= l;                                           \
 }
-ATTEND(attend_any, 0)
+#define AS_F32(v) (v)
+ATTEND(attend_any, 0, float, AS_F32)
+ATTEND(attend_any_h, 0, uint16_t, f16_to_f32)
 
 /* The vector version: the same blocks, but the scores of VW keys at a time, each key's
  * products summed in its own register and the VW registers then summed lane-wise in one
@@ -199,6 +199,7 @@ ATTEND(attend_any, 0)
 #define VW 16
 typedef __m512 vec_t;
 #define V_LOAD _mm512_loadu_ps
+#define V_LOADH(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #define V_STORE _mm512_storeu_ps
 #define V_SET1 _mm512_set1_ps
 #define V_ZERO _mm512_setzero_ps
@@ -221,10 +222,11 @@ static inline vec_t sum_each(const vec_t *a) {
     return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12,
                                                   8, 4, 0), e);
 }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define VW 8
 typedef __m256 vec_t;
 #define V_LOAD _mm256_loadu_ps
+#define V_LOADH(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 #define V_STORE _mm256_storeu_ps
 #define V_SET1 _mm256_set1_ps
 #define V_ZERO _mm256_setzero_ps
@@ -246,8 +248,8 @@ static inline vec_t sum_each(const vec_t *a) {
 #endif
 
 #ifdef VW
-#define ATTEND_V(NAME, HD)                                                                \
-static void NAME(const float *q, const float *keys, const float *vals, int64_t start,       \
+#define ATTEND_V(NAME, HD, KT, LK)                                                        \
+static void NAME(const float *q, const KT *keys, const KT *vals, int64_t start,             \
                  int64_t pos, int64_t hd_, float *o) {                                    \
     enum { NV = HD / VW };                                                                \
     float m = -FLT_MAX, l = 0.f, s[ATT_BLOCK] __attribute__((aligned(64)));               \
@@ -265,10 +267,10 @@ static void NAME(const float *q, const float *keys, const float *vals, int64_t s
             vec_t part[VW];       /* key j0 + j's products, summed over the head by lanes */ \
             for (int64_t j = 0; j < VW; j++) {                                            \
                 if (j < nj) {                                                             \
-                    const float *k = keys + (p0 + j0 + j) * HD;                           \
-                    vec_t t = V_MUL(V_LOAD(k), qv[0]);                                    \
+                    const KT *k = keys + (p0 + j0 + j) * HD;                              \
+                    vec_t t = V_MUL(LK(k), qv[0]);                                        \
                     for (int d = 1; d < NV; d++)                                          \
-                        t = V_FMA(V_LOAD(k + VW * d), qv[d], t);                          \
+                        t = V_FMA(LK(k + VW * d), qv[d], t);                              \
                     part[j] = t;                                                          \
                 } else                                                                    \
                     part[j] = V_ZERO();                                                   \
@@ -284,25 +286,69 @@ static void NAME(const float *q, const float *keys, const float *vals, int64_t s
         }                                                                                 \
         for (int64_t j = 0; j < n; j++) s[j] = expf(s[j] - m);                            \
         for (int64_t j = 0; j < n; j++) {                                                 \
-            const float *v = vals + (p0 + j) * HD;                                        \
+            const KT *v = vals + (p0 + j) * HD;                                           \
             l += s[j];                                                                    \
             for (int d = 0; d < NV; d++)                                                  \
-                acc[d] = V_FMA(V_SET1(s[j]), V_LOAD(v + VW * d), acc[d]);                 \
+                acc[d] = V_FMA(V_SET1(s[j]), LK(v + VW * d), acc[d]);                     \
         }                                                                                 \
     }                                                                                     \
     for (int d = 0; d < NV; d++) V_STORE(o + VW * d, V_MUL(acc[d], V_SET1(1.f / l)));     \
 }
-ATTEND_V(attend_64, 64)
-ATTEND_V(attend_128, 128)
+ATTEND_V(attend_64, 64, float, V_LOAD)
+ATTEND_V(attend_128, 128, float, V_LOAD)
+ATTEND_V(attend_64_h, 64, uint16_t, V_LOADH)
+ATTEND_V(attend_128_h, 128, uint16_t, V_LOADH)
 #else              /* plain C specialised for the size (NEON: gcc vectorises it) */
-ATTEND(attend_64, 64)
-ATTEND(attend_128, 128)
+ATTEND(attend_64, 64, float, AS_F32)
+ATTEND(attend_128, 128, float, AS_F32)
+ATTEND(attend_64_h, 64, uint16_t, f16_to_f32)
+ATTEND(attend_128_h, 128, uint16_t, f16_to_f32)
 #endif
 
-static void attend(const float *q, const float *keys, const float *vals, int64_t start,
-                   int64_t pos, int64_t hd, float *o) {
-    (hd == 64 ? attend_64 : hd == 128 ? attend_128 : attend_any)(q, keys, vals, start, pos,
-                                                                  hd, o);
+/* Query head q of row r over KV head h of its caches (fp32 or fp16) -> o (hd,). */
+static void attend(const float *q, const row_t *r, int64_t h, int64_t hd, float *o) {
+    int64_t off = h * r->cap * hd;
+    if (r->kv16) {
+        const uint16_t *k = (const uint16_t *)r->cache_k + off, *v = (const uint16_t *)r->cache_v + off;
+        (hd == 64 ? attend_64_h : hd == 128 ? attend_128_h : attend_any_h)(q, k, v, r->start,
+                                                                          r->pos, hd, o);
+    } else {
+        const float *k = (const float *)r->cache_k + off, *v = (const float *)r->cache_v + off;
+        (hd == 64 ? attend_64 : hd == 128 ? attend_128 : attend_any)(q, k, v, r->start, r->pos,
+                                                                      hd, o);
+    }
+}
+
+/* Ask for the keys and values [start, pos] of KV head h of row r ahead of use: a head's
+ * cache was last read a whole pass ago and comes from memory in short streams. */
+static void prefetch_kv(const row_t *r, int64_t h, int64_t hd) {
+    int64_t size = r->kv16 ? 2 : 4, bytes = (r->pos + 1 - r->start) * hd * size;
+    int64_t at = (h * r->cap + r->start) * hd * size;
+    for (int64_t c = 0; c < bytes; c += 64) {
+        __builtin_prefetch((const char *)r->cache_k + at + c, 0, 3);
+        __builtin_prefetch((const char *)r->cache_v + at + c, 0, 3);
+    }
+}
+
+/* A new key or value (hd,) into position pos of KV head h of row r's cache: fp32 as it is,
+ * or fp16 clamped to +-65504 and rounded to nearest even (model.py's torch writer does the
+ * same, so a prompt row and a decode row store the same bits). */
+static void store_kv(void *cache, const row_t *r, int64_t h, const float *src, int64_t hd) {
+    int64_t at = (h * r->cap + r->pos) * hd, i = 0;
+    if (!r->kv16) {
+        memcpy((float *)cache + at, src, hd * sizeof(float));
+        return;
+    }
+    uint16_t *dst = (uint16_t *)cache + at;
+#if defined(__F16C__) && defined(__AVX2__)
+    for (; i + 8 <= hd; i += 8) {
+        __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_loadu_ps(src + i),
+                                               _mm256_set1_ps(-65504.f)), _mm256_set1_ps(65504.f));
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+#endif
+    for (; i < hd; i++)
+        dst[i] = f32_to_f16(src[i] < -65504.f ? -65504.f : src[i] > 65504.f ? 65504.f : src[i]);
 }
 
 /* x += out, inside the parallel region: a world of one rank has nothing to all-reduce. */
@@ -337,16 +383,19 @@ void decode_attn(float *x, const float *norm, float eps, const weight_t *wqkv,
             } else {
                 int64_t h = j - n_q;
                 rope(k + h * hd, rb->cos, rb->sin, hd);
-                memcpy(rb->cache_k + (h * rb->cap + rb->pos) * hd, k + h * hd, hd * sizeof(float));
-                memcpy(rb->cache_v + (h * rb->cap + rb->pos) * hd, v + h * hd, hd * sizeof(float));
+                store_kv(rb->cache_k, rb, h, k + h * hd, hd);
+                store_kv(rb->cache_v, rb, h, v + h * hd, hd);
             }
         }
         #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < B * n_q; i++) {
-            int64_t b = i / n_q, j = i % n_q, h = kv_of_q[j];
-            const row_t *rb = r + b;
-            attend(s->mid + b * s->smid + j * hd, rb->cache_k + h * rb->cap * hd,
-                   rb->cache_v + h * rb->cap * hd, rb->start, rb->pos, hd,
+            int64_t b = i / n_q, j = i % n_q;
+            if (j == 0 || kv_of_q[j] != kv_of_q[j - 1]) {   /* a new KV head: fetch the next */
+                int64_t n = i + 1;
+                while (n < B * n_q && n / n_q == b && kv_of_q[n % n_q] == kv_of_q[j]) n++;
+                if (n < B * n_q) prefetch_kv(r + n / n_q, kv_of_q[n % n_q], hd);
+            }
+            attend(s->mid + b * s->smid + j * hd, r + b, kv_of_q[j], hd,
                    s->act + b * s->sact + j * hd);
         }
         product(wo, s->act, s->sact, B, s, out, dim);
@@ -386,8 +435,12 @@ void attend_rows(const float *q, const row_t *r, int64_t T, int64_t n_q, int64_t
                  const int64_t *kv_of_q, float *out) {
     #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t i = 0; i < T * n_q; i++) {
-        int64_t t = i / n_q, h = kv_of_q[i % n_q];
-        attend(q + i * hd, r[t].cache_k + h * r[t].cap * hd, r[t].cache_v + h * r[t].cap * hd,
-               r[t].start, r[t].pos, hd, out + i * hd);
+        int64_t b = i / n_q, j = i % n_q;
+        if (j == 0 || kv_of_q[j] != kv_of_q[j - 1]) {   /* a new KV head: fetch the next */
+            int64_t n = i + 1;
+            while (n < T * n_q && n / n_q == b && kv_of_q[n % n_q] == kv_of_q[j]) n++;
+            if (n < T * n_q) prefetch_kv(r + n / n_q, kv_of_q[n % n_q], hd);
+        }
+        attend(q + i * hd, r + i / n_q, kv_of_q[i % n_q], hd, out + i * hd);
     }
 }
