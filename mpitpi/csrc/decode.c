@@ -58,7 +58,7 @@ typedef struct {            /* one row of a step: its token's place */
 static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const scratch_t *s,
                  float *y, int64_t ys, int64_t o0, int64_t o1) {
     int64_t in = w->cols, tiled = w->tile ? w->rows / w->tile * w->tile : 0;
-    if (w->dtype == W_I4) {   /* groups of up to 4 input rows share each unpacked block */
+    if (w->dtype == W_I4) {   /* groups of input rows share each unpacked block (tiles: 8) */
         int64_t nb = in / 32;
         for (int64_t o = o0, n; o < o1; o += n) {
             n = o < tiled ? w->tile : 1;   /* a whole tile: chunks start at tiles */
@@ -75,7 +75,7 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
                                                            B, nb, y + o, ys);
             }
         }
-    } else if (w->dtype == W_I8) {   /* groups of up to 4 input rows share each widened block */
+    } else if (w->dtype == W_I8) {   /* groups of input rows share each widened block */
         int64_t ng = (in + w->group - 1) / w->group;
         for (int64_t o = o0, n; o < o1; o += n) {
             n = o < tiled ? w->tile : 1;
