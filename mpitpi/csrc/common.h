@@ -242,7 +242,7 @@ DOT_I8_ROWS(4)
     case 3: F##3(__VA_ARGS__); break;                                                     \
     default: F##4(__VA_ARGS__);                                                           \
     }
-/* ... and for R = 1 .. 8 (the AVX-512 tiles: 32 registers hold eight rows' sums) */
+/* ... and for R = 1 .. 8 (the tiles) */
 #define ROWS_CALL8(F, R, ...)                                                             \
     switch (R) {                                                                          \
     case 1: F##1(__VA_ARGS__); break;                                                     \
@@ -726,9 +726,9 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
  * of each of the group's rows, one row per 32-bit lane. A multiply-add against activation
  * bytes broadcast to every lane then adds their products into each row's own lane: no
  * horizontal sum per row, the rows' scales are one vector, their results are stored at
- * once, and one unpacked block serves up to eight input rows (AVX-512; four with AVX2, whose
- * 16 registers cannot hold eight rows' sums beside the block: 8 decode rows of SmolLM2 on 2
- * ranks 7.3-7.7 -> 6.4-6.6 ms against four, the MLP halves 25% faster). A row's integer sums are
+ * once, and one unpacked block serves up to eight input rows (8 decode rows of SmolLM2 on 2
+ * ranks against four: AVX-512 7.3-7.7 -> 6.4-6.6 ms, the MLP halves 25% faster; AVX2
+ * 9.9-10.0 -> 9.3-9.4 ms; sixteen spilled registers and was slower). A row's integer sums are
  * exact, so only the order of float additions differs from the plain-row kernels.
  * TILE is 16 on AVX-512 builds (512-bit registers), 8 on AVX2 builds, 0 elsewhere.
  *
@@ -985,7 +985,7 @@ DOT_I8_TILE(1)
 DOT_I8_TILE(2)
 DOT_I8_TILE(3)
 DOT_I8_TILE(4)
-#if TILE == 16   /* AVX-512: up to 8 input rows share each unpacked block */
+/* up to 8 input rows share each unpacked block */
 DOT_I4_TILE(5)
 DOT_I4_TILE(6)
 DOT_I4_TILE(7)
@@ -994,12 +994,6 @@ DOT_I8_TILE(5)
 DOT_I8_TILE(6)
 DOT_I8_TILE(7)
 DOT_I8_TILE(8)
-#define TILE_ROWS 8
-#define TILE_CALL ROWS_CALL8
-#else
-#define TILE_ROWS 4
-#define TILE_CALL ROWS_CALL
-#endif
 
 /* One group of TILE rows against B input rows, as dot_i4_batch / dot_i8_batch: y[b * ys + k]
  * = row k's product with input row b. */
@@ -1007,9 +1001,9 @@ DOT_I4W_TILE(1)
 DOT_I4W_TILE(2)
 DOT_I4W_TILE(3)
 DOT_I4W_TILE(4)
-I4_BATCH_G(dot_i4_tile_batch, dot_i4_tile, int8_t, TILE_ROWS, TILE_CALL)
+I4_BATCH_G(dot_i4_tile_batch, dot_i4_tile, int8_t, 8, ROWS_CALL8)
 I4_BATCH(dot_i4w_tile_batch, dot_i4w_tile, int16_t)
-I8_BATCH_G(dot_i8_tile_batch, dot_i8_tile, TILE_ROWS, TILE_CALL)
+I8_BATCH_G(dot_i8_tile_batch, dot_i8_tile, 8, ROWS_CALL8)
 #else
 static inline void dot_i4_tile_batch(const uint8_t *q, const uint16_t *d, const uint16_t *m,
                                      int8_t *xq, int64_t sxq, float *xs, float *xsum,
