@@ -218,6 +218,12 @@ class StreamText:
     A delta is held back while the text ends in an incomplete UTF-8 sequence (U+FFFD), or
     while its tail could be the start of a stop string. ``stopped`` is set once a stop string
     appears; the text is then cut before it.
+
+    Each token decodes a short window, not the whole list: the ids since the last place the
+    text was whole (``start``), less the text those ids up to ``ready`` gave (``base``). Both
+    decodes start at the same id, so a decoder that drops a leading space treats them alike.
+    Decoding every id for each token cost 90 us a token at 1000 tokens and 380 us at 4000
+    (SmolLM2's tokenizer), per sequence: 1.5 ms of an 8-row pass at 2000 tokens.
     """
 
     def __init__(self, decode, stops: list[str] | None = None):
@@ -228,18 +234,31 @@ class StreamText:
         self.text = ""
         self.sent = 0
         self.stopped = False
+        self.start = self.ready = 0   # ids[start:ready] gave ``base``, already in ``text``
+        self.base = ""
+
+    def _take(self) -> bool:
+        """Move the text of the ids not yet in ``text`` into it, unless it ends in an
+        incomplete character (or adds nothing); True when it moved."""
+        window = self.decode(self.ids[self.start:])
+        if window.endswith("\ufffd") or len(window) <= len(self.base):
+            return False
+        self.text += window[len(self.base):]
+        self.start, self.ready = self.ready, len(self.ids)
+        self.base = self.decode(self.ids[self.start:self.ready])
+        return True
 
     def push(self, token: int) -> str:
         """Add one token; return the text that is now final."""
         self.ids.append(token)
-        self.text = self.decode(self.ids)
-        for s in self.stops:
-            at = self.text.find(s)
+        before = len(self.text)
+        if not self._take():
+            return ""
+        for s in self.stops:                # a stop string ending in the new text
+            at = self.text.find(s, max(0, before - len(s) + 1))
             if at >= 0:
                 self.text, self.stopped = self.text[:at], True
                 return self.flush()
-        if self.text.endswith("\ufffd"):
-            return ""
         ready = len(self.text) - self.hold
         if ready <= self.sent:
             return ""
@@ -248,5 +267,10 @@ class StreamText:
 
     def flush(self) -> str:
         """The rest of the text (at the end of generation)."""
+        if not self.stopped:                # an incomplete character at the end stays in
+            window = self.decode(self.ids[self.start:])
+            self.text += window[len(self.base):]
+            self.start = self.ready = len(self.ids)
+            self.base = ""
         delta, self.sent = self.text[self.sent:], len(self.text)
         return delta
