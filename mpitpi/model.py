@@ -349,8 +349,9 @@ class Transformer:
         """
         for seg in segs:
             self.reserve(seg.end, seg.slot)
-            ids = seg.tokens.tolist()
-            self.cached[seg.slot] = self.cached[seg.slot][:seg.start] + ids
+            held = self.cached[seg.slot]          # in place: a copy grew with the sequence
+            del held[seg.start:]
+            held.extend(seg.tokens.tolist())
         tokens = segs[0].tokens if len(segs) == 1 else torch.cat([g.tokens for g in segs])
         x = self.embed_tokens(tokens)                             # (R, dim)
         decode = not any(g.prompt for g in segs)
