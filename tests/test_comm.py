@@ -120,3 +120,12 @@ def test_commbench_reports_every_algorithm_and_size(tmp_path):
     for by_size in res["ms_per_call"].values():
         assert len(by_size) == 7 and all(ms > 0 for ms in by_size.values())
     assert "all-reduce ms per call" in r.stdout
+
+
+def test_argmax_rows_takes_the_first_of_ties_and_adds_the_offset():
+    """Greedy picks on one rank: each row's largest column (the lowest index on a tie, as a
+    full argmax), shifted by the rank's first vocabulary row."""
+    import torch
+    from mpitpi.comm import Comm
+    t = torch.tensor([[1.0, 3.0, 3.0, -2.0], [5.0, -1.0, 5.0, 0.0], [-7.0, -9.0, -8.0, -7.5]])
+    assert Comm().argmax_rows(t, 10) == [11, 10, 10]
