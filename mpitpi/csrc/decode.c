@@ -330,6 +330,20 @@ static void prefetch_kv(const row_t *r, int64_t h, int64_t hd) {
     }
 }
 
+/* Item i of B rows x n_q query heads (row i / n_q, head i % n_q): its query q attends over
+ * its row's caches into o. At the first query head of each KV head, the next item's KV
+ * head (another head, or the next row) is asked for, so it arrives while this one runs. */
+static void attend_item(const float *q, const row_t *r, int64_t i, int64_t B, int64_t n_q,
+                        const int64_t *kv_of_q, int64_t hd, float *o) {
+    int64_t b = i / n_q, j = i % n_q;
+    if (j == 0 || kv_of_q[j] != kv_of_q[j - 1]) {
+        int64_t n = i + 1;
+        while (n < B * n_q && n / n_q == b && kv_of_q[n % n_q] == kv_of_q[j]) n++;
+        if (n < B * n_q) prefetch_kv(r + n / n_q, kv_of_q[n % n_q], hd);
+    }
+    attend(q, r + b, kv_of_q[j], hd, o);
+}
+
 /* A new key or value (hd,) into position pos of KV head h of row r's cache: fp32 as it is,
  * or fp16 clamped to +-65504 and rounded to nearest even (model.py's torch writer does the
  * same, so a prompt row and a decode row store the same bits). */
@@ -390,13 +404,8 @@ void decode_attn(float *x, const float *norm, float eps, const weight_t *wqkv,
         #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < B * n_q; i++) {
             int64_t b = i / n_q, j = i % n_q;
-            if (j == 0 || kv_of_q[j] != kv_of_q[j - 1]) {   /* a new KV head: fetch the next */
-                int64_t n = i + 1;
-                while (n < B * n_q && n / n_q == b && kv_of_q[n % n_q] == kv_of_q[j]) n++;
-                if (n < B * n_q) prefetch_kv(r + n / n_q, kv_of_q[n % n_q], hd);
-            }
-            attend(s->mid + b * s->smid + j * hd, r + b, kv_of_q[j], hd,
-                   s->act + b * s->sact + j * hd);
+            attend_item(s->mid + b * s->smid + j * hd, r, i, B, n_q, kv_of_q, hd,
+                        s->act + b * s->sact + j * hd);
         }
         product(wo, s->act, s->sact, B, s, out, dim);
         if (add) accumulate(x, out, B * dim);
@@ -434,13 +443,6 @@ void decode_mlp(float *x, const float *norm, float eps, const weight_t *w13,
 void attend_rows(const float *q, const row_t *r, int64_t T, int64_t n_q, int64_t hd,
                  const int64_t *kv_of_q, float *out) {
     #pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t i = 0; i < T * n_q; i++) {
-        int64_t b = i / n_q, j = i % n_q;
-        if (j == 0 || kv_of_q[j] != kv_of_q[j - 1]) {   /* a new KV head: fetch the next */
-            int64_t n = i + 1;
-            while (n < T * n_q && n / n_q == b && kv_of_q[n % n_q] == kv_of_q[j]) n++;
-            if (n < T * n_q) prefetch_kv(r + n / n_q, kv_of_q[n % n_q], hd);
-        }
-        attend(q + i * hd, r + i / n_q, kv_of_q[i % n_q], hd, out + i * hd);
-    }
+    for (int64_t i = 0; i < T * n_q; i++)
+        attend_item(q + i * hd, r, i, T, n_q, kv_of_q, hd, out + i * hd);
 }
