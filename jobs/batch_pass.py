@@ -18,7 +18,7 @@ import torch
 
 from mpitpi import kernels
 from mpitpi.llm import LLM
-from mpitpi.model import Segment
+from mpitpi.model import KV_DTYPES, Segment
 
 PARTS = ("attn", "mlp", "reduce", "head")
 
@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     p.add_argument("--pos", type=int, default=60)
     p.add_argument("--passes", type=int, default=40)
-    p.add_argument("--kv-dtype", choices=["fp16", "fp32"], help="default: as mpitpi's")
+    p.add_argument("--kv-dtype", choices=list(KV_DTYPES), help="default: as mpitpi's")
     a = p.parse_args()
     llm = LLM(a.model, dtype=a.dtype, progress=False, max_batch=max(a.rows),
               kv_dtype=a.kv_dtype)

@@ -11,6 +11,7 @@ import re
 
 from mpitpi.comm import ALGORITHMS
 from mpitpi.errors import MpitpiError
+from mpitpi.model import KV_DTYPES
 from mpitpi.sampling import SamplingParams, bias_outside
 from mpitpi.synth import SHAPES
 from mpitpi.weights import DTYPES
@@ -72,7 +73,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratios", help="per-rank shares of heads, FFN columns and vocabulary, "
                    "e.g. 2,1,1, or 'auto' to measure each rank (default: uniform)")
     add_dtype(p)
-    p.add_argument("--kv-dtype", choices=["fp16", "fp32"], help="what the KV cache stores "
+    p.add_argument("--kv-dtype", choices=list(KV_DTYPES), help="what the KV cache stores "
                    "(default: fp32 for fp32 weights, else fp16: half the cache memory per "
                    "position and the bytes attention reads; keys and values are computed in "
                    "fp32 either way)")

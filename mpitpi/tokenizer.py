@@ -259,10 +259,10 @@ class StreamText:
             if at >= 0:
                 self.text, self.stopped = self.text[:at], True
                 return self.flush()
-        ready = len(self.text) - self.hold
-        if ready <= self.sent:
+        final = len(self.text) - self.hold   # what no stop string can still take back
+        if final <= self.sent:
             return ""
-        delta, self.sent = self.text[self.sent:ready], ready
+        delta, self.sent = self.text[self.sent:final], final
         return delta
 
     def flush(self) -> str:
