@@ -47,7 +47,7 @@ from mpitpi.weights import BYTES_PER_WEIGHT, storage_for
 
 MB = 2**20
 VERSIONS = ("python", "mpitpi", "torch", "mpi4py", "mpi")   # must agree on every rank
-SCALE_BYTES = {"int8": 4 / GROUP, "int4": 4 / BLOCK}          # per weight, beside the weight
+SCALE_BYTES = {"int8": 4 / GROUP, "int4": 4 / BLOCK, "int6": 2 / BLOCK}   # per weight, beside it
 PING_REPS, BANDWIDTH_BYTES, BANDWIDTH_REPS = 20, 4 * MB, 3
 
 

@@ -132,20 +132,20 @@ def _load():
             getattr(lib, name).argtypes = [p, p, p, i64, i64, i64]
         # x, w, scale, y, T, in, out, group, tile
         lib.matvec_i8.argtypes = [p, p, p, p, i64, i64, i64, i64, i64]
-        # x, q, d, m, y, T, in, out, tile, wide
-        lib.matvec_i4.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64]
+        # x, q, d, m, h, y, T, in, out, tile, wide
+        lib.matvec_i4.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64]
         c_int = ctypes.c_int
-        # q, d, m, w, rows, in, bf16, tile
-        lib.dequant_i4.argtypes = [p, p, p, p, i64, i64, c_int, i64]
-        lib.tile_i4.argtypes = [p, p, p, i64, i64]   # q, d, m, rows, in
+        # q, d, m, h, w, rows, in, bf16, tile
+        lib.dequant_i4.argtypes = [p, p, p, p, p, i64, i64, c_int, i64]
+        lib.tile_i4.argtypes = [p, p, p, p, i64, i64]   # q, d, m, h, rows, in
         lib.weight_tile.restype = i64
         # q, scale, w, rows, in, group, bf16, tile
         lib.dequant_i8.argtypes = [p, p, p, i64, i64, i64, c_int, i64]
         lib.tile_i8.argtypes = [p, p, i64, i64, i64]   # w, scale, rows, in, group
         # w, scale, index, n, out, rows, in, group, tile
         lib.rows_i8.argtypes = [p, p, p, i64, p, i64, i64, i64, i64]
-        # q, d, m, index, n, out, rows, in, tile
-        lib.rows_i4.argtypes = [p, p, p, p, i64, p, i64, i64, i64]
+        # q, d, m, h, index, n, out, rows, in, tile
+        lib.rows_i4.argtypes = [p, p, p, p, p, i64, p, i64, i64, i64]
         for name in (*_FUNCS.values(), "matvec_i8", "matvec_i4", "dequant_i4",
                      "dequant_i8", "tile_i4", "tile_i8", "rows_i4", "rows_i8"):
             getattr(lib, name).restype = None
@@ -192,15 +192,21 @@ def weight_tile() -> int:
     return int(_lib.weight_tile()) if _load() is not None else 0
 
 
-def tile_i4(q: torch.Tensor, scale: torch.Tensor, min: torch.Tensor) -> int:
+def tile_i4(q: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None,
+            hi: torch.Tensor | None = None) -> int:
     """Rearrange an int4 matrix written in plain rows (q (out, in / 2) uint8, scale and min
-    (out, in / 32) fp16, all contiguous) in place into this build's tiles; returns the tile
-    (0: nothing changed). One thread, without the GIL (the layer prefetcher calls it)."""
+    (out, in / 32) fp16, all contiguous), or an int6 one (min None, ``hi`` (out, in / 4)
+    uint8: quant.py), in place into this build's tiles; returns the tile (0: nothing
+    changed). One thread, without the GIL (the layer prefetcher calls it)."""
     tile = weight_tile()
     if tile:
-        _lib.tile_i4(q.data_ptr(), scale.data_ptr(), min.data_ptr(), q.shape[0],
+        _lib.tile_i4(q.data_ptr(), scale.data_ptr(), _ptr(min), _ptr(hi), q.shape[0],
                      q.shape[1] * 2)
     return tile
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def tile_i8(w: torch.Tensor, scale: torch.Tensor) -> int:
@@ -215,8 +221,8 @@ def tile_i8(w: torch.Tensor, scale: torch.Tensor) -> int:
 
 
 def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-           min: torch.Tensor | None = None, wide: bool = False, tile: int = 0
-           ) -> torch.Tensor:
+           min: torch.Tensor | None = None, wide: bool = False, tile: int = 0,
+           hi: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, in) fp32 @ W.T -> (T, out) fp32 for the matrix W (out, in) stored as ``w``.
 
     Contract: ``available()`` is True; every tensor contiguous; w is fp32/bf16/fp16
@@ -226,6 +232,7 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     logits: 1/65534 of the block's largest |x|, and a row's numbers do not depend on the rows
     beside it, in a tile or not); ``tile``:
     the int4 or int8 matrix's rows are in tiles (``tile_i4``, ``tile_i8``) or plain (0).
+    int6 (quant.py): uint8 ``w`` with ``scale``, ``hi`` and no ``min``; always ``wide``.
     """
     lib = _load()
     x = x.contiguous()
@@ -233,7 +240,7 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     n_out = w.shape[0]
     out = torch.empty(T, n_out)
     if w.dtype == torch.uint8:
-        lib.matvec_i4(x.data_ptr(), w.data_ptr(), scale.data_ptr(), min.data_ptr(),
+        lib.matvec_i4(x.data_ptr(), w.data_ptr(), scale.data_ptr(), _ptr(min), _ptr(hi),
                       out.data_ptr(), T, n_in, n_out, tile, int(wide))
     elif w.dtype == torch.int8:
         lib.matvec_i8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), out.data_ptr(),
@@ -245,16 +252,17 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
 
 
 def dequantize(w: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None = None,
-               dtype: torch.dtype = torch.float32, tile: int = 0) -> torch.Tensor:
-    """An int8 (w, scale) or int4 (w, scale, min) matrix (rows in tiles or plain, as
-    ``matvec``) as (out, in) in ``dtype``, fp32 or bf16 (the same numbers as
-    quant.dequantize_int8 / dequantize_int4 on plain rows, then ``.to(dtype)``), written by
-    all threads."""
+               dtype: torch.dtype = torch.float32, tile: int = 0,
+               hi: torch.Tensor | None = None) -> torch.Tensor:
+    """An int8 (w, scale), int4 (w, scale, min) or int6 (w, scale, hi) matrix (rows in tiles
+    or plain, as ``matvec``) as (out, in) in ``dtype``, fp32 or bf16 (the same numbers as
+    quant.dequantize_int8 / dequantize_int4 / dequantize_int6 on plain rows, then
+    ``.to(dtype)``), written by all threads."""
     lib = _load()
     bf16 = {torch.float32: 0, torch.bfloat16: 1}[dtype]
     if w.dtype == torch.uint8:
         out = torch.empty(w.shape[0], w.shape[1] * 2, dtype=dtype)
-        lib.dequant_i4(w.data_ptr(), scale.data_ptr(), min.data_ptr(), out.data_ptr(),
+        lib.dequant_i4(w.data_ptr(), scale.data_ptr(), _ptr(min), _ptr(hi), out.data_ptr(),
                        w.shape[0], out.shape[1], bf16, tile)
     else:
         out = torch.empty(w.shape, dtype=dtype)
@@ -264,15 +272,15 @@ def dequantize(w: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None = 
 
 
 def rows(w: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None, index: torch.Tensor,
-         tile: int) -> torch.Tensor:
-    """Rows ``index`` (n,) of an int8 (w, scale) or int4 (w, scale, min) matrix whose rows are
-    in tiles (``tile``; or plain, 0) as (n, in) fp32: the numbers ``dequantize`` gives them.
-    An embedding lookup in a tiled vocabulary."""
+         tile: int, hi: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``index`` (n,) of an int8 (w, scale), int4 (w, scale, min) or int6 (w, scale, hi)
+    matrix whose rows are in tiles (``tile``; or plain, 0) as (n, in) fp32: the numbers
+    ``dequantize`` gives them. An embedding lookup in a tiled vocabulary."""
     index = index.to(torch.int64).contiguous()
     n, cols = index.shape[0], w.shape[1] * (2 if w.dtype == torch.uint8 else 1)
     out = torch.empty(n, cols)
     if w.dtype == torch.uint8:
-        _lib.rows_i4(w.data_ptr(), scale.data_ptr(), min.data_ptr(), index.data_ptr(), n,
+        _lib.rows_i4(w.data_ptr(), scale.data_ptr(), _ptr(min), _ptr(hi), index.data_ptr(), n,
                      out.data_ptr(), w.shape[0], cols, tile)
     else:
         _lib.rows_i8(w.data_ptr(), scale.data_ptr(), index.data_ptr(), n, out.data_ptr(),

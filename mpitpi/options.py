@@ -14,7 +14,7 @@ from mpitpi.errors import MpitpiError
 from mpitpi.model import KV_DTYPES
 from mpitpi.sampling import SamplingParams, bias_outside
 from mpitpi.synth import SHAPES
-from mpitpi.weights import DTYPES
+from mpitpi.weights import DTYPES, VOCAB_DTYPES
 
 MODEL_HELP = "a Hugging Face folder (config.json + *.safetensors), a .gguf file, a Hugging " \
              "Face model id found in the local Hugging Face cache (e.g. " \
@@ -60,9 +60,11 @@ def add_dtype(p: argparse.ArgumentParser, what: str = "weight dtype of the shard
                    "with a scale and offset each (default: the checkpoint's own; for a GGUF "
                    "file, what its weights' bits give: int4 for Q4 files)")
     if vocab:
-        p.add_argument("--vocab-dtype", choices=DTYPES, help="storage of the embedding and "
-                       "lm_head matrices (default: int8 in int4 shards, else --dtype); int4 "
-                       "reads fewer bytes per token at a cost in quality (docs/BENCHMARKS.md)")
+        p.add_argument("--vocab-dtype", choices=VOCAB_DTYPES, help="storage of the embedding "
+                       "and lm_head matrices (default: int6 in int4 shards, where GGUF blocks "
+                       "do not carry over, else --dtype); int6: 6 bits and a scale per 32 "
+                       "columns; int4 reads fewer bytes per token at a cost in quality "
+                       "(docs/BENCHMARKS.md)")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,5 @@
-"""Weight-only quantization: int8 (symmetric, fp32 scales) and int4 (blocks of 32, fp16 scale
-and offset), the two integer storages of weights.py.
+"""Weight-only quantization: int8 (symmetric, fp32 scales), int4 (blocks of 32, fp16 scale
+and offset) and int6 (blocks of 32, fp16 scale), the integer storages of weights.py.
 
 int8: a matrix w (out, in) is q (out, in) int8 and scale (out, ceil(in / group)) fp32 with
 w[o, i] ~= q[o, i] * scale[o, i // group]; |q| <= 127 and the largest |w| of each group maps
@@ -16,7 +16,18 @@ nibble and column j + 16 in its high nibble: the layout of GGUF's Q4_0 and Q4_1 
 therefore carry over unchanged (Q4_0's (n - 8) d is n d + m with m = -8 d, exact in fp16).
 Quantizing a float matrix maps each block's minimum to 0 and maximum to 15.
 
-Both quantize a block of rows at a time (ROWS_AT_ONCE weights): rows are independent, so
+int6 (the vocabulary of int4 shards, as GGUF quantizers keep the output matrix at 6 bits):
+w (out, in), in a multiple of 32, is q (out, in / 2) uint8 as int4's (the low 4 bits n & 15
+of each column), h (out, in / 4) uint8 (the top 2 bits n >> 4) and d (out, in / 32) fp16 with
+w[o, 32 b + j] ~= d[o, b] (n - 32), n in 0..63. A block's 8 bytes of h hold one 4-bit field
+per byte of q: byte i (0..7) holds q byte i's in its low 4 bits and q byte i + 8's in its
+high ones, and a field holds the top bits of the q byte's low-nibble column in its bits 0-1
+and of its high-nibble column in bits 2-3. The block's largest |w| maps to n = 0 (its sign
+taken into d), so the other side reaches 31 d: half the step of int4's with no offset to
+store, 6.5 bits per weight against int8's 8.5. SmolLM2's vocabulary requantized so: +0.4%
+perplexity against its int8 one (docs/BENCHMARKS.md).
+
+All quantize a block of rows at a time (ROWS_AT_ONCE weights): rows are independent, so
 the result is the same, and the fp32 temporaries stay a few MB instead of several copies of
 the matrix (`mpitpi split` of a 405B vocabulary slice: 525 MB per temporary otherwise).
 """
@@ -26,7 +37,7 @@ import torch
 
 GROUP = 64     # int8: input columns per scale when mpitpi quantizes: 1/16 byte per weight
 GGUF_GROUP = 32   # int8 from GGUF Q8_0 blocks
-BLOCK = 32     # int4: input columns per (scale, offset) pair: 1/8 byte per weight
+BLOCK = 32     # int4, int6: input columns per scale (and int4 offset): 1/16 byte each
 ROWS_AT_ONCE = 1 << 20   # weights quantized at a time (their fp32 temporaries: 4 MB each)
 
 
@@ -118,3 +129,48 @@ def dequantize_int4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.
     n = int4_values(q).float()
     w = n * d.float()[..., None] + m.float()[..., None]
     return w.reshape(q.shape[0], q.shape[1] * 2)   # 0 rows too (an empty embedding lookup)
+
+
+def quantize_int6(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (out, in) any float dtype, in a multiple of 32 -> q (out, in/2) uint8, h (out, in/4)
+    uint8, d (out, in/32) fp16 (the layout in this module's docstring)."""
+    out, n_in = w.shape
+    assert can_int4(n_in), n_in
+    q = torch.empty(out, n_in // 2, dtype=torch.uint8)
+    h = torch.empty(out, n_in // 4, dtype=torch.uint8)
+    d = torch.empty(out, n_in // BLOCK, dtype=torch.float16)
+    for r0, r1 in _row_blocks(out, n_in):
+        q[r0:r1], h[r0:r1], d[r0:r1] = _quantize_int6(w[r0:r1])
+    return q, h, d
+
+
+def _quantize_int6(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, n_in = w.shape
+    blocks = w.float().reshape(out, n_in // BLOCK, BLOCK)                 # (out, B, 32)
+    big = blocks.gather(2, blocks.abs().argmax(dim=2, keepdim=True))[..., 0]   # (out, B)
+    d = (big / -32.0).to(torch.float16)
+    df = d.float()
+    inv = torch.where(df != 0, 1.0 / df, torch.zeros_like(df))
+    n = (torch.round(blocks * inv[..., None]) + 32).clamp_(0, 63).to(torch.uint8)
+    lo, top = n & 15, n >> 4                                              # (out, B, 32)
+    q = lo[..., :16] | (lo[..., 16:] << 4)                                # (out, B, 16)
+    field = top[..., :16] | (top[..., 16:] << 2)                          # per q byte
+    h = field[..., :8] | (field[..., 8:] << 4)                            # (out, B, 8)
+    return (q.reshape(out, n_in // 2).contiguous(), h.reshape(out, n_in // 4).contiguous(),
+            d.contiguous())
+
+
+def int6_values(q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """q (out, in/2), h (out, in/4) uint8 -> the 6-bit values (out, in/32, 32) in column
+    order."""
+    hb = h.reshape(h.shape[0], h.shape[1] // 8, 8)                       # (out, B, 8)
+    field = torch.cat([hb & 15, hb >> 4], dim=2)                          # (out, B, 16)
+    top = torch.cat([field & 3, field >> 2], dim=2)                       # (out, B, 32)
+    return int4_values(q) | (top << 4)
+
+
+def dequantize_int6(q: torch.Tensor, h: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """q (rows, in/2), h (rows, in/4) uint8, d (rows, in/32) fp16 -> (rows, in) fp32:
+    (n - 32) d."""
+    n = int6_values(q, h).float() - 32.0
+    return (n * d.float()[..., None]).reshape(q.shape[0], q.shape[1] * 2)

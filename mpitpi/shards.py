@@ -23,8 +23,9 @@ a ``.scale`` dataset beside it, (rows, ceil(cols / group)) fp32: one scale per o
 group of 64 columns of this rank's slice, or 32 where the blocks of a GGUF Q8_0 file carried
 over (quant.py); vectors are fp32. With ``--dtype int4`` the layer matrices are stored as
 (rows, cols / 2) uint8 with ``.scale`` and ``.min`` (rows, cols / 32) fp16 beside them, the
-vocabulary matrices (and any matrix not a whole number of 32-column blocks wide) as int8,
-and a GGUF file's own Q4_0/Q4_1/Q8_0 blocks carry over as they are (weights.storage_for).
+vocabulary matrices as int6 (uint8 with ``.scale`` fp16 and ``.hi`` (rows, cols / 4) uint8:
+quant.py), any matrix not a whole number of 32-column blocks wide as int8, and a GGUF
+file's own Q4_0/Q4_1/Q8_0 blocks carry over as they are (weights.storage_for).
 
 The manifest names the model (path and fingerprint), ModelArgs, world size, ratios, storage
 dtype, the plan and a CRC32 per dataset. A folder without manifest.json is never trusted:
@@ -51,7 +52,8 @@ from mpitpi.errors import MpitpiError
 from mpitpi.plan import RankSlice, check_plan, plan_for_args
 from mpitpi.quant import BLOCK, GGUF_GROUP, GROUP
 from mpitpi.tokenizer import load_tokenizer
-from mpitpi.weights import DTYPES, Weight, from_numpy, quantized, storage_for, stored_arrays
+from mpitpi.weights import (DTYPES, VOCAB_DTYPES, Weight, from_numpy, quantized, storage_for,
+                            stored_arrays)
 
 FORMAT = "mpitpi-shards"
 VERSION = 1
@@ -84,11 +86,11 @@ def rank_tensors(ckpt: Checkpoint, args: ModelArgs, s: RankSlice, layer: int | N
         bf16 and 131 MB in int8."""
         cols = ckpt.shape(name)[1]
         kind = storage_for(dataset, cols, dtype, vocab_dtype)
-        if kind not in ("int8", "int4"):
+        if kind not in ("int8", "int4", "int6"):
             t = rows(name, a, b)
             return t if isinstance(t, Weight) else Weight(t)
         step = max(1, READ_ROWS_AT_ONCE // cols // hd) * hd   # whole heads (GGUF q, k)
-        fields, out = ("data", "scale", "min"), None
+        fields, out = ("data", "scale", "min", "hi"), None
         for r in range(a, max(a, b), step):
             t = rows(name, r, min(b, r + step))
             t = t if isinstance(t, Weight) else quantized(t, kind)
@@ -99,7 +101,7 @@ def rank_tensors(ckpt: Checkpoint, args: ModelArgs, s: RankSlice, layer: int | N
                 o[r - a:r - a + len(getattr(t, f))] = getattr(t, f)
         if out is None:   # no rows
             return quantized(ckpt.rows(name, a, b), kind)
-        return Weight(out["data"], out.get("scale"), None, out.get("min"))
+        return Weight(out["data"], out.get("scale"), None, out.get("min"), 0, out.get("hi"))
 
     if layer is None:
         yield "vocab/embed", part("vocab/embed", "model.embed_tokens.weight", *s.vocab)
@@ -180,16 +182,17 @@ def write_shards(ckpt: Checkpoint, out: str, world_size: int, ratios: list[float
                  dtype: str = "fp32", progress: bool = True,
                  vocab_dtype: str | None = None) -> dict:
     """Split ``ckpt`` into ``out``: one HDF5 file per rank + manifest. Returns the manifest.
-    ``vocab_dtype``: the storage of the vocabulary matrices (default: int8 in int4 shards,
+    ``vocab_dtype``: the storage of the vocabulary matrices (default: int6 in int4 shards,
     else ``dtype``; weights.storage_for).
 
     Reads the checkpoint slice by slice (never the whole model). Writes into a staging folder
     beside ``out`` and moves it into place only when every file is complete.
     """
-    for flag, d in (("--dtype", dtype), ("--vocab-dtype", vocab_dtype or dtype)):
-        if d not in DTYPES:
+    for flag, d, known in (("--dtype", dtype, DTYPES),
+                           ("--vocab-dtype", vocab_dtype or dtype, VOCAB_DTYPES)):
+        if d not in known:
             raise MpitpiError(f"{flag} {d!r} is not supported; choose one of "
-                              f"{', '.join(DTYPES)}.")
+                              f"{', '.join(known)}.")
     args = ckpt.args
     plan = plan_for_args(args, world_size, ratios)
     check_out_folder(out)
@@ -222,7 +225,7 @@ def write_shards(ckpt: Checkpoint, out: str, world_size: int, ratios: list[float
             "args": args.to_dict(), "world_size": world_size, "ratios": ratios, "dtype": dtype,
             "vocab_dtype": vocab_dtype,
             "int8_group": GROUP if "int8" in (dtype, vocab_dtype) else None,
-            "int4_block": BLOCK if "int4" in (dtype, vocab_dtype) else None,
+            "int4_block": BLOCK if {"int4", "int6"} & {dtype, vocab_dtype} else None,
             "plan": [s.to_dict() for s in plan],
             "files": [{"rank": r, "file": rank_file(r),
                        "size": os.path.getsize(os.path.join(staging, rank_file(r))),

@@ -1,14 +1,16 @@
 """A rank's weights as the model uses them: matrices that know their own product.
 
 A ``Weight`` is one (out, in) matrix as stored in a shard, in its storage dtype (fp32, bf16,
-fp16, int8 with one fp32 scale per row and group of columns, or int4 in blocks of 32 columns
-with an fp16 scale and offset each: quant.py), with an optional (out,) fp32 bias.
+fp16, int8 with one fp32 scale per row and group of columns, int4 in blocks of 32 columns
+with an fp16 scale and offset each, or int6 in blocks of 32 with an fp16 scale, the
+vocabulary only: quant.py), with an optional (out,) fp32 bias.
 ``w(x)`` is ``x @ w.T + b`` in fp32 for x (T, in) fp32, whatever the storage: the model
 reads ``layer.wqkv(x)`` and never looks at dtypes.
 
 ``LayerWeights`` names one layer's slices and ``TopWeights`` the vocabulary rows and final
 norm. How they are stored (dataset ``wqkv`` with ``wqkv.scale`` beside it for int8 and
-``wqkv.scale`` + ``wqkv.min`` for int4, bias ``bqkv``, ...) is written down here once:
+``wqkv.scale`` + ``wqkv.min`` for int4, ``embed.scale`` + ``embed.hi`` for int6, bias
+``bqkv``, ...) is written down here once:
 ``stored_arrays`` writes it (shards.py) and ``LayerWeights.from_stored`` /
 ``TopWeights.from_stored`` read it (loader.py, prefetch.py).
 """
@@ -23,51 +25,60 @@ import torch
 import torch.nn.functional as F
 
 from mpitpi import choices, kernels
-from mpitpi.quant import (can_int4, dequantize_int4, dequantize_int8, quantize_int4,
-                          quantize_int8)
+from mpitpi.quant import (can_int4, dequantize_int4, dequantize_int6, dequantize_int8,
+                          quantize_int4, quantize_int6, quantize_int8)
 
 SCALE = ".scale"                      # int8/int4 matrix "name" has its scales in "name.scale"
 MIN = ".min"                          # and int4 its offsets in "name.min"
+HI = ".hi"                            # and int6 its values' top 2 bits in "name.hi"
 BIAS = {"wqkv": "bqkv", "wo": "bo", "w13": "b13", "w2": "b2"}   # matrix -> its bias
 NORMS = ("attn_norm", "ffn_norm")
 STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPES = (*STORAGE, "int8", "int4")  # every storage dtype; int8 and int4 with scales (quant.py)
+VOCAB_DTYPES = (*DTYPES, "int6")     # int6: the vocabulary's alone (no fused-step kernels)
 DEQUANT_AT_ONCE = 1 << 22   # int8/int4 weights dequantized at a time for prompt rows
-BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}   # no scales
+BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5,
+                    "int6": 0.75}   # no scales
 
 
 @dataclass
 class Weight:
     """One matrix as stored, with what its product needs.
 
-    data:  (out, in) fp32 / bf16 / fp16 / int8, or (out, in / 2) uint8 for int4
-    scale: (out, ceil(in / group)) fp32 for int8; (out, in / 32) fp16 for int4; else None
+    data:  (out, in) fp32 / bf16 / fp16 / int8, or (out, in / 2) uint8 for int4 and int6
+    scale: (out, ceil(in / group)) fp32 for int8; (out, in / 32) fp16 for int4 and int6;
+           else None
     min:   (out, in / 32) fp16 offsets for int4, else None
     bias:  (out,) fp32 or None
-    tile:  int4 / int8 whose full groups of ``tile`` rows the kernels rearranged
+    tile:  int4 / int6 / int8 whose full groups of ``tile`` rows the kernels rearranged
            (``tile_rows``); 0: plain rows, as stored
+    hi:    (out, in / 4) uint8, the values' top 2 bits, for int6; else None
     """
     data: torch.Tensor
     scale: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     min: torch.Tensor | None = None
     tile: int = 0
+    hi: torch.Tensor | None = None
 
     @property
     def kind(self) -> str:
-        """The storage dtype's name (a key of DTYPES)."""
+        """The storage dtype's name (a key of VOCAB_DTYPES)."""
         if self.data.dtype == torch.uint8:
-            return "int4"
+            return "int4" if self.hi is None else "int6"
         return "int8" if self.data.dtype == torch.int8 else _NAMES[self.data.dtype]
 
     @property
     def cols(self) -> int:
-        return self.data.shape[1] * (2 if self.kind == "int4" else 1)
+        return self.data.shape[1] * (2 if self.data.dtype == torch.uint8 else 1)
 
     def dequantized(self) -> torch.Tensor:
         """The matrix (out, in) in fp32 (without the bias)."""
         if self.tile:
-            return kernels.dequantize(self.data, self.scale, self.min, tile=self.tile)
+            return kernels.dequantize(self.data, self.scale, self.min, tile=self.tile,
+                                      hi=self.hi)
+        if self.kind == "int6":
+            return dequantize_int6(self.data, self.hi, self.scale)
         if self.kind == "int4":
             return dequantize_int4(self.data, self.scale, self.min)
         if self.kind == "int8":
@@ -77,7 +88,9 @@ class Weight:
     @cached_property
     def c(self) -> kernels.CWeight:
         """This weight as the fused C step reads it (made once; it points into the tensors
-        above, which this object keeps alive)."""
+        above, which this object keeps alive). Never int6: only the vocabulary is, whose
+        product runs through ``__call__``."""
+        assert self.hi is None, "int6 has no fused-step kernels"
         return kernels.c_weight(self.data, self.scale, self.min, self.bias, self.tile)
 
     def tile_rows(self) -> None:
@@ -85,8 +98,8 @@ class Weight:
         into the tiles the host's kernels read fastest (kernels.tile_i4 / tile_i8: groups of
         16 rows on AVX-512 builds, 8 on AVX2; 8 decode rows of SmolLM2 ran 2-3x faster).
         Float dtypes, and builds without tiles, keep their rows."""
-        if self.kind == "int4" and kernels.available():
-            self.tile = kernels.tile_i4(self.data, self.scale, self.min)
+        if self.kind in ("int4", "int6") and kernels.available():
+            self.tile = kernels.tile_i4(self.data, self.scale, self.min, self.hi)
         elif self.kind == "int8" and kernels.available():
             self.tile = kernels.tile_i8(self.data, self.scale)
 
@@ -106,18 +119,21 @@ class Weight:
         of rows for which it is row-invariant here: fp16 and bf16 in bf16 where the CPU has
         bf16 instructions and it measured faster, else in fp32; int8 and int4 on a copy made
         for the call (kernels.dequantize, in bf16 or fp32 by the same rule),
-        ``DEQUANT_AT_ONCE`` weights at a time.
+        ``DEQUANT_AT_ONCE`` weights at a time. int6 (a vocabulary) always takes the C
+        kernels, with int16 activations in decode too.
         """
         w, c = self.data, choices.host()
         T = x.shape[0]
         host = c.prefill_dtype(w.dtype)
         pre = torch.float32 if logits else host   # what torch's product computes in
         # logits where the host's prompt products are bf16: the C kernels, which keep fp32
-        if kernels.available() and (decode or pre != host or T <= c.kernel_rows(self.kind)):
+        if kernels.available() and (decode or pre != host or self.hi is not None
+                                    or T <= c.kernel_rows(self.kind)):
             # int4: decode rounds x to int8 per block (fast); prompt rows and logits to
             # int16 (an int8 rounding there flipped SmolLM2's near-tie first token,
             # docs/BENCHMARKS.md)
-            y = kernels.matvec(x, w, self.scale, self.min, wide=not decode, tile=self.tile)
+            y = kernels.matvec(x, w, self.scale, self.min, wide=not decode, tile=self.tile,
+                               hi=self.hi)
             return y if self.bias is None else y + self.bias
         pad = -T % c.pad_rows(self.kind)
         if pad:
@@ -146,8 +162,9 @@ class Weight:
         y = torch.empty(x.shape[0], out) if step < out else None
         for r in range(0, out, step):
             part = Weight(self.data[r:r + step], self.scale[r:r + step], None,
-                          None if self.min is None else self.min[r:r + step], self.tile)
-            w = (kernels.dequantize(part.data, part.scale, part.min, pre, part.tile)
+                          None if self.min is None else self.min[r:r + step], self.tile,
+                          None if self.hi is None else self.hi[r:r + step])
+            w = (kernels.dequantize(part.data, part.scale, part.min, pre, part.tile, part.hi)
                  if kernels.available() else part.dequantized().to(pre))
             if y is None:
                 return F.linear(x, w).float()
@@ -159,15 +176,17 @@ class Weight:
         if self.scale is None:
             return self.data[index].float()
         if self.tile:   # a tiled vocabulary (TopWeights.tile_rows): gathered in C
-            return kernels.rows(self.data, self.scale, self.min, index, self.tile)
+            return kernels.rows(self.data, self.scale, self.min, index, self.tile, self.hi)
         return Weight(self.data[index], self.scale[index], None,
-                      None if self.min is None else self.min[index]).dequantized()
+                      None if self.min is None else self.min[index], 0,
+                      None if self.hi is None else self.hi[index]).dequantized()
 
     @property
     def nbytes(self) -> int:
         """Bytes this weight holds in memory: the matrix, its scales and its bias."""
         return sum(t.numel() * t.element_size()
-                   for t in (self.data, self.scale, self.min, self.bias) if t is not None)
+                   for t in (self.data, self.scale, self.min, self.bias, self.hi)
+                   if t is not None)
 
     @classmethod
     def from_stored(cls, tensors: Mapping[str, torch.Tensor], name: str) -> Weight:
@@ -175,7 +194,8 @@ class Weight:
         scales, offsets and bias when the shard has them."""
         bias = BIAS.get(name)
         return cls(tensors[name], tensors.get(name + SCALE),
-                   tensors.get(bias) if bias else None, tensors.get(name + MIN))
+                   tensors.get(bias) if bias else None, tensors.get(name + MIN), 0,
+                   tensors.get(name + HI))
 
     @classmethod
     def cat(cls, parts: list[Weight]) -> Weight:
@@ -186,11 +206,11 @@ class Weight:
         assert not any(p.tile for p in parts), "tiles are made after loading, never stacked"
         if len(kinds) == 1 and len({p.data.shape[1:] + p.scale.shape[1:] if p.scale is not None
                                     else p.data.shape[1:] for p in parts}) == 1:
-            fields = ("data", "scale", "bias", "min")
-            return cls(*(None if getattr(parts[0], f) is None else
+            fields = ("data", "scale", "bias", "min", "tile", "hi")
+            return cls(*(0 if f == "tile" else None if getattr(parts[0], f) is None else
                          torch.cat([getattr(p, f) for p in parts]) for f in fields))
         rows = torch.cat([p.dequantized() for p in parts])
-        return quantized(rows, "int8") if kinds <= {"int4", "int8"} else Weight(rows)
+        return quantized(rows, "int8") if kinds <= {"int4", "int6", "int8"} else Weight(rows)
 
 
 @dataclass
@@ -270,6 +290,9 @@ def quantized(t: torch.Tensor, dtype: str) -> Weight:
     if dtype == "int4":
         q, d, m = quantize_int4(t)
         return Weight(q, d, None, m)
+    if dtype == "int6":
+        q, h, d = quantize_int6(t)
+        return Weight(q, d, hi=h)
     if dtype == "int8":
         return Weight(*quantize_int8(t))
     return Weight(t.to(STORAGE[dtype]).contiguous())
@@ -278,11 +301,13 @@ def quantized(t: torch.Tensor, dtype: str) -> Weight:
 def storage_for(name: str, cols: int, dtype: str, vocab_dtype: str | None = None) -> str:
     """The storage of matrix ``name`` (a dataset name) with ``cols`` columns in shards of
     ``dtype``: the dtype itself, except that the vocabulary matrices (embedding, lm_head: the
-    most sensitive to error) take ``vocab_dtype`` when given and int8 in int4 shards when not,
-    and that a matrix whose width is not a whole number of 32-column blocks is int8, not int4."""
+    most sensitive to error) take ``vocab_dtype`` when given and int6 in int4 shards when not
+    (GGUF quantizers keep the output matrix at 6 bits too; SmolLM2's vocabulary: +0.4%
+    perplexity against int8, 24% fewer bytes), and that a matrix whose width is not a whole
+    number of 32-column blocks is int8, not int4 or int6."""
     if name.startswith("vocab/"):
-        dtype = vocab_dtype or ("int8" if dtype == "int4" else dtype)
-    if dtype == "int4" and not can_int4(cols):
+        dtype = vocab_dtype or ("int6" if dtype == "int4" else dtype)
+    if dtype in ("int4", "int6") and not can_int4(cols):
         return "int8"
     return dtype
 
@@ -312,8 +337,9 @@ def stored_arrays(name: str, t: torch.Tensor | Weight, dtype: str,
     """(dataset name, array) pairs that store tensor ``name`` in shards of ``dtype``.
 
     int8 stores a matrix as ``name`` (int8) + ``name.scale`` (fp32), int4 as ``name``
-    (uint8) + ``name.scale`` + ``name.min`` (fp16) (quant.py; ``storage_for`` says which
-    matrices of int4 shards are int8); both keep vectors (norms, biases) in fp32; the other
+    (uint8) + ``name.scale`` + ``name.min`` (fp16), int6 as ``name`` (uint8) + ``name.scale``
+    (fp16) + ``name.hi`` (uint8) (quant.py; ``storage_for`` says which matrices of int4
+    shards are int8 or int6); they keep vectors (norms, biases) in fp32; the other
     dtypes store everything in that dtype. ``t`` may be a Weight already quantized (a GGUF
     file's blocks, carried over unchanged): it is stored as it is, unless it is a vocabulary
     matrix and ``vocab_dtype`` asks for another storage.
@@ -323,7 +349,7 @@ def stored_arrays(name: str, t: torch.Tensor | Weight, dtype: str,
         return
     if isinstance(t, torch.Tensor):
         t = quantized(t, storage_for(name, t.shape[1], dtype, vocab_dtype))
-    elif t.kind not in ("int8", "int4"):
+    elif t.kind not in ("int8", "int4", "int6"):
         t = quantized(t.data, storage_for(name, t.cols, dtype, vocab_dtype))
     elif vocab_dtype and name.startswith("vocab/") and t.kind != (
             want := storage_for(name, t.cols, dtype, vocab_dtype)):
@@ -335,6 +361,8 @@ def stored_arrays(name: str, t: torch.Tensor | Weight, dtype: str,
     yield name + SCALE, t.scale.numpy()
     if t.min is not None:
         yield name + MIN, t.min.numpy()
+    if t.hi is not None:
+        yield name + HI, t.hi.numpy()
 
 
 def random_weight(out: int, n_in: int, dtype: str) -> Weight:

@@ -139,13 +139,11 @@ def dequantized_copy(folder: str, out: str) -> None:
             names = []
             a.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
             for n in names:
-                if n.endswith((".scale", ".min")):
+                if n.endswith((".scale", ".min", ".hi")):
                     continue
-                parts = [torch.from_numpy(a[n + s][()]) for s in ("", ".scale", ".min")
-                         if n + s in a]
-                arr = parts[0].numpy() if len(parts) == 1 else \
-                    (dequantize_int4 if len(parts) == 3 else dequantize_int8)(*parts).numpy()
-                arr = arr.astype(np.float32)
+                stored = {n + s: torch.from_numpy(a[n + s][()])
+                          for s in ("", ".scale", ".min", ".hi") if n + s in a}
+                arr = Weight.from_stored(stored, n).dequantized().numpy().astype(np.float32)
                 b.create_dataset(n, data=arr)
                 sums[n] = zlib.crc32(arr)
         entry["checksums"] = sums

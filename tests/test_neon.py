@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from mpitpi.kernels import CSRC
-from mpitpi.quant import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from mpitpi.quant import (dequantize_int4, dequantize_int6, dequantize_int8, quantize_int4,
+                          quantize_int6, quantize_int8)
 
 CC, QEMU, SYSROOT = "aarch64-linux-gnu-gcc", "qemu-aarch64", "/usr/aarch64-linux-gnu"
 HERE = os.path.dirname(os.path.abspath(__file__))
 MARCHES = ["armv8.2-a+fp16+dotprod", "armv8-a"]
 # (T, in, out): one and several rows, a short last int8 group, rows past 4096 columns
 SHAPES = [(1, 64, 9), (3, 576, 40), (2, 4352, 7)]
-KINDS = ["fp32", "bf16", "fp16", "int8", "int8-g32", "int4", "int4-wide"]
+KINDS = ["fp32", "bf16", "fp16", "int8", "int8-g32", "int4", "int4-wide", "int6"]
 
 
 @pytest.fixture(scope="module", params=MARCHES)
@@ -47,6 +48,9 @@ def weights(kind: str, w: torch.Tensor):
         group = 32 if kind == "int8-g32" else 64
         q, s = quantize_int8(w, group)
         return group, [q.numpy(), s.numpy()], dequantize_int8(q, s)
+    if kind == "int6":
+        q, h, d = quantize_int6(w)
+        return 0, [q.numpy(), h.numpy(), d.numpy()], dequantize_int6(q, h, d)
     q, d, m = quantize_int4(w)
     return 0, [q.numpy(), d.numpy(), m.numpy()], dequantize_int4(q, d, m)
 
@@ -58,7 +62,7 @@ def test_neon_products_match_torch(binary, tmp_path, kind, T, n_in, n_out):
     x = torch.randn(T, n_in, generator=g)
     group, arrays, w = weights(kind, torch.randn(n_out, n_in, generator=g))
     code = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int8-g32": 3, "int4": 4,
-            "int4-wide": 5}[kind]
+            "int4-wide": 5, "int6": 6}[kind]
     with open(tmp_path / "in", "wb") as f:
         f.write(np.array([code, T, n_in, n_out, group], np.int64).tobytes())
         f.write(x.numpy().tobytes())
@@ -72,5 +76,6 @@ def test_neon_products_match_torch(binary, tmp_path, kind, T, n_in, n_out):
     expect = x.double() @ w.double().T
     rel = ((got.double() - expect).norm() / expect.norm()).item()
     # int4 rounds activations to int8 per block (wide: int16); int8 to int16 per group
-    bound = {"int4": 2e-2, "int4-wide": 1e-4, "int8": 1e-4, "int8-g32": 1e-4}.get(kind, 1e-5)
+    bound = {"int4": 2e-2, "int4-wide": 1e-4, "int6": 1e-4, "int8": 1e-4,
+             "int8-g32": 1e-4}.get(kind, 1e-5)
     assert rel < bound, rel

@@ -376,11 +376,15 @@ static inline void quantize_x8(const float *x, int64_t nb, int8_t *xq, float *xs
     }
 }
 
-/* One block's 32 weights n d + m in fp32, in column order. */
-static inline void dequant_i4_block(const uint8_t *q, float d, float m, float *w) {
+/* One block's 32 weights n d + m in fp32, in column order; int6 (hb: the block's 8 bytes of
+ * top bits, quant.py) with m = -32 d: n d - 32 d is (n - 32) d exactly (a 6-bit integer
+ * times an fp16 scale needs 17 of fp32's 24 bits), as quant.dequantize_int6 computes it. */
+static inline void dequant_i4_block(const uint8_t *q, const uint8_t *hb, float d, float m,
+                                    float *w) {
     for (int j = 0; j < 16; j++) {
-        w[j] = (float)(q[j] & 15) * d + m;
-        w[j + 16] = (float)(q[j] >> 4) * d + m;
+        int f = hb ? (hb[j & 7] >> (j & 8 ? 4 : 0)) & 15 : 0;   /* the byte's top bits */
+        w[j] = (float)((q[j] & 15) | (f & 3) << 4) * d + m;
+        w[j + 16] = (float)((q[j] >> 4) | (f >> 2) << 4) * d + m;
     }
 }
 
@@ -528,7 +532,8 @@ static __attribute__((noinline)) float i4_sum(__m512 acc0, __m512 acc1, __m256 m
 #define DOT_I4_ROWS(R)                                                                    \
 static inline void dot_i4_rows##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
                                   int8_t *const *xq, float *const *xs,                     \
-                                  float *const *xsum, int64_t nb, float *y, int64_t ys) { \
+                                  float *const *xsum, int64_t nb, float *y, int64_t ys,   \
+                                  const uint8_t *h) {                                     \
     __m512 acc0[R], acc1[R];                                                              \
     __m256 macc[R];                                                                       \
     for (int r = 0; r < R; r++) {                                                         \
@@ -549,6 +554,7 @@ static inline void dot_i4_rows##R(const uint8_t *q, const uint16_t *d, const uin
     }                                                                                     \
     for (int r = 0; r < R; r++)                                                           \
         y[r * ys] = i4_sum(acc0[r], acc1[r], macc[r]);                                    \
+    (void)h;                                                                              \
 }
 DOT_I4_ROWS(1)
 #endif
@@ -559,7 +565,7 @@ static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16
 #if defined(I4_GROUPED) && defined(HAVE_F16X8)
     int8_t *x[1] = {(int8_t *)xq};
     float *s[1] = {(float *)xs}, *t[1] = {(float *)xsum}, y;
-    dot_i4_rows1(q, d, m, x, s, t, nb, &y, 0);
+    dot_i4_rows1(q, d, m, x, s, t, nb, &y, 0, NULL);
     return y;
 #else
     float sum = 0.f;
@@ -604,9 +610,11 @@ static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16
 #define DOT_I4_ROWS(R)                                                                    \
 static inline void dot_i4_rows##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
                                   int8_t *const *xq, float *const *xs,                     \
-                                  float *const *xsum, int64_t nb, float *y, int64_t ys) { \
+                                  float *const *xsum, int64_t nb, float *y, int64_t ys,   \
+                                  const uint8_t *h) {                                     \
     for (int r = 0; r < R; r++)                                                           \
         y[r * ys] = dot_i4_row(q, d, m, xq[r], xs[r], xsum[r], nb);                       \
+    (void)h;                                                                              \
 }
 DOT_I4_ROWS(1)
 #endif
@@ -647,7 +655,7 @@ static inline void prefetch_float(const void *w, int64_t o, int64_t rb, int64_t 
 #define I4_BATCH_G(NAME, ROWS, XT, G, CALL)                                               \
 static inline void NAME(const uint8_t *q, const uint16_t *d, const uint16_t *m, XT *xq,   \
                         int64_t sxq, float *xs, float *xsum, int64_t sxs, int64_t B,       \
-                        int64_t nb, float *y, int64_t ys) {                               \
+                        int64_t nb, float *y, int64_t ys, const uint8_t *h) {             \
     for (int64_t b0 = 0; b0 < B; b0 += G) {                                               \
         XT *xr[G];                                                                        \
         float *sr[G], *tr[G];                                                             \
@@ -658,7 +666,7 @@ static inline void NAME(const uint8_t *q, const uint16_t *d, const uint16_t *m, 
             tr[r] = xsum + (b0 + r) * sxs;                                                \
         }                                                                                 \
         float *yo = y + b0 * ys;                                                          \
-        CALL(ROWS, R, q, d, m, xr, sr, tr, nb, yo, ys)                                    \
+        CALL(ROWS, R, q, d, m, xr, sr, tr, nb, yo, ys, h)                                 \
     }                                                                                     \
 }
 I4_BATCH(dot_i4_batch, dot_i4_rows, int8_t)
@@ -692,16 +700,21 @@ static inline void quantize_x16(const float *x, int64_t nb, int16_t *xq, float *
     }
 }
 
+/* h: NULL for int4; for int6 (quant.py) the top-bit plane, with m = d and xsum scaled by
+ * -32 by the caller (matvec_i4), so that the offset term is d (-32 xs sum a). */
 static inline float dot_i4w_row(const uint8_t *q, const uint16_t *d, const uint16_t *m,
                                 const int16_t *xq, const float *xs, const float *xsum,
-                                int64_t nb) {
+                                int64_t nb, const uint8_t *h) {
     float acc = 0.f;
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *qb = q + b * 16;
+        const uint8_t *qb = q + b * 16, *hb = h ? h + b * 8 : NULL;
         const int16_t *a = xq + b * 32;
         int32_t s = 0;
-        for (int j = 0; j < 16; j++)
-            s += (qb[j] & 15) * a[i4w_slot(j)] + (qb[j] >> 4) * a[i4w_slot(j + 16)];
+        for (int j = 0; j < 16; j++) {
+            int f = hb ? (hb[j & 7] >> (j & 8 ? 4 : 0)) & 15 : 0;   /* the byte's top bits */
+            s += ((qb[j] & 15) | (f & 3) << 4) * a[i4w_slot(j)] +
+                 ((qb[j] >> 4) | (f >> 2) << 4) * a[i4w_slot(j + 16)];
+        }
         acc = fmaf((float)s, f16_to_f32(d[b]) * xs[b], acc);
         acc = fmaf(f16_to_f32(m[b]), xsum[b], acc);
     }
@@ -710,9 +723,10 @@ static inline float dot_i4w_row(const uint8_t *q, const uint16_t *d, const uint1
 #define DOT_I4W_ROWS(R)                                                                   \
 static inline void dot_i4w_rows##R(const uint8_t *q, const uint16_t *d, const uint16_t *m, \
                                    int16_t *const *xq, float *const *xs,                   \
-                                   float *const *xsum, int64_t nb, float *y, int64_t ys) { \
+                                   float *const *xsum, int64_t nb, float *y, int64_t ys,  \
+                                   const uint8_t *h) {                                    \
     for (int r = 0; r < R; r++)                                                           \
-        y[r * ys] = dot_i4w_row(q, d, m, xq[r], xs[r], xsum[r], nb);                      \
+        y[r * ys] = dot_i4w_row(q, d, m, xq[r], xs[r], xsum[r], nb, h);                   \
 }
 DOT_I4W_ROWS(1)
 DOT_I4W_ROWS(2)
@@ -780,7 +794,8 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
 #define DOT_I4_TILE(R)                                                                    \
 static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
                                   int8_t *const *xq, float *const *xs,                     \
-                                  float *const *xsum, int64_t nb, float *y, int64_t ys) { \
+                                  float *const *xsum, int64_t nb, float *y, int64_t ys,   \
+                                  const uint8_t *h) {                                     \
     const __m512i low = _mm512_set1_epi8(15);                                             \
     __m512 acc[R];                                                                        \
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                             \
@@ -804,6 +819,7 @@ static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uin
         }                                                                                 \
     }                                                                                     \
     for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ys, acc[r]);                    \
+    (void)h;                                                                              \
 }
 
 /* One group of 16 int8 rows (w, ws at the group's start) against R input rows of int16
@@ -836,10 +852,24 @@ static inline void dot_i8_tile##R(const int8_t *w, int16_t *const *xq, const flo
  * 64-byte chunk t of a block gives four registers of int16 column pairs, one row per lane
  * (v & 15: columns 4t, 4t + 2; v >> 8: 4t + 1, 4t + 3; v >> 4 and v >> 12: the same plus 16),
  * each multiplied against the activations' matching pair with vpdpwssd. */
+/* int6 (quant.py) in these tiles: h is the top-bit plane, tiled as tile_i4 does it (block
+ * b of a group: two chunks of 4 TILE bytes, row k's h bytes 4u..4u+3 at 4k in chunk u), so
+ * that chunk t of q (bytes 4t..4t+3 of each row) finds its fields in chunk t & 1, low
+ * nibbles for t < 2, high ones after. With f those fields (byte i of a lane: q byte i's),
+ * each int16 value of w[0..3] gets its top 2 bits in its bits 4-5. */
+static inline void i6_top512(__m512i *w, __m512i f) {
+    const __m512i top = _mm512_set1_epi16(0x30);   /* 0xf8: w | (shifted f & top) */
+    w[0] = _mm512_ternarylogic_epi32(w[0], _mm512_slli_epi16(f, 4), top, 0xf8);  /* 4t, 4t+2 */
+    w[1] = _mm512_ternarylogic_epi32(w[1], _mm512_srli_epi16(f, 4), top, 0xf8);  /* 4t+1, +3 */
+    w[2] = _mm512_ternarylogic_epi32(w[2], _mm512_slli_epi16(f, 2), top, 0xf8);  /* the +16s */
+    w[3] = _mm512_ternarylogic_epi32(w[3], _mm512_srli_epi16(f, 6), top, 0xf8);
+}
+
 #define DOT_I4W_TILE(R)                                                                   \
 static inline void dot_i4w_tile##R(const uint8_t *q, const uint16_t *d, const uint16_t *m, \
                                    int16_t *const *xq, float *const *xs,                   \
-                                   float *const *xsum, int64_t nb, float *y, int64_t ys) { \
+                                   float *const *xsum, int64_t nb, float *y, int64_t ys,  \
+                                   const uint8_t *h) {                                    \
     const __m512i low = _mm512_set1_epi16(15);                                            \
     __m512 acc[R];                                                                        \
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                             \
@@ -852,6 +882,10 @@ static inline void dot_i4w_tile##R(const uint8_t *q, const uint16_t *d, const ui
             w[4 * t + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 8), low);                \
             w[4 * t + 2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);                \
             w[4 * t + 3] = _mm512_srli_epi16(v, 12);                                      \
+        }                                                                                 \
+        for (int t = 0; h && t < 4; t++) {   /* int6: the top bits (i6_top512) */         \
+            __m512i f = _mm512_loadu_si512((const void *)(h + b * 128 + 64 * (t & 1)));   \
+            i6_top512(w + 4 * t, t < 2 ? f : _mm512_srli_epi16(f, 4));                    \
         }                                                                                 \
         __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + b * 16)));   \
         __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + b * 16)));   \
@@ -880,7 +914,8 @@ static inline void dot_i4w_tile##R(const uint8_t *q, const uint16_t *d, const ui
 #define DOT_I4_TILE(R)                                                                    \
 static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
                                   int8_t *const *xq, float *const *xs,                     \
-                                  float *const *xsum, int64_t nb, float *y, int64_t ys) { \
+                                  float *const *xsum, int64_t nb, float *y, int64_t ys,   \
+                                  const uint8_t *h) {                                     \
     const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);                \
     __m256 acc[R];                                                                        \
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                             \
@@ -912,6 +947,7 @@ static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uin
         }                                                                                 \
     }                                                                                     \
     for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ys, acc[r]);                    \
+    (void)h;                                                                              \
 }
 
 /* The AVX2 int8 tile: 8 rows, vpmaddwd against each broadcast pair of int16 activations. */
@@ -937,11 +973,20 @@ static inline void dot_i8_tile##R(const int8_t *w, int16_t *const *xq, const flo
     for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ys, acc[r]);                    \
 }
 
-/* The AVX2 int4 tile against int16 activations: 8 rows, as the AVX-512 one (vpmaddwd). */
+/* The AVX2 int4 tile against int16 activations: 8 rows, as the AVX-512 one (vpmaddwd), and
+ * int6's top bits as i6_top512 adds them. */
+static inline void i6_top256(__m256i *w0, __m256i *w1, __m256i *w2, __m256i *w3, __m256i f) {
+    const __m256i top = _mm256_set1_epi16(0x30);
+    *w0 = _mm256_or_si256(*w0, _mm256_and_si256(_mm256_slli_epi16(f, 4), top));
+    *w1 = _mm256_or_si256(*w1, _mm256_and_si256(_mm256_srli_epi16(f, 4), top));
+    *w2 = _mm256_or_si256(*w2, _mm256_and_si256(_mm256_slli_epi16(f, 2), top));
+    *w3 = _mm256_or_si256(*w3, _mm256_and_si256(_mm256_srli_epi16(f, 6), top));
+}
 #define DOT_I4W_TILE(R)                                                                   \
 static inline void dot_i4w_tile##R(const uint8_t *q, const uint16_t *d, const uint16_t *m, \
                                    int16_t *const *xq, float *const *xs,                   \
-                                   float *const *xsum, int64_t nb, float *y, int64_t ys) { \
+                                   float *const *xsum, int64_t nb, float *y, int64_t ys,  \
+                                   const uint8_t *h) {                                    \
     const __m256i low = _mm256_set1_epi16(15);                                            \
     __m256 acc[R];                                                                        \
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                             \
@@ -956,6 +1001,10 @@ static inline void dot_i4w_tile##R(const uint8_t *q, const uint16_t *d, const ui
             __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(v, 8), low);                  \
             __m256i w2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);                  \
             __m256i w3 = _mm256_srli_epi16(v, 12);                                        \
+            if (h) {   /* int6: the top bits (i6_top256) */                               \
+                __m256i f = _mm256_loadu_si256((const __m256i *)(h + b * 64 + 32 * (t & 1))); \
+                i6_top256(&w0, &w1, &w2, &w3, t < 2 ? f : _mm256_srli_epi16(f, 4));       \
+            }                                                                             \
             for (int r = 0; r < R; r++) {                                                 \
                 const int16_t *a = xq[r] + b * 32;                                        \
                 p[r] = DPWSSD(p[r], w0, X2(a, 4 * t));                                    \
@@ -1007,17 +1056,18 @@ I8_BATCH_G(dot_i8_tile_batch, dot_i8_tile, 8, ROWS_CALL8)
 #else
 static inline void dot_i4_tile_batch(const uint8_t *q, const uint16_t *d, const uint16_t *m,
                                      int8_t *xq, int64_t sxq, float *xs, float *xsum,
-                                     int64_t sxs, int64_t B, int64_t nb, float *y, int64_t ys) {
+                                     int64_t sxs, int64_t B, int64_t nb, float *y, int64_t ys,
+                                     const uint8_t *h) {
     (void)q, (void)d, (void)m, (void)xq, (void)sxq, (void)xs, (void)xsum, (void)sxs, (void)B;
-    (void)nb, (void)y, (void)ys;
+    (void)nb, (void)y, (void)ys, (void)h;
     abort();   /* no build without TILE tiles a matrix (weight_tile() is 0) */
 }
 static inline void dot_i4w_tile_batch(const uint8_t *q, const uint16_t *d, const uint16_t *m,
                                       int16_t *xq, int64_t sxq, float *xs, float *xsum,
                                       int64_t sxs, int64_t B, int64_t nb, float *y,
-                                      int64_t ys) {
+                                      int64_t ys, const uint8_t *h) {
     (void)q, (void)d, (void)m, (void)xq, (void)sxq, (void)xs, (void)xsum, (void)sxs, (void)B;
-    (void)nb, (void)y, (void)ys;
+    (void)nb, (void)y, (void)ys, (void)h;
     abort();
 }
 static inline void dot_i8_tile_batch(const int8_t *w, const float *ws, int16_t *xq, int64_t sq,

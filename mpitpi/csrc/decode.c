@@ -66,13 +66,14 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
             const uint16_t *d = (const uint16_t *)w->scale + o * nb, *m = w->min + o * nb;
             if (s->wide)
                 (n > 1 ? dot_i4w_tile_batch : dot_i4w_batch)(q, d, m, s->xq, s->sxq, s->xs,
-                                                             s->xsum, s->sxs, B, nb, y + o, ys);
+                                                             s->xsum, s->sxs, B, nb, y + o, ys,
+                                                             NULL);
             else {
                 if (n == 1)   /* a tile's contiguous bytes stream faster without (matvec.c) */
                     prefetch_i4(w->data, o, in / 2, w->rows);
                 (n > 1 ? dot_i4_tile_batch : dot_i4_batch)(q, d, m, (int8_t *)s->xq,
                                                            2 * s->sxq, s->xs, s->xsum, s->sxs,
-                                                           B, nb, y + o, ys);
+                                                           B, nb, y + o, ys, NULL);
             }
         }
     } else if (w->dtype == W_I8) {   /* groups of input rows share each widened block */

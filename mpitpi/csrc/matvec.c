@@ -114,40 +114,54 @@ void tile_i8(int8_t *w, float *scale, int64_t rows, int64_t in, int64_t group) {
 /* The number of rows of a tile in this build (0: int4 and int8 matrices keep plain rows) */
 int64_t weight_tile(void) { return TILE; }
 
-/* An int4 matrix's full groups of TILE rows, written as plain rows (q (rows, in / 2),
- * d and m (rows, in / 32)), rearranged in place into tiles (common.h). One thread: it runs
- * beside the model's compute (the layer prefetcher). */
-void tile_i4(uint8_t *q, uint16_t *d, uint16_t *m, int64_t rows, int64_t in) {
+/* An int4 (or int6) matrix's full groups of TILE rows, written as plain rows (q (rows,
+ * in / 2), d and m (rows, in / 32); int6: m NULL and h (rows, in / 8)), rearranged in place
+ * into tiles (common.h). One thread: it runs beside the model's compute (the layer
+ * prefetcher). */
+void tile_i4(uint8_t *q, uint16_t *d, uint16_t *m, uint8_t *h, int64_t rows, int64_t in) {
     const int64_t T = TILE ? TILE : 1, nb = in / 32;   /* as tile_i8 */
     if (!TILE || rows < T)
         return;
-    uint8_t *tq = malloc((size_t)(T * nb * 16));
+    uint8_t *tq = malloc((size_t)(T * nb * 16)), *th = malloc((size_t)(T * nb * 8));
     uint16_t *td = malloc(sizeof(uint16_t) * T * nb), *tm = malloc(sizeof(uint16_t) * T * nb);
     for (int64_t g = 0; g < rows / T; g++) {
-        uint8_t *qg = q + g * T * nb * 16;
-        uint16_t *dg = d + g * T * nb, *mg = m + g * T * nb;
+        uint8_t *qg = q + g * T * nb * 16, *hg = h ? h + g * T * nb * 8 : NULL;
+        uint16_t *dg = d + g * T * nb, *mg = m ? m + g * T * nb : NULL;
         memcpy(tq, qg, (size_t)(T * nb * 16));
         memcpy(td, dg, sizeof(uint16_t) * T * nb);
-        memcpy(tm, mg, sizeof(uint16_t) * T * nb);
+        if (mg)
+            memcpy(tm, mg, sizeof(uint16_t) * T * nb);
+        if (hg)
+            memcpy(th, hg, (size_t)(T * nb * 8));
         for (int64_t b = 0; b < nb; b++)
             for (int64_t k = 0; k < T; k++) {
                 for (int t = 0; t < 4; t++)
                     memcpy(qg + ((b * 4 + t) * T + k) * 4, tq + (k * nb + b) * 16 + 4 * t, 4);
+                for (int u = 0; hg && u < 2; u++)   /* int6: chunk u, row k's bytes 4u.. */
+                    memcpy(hg + ((b * 2 + u) * T + k) * 4, th + (k * nb + b) * 8 + 4 * u, 4);
                 dg[b * T + k] = td[k * nb + b];
-                mg[b * T + k] = tm[k * nb + b];
+                if (mg)
+                    mg[b * T + k] = tm[k * nb + b];
             }
     }
     free(tq);
+    free(th);
     free(td);
     free(tm);
 }
 
 /* tile: 0 for plain rows, TILE for a matrix tile_i4 rearranged; wide: x in int16 per block
- * (quantize_x16: prompt rows and logits), else int8 (quantize_x8: decode) */
+ * (quantize_x16: prompt rows and logits), else int8 (quantize_x8: decode). h: NULL for int4;
+ * int6's top-bit plane (m unused, NULL): always wide, with the offset -32 d of every block
+ * taken as m = d against xsum times -32 (both exact). */
 void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_t *restrict d,
-               const uint16_t *restrict m, float *restrict y, int64_t T, int64_t in,
-               int64_t out, int64_t tile, int64_t wide) {
+               const uint16_t *m, const uint8_t *restrict h, float *restrict y, int64_t T,
+               int64_t in, int64_t out, int64_t tile, int64_t wide) {
     int64_t nb = in / 32;
+    if (h) {
+        wide = 1;
+        m = d;
+    }
     void *xq = malloc((size_t)(T * in) * (wide ? 2 : 1));
     float *xs = malloc(sizeof(float) * T * nb), *xsum = malloc(sizeof(float) * T * nb);
     for (int64_t t = 0; t < T; t++)
@@ -155,6 +169,7 @@ void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_
             quantize_x16(x + t * in, nb, (int16_t *)xq + t * in, xs + t * nb, xsum + t * nb);
         else
             quantize_x8(x + t * in, nb, (int8_t *)xq + t * in, xs + t * nb, xsum + t * nb);
+    for (int64_t i = 0; h && i < T * nb; i++) xsum[i] *= -32.f;
     #pragma omp parallel for schedule(static)   /* rows of x by fours share unpacked blocks */
     for (int64_t u = 0; u < tile_units(out, tile); u++) {
         int64_t o, n = tile_unit(u, out, tile, &o);
@@ -162,13 +177,14 @@ void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_
         const uint16_t *dq = d + o * nb, *mq = m + o * nb;
         if (wide)
             (n > 1 ? dot_i4w_tile_batch : dot_i4w_batch)(qo, dq, mq, xq, in, xs, xsum, nb, T,
-                                                         nb, y + o, out);
+                                                         nb, y + o, out, h ? h + o * nb * 8
+                                                                           : NULL);
         else {
             if (n == 1)   /* a tile's rows lie together: prefetches measured slower there
                            * (67 MB of int4 tiles, 1 thread: 3.8-4.7 ms without, 5.2-7.0 with) */
                 prefetch_i4(q, o, in / 2, out);
             (n > 1 ? dot_i4_tile_batch : dot_i4_batch)(qo, dq, mq, xq, in, xs, xsum, nb, T, nb,
-                                                       y + o, out);
+                                                       y + o, out, NULL);
         }
     }
     free(xq);
@@ -191,71 +207,86 @@ static inline void put_row(const float *v, int64_t n, void *w, int64_t at, int b
         memcpy((float *)w + at, v, sizeof(float) * n);
 }
 
-/* Rows [o, o + n) of an int4 matrix, one unit of tile_unit, in the row layout: a whole tile
- * is copied out of its tiles into buf (n nb 16 bytes), db and mb (n nb each); plain rows are
- * pointed at where they lie. *qr, *dr, *mr: the rows' bytes, scales and offsets. */
-static void i4_unit_rows(const uint8_t *q, const uint16_t *d, const uint16_t *m, int64_t o,
-                         int64_t n, int64_t nb, uint8_t *buf, uint16_t *db, uint16_t *mb,
-                         const uint8_t **qr, const uint16_t **dr, const uint16_t **mr) {
-    *qr = q + o * nb * 16;
-    *dr = d + o * nb;
-    *mr = m + o * nb;
+/* Every thread's room for one unit's rows (i4_unit_rows) */
+typedef struct { uint8_t *q, *h; uint16_t *d, *m; } i4_buf_t;
+static i4_buf_t i4_buf(int64_t nb) {
+    int64_t n = TILE ? TILE : 1;
+    i4_buf_t b = {malloc((size_t)(n * nb * 16)), malloc((size_t)(n * nb * 8)),
+                  malloc(sizeof(uint16_t) * n * nb), malloc(sizeof(uint16_t) * n * nb)};
+    return b;
+}
+static void i4_buf_free(i4_buf_t b) {
+    free(b.q);
+    free(b.h);
+    free(b.d);
+    free(b.m);
+}
+
+/* Rows [o, o + n) of an int4 (int6: h, m NULL) matrix, one unit of tile_unit, in the row
+ * layout: a whole tile is copied out of its tiles into buf; plain rows are pointed at where
+ * they lie. *r: the rows' bytes, top bits, scales and offsets (each NULL where the matrix
+ * has none). */
+static void i4_unit_rows(const uint8_t *q, const uint8_t *h, const uint16_t *d,
+                         const uint16_t *m, int64_t o, int64_t n, int64_t nb, i4_buf_t buf,
+                         i4_buf_t *r) {
+    r->q = (uint8_t *)q + o * nb * 16;
+    r->h = h ? (uint8_t *)h + o * nb * 8 : NULL;
+    r->d = (uint16_t *)d + o * nb;
+    r->m = m ? (uint16_t *)m + o * nb : NULL;
     if (n == 1)
         return;
     for (int64_t b = 0; b < nb; b++)
         for (int64_t k = 0; k < n; k++) {
             for (int t = 0; t < 4; t++)
-                memcpy(buf + (k * nb + b) * 16 + 4 * t, *qr + ((b * 4 + t) * n + k) * 4, 4);
-            db[k * nb + b] = (*dr)[b * n + k];
-            mb[k * nb + b] = (*mr)[b * n + k];
+                memcpy(buf.q + (k * nb + b) * 16 + 4 * t, r->q + ((b * 4 + t) * n + k) * 4, 4);
+            for (int u = 0; h && u < 2; u++)
+                memcpy(buf.h + (k * nb + b) * 8 + 4 * u, r->h + ((b * 2 + u) * n + k) * 4, 4);
+            buf.d[k * nb + b] = r->d[b * n + k];
+            if (m)
+                buf.m[k * nb + b] = r->m[b * n + k];
         }
-    *qr = buf;
-    *dr = db;
-    *mr = mb;
+    *r = (i4_buf_t){buf.q, h ? buf.h : NULL, buf.d, m ? buf.m : NULL};
 }
 
-/* Every thread's room for one unit's rows (i4_unit_rows) */
-typedef struct { uint8_t *q; uint16_t *d, *m; } i4_buf_t;
-static i4_buf_t i4_buf(int64_t nb) {
-    int64_t n = TILE ? TILE : 1;
-    i4_buf_t b = {malloc((size_t)(n * nb * 16)), malloc(sizeof(uint16_t) * n * nb),
-                  malloc(sizeof(uint16_t) * n * nb)};
-    return b;
-}
-static void i4_buf_free(i4_buf_t b) {
-    free(b.q);
-    free(b.d);
-    free(b.m);
+/* A block's offset: m's, or int6's -32 d */
+static inline float i4_offset(const uint16_t *m, int64_t at, float d) {
+    return m ? f16_to_f32(m[at]) : -32.f * d;
 }
 
-/* out (n, in) fp32 = rows index[0..n) of an int4 matrix (tile: as matvec_i4), the numbers
- * dequant_i4 gives them. */
-void rows_i4(const uint8_t *q, const uint16_t *d, const uint16_t *m, const int64_t *index,
-             int64_t n, float *out, int64_t rows, int64_t in, int64_t tile) {
+/* out (n, in) fp32 = rows index[0..n) of an int4 matrix (int6: h, m NULL; tile: as
+ * matvec_i4), the numbers dequant_i4 gives them. */
+void rows_i4(const uint8_t *q, const uint16_t *d, const uint16_t *m, const uint8_t *h,
+             const int64_t *index, int64_t n, float *out, int64_t rows, int64_t in,
+             int64_t tile) {
     int64_t nb = in / 32, full = tile ? rows / tile * tile : 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t o = index[i];
         for (int64_t b = 0; b < nb; b++) {
-            uint8_t raw[16];
+            uint8_t raw[16], top[8];
             int64_t at = o * nb + b;   /* plain rows: the block and its scale */
-            const uint8_t *p = q + at * 16;
+            const uint8_t *p = q + at * 16, *hp = h ? h + at * 8 : NULL;
             if (o < full) {            /* a tile: 4 chunks of 4 tile bytes, this row at 4 k */
                 int64_t g = o / tile, k = o % tile;
                 for (int t = 0; t < 4; t++)
                     memcpy(raw + 4 * t, q + (g * nb + b) * 16 * tile + (t * tile + k) * 4, 4);
+                for (int u = 0; h && u < 2; u++)   /* int6: 2 chunks (tile_i4) */
+                    memcpy(top + 4 * u, h + (g * nb + b) * 8 * tile + (u * tile + k) * 4, 4);
                 p = raw;
+                hp = h ? top : NULL;
                 at = (g * nb + b) * tile + k;
             }
-            dequant_i4_block(p, f16_to_f32(d[at]), f16_to_f32(m[at]), out + i * in + b * 32);
+            float dv = f16_to_f32(d[at]);
+            dequant_i4_block(p, hp, dv, i4_offset(m, at, dv), out + i * in + b * 32);
         }
     }
 }
 
-/* w (rows, in) = n d + m of an int4 matrix (tile: as matvec_i4), in fp32 or (bf16 == 1)
+/* w (rows, in) = n d + m of an int4 matrix ((n - 32) d of an int6 one: h, m NULL; tile: as
+ * matvec_i4), in fp32 or (bf16 == 1)
  * bf16 bits: torch's prompt product runs on such a copy (weights.Weight, choices.py). */
 void dequant_i4(const uint8_t *restrict q, const uint16_t *restrict d,
-                const uint16_t *restrict m, void *restrict w, int64_t rows, int64_t in,
-                int bf16, int64_t tile) {
+                const uint16_t *restrict m, const uint8_t *restrict h, void *restrict w,
+                int64_t rows, int64_t in, int bf16, int64_t tile) {
     int64_t nb = in / 32;
     #pragma omp parallel
     {
@@ -263,14 +294,14 @@ void dequant_i4(const uint8_t *restrict q, const uint16_t *restrict d,
         #pragma omp for schedule(static)
         for (int64_t u = 0; u < tile_units(rows, tile); u++) {
             int64_t o, n = tile_unit(u, rows, tile, &o);
-            const uint8_t *qr;
-            const uint16_t *dr, *mr;
-            i4_unit_rows(q, d, m, o, n, nb, buf.q, buf.d, buf.m, &qr, &dr, &mr);
+            i4_buf_t r;
+            i4_unit_rows(q, h, d, m, o, n, nb, buf, &r);
             for (int64_t k = 0; k < n; k++)
                 for (int64_t b = 0; b < nb; b++) {
-                    float v[32];
-                    dequant_i4_block(qr + (k * nb + b) * 16, f16_to_f32(dr[k * nb + b]),
-                                     f16_to_f32(mr[k * nb + b]), v);
+                    float v[32], dv = f16_to_f32(r.d[k * nb + b]);
+                    const uint8_t *hb = r.h ? r.h + (k * nb + b) * 8 : NULL;
+                    dequant_i4_block(r.q + (k * nb + b) * 16, hb, dv,
+                                     i4_offset(r.m, k * nb + b, dv), v);
                     put_row(v, 32, w, (o + k) * in + b * 32, bf16);
                 }
         }

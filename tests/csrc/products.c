@@ -4,7 +4,8 @@
  * usage: products IN OUT. IN: int64 kind, T, in, out, then x (T, in) fp32, then the weight
  * as stored (kind 0 fp32, 1 bf16, 2 f16: (out, in); 3 int8: (out, in) + scales
  * (out, ceil(in / group)) fp32, group in a sixth int64; 4 int4 with int8 activations and
- * 5 with int16 ones: (out, in / 2) bytes + d, m (out, in / 32) fp16). OUT: y (T, out) fp32.
+ * 5 with int16 ones: (out, in / 2) bytes + d, m (out, in / 32) fp16; 6 int6: (out, in / 2)
+ * bytes + top bits (out, in / 4) + d (out, in / 32) fp16). OUT: y (T, out) fp32.
  * Integer matrices in plain rows (tile 0). */
 #include <stdint.h>
 #include <stdio.h>
@@ -15,8 +16,8 @@ void matvec_bf16(const float *, const uint16_t *, float *, int64_t, int64_t, int
 void matvec_f16(const float *, const uint16_t *, float *, int64_t, int64_t, int64_t);
 void matvec_i8(const float *, const int8_t *, const float *, float *, int64_t, int64_t, int64_t,
                int64_t, int64_t);
-void matvec_i4(const float *, const uint8_t *, const uint16_t *, const uint16_t *, float *,
-               int64_t, int64_t, int64_t, int64_t, int64_t);
+void matvec_i4(const float *, const uint8_t *, const uint16_t *, const uint16_t *,
+               const uint8_t *, float *, int64_t, int64_t, int64_t, int64_t, int64_t);
 
 static void *take(FILE *f, size_t n) {
     void *p = malloc(n ? n : 1);
@@ -43,10 +44,14 @@ int main(int argc, char **argv) {
         int8_t *w = take(f, out * in);
         float *s = take(f, 4 * out * ((in + group - 1) / group));
         matvec_i8(x, w, s, y, T, in, out, group, 0);
+    } else if (kind == 6) {
+        uint8_t *w = take(f, out * in / 2), *top = take(f, out * in / 4);
+        uint16_t *d = take(f, 2 * out * (in / 32));
+        matvec_i4(x, w, d, NULL, top, y, T, in, out, 0, 1);
     } else {
         uint8_t *w = take(f, out * in / 2);
         uint16_t *d = take(f, 2 * out * (in / 32)), *m = take(f, 2 * out * (in / 32));
-        matvec_i4(x, w, d, m, y, T, in, out, 0, kind == 5);
+        matvec_i4(x, w, d, m, NULL, y, T, in, out, 0, kind == 5);
     }
     fclose(f);
     FILE *o = fopen(argv[2], "wb");
