@@ -1051,7 +1051,15 @@ DOT_I4W_TILE(2)
 DOT_I4W_TILE(3)
 DOT_I4W_TILE(4)
 I4_BATCH_G(dot_i4_tile_batch, dot_i4_tile, int8_t, 8, ROWS_CALL8)
+#if TILE == 16   /* AVX-512: eight rows of int16 activations per unpacked block too */
+DOT_I4W_TILE(5)
+DOT_I4W_TILE(6)
+DOT_I4W_TILE(7)
+DOT_I4W_TILE(8)
+I4_BATCH_G(dot_i4w_tile_batch, dot_i4w_tile, int16_t, 8, ROWS_CALL8)
+#else
 I4_BATCH(dot_i4w_tile_batch, dot_i4w_tile, int16_t)
+#endif
 I8_BATCH_G(dot_i8_tile_batch, dot_i8_tile, 8, ROWS_CALL8)
 #else
 static inline void dot_i4_tile_batch(const uint8_t *q, const uint16_t *d, const uint16_t *m,
