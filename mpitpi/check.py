@@ -37,6 +37,7 @@ from mpitpi.comm import Comm, mpi_versions
 from mpitpi.config import ModelArgs
 from mpitpi.errors import MpitpiError
 from mpitpi.loader import cached_split
+from mpitpi.model import default_kv_dtype, kv_bytes_per_position
 from mpitpi.plan import RankSlice, parse_ratios, plan_for_args
 from mpitpi.prefetch import parse_size, plan_residency
 from mpitpi.profile import available_memory_mb
@@ -74,11 +75,14 @@ class Report:
 
 @dataclass
 class Need:
-    """What one rank needs, in MB (``exact``: from the split's manifest, not estimated)."""
+    """What one rank needs, in MB (``exact``: from the split's manifest, not estimated).
+    ``kv_mb_per_1k``: its KV cache per 1024 positions of context (one sequence; a server's
+    sequences all together), beside ``memory_mb``, which counts weights only."""
     weights_mb: float
     memory_mb: float
     disk_mb: float
     exact: bool
+    kv_mb_per_1k: float = 0.0
 
 
 def rank_bytes(args: ModelArgs, s: RankSlice, dtype: str,
@@ -126,6 +130,7 @@ def plan_needs(a: argparse.Namespace, size: int) -> dict:
     folder, man, args, dtype, ratios = _existing_split(a, size)
     plan = plan_for_args(args, size, ratios)
     budget = parse_size(a.memory_budget) if a.memory_budget else None
+    kv_dtype = getattr(a, "kv_dtype", None) or default_kv_dtype(dtype)
     needs = []
     for s in plan:
         top, layer = rank_bytes(args, s, dtype, a.vocab_dtype)
@@ -134,11 +139,13 @@ def plan_needs(a: argparse.Namespace, size: int) -> dict:
             layer = max(0, total - top) // max(1, args.n_layers)
         resident, window = plan_residency(args.n_layers, layer, top, budget, a.window)
         held = top + (resident + (window or 0)) * layer if window else total
+        kv = kv_bytes_per_position(args, s.n_kv, kv_dtype) * 1024
         needs.append(Need(round(total / MB, 1), round(min(held, total) / MB + a.reserve_mb, 1),
-                          0.0, man is not None))
+                          0.0, man is not None, round(kv / MB, 3)))
     if man is None:   # rank 0 writes every rank's file first
         needs[0].disk_mb = round(sum(n.weights_mb for n in needs), 1)
-    return {"folder": folder, "manifest": man, "needs": needs, "dtype": dtype}
+    return {"folder": folder, "manifest": man, "needs": needs, "dtype": dtype,
+            "kv_dtype": kv_dtype, "context": args.max_seq_len}
 
 
 def _nearest_existing(path: str) -> str:
@@ -263,8 +270,8 @@ def format_table(reports: list[Report], needs: list[Need],
     """The table rank 0 prints: one row per rank; MB figures, '~' before an estimate."""
     cols = [("rank", 4), ("host", -16), ("python", -8), ("mpitpi", -7), ("torch", -12),
             ("mpi4py", -7), ("MPI", -14), ("kernels", -7), ("mem MB", 8), ("needs", 8),
-            ("disk MB", 9), ("needs", 8), ("shard", -8), ("RTT us", 8), ("MB/s", 7),
-            ("folder", 0)]
+            ("disk MB", 9), ("needs", 8), ("KV/1k", 6), ("shard", -8), ("RTT us", 8),
+            ("MB/s", 7), ("folder", 0)]
 
     def row(values) -> str:
         return " ".join(f"{str(v)[:abs(w)] if w else v:{'<' if w <= 0 else '>'}{abs(w)}}"
@@ -275,7 +282,7 @@ def format_table(reports: list[Report], needs: list[Need],
         lines.append(row([
             r.rank, r.host, r.python, r.mpitpi, r.torch, r.mpi4py, r.mpi,
             "yes" if r.kernels else "NO", f"{r.memory_mb:.0f}", f"{approx}{n.memory_mb:.0f}",
-            f"{r.disk_mb:.0f}", f"{approx}{n.disk_mb:.0f}", r.state,
+            f"{r.disk_mb:.0f}", f"{approx}{n.disk_mb:.0f}", f"{n.kv_mb_per_1k:.0f}", r.state,
             f"{link[0]:.1f}" if link else "-", f"{link[1]:.0f}" if link else "-", r.folder]))
     return "\n".join(lines)
 
@@ -313,9 +320,16 @@ def run_check(a: argparse.Namespace, comm: Comm) -> int:
                                          "rtt_us": link and link[0],
                                          "mb_per_s": link and link[1]}
                                         for r, n, link in zip(reports, info["needs"], links)],
-                              "dtype": info["dtype"], "problems": found}))
+                              "dtype": info["dtype"], "kv_dtype": info["kv_dtype"],
+                              "problems": found}))
         else:
             print(format_table(reports, info["needs"], links))
+            kv = max(n.kv_mb_per_1k for n in info["needs"])
+            print(f"KV cache ({info['kv_dtype']}): up to {kv:.1f} MB per rank per 1024 positions "
+                  f"of context, beside the weights ('needs'); the model's whole context of "
+                  f"{info['context']} positions: {kv * info['context'] / 1024:.0f} MB per "
+                  f"sequence. A server holds --kv-budget (default: a quarter of the memory "
+                  f"available) for all its sequences.")
             for line in found:
                 print(f"problem: {line}")
             if not found:

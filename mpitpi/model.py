@@ -48,6 +48,12 @@ def default_kv_dtype(dtype: str) -> str:
     return "fp32" if dtype == "fp32" else "fp16"
 
 
+def kv_bytes_per_position(args: ModelArgs, n_kv: int, kv_dtype: str) -> int:
+    """KV cache bytes one position of one sequence takes on a rank holding ``n_kv`` KV heads:
+    a key and a value of head_dim per head and layer, in ``kv_dtype`` (KV_DTYPES)."""
+    return 2 * args.n_layers * n_kv * args.head_dim * KV_DTYPES[kv_dtype].itemsize
+
+
 def kv_positions(n: int) -> int:
     """Cache positions a slot holds for n positions (its growth step rounded up)."""
     return -(-n // KV_STEP) * KV_STEP

@@ -36,6 +36,7 @@ from mpitpi.batch import Batch, Runner
 from mpitpi.errors import MpitpiError
 from mpitpi.grammar import Grammars
 from mpitpi.metrics import CONTENT_TYPE, Metrics
+from mpitpi.model import KV_DTYPES, kv_bytes_per_position as kv_bytes
 from mpitpi.profile import available_memory_mb
 from mpitpi.reply import Reply
 from mpitpi.sampling import Sampler
@@ -441,8 +442,8 @@ class Handler(BaseHTTPRequestHandler):
 def kv_bytes_per_position(loaded) -> int:
     """KV cache bytes one position takes on the rank holding the most KV heads (k and v of
     every layer, in the cache's dtype)."""
-    a, size = loaded.args, loaded.model.kv_dtype.itemsize
-    return 2 * a.n_layers * max(s.n_kv for s in loaded.plan) * a.head_dim * size
+    kv = {t: n for n, t in KV_DTYPES.items()}[loaded.model.kv_dtype]
+    return kv_bytes(loaded.args, max(s.n_kv for s in loaded.plan), kv)
 
 
 def kv_plan(comm, loaded, budget_bytes: int | None, max_batch: int | None) -> tuple[int, int]:

@@ -10,6 +10,8 @@ import sys
 
 from conftest import MPIEXEC, run_cmd, run_mpi
 from mpitpi.check import Need, Report, problems
+from mpitpi.checkpoint import open_checkpoint
+from mpitpi.plan import plan_for_args
 
 
 def _cached_splits() -> set[str]:
@@ -40,6 +42,19 @@ def test_a_ready_job_passes_and_nothing_is_written(models, tmp_path):
     assert r0["need"]["memory_mb"] > 512            # weights + --reserve-mb
     assert r0["rtt_us"] is None and r1["rtt_us"] > 0 and r1["mb_per_s"] > 0
     assert not local.exists() and _cached_splits() == before
+    # the KV cache per 1024 positions: a key and a value per layer and KV head the rank holds,
+    # fp32 beside fp32 weights unless --kv-dtype says otherwise
+    args = open_checkpoint(str(fresh)).args
+    plan = plan_for_args(args, 2, None)
+    assert out["kv_dtype"] == "fp32"
+    for r, s in zip((r0, r1), plan):
+        expect = 2 * args.n_layers * s.n_kv * args.head_dim * 4 * 1024 / 2**20
+        assert r["need"]["kv_mb_per_1k"] == round(expect, 3) > 0
+    r = run_mpi(2, ["check", "--model", str(fresh), "--local-shards", str(local), "--kv-dtype",
+                    "fp16"], timeout=120)
+    assert r.returncode == 0, r.stderr
+    kv = round(2 * args.n_layers * plan[0].n_kv * args.head_dim * 2 * 1024 / 2**20, 1)
+    assert f"KV cache (fp16): up to {kv:.1f} MB per rank per 1024 positions" in r.stdout
 
 
 def test_each_problem_is_one_line_naming_its_fix(models, tmp_path):
