@@ -118,7 +118,10 @@ static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
 #endif
     }
     int64_t chunk = w->rows / (8 * omp_get_num_threads());
-    chunk = chunk < 4 ? 4 : chunk > 64 ? 64 : chunk;
+    /* at most 64 rows, 128 of int4: about the bytes of int8's 64 (int4 chunks of 64 rows
+     * streamed slower: the 1B shape's int4 decode 3-5% faster with 128, docs/BENCHMARKS.md) */
+    int64_t most = w->dtype == W_I4 ? 128 : 64;
+    chunk = chunk < 4 ? 4 : chunk > most ? most : chunk;
     if (w->tile)   /* int4 and int8 in tiles: whole tiles */
         chunk = (chunk + w->tile - 1) / w->tile * w->tile;
     int64_t n = (w->rows + chunk - 1) / chunk;
