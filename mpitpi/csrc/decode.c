@@ -100,6 +100,7 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
 
 /* Inside a parallel region, every thread: y[b] = W x[b] for B rows, weight rows handed out
  * in chunks. */
+#define CHUNK_BYTES (512 * 1024)
 static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
                     const scratch_t *s, float *y, int64_t ys) {
     #pragma omp for schedule(static)
@@ -118,9 +119,13 @@ static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
 #endif
     }
     int64_t chunk = w->rows / (8 * omp_get_num_threads());
-    /* at most 64 rows, 128 of int4: about the bytes of int8's 64 (int4 chunks of 64 rows
-     * streamed slower: the 1B shape's int4 decode 3-5% faster with 128, docs/BENCHMARKS.md) */
-    int64_t most = w->dtype == W_I4 ? 128 : 64;
+    /* at most 64 rows, or for int4 and int8 as many as make CHUNK_BYTES: longer chunks
+     * keep each thread's stream going (the 1B shape: int8 3-6% and int4 5-7% faster than in
+     * 64-row chunks, docs/BENCHMARKS.md); float weights keep 64 rows (2048 fp32 columns:
+     * the same bytes) */
+    int64_t row_bytes = w->dtype == W_I4 ? w->cols / 2 : w->cols;
+    int64_t most = w->dtype == W_I4 || w->dtype == W_I8 ? CHUNK_BYTES / row_bytes : 64;
+    most = most < 64 ? 64 : most;
     chunk = chunk < 4 ? 4 : chunk > most ? most : chunk;
     if (w->tile)   /* int4 and int8 in tiles: whole tiles */
         chunk = (chunk + w->tile - 1) / w->tile * w->tile;
