@@ -41,20 +41,28 @@ BLOCK = 32     # int4, int6: input columns per scale (and int4 offset): 1/16 byt
 ROWS_AT_ONCE = 1 << 20   # weights quantized at a time (their fp32 temporaries: 4 MB each)
 
 
-def _row_blocks(rows: int, cols: int):
-    step = max(1, ROWS_AT_ONCE // max(1, cols))
-    for r in range(0, rows, step):
-        yield r, min(rows, r + step)
+def _by_rows(w: torch.Tensor, quantize) -> tuple[torch.Tensor, ...]:
+    """``quantize`` (rows of w -> its arrays, one row each per row of w) applied
+    ROWS_AT_ONCE weights at a time, the pieces written into whole arrays."""
+    out, n_in = w.shape
+    step = max(1, ROWS_AT_ONCE // max(1, n_in))
+    if out == 0:   # the arrays' widths and dtypes, from one row of zeros
+        return tuple(p[:0] for p in quantize(w.new_zeros(1, n_in)))
+    if out <= step:
+        return quantize(w)
+    whole: tuple[torch.Tensor, ...] = ()
+    for r in range(0, out, step):
+        part = quantize(w[r:r + step])
+        if not whole:
+            whole = tuple(torch.empty(out, *p.shape[1:], dtype=p.dtype) for p in part)
+        for a, p in zip(whole, part):
+            a[r:r + step] = p
+    return whole
 
 
 def quantize_int8(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """w (out, in) any float dtype -> q (out, in) int8, scale (out, ceil(in/group)) fp32."""
-    out, n_in = w.shape
-    q = torch.empty(out, n_in, dtype=torch.int8)
-    scale = torch.empty(out, -(-n_in // group))
-    for r0, r1 in _row_blocks(out, n_in):
-        q[r0:r1], scale[r0:r1] = _quantize_int8(w[r0:r1], group)
-    return q, scale
+    return _by_rows(w, lambda rows: _quantize_int8(rows, group))
 
 
 def _quantize_int8(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,14 +102,8 @@ def can_int4(cols: int) -> bool:
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (out, in) any float dtype, in a multiple of 32 -> q (out, in/2) uint8,
     d (out, in/32) fp16, m (out, in/32) fp16 (the layout in this module's docstring)."""
-    out, n_in = w.shape
-    assert can_int4(n_in), n_in
-    q = torch.empty(out, n_in // 2, dtype=torch.uint8)
-    d = torch.empty(out, n_in // BLOCK, dtype=torch.float16)
-    m = torch.empty(out, n_in // BLOCK, dtype=torch.float16)
-    for r0, r1 in _row_blocks(out, n_in):
-        q[r0:r1], d[r0:r1], m[r0:r1] = _quantize_int4(w[r0:r1])
-    return q, d, m
+    assert can_int4(w.shape[1]), w.shape[1]
+    return _by_rows(w, _quantize_int4)
 
 
 def _quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,14 +136,8 @@ def dequantize_int4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.
 def quantize_int6(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (out, in) any float dtype, in a multiple of 32 -> q (out, in/2) uint8, h (out, in/4)
     uint8, d (out, in/32) fp16 (the layout in this module's docstring)."""
-    out, n_in = w.shape
-    assert can_int4(n_in), n_in
-    q = torch.empty(out, n_in // 2, dtype=torch.uint8)
-    h = torch.empty(out, n_in // 4, dtype=torch.uint8)
-    d = torch.empty(out, n_in // BLOCK, dtype=torch.float16)
-    for r0, r1 in _row_blocks(out, n_in):
-        q[r0:r1], h[r0:r1], d[r0:r1] = _quantize_int6(w[r0:r1])
-    return q, h, d
+    assert can_int4(w.shape[1]), w.shape[1]
+    return _by_rows(w, _quantize_int6)
 
 
 def _quantize_int6(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
