@@ -130,7 +130,7 @@ def plan_needs(a: argparse.Namespace, size: int) -> dict:
     folder, man, args, dtype, ratios = _existing_split(a, size)
     plan = plan_for_args(args, size, ratios)
     budget = parse_size(a.memory_budget) if a.memory_budget else None
-    kv_dtype = getattr(a, "kv_dtype", None) or default_kv_dtype(dtype)
+    kv_dtype = a.kv_dtype or default_kv_dtype(dtype)
     needs = []
     for s in plan:
         top, layer = rank_bytes(args, s, dtype, a.vocab_dtype)

@@ -52,8 +52,8 @@ from mpitpi.errors import MpitpiError
 from mpitpi.plan import RankSlice, check_plan, plan_for_args
 from mpitpi.quant import BLOCK, GGUF_GROUP, GROUP
 from mpitpi.tokenizer import load_tokenizer
-from mpitpi.weights import (DTYPES, VOCAB_DTYPES, Weight, from_numpy, quantized, storage_for,
-                            stored_arrays)
+from mpitpi.weights import (DTYPES, STORAGE, VOCAB_DTYPES, Weight, from_numpy, quantized,
+                            storage_for, stored_arrays)
 
 FORMAT = "mpitpi-shards"
 VERSION = 1
@@ -86,7 +86,7 @@ def rank_tensors(ckpt: Checkpoint, args: ModelArgs, s: RankSlice, layer: int | N
         bf16 and 131 MB in int8."""
         cols = ckpt.shape(name)[1]
         kind = storage_for(dataset, cols, dtype, vocab_dtype)
-        if kind not in ("int8", "int4", "int6"):
+        if kind in STORAGE:   # float storage: no quantizing, no pieces
             t = rows(name, a, b)
             return t if isinstance(t, Weight) else Weight(t)
         step = max(1, READ_ROWS_AT_ONCE // cols // hd) * hd   # whole heads (GGUF q, k)

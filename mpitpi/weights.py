@@ -210,7 +210,7 @@ class Weight:
             return cls(*(0 if f == "tile" else None if getattr(parts[0], f) is None else
                          torch.cat([getattr(p, f) for p in parts]) for f in fields))
         rows = torch.cat([p.dequantized() for p in parts])
-        return quantized(rows, "int8") if kinds <= {"int4", "int6", "int8"} else Weight(rows)
+        return quantized(rows, "int8") if kinds.isdisjoint(STORAGE) else Weight(rows)
 
 
 @dataclass
@@ -349,7 +349,7 @@ def stored_arrays(name: str, t: torch.Tensor | Weight, dtype: str,
         return
     if isinstance(t, torch.Tensor):
         t = quantized(t, storage_for(name, t.shape[1], dtype, vocab_dtype))
-    elif t.kind not in ("int8", "int4", "int6"):
+    elif t.kind in STORAGE:
         t = quantized(t.data, storage_for(name, t.cols, dtype, vocab_dtype))
     elif vocab_dtype and name.startswith("vocab/") and t.kind != (
             want := storage_for(name, t.cols, dtype, vocab_dtype)):
