@@ -133,11 +133,12 @@ def _load():
         # x, w, scale, y, T, in, out, group, tile
         lib.matvec_i8.argtypes = [p, p, p, p, i64, i64, i64, i64, i64]
         # x, q, d, m, h, y, T, in, out, tile, wide
-        lib.matvec_i4.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64]
+        lib.matvec_i4.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64]
         c_int = ctypes.c_int
-        # q, d, m, h, w, rows, in, bf16, tile
-        lib.dequant_i4.argtypes = [p, p, p, p, p, i64, i64, c_int, i64]
-        lib.tile_i4.argtypes = [p, p, p, p, i64, i64]   # q, d, m, h, rows, in
+        # q, d, m, h, steps, w, rows, in, bf16, tile
+        lib.dequant_i4.argtypes = [p, p, p, p, p, p, i64, i64, c_int, i64]
+        lib.tile_i4.argtypes = [p, p, p, p, i64, i64, p]   # q, d, m, h, rows, in, steps
+        lib.tile_i4.restype = i64
         lib.weight_tile.restype = i64
         # q, scale, w, rows, in, group, bf16, tile
         lib.dequant_i8.argtypes = [p, p, p, i64, i64, i64, c_int, i64]
@@ -145,9 +146,9 @@ def _load():
         # w, scale, index, n, out, rows, in, group, tile
         lib.rows_i8.argtypes = [p, p, p, i64, p, i64, i64, i64, i64]
         # q, d, m, h, index, n, out, rows, in, tile
-        lib.rows_i4.argtypes = [p, p, p, p, p, i64, p, i64, i64, i64]
+        lib.rows_i4.argtypes = [p, p, p, p, p, p, i64, p, i64, i64, i64]
         for name in (*_FUNCS.values(), "matvec_i8", "matvec_i4", "dequant_i4",
-                     "dequant_i8", "tile_i4", "tile_i8", "rows_i4", "rows_i8"):
+                     "dequant_i8", "tile_i8", "rows_i4", "rows_i8"):
             getattr(lib, name).restype = None
         w, s, f = ctypes.POINTER(CWeight), ctypes.POINTER(CScratch), ctypes.c_float
         lib.decode_attn.argtypes = [p, p, f, w, w, p, i64, i64, i64, i64, p, s, p, i64]
@@ -201,9 +202,29 @@ def tile_i4(q: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None,
     tile = weight_tile()
     if tile:
         _lib.tile_i4(q.data_ptr(), scale.data_ptr(), _ptr(min), _ptr(hi), q.shape[0],
-                     q.shape[1] * 2)
+                     q.shape[1] * 2, None)
     return tile
 
+
+def tile_i4_coded(q: torch.Tensor, scale: torch.Tensor, min: torch.Tensor
+                  ) -> tuple[int, torch.Tensor | None]:
+    """As ``tile_i4`` for an int4 matrix, into coded tiles where its tiled rows allow
+    (quant.py: every scale and offset an 8-bit code times a step of its row, as
+    quantize_int4 writes them): then each block of a tile holds a byte per scale and offset
+    instead of fp16 pairs (int4's bytes read per weight 0.625 -> 0.5625), the same numbers.
+    Returns (tile, steps): steps (out / tile, 2 tile) fp32, each group's scale steps then
+    offset steps, or None where the tiles hold fp16 (a GGUF file's blocks, or rows of fewer
+    than 4 blocks). The steps lie in ``min``'s tiled rows, which coded tiles no longer read
+    (its rows after the last tile stay offsets): a buffer refilled layer after layer keeps
+    them at one address."""
+    tile, (out, nb) = weight_tile(), min.shape
+    if not tile:
+        return tile, None
+    steps = (min.view(-1)[:out // tile * tile * 4].view(torch.float32).view(out // tile, 2 * tile)
+             if out >= tile and nb >= 4 else None)
+    coded = _lib.tile_i4(q.data_ptr(), scale.data_ptr(), min.data_ptr(), None, out,
+                         q.shape[1] * 2, _ptr(steps))
+    return tile, steps if coded else None
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
@@ -222,7 +243,7 @@ def tile_i8(w: torch.Tensor, scale: torch.Tensor) -> int:
 
 def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
            min: torch.Tensor | None = None, wide: bool = False, tile: int = 0,
-           hi: torch.Tensor | None = None) -> torch.Tensor:
+           hi: torch.Tensor | None = None, steps: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, in) fp32 @ W.T -> (T, out) fp32 for the matrix W (out, in) stored as ``w``.
 
     Contract: ``available()`` is True; every tensor contiguous; w is fp32/bf16/fp16
@@ -233,6 +254,8 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     beside it, in a tile or not); ``tile``:
     the int4 or int8 matrix's rows are in tiles (``tile_i4``, ``tile_i8``) or plain (0).
     int6 (quant.py): uint8 ``w`` with ``scale``, ``hi`` and no ``min``; always ``wide``.
+    ``steps``: an int4 matrix in coded tiles (``tile_i4_coded``), ``min`` its rows after the
+    last tile.
     """
     lib = _load()
     x = x.contiguous()
@@ -241,7 +264,7 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     out = torch.empty(T, n_out)
     if w.dtype == torch.uint8:
         lib.matvec_i4(x.data_ptr(), w.data_ptr(), scale.data_ptr(), _ptr(min), _ptr(hi),
-                      out.data_ptr(), T, n_in, n_out, tile, int(wide))
+                      _ptr(steps), out.data_ptr(), T, n_in, n_out, tile, int(wide))
     elif w.dtype == torch.int8:
         lib.matvec_i8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), out.data_ptr(),
                       T, n_in, n_out, int8_group(n_in, scale.shape[1]), tile)
@@ -253,17 +276,18 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
 
 def dequantize(w: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None = None,
                dtype: torch.dtype = torch.float32, tile: int = 0,
-               hi: torch.Tensor | None = None) -> torch.Tensor:
+               hi: torch.Tensor | None = None, steps: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """An int8 (w, scale), int4 (w, scale, min) or int6 (w, scale, hi) matrix (rows in tiles
-    or plain, as ``matvec``) as (out, in) in ``dtype``, fp32 or bf16 (the same numbers as
-    quant.dequantize_int8 / dequantize_int4 / dequantize_int6 on plain rows, then
+    or plain, coded or not, as ``matvec``) as (out, in) in ``dtype``, fp32 or bf16 (the same
+    numbers as quant.dequantize_int8 / dequantize_int4 / dequantize_int6 on plain rows, then
     ``.to(dtype)``), written by all threads."""
     lib = _load()
     bf16 = {torch.float32: 0, torch.bfloat16: 1}[dtype]
     if w.dtype == torch.uint8:
         out = torch.empty(w.shape[0], w.shape[1] * 2, dtype=dtype)
-        lib.dequant_i4(w.data_ptr(), scale.data_ptr(), _ptr(min), _ptr(hi), out.data_ptr(),
-                       w.shape[0], out.shape[1], bf16, tile)
+        lib.dequant_i4(w.data_ptr(), scale.data_ptr(), _ptr(min), _ptr(hi), _ptr(steps),
+                       out.data_ptr(), w.shape[0], out.shape[1], bf16, tile)
     else:
         out = torch.empty(w.shape, dtype=dtype)
         lib.dequant_i8(w.data_ptr(), scale.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1],
@@ -272,16 +296,17 @@ def dequantize(w: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None = 
 
 
 def rows(w: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None, index: torch.Tensor,
-         tile: int, hi: torch.Tensor | None = None) -> torch.Tensor:
+         tile: int, hi: torch.Tensor | None = None, steps: torch.Tensor | None = None
+         ) -> torch.Tensor:
     """Rows ``index`` (n,) of an int8 (w, scale), int4 (w, scale, min) or int6 (w, scale, hi)
-    matrix whose rows are in tiles (``tile``; or plain, 0) as (n, in) fp32: the numbers
-    ``dequantize`` gives them. An embedding lookup in a tiled vocabulary."""
+    matrix whose rows are in tiles (``tile``, coded with ``steps``; or plain, 0) as (n, in)
+    fp32: the numbers ``dequantize`` gives them. An embedding lookup in a tiled vocabulary."""
     index = index.to(torch.int64).contiguous()
     n, cols = index.shape[0], w.shape[1] * (2 if w.dtype == torch.uint8 else 1)
     out = torch.empty(n, cols)
     if w.dtype == torch.uint8:
-        _lib.rows_i4(w.data_ptr(), scale.data_ptr(), _ptr(min), _ptr(hi), index.data_ptr(), n,
-                     out.data_ptr(), w.shape[0], cols, tile)
+        _lib.rows_i4(w.data_ptr(), scale.data_ptr(), _ptr(min), _ptr(hi), _ptr(steps),
+                     index.data_ptr(), n, out.data_ptr(), w.shape[0], cols, tile)
     else:
         _lib.rows_i8(w.data_ptr(), scale.data_ptr(), index.data_ptr(), n, out.data_ptr(),
                      w.shape[0], cols, int8_group(cols, scale.shape[1]), tile)
@@ -293,7 +318,8 @@ class CWeight(ctypes.Structure):
     outlive it (weights.Weight keeps both)."""
     _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("min", ctypes.c_void_p),
                 ("bias", ctypes.c_void_p), ("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
-                ("dtype", ctypes.c_int64), ("group", ctypes.c_int64), ("tile", ctypes.c_int64)]
+                ("dtype", ctypes.c_int64), ("group", ctypes.c_int64), ("tile", ctypes.c_int64),
+                ("steps", ctypes.c_void_p)]
 
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3,
@@ -301,16 +327,17 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8
 
 
 def c_weight(data: torch.Tensor, scale: torch.Tensor | None, min: torch.Tensor | None,
-             bias: torch.Tensor | None, tile: int = 0) -> CWeight:
+             bias: torch.Tensor | None, tile: int = 0, steps: torch.Tensor | None = None
+             ) -> CWeight:
     """A CWeight over contiguous ``data`` (rows, cols; int4: rows, cols / 2), its int8 or
     int4 ``scale``, int4 ``min`` and fp32 ``bias`` (as weights.Weight holds them); ``tile``:
-    int4 rows in tiles (``tile_i4``) or plain (0)."""
+    int4 rows in tiles (``tile_i4``; coded with ``steps``, ``tile_i4_coded``) or plain (0)."""
     def ptr(t):
         return None if t is None else t.data_ptr()
     rows, cols = data.shape[0], data.shape[1] * (2 if data.dtype == torch.uint8 else 1)
     group = int8_group(cols, scale.shape[1]) if data.dtype == torch.int8 else GROUP
     return CWeight(ptr(data), ptr(scale), ptr(min), ptr(bias), rows, cols,
-                   DTYPE_CODES[data.dtype], group, tile)
+                   DTYPE_CODES[data.dtype], group, tile, ptr(steps))
 
 
 class CScratch(ctypes.Structure):

@@ -37,10 +37,11 @@ from mpitpi.weights import TopWeights, vectors_fp32
 
 def cache_folder(model_path: str, fingerprint: str, world_size: int,
                  ratios: list[float] | None, dtype: str, vocab_dtype: str | None = None) -> str:
-    # int4 shards' default vocabulary became int6: their key says so, so that folders split
-    # before (an int8 vocabulary) are not taken for it
+    # int4 shards' default vocabulary became int6, then their scales and offsets codes
+    # (quant.py): their key says so, so that folders split before are not taken for them
     key = json.dumps([fingerprint, world_size, ratios, dtype] +
-                     ([GROUP] if dtype == "int8" else ["int4", BLOCK, "int6"] if dtype == "int4"
+                     ([GROUP] if dtype == "int8" else ["int4", BLOCK, "int6", "coded"]
+                      if dtype == "int4"
                       else []) + ([] if vocab_dtype is None else ["vocab", vocab_dtype]))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     name = os.path.basename(os.path.normpath(model_path)) or "model"

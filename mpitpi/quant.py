@@ -41,18 +41,20 @@ BLOCK = 32     # int4, int6: input columns per scale (and int4 offset): 1/16 byt
 ROWS_AT_ONCE = 1 << 20   # weights quantized at a time (their fp32 temporaries: 4 MB each)
 
 
-def _by_rows(w: torch.Tensor, quantize) -> tuple[torch.Tensor, ...]:
-    """``quantize`` (rows of w -> its arrays, one row each per row of w) applied
-    ROWS_AT_ONCE weights at a time, the pieces written into whole arrays."""
+def _by_rows(w: torch.Tensor, quantize, *per_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``quantize`` (rows of w, and the same rows of each of ``per_row`` -> its arrays, one
+    row each per row of w) applied ROWS_AT_ONCE weights at a time, the pieces written into
+    whole arrays."""
     out, n_in = w.shape
     step = max(1, ROWS_AT_ONCE // max(1, n_in))
     if out == 0:   # the arrays' widths and dtypes, from one row of zeros
-        return tuple(p[:0] for p in quantize(w.new_zeros(1, n_in)))
+        return tuple(p[:0] for p in quantize(w.new_zeros(1, n_in),
+                                             *(e.new_ones(1, *e.shape[1:]) for e in per_row)))
     if out <= step:
-        return quantize(w)
+        return quantize(w, *per_row)
     whole: tuple[torch.Tensor, ...] = ()
     for r in range(0, out, step):
-        part = quantize(w[r:r + step])
+        part = quantize(w[r:r + step], *(e[r:r + step] for e in per_row))
         if not whole:
             whole = tuple(torch.empty(out, *p.shape[1:], dtype=p.dtype) for p in part)
         for a, p in zip(whole, part):
@@ -99,25 +101,77 @@ def can_int4(cols: int) -> bool:
     return cols > 0 and cols % BLOCK == 0
 
 
-def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4(w: torch.Tensor, steps: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (out, in) any float dtype, in a multiple of 32 -> q (out, in/2) uint8,
-    d (out, in/32) fp16, m (out, in/32) fp16 (the layout in this module's docstring)."""
+    d (out, in/32) fp16, m (out, in/32) fp16 (the layout in this module's docstring), each
+    row's d and m codes times its steps: ``steps`` (out, 2) fp32 where the caller has them
+    for the whole rows that w is a column slice of (``int4_steps``: a row-parallel matrix
+    quantized alike on any number of ranks), else w's own."""
     assert can_int4(w.shape[1]), w.shape[1]
-    return _by_rows(w, _quantize_int4)
+    return _by_rows(w, _quantize_int4) if steps is None else _by_rows(w, _quantize_int4, steps)
 
 
-def _quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def int4_steps(w: torch.Tensor) -> torch.Tensor:
+    """w (out, in) any float dtype, in a multiple of 32 -> (out, 2) fp32: each row's offset
+    step M and scale step D, as quantize_int4 chooses them for the whole row."""
+    assert can_int4(w.shape[1]), w.shape[1]
+    def one(part):
+        return (_int4_steps(part.float().reshape(part.shape[0], -1, BLOCK)),)
+    return _by_rows(w, one)[0]
+
+
+def _int4_steps(blocks: torch.Tensor) -> torch.Tensor:
+    """blocks (out, B, 32) fp32 -> (out, 2): M, the step of the offsets' signed 8-bit codes,
+    and D, the step of the scales' unsigned ones, each the least that holds every block of
+    the row (the offset at or below the block's minimum, the scale reaching its maximum)."""
+    lo, hi = blocks.amin(dim=2), blocks.amax(dim=2)                       # (out, B)
+    M = code_step(lo.abs().amax(dim=1, keepdim=True) / 127)               # (out, 1)
+    D = code_step(((hi - torch.floor(lo / M) * M) / 15).amax(dim=1, keepdim=True) / 255)
+    return torch.cat([M, D], dim=1)
+
+
+def code_step(x: torch.Tensor) -> torch.Tensor:
+    """x (...) fp32 >= 0 -> the smallest step F 2^e >= x with F in 4..7 and e >= -24 (a code
+    of at most 8 bits times it has at most 11 significant bits: an fp16 value, exactly)."""
+    f, e = torch.frexp(x)                            # x = f 2^e, f in [0.5, 1) (0 for 0)
+    F, e = torch.ceil(f * 8), e - 3
+    top = F >= 8
+    F, e = torch.where(top, 4.0, F), torch.where(top, e + 1, e)
+    low = (e < -24) | (x <= 0)
+    return torch.ldexp(torch.where(low, 4.0, F), torch.where(low, -24, e))
+
+
+def _quantize_int4(w: torch.Tensor, steps: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, n_in = w.shape
     blocks = w.float().reshape(out, n_in // BLOCK, BLOCK)                 # (out, B, 32)
     lo, hi = blocks.amin(dim=2), blocks.amax(dim=2)                       # (out, B)
-    d = ((hi - lo) / 15.0).to(torch.float16)
-    m = lo.to(torch.float16)
-    df = d.float()
-    inv = torch.where(df > 0, 1.0 / df, torch.zeros_like(df))
-    n = torch.round((blocks - m.float()[..., None]) * inv[..., None]).clamp_(0, 15)
+    # coded rows: m = k M (k in -128..127), d = c D (c in 0..255), M and D steps of the row;
+    # of the codes around the block's minimum and range, the pair with the least squared
+    # error (SmolLM2's layers requantized so: perplexity 71.42 -> 71.46, docs/BENCHMARKS.md)
+    M, D = (steps if steps is not None else _int4_steps(blocks)).split(1, dim=1)   # (out, 1)
+    best = d = m = None
+    for k in (torch.floor(lo / M), torch.round(lo / M)):
+        mk = k.clamp(-128, 127) * M
+        need = (hi - mk) / (15 * D)                                       # (out, B) in steps
+        for c in (torch.ceil(need), torch.round(need)):
+            dc = c.clamp(0, 255) * D
+            inv = torch.where(dc > 0, 1.0 / dc, torch.zeros_like(dc))
+            n = torch.round((blocks - mk[..., None]) * inv[..., None]).clamp_(0, 15)
+            err = (n.mul_(dc[..., None]).add_(mk[..., None]).sub_(blocks)).square_().sum(2)
+            if best is None:
+                best, d, m = err, dc, mk
+            else:
+                won = err < best
+                best = torch.where(won, err, best)
+                d, m = torch.where(won, dc, d), torch.where(won, mk, m)
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    n = torch.round((blocks - m[..., None]) * inv[..., None]).clamp_(0, 15)
     n = n.to(torch.uint8)                                                 # (out, B, 32)
     q = n[..., :16] | (n[..., 16:] << 4)                                  # (out, B, 16)
-    return q.reshape(out, n_in // 2).contiguous(), d.contiguous(), m.contiguous()
+    return (q.reshape(out, n_in // 2).contiguous(), d.to(torch.float16).contiguous(),
+            m.to(torch.float16).contiguous())
 
 
 def int4_values(q: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ from mpitpi.checkpoint import Checkpoint
 from mpitpi.config import ModelArgs
 from mpitpi.errors import MpitpiError
 from mpitpi.plan import RankSlice, check_plan, plan_for_args
-from mpitpi.quant import BLOCK, GGUF_GROUP, GROUP
+from mpitpi.quant import BLOCK, GGUF_GROUP, GROUP, int4_steps, quantize_int4
 from mpitpi.tokenizer import load_tokenizer
 from mpitpi.weights import (DTYPES, STORAGE, VOCAB_DTYPES, Weight, from_numpy, quantized,
                             storage_for, stored_arrays)
@@ -69,10 +69,13 @@ def rank_file(rank: int) -> str:
 
 
 def rank_tensors(ckpt: Checkpoint, args: ModelArgs, s: RankSlice, layer: int | None,
-                 dtype: str = "fp32", vocab_dtype: str | None = None):
+                 dtype: str = "fp32", vocab_dtype: str | None = None,
+                 row_steps: dict[str, torch.Tensor] | None = None):
     """Yield (dataset name, tensor or Weight) for rank slice ``s``: one layer, or the
     non-layer tensors. Matrices come as the checkpoint gives them for shards of ``dtype``
-    (a GGUF file's own blocks where they carry over: Checkpoint.rows_as)."""
+    (a GGUF file's own blocks where they carry over: Checkpoint.rows_as). ``row_steps``: the
+    int4 code steps of the layer's row-parallel matrices, shared by its ranks' calls."""
+    row_steps = {} if row_steps is None else row_steps
     hd = args.head_dim
 
     def rows(name, a, b):
@@ -103,6 +106,22 @@ def rank_tensors(ckpt: Checkpoint, args: ModelArgs, s: RankSlice, layer: int | N
             return quantized(ckpt.rows(name, a, b), kind)
         return Weight(out["data"], out.get("scale"), None, out.get("min"), 0, out.get("hi"))
 
+    def cols(dataset, name, c0, c1):
+        """Columns [c0, c1) of the row-parallel ``name`` for ``dataset``. int4 from float
+        weights takes each row's code steps from the whole row (quant.int4_steps, read
+        READ_ROWS_AT_ONCE weights at a time and kept in ``row_steps`` for the layer's other
+        ranks), so that a column gets the same numbers on any number of ranks."""
+        t = ckpt.cols_as(name, c0, c1, dtype)
+        if isinstance(t, Weight) or storage_for(dataset, c1 - c0, dtype, vocab_dtype) != "int4":
+            return t
+        if name not in row_steps:
+            n, width = ckpt.shape(name)
+            step = max(1, READ_ROWS_AT_ONCE // width)
+            row_steps[name] = torch.cat([int4_steps(ckpt.rows(name, r, min(n, r + step)))
+                                         for r in range(0, n, step)])
+        q, d, m = quantize_int4(t, row_steps[name])
+        return Weight(q, d, None, m)
+
     if layer is None:
         yield "vocab/embed", part("vocab/embed", "model.embed_tokens.weight", *s.vocab)
         if not args.tie_embeddings:
@@ -120,7 +139,7 @@ def rank_tensors(ckpt: Checkpoint, args: ModelArgs, s: RankSlice, layer: int | N
         yield "bqkv", torch.cat([ckpt.rows(attn + "q_proj.bias", q0, q1),
                                  ckpt.rows(attn + "k_proj.bias", k0, k1),
                                  ckpt.rows(attn + "v_proj.bias", k0, k1)])
-    yield "wo", ckpt.cols_as(attn + "o_proj.weight", q0, q1, dtype)
+    yield "wo", cols("wo", attn + "o_proj.weight", q0, q1)
     if s.rank == 0 and ckpt.has(attn + "o_proj.bias"):
         yield "bo", ckpt.full(attn + "o_proj.bias")
     f0, f1 = s.ffn
@@ -129,7 +148,7 @@ def rank_tensors(ckpt: Checkpoint, args: ModelArgs, s: RankSlice, layer: int | N
     if ckpt.has(mlp + "gate_proj.bias"):
         yield "b13", torch.cat([ckpt.rows(mlp + "gate_proj.bias", f0, f1),
                                 ckpt.rows(mlp + "up_proj.bias", f0, f1)])
-    yield "w2", ckpt.cols_as(mlp + "down_proj.weight", f0, f1, dtype)
+    yield "w2", cols("w2", mlp + "down_proj.weight", f0, f1)
     if s.rank == 0 and ckpt.has(mlp + "down_proj.bias"):
         yield "b2", ckpt.full(mlp + "down_proj.bias")
     yield "attn_norm", ckpt.full(p + "input_layernorm.weight")
@@ -207,9 +226,11 @@ def write_shards(ckpt: Checkpoint, out: str, world_size: int, ratios: list[float
         try:
             steps = [None] + list(range(args.n_layers))
             for layer in tqdm(steps, desc="split", unit="layer", disable=not progress):
+                row_steps: dict[str, torch.Tensor] = {}   # this layer's, for every rank
                 for s in plan:
                     prefix = "" if layer is None else f"layers/{layer}/"
-                    for name, t in rank_tensors(ckpt, args, s, layer, dtype, vocab_dtype):
+                    for name, t in rank_tensors(ckpt, args, s, layer, dtype, vocab_dtype,
+                                                row_steps):
                         for dname, a in stored_arrays(name, t, dtype, vocab_dtype):
                             files[s.rank].create_dataset(prefix + dname, data=a)
                             sums[s.rank][prefix + dname] = zlib.crc32(a)

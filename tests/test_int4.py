@@ -9,8 +9,8 @@ import torch
 from conftest import run_mpi
 from mpitpi import gguf_blocks, kernels
 from mpitpi.checkpoint import open_checkpoint, resolve_model
-from mpitpi.quant import (BLOCK, dequantize_int4, dequantize_int8, int4_values, quantize_int4,
-                          quantize_int8)
+from mpitpi.quant import (BLOCK, code_step, dequantize_int4, dequantize_int8, int4_values,
+                          quantize_int4, quantize_int8)
 from mpitpi.shards import write_shards
 from mpitpi.tokenizer import chat_messages, load_tokenizer
 from mpitpi.weights import Weight, stored_arrays
@@ -24,6 +24,7 @@ SHAPES = [(1, 32, 5), (3, 96, 33), (1, 576, 1728), (4, 1536, 65), (2, 4352, 11),
 def test_quantize_int4_layout_and_error():
     w = torch.randn(9, 96) * torch.logspace(-3, 1, 9)[:, None]   # rows of very different size
     w[4] = 0.5                                                    # a constant row
+    w[5] = 0.0                                                    # a zero row
     q, d, m = quantize_int4(w)
     assert q.shape == (9, 48) and q.dtype == torch.uint8
     assert d.shape == m.shape == (9, 3) and d.dtype == m.dtype == torch.float16
@@ -31,11 +32,22 @@ def test_quantize_int4_layout_and_error():
     # byte j of a block: column j in the low nibble, column j + 16 in the high one
     assert torch.equal(n[:, 0, :16], q[:, :16] & 15) and torch.equal(n[:, 0, 16:], q[:, :16] >> 4)
     back = dequantize_int4(q, d, m)
+    # coded rows: each scale an unsigned 8-bit code times a step of its row, each offset a
+    # signed one, the steps F 2^e (F 4..7) so that code times step is an fp16 value
+    D = code_step(d.float().amax(dim=1, keepdim=True) / 255)
+    M = code_step(m.float().abs().amax(dim=1, keepdim=True) / 128)
+    for v, step, lo, hi in ((d.float(), D, 0, 255), (m.float(), M, -128, 127)):
+        c = v / step
+        # the row's step is the first at or above the largest code's share, or the one after
+        c = torch.where((c == c.round()).all(dim=1, keepdim=True), c, v / code_step(step * 1.01))
+        assert torch.equal(c, c.round()) and c.min() >= lo and c.max() <= hi
+    # half a step, or a block's top clipped by at most half a code of its scale (15 D / 2):
+    # the quantizer keeps whichever codes give the block the smaller squared error
     step = d.float().repeat_interleave(BLOCK, dim=1)
-    # half a step, plus the fp16 rounding of the offset
-    slack = m.float().abs().repeat_interleave(BLOCK, dim=1) * 2 ** -10 + 1e-7
-    assert ((back - w).abs() <= step / 2 + slack).all()
-    assert torch.equal(back[4], torch.full((96,), 0.5))
+    assert ((back - w).abs() <= step / 2 + 7.5 * D + 1e-7).all()
+    rms = (back - w).square().mean(dim=1).sqrt()
+    assert (rms <= 0.3 * d.float().amax(dim=1) + 1e-7).all()
+    assert (back[4] - 0.5).abs().max() < 0.5 * 2 ** -6 and torch.equal(back[5], torch.zeros(96))
     assert int(n.max()) == 15 and int(n.min()) == 0
 
 

@@ -533,7 +533,7 @@ static __attribute__((noinline)) float i4_sum(__m512 acc0, __m512 acc1, __m256 m
 static inline void dot_i4_rows##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
                                   int8_t *const *xq, float *const *xs,                     \
                                   float *const *xsum, int64_t nb, float *y, int64_t ys,   \
-                                  const uint8_t *h) {                                     \
+                                  const uint8_t *h, const float *rs) {                    \
     __m512 acc0[R], acc1[R];                                                              \
     __m256 macc[R];                                                                       \
     for (int r = 0; r < R; r++) {                                                         \
@@ -554,7 +554,7 @@ static inline void dot_i4_rows##R(const uint8_t *q, const uint16_t *d, const uin
     }                                                                                     \
     for (int r = 0; r < R; r++)                                                           \
         y[r * ys] = i4_sum(acc0[r], acc1[r], macc[r]);                                    \
-    (void)h;                                                                              \
+    (void)h, (void)rs;                                                                       \
 }
 DOT_I4_ROWS(1)
 #endif
@@ -565,7 +565,7 @@ static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16
 #if defined(I4_GROUPED) && defined(HAVE_F16X8)
     int8_t *x[1] = {(int8_t *)xq};
     float *s[1] = {(float *)xs}, *t[1] = {(float *)xsum}, y;
-    dot_i4_rows1(q, d, m, x, s, t, nb, &y, 0, NULL);
+    dot_i4_rows1(q, d, m, x, s, t, nb, &y, 0, NULL, NULL);
     return y;
 #else
     float sum = 0.f;
@@ -611,10 +611,10 @@ static inline float dot_i4_row(const uint8_t *q, const uint16_t *d, const uint16
 static inline void dot_i4_rows##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
                                   int8_t *const *xq, float *const *xs,                     \
                                   float *const *xsum, int64_t nb, float *y, int64_t ys,   \
-                                  const uint8_t *h) {                                     \
+                                  const uint8_t *h, const float *rs) {                    \
     for (int r = 0; r < R; r++)                                                           \
         y[r * ys] = dot_i4_row(q, d, m, xq[r], xs[r], xsum[r], nb);                       \
-    (void)h;                                                                              \
+    (void)h, (void)rs;                                                                       \
 }
 DOT_I4_ROWS(1)
 #endif
@@ -655,7 +655,7 @@ static inline void prefetch_float(const void *w, int64_t o, int64_t rb, int64_t 
 #define I4_BATCH_G(NAME, ROWS, XT, G, CALL)                                               \
 static inline void NAME(const uint8_t *q, const uint16_t *d, const uint16_t *m, XT *xq,   \
                         int64_t sxq, float *xs, float *xsum, int64_t sxs, int64_t B,       \
-                        int64_t nb, float *y, int64_t ys, const uint8_t *h) {             \
+                        int64_t nb, float *y, int64_t ys, const uint8_t *h, const float *rs) { \
     for (int64_t b0 = 0; b0 < B; b0 += G) {                                               \
         XT *xr[G];                                                                        \
         float *sr[G], *tr[G];                                                             \
@@ -666,7 +666,7 @@ static inline void NAME(const uint8_t *q, const uint16_t *d, const uint16_t *m, 
             tr[r] = xsum + (b0 + r) * sxs;                                                \
         }                                                                                 \
         float *yo = y + b0 * ys;                                                          \
-        CALL(ROWS, R, q, d, m, xr, sr, tr, nb, yo, ys, h)                                 \
+        CALL(ROWS, R, q, d, m, xr, sr, tr, nb, yo, ys, h, rs)                                 \
     }                                                                                     \
 }
 I4_BATCH(dot_i4_batch, dot_i4_rows, int8_t)
@@ -724,9 +724,10 @@ static inline float dot_i4w_row(const uint8_t *q, const uint16_t *d, const uint1
 static inline void dot_i4w_rows##R(const uint8_t *q, const uint16_t *d, const uint16_t *m, \
                                    int16_t *const *xq, float *const *xs,                   \
                                    float *const *xsum, int64_t nb, float *y, int64_t ys,  \
-                                   const uint8_t *h) {                                    \
+                                   const uint8_t *h, const float *rs) {                   \
     for (int r = 0; r < R; r++)                                                           \
         y[r * ys] = dot_i4w_row(q, d, m, xq[r], xs[r], xsum[r], nb, h);                   \
+    (void)rs;                                                                             \
 }
 DOT_I4W_ROWS(1)
 DOT_I4W_ROWS(2)
@@ -762,6 +763,23 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
  * Rows past the last full group keep the row layout. */
 #if defined(I4_GROUPED) && defined(HAVE_F16X8)
 #define TILE 16
+/* The group's scales and offsets of block b in fp32, one row per lane: fp16 values, or in a
+ * coded tile (rs: tile_i4) a byte per row and value, 16 unsigned scale codes then 16 signed
+ * offset codes, times the rows' steps rs[0..15] and rs[16..31]. Code times step is exact in
+ * fp32 and equals the fp16 value it stands for (quant.py), so both give the same numbers. */
+#define I4_DM512(d, m, rs, b, dv, mv)                                                     \
+    do {                                                                                  \
+        if (rs) {                                                                         \
+            const __m128i *c_ = (const __m128i *)((const uint8_t *)(d) + (b) * 32);       \
+            __m512i dc_ = _mm512_cvtepu8_epi32(_mm_loadu_si128(c_));                      \
+            __m512i mc_ = _mm512_cvtepi8_epi32(_mm_loadu_si128(c_ + 1));                  \
+            dv = _mm512_mul_ps(_mm512_cvtepi32_ps(dc_), _mm512_loadu_ps(rs));             \
+            mv = _mm512_mul_ps(_mm512_cvtepi32_ps(mc_), _mm512_loadu_ps((rs) + 16));      \
+        } else {                                                                          \
+            dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((d) + (b) * 16)));  \
+            mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((m) + (b) * 16)));  \
+        }                                                                                 \
+    } while (0)
 #define X4(x, c) _mm512_set1_epi32(*(const int32_t *)((x) + 4 * (c)))   /* 4 bytes, each lane */
 #if defined(__AVX512VNNI__)
 #define DP512(acc, a, b) _mm512_dpbusd_epi32(acc, a, b)
@@ -795,7 +813,7 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
 static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
                                   int8_t *const *xq, float *const *xs,                     \
                                   float *const *xsum, int64_t nb, float *y, int64_t ys,   \
-                                  const uint8_t *h) {                                     \
+                                  const uint8_t *h, const float *rs) {                    \
     const __m512i low = _mm512_set1_epi8(15);                                             \
     __m512 acc[R];                                                                        \
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                             \
@@ -807,8 +825,8 @@ static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uin
             w[t] = _mm512_and_si512(v, low);                      /* columns 4t..4t+3 */  \
             w[4 + t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);   /* 16+4t.. */    \
         }                                                                                 \
-        __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + b * 16)));   \
-        __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + b * 16)));   \
+        __m512 dv, mv;                                                                    \
+        I4_DM512(d, m, rs, b, dv, mv);                                                    \
         int64_t lo = i4_slot(b, 0, nb), hi = i4_slot(b, 16, nb);                          \
         for (int r = 0; r < R; r++) {                                                     \
             const int8_t *xl = xq[r] + lo, *xh = xq[r] + hi;                              \
@@ -869,7 +887,7 @@ static inline void i6_top512(__m512i *w, __m512i f) {
 static inline void dot_i4w_tile##R(const uint8_t *q, const uint16_t *d, const uint16_t *m, \
                                    int16_t *const *xq, float *const *xs,                   \
                                    float *const *xsum, int64_t nb, float *y, int64_t ys,  \
-                                   const uint8_t *h) {                                    \
+                                   const uint8_t *h, const float *rs) {                   \
     const __m512i low = _mm512_set1_epi16(15);                                            \
     __m512 acc[R];                                                                        \
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                             \
@@ -887,8 +905,8 @@ static inline void dot_i4w_tile##R(const uint8_t *q, const uint16_t *d, const ui
             __m512i f = _mm512_loadu_si512((const void *)(h + b * 128 + 64 * (t & 1)));   \
             i6_top512(w + 4 * t, t < 2 ? f : _mm512_srli_epi16(f, 4));                    \
         }                                                                                 \
-        __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + b * 16)));   \
-        __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + b * 16)));   \
+        __m512 dv, mv;                                                                    \
+        I4_DM512(d, m, rs, b, dv, mv);                                                    \
         for (int r = 0; r < R; r++) {                                                     \
             const int16_t *a = xq[r] + b * 32;                                            \
             __m512i p0 = _mm512_setzero_si512(), p1 = _mm512_setzero_si512();             \
@@ -905,6 +923,22 @@ static inline void dot_i4w_tile##R(const uint8_t *q, const uint16_t *d, const ui
 }
 #elif defined(__AVX2__) && defined(HAVE_F16X8)
 #define TILE 8
+/* As I4_DM512 for 8 rows: a coded block's 8 scale codes, then 8 offset codes */
+#define I4_DM256(d, m, rs, b, dv, mv)                                                     \
+    do {                                                                                  \
+        if (rs) {                                                                         \
+            const uint8_t *c_ = (const uint8_t *)(d) + (b) * 16;                          \
+            __m128i dc_ = _mm_loadl_epi64((const __m128i *)c_);                           \
+            __m128i mc_ = _mm_loadl_epi64((const __m128i *)(c_ + 8));                     \
+            dv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(dc_)),             \
+                               _mm256_loadu_ps(rs));                                      \
+            mv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(mc_)),             \
+                               _mm256_loadu_ps((rs) + 8));                                \
+        } else {                                                                          \
+            dv = f16x8((d) + (b) * 8);                                                    \
+            mv = f16x8((m) + (b) * 8);                                                    \
+        }                                                                                 \
+    } while (0)
 #define X4(x, c) _mm256_set1_epi32(*(const int32_t *)((x) + 4 * (c)))   /* 4 bytes, each lane */
 #define X2(x, p) _mm256_set1_epi32(*(const int32_t *)((x) + 2 * (p)))   /* 2 int16, each lane */
 
@@ -915,7 +949,7 @@ static inline void dot_i4w_tile##R(const uint8_t *q, const uint16_t *d, const ui
 static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
                                   int8_t *const *xq, float *const *xs,                     \
                                   float *const *xsum, int64_t nb, float *y, int64_t ys,   \
-                                  const uint8_t *h) {                                     \
+                                  const uint8_t *h, const float *rs) {                    \
     const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);                \
     __m256 acc[R];                                                                        \
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                             \
@@ -927,7 +961,8 @@ static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uin
             w[t] = _mm256_and_si256(v, low);                      /* columns 4t..4t+3 */  \
             w[4 + t] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);   /* 16+4t.. */    \
         }                                                                                 \
-        __m256 dv = f16x8(d + b * 8), mv = f16x8(m + b * 8);                              \
+        __m256 dv, mv;                                                                    \
+        I4_DM256(d, m, rs, b, dv, mv);                                                    \
         int64_t lo = i4_slot(b, 0, nb), hi = i4_slot(b, 16, nb);                          \
         for (int r = 0; r < R; r++) {                                                     \
             const int8_t *xl = xq[r] + lo, *xh = xq[r] + hi;                              \
@@ -986,13 +1021,14 @@ static inline void i6_top256(__m256i *w0, __m256i *w1, __m256i *w2, __m256i *w3,
 static inline void dot_i4w_tile##R(const uint8_t *q, const uint16_t *d, const uint16_t *m, \
                                    int16_t *const *xq, float *const *xs,                   \
                                    float *const *xsum, int64_t nb, float *y, int64_t ys,  \
-                                   const uint8_t *h) {                                    \
+                                   const uint8_t *h, const float *rs) {                   \
     const __m256i low = _mm256_set1_epi16(15);                                            \
     __m256 acc[R];                                                                        \
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                             \
     for (int64_t b = 0; b < nb; b++) {                                                    \
         const uint8_t *qb = q + b * 128;                                                  \
-        __m256 dv = f16x8(d + b * 8), mv = f16x8(m + b * 8);                              \
+        __m256 dv, mv;                                                                    \
+        I4_DM256(d, m, rs, b, dv, mv);                                                    \
         __m256i p[R];                                                                     \
         for (int r = 0; r < R; r++) p[r] = _mm256_setzero_si256();                        \
         for (int t = 0; t < 4; t++) {                                                     \
@@ -1065,17 +1101,17 @@ I8_BATCH_G(dot_i8_tile_batch, dot_i8_tile, 8, ROWS_CALL8)
 static inline void dot_i4_tile_batch(const uint8_t *q, const uint16_t *d, const uint16_t *m,
                                      int8_t *xq, int64_t sxq, float *xs, float *xsum,
                                      int64_t sxs, int64_t B, int64_t nb, float *y, int64_t ys,
-                                     const uint8_t *h) {
+                                     const uint8_t *h, const float *rs) {
     (void)q, (void)d, (void)m, (void)xq, (void)sxq, (void)xs, (void)xsum, (void)sxs, (void)B;
-    (void)nb, (void)y, (void)ys, (void)h;
+    (void)nb, (void)y, (void)ys, (void)h, (void)rs;
     abort();   /* no build without TILE tiles a matrix (weight_tile() is 0) */
 }
 static inline void dot_i4w_tile_batch(const uint8_t *q, const uint16_t *d, const uint16_t *m,
                                       int16_t *xq, int64_t sxq, float *xs, float *xsum,
                                       int64_t sxs, int64_t B, int64_t nb, float *y,
-                                      int64_t ys, const uint8_t *h) {
+                                      int64_t ys, const uint8_t *h, const float *rs) {
     (void)q, (void)d, (void)m, (void)xq, (void)sxq, (void)xs, (void)xsum, (void)sxs, (void)B;
-    (void)nb, (void)y, (void)ys, (void)h;
+    (void)nb, (void)y, (void)ys, (void)h, (void)rs;
     abort();
 }
 static inline void dot_i8_tile_batch(const int8_t *w, const float *ws, int16_t *xq, int64_t sq,

@@ -31,6 +31,7 @@ typedef struct {            /* one (rows, cols) matrix as stored, see weights.py
     int64_t rows, cols, dtype, group;
     int64_t tile;           /* int4, int8: TILE when tile_i4 / tile_i8 rearranged its rows,
                                else 0 */
+    const float *steps;     /* int4 in coded tiles: tile_i4's rs, else NULL */
 } weight_t;
 
 typedef struct {            /* caller-owned buffers, sized for the largest use; per row: */
@@ -63,17 +64,19 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
         for (int64_t o = o0, n; o < o1; o += n) {
             n = o < tiled ? w->tile : 1;   /* a whole tile: chunks start at tiles */
             const uint8_t *q = (const uint8_t *)w->data + o * (in / 2);
-            const uint16_t *d = (const uint16_t *)w->scale + o * nb, *m = w->min + o * nb;
+            const uint16_t *d = (const uint16_t *)w->scale + o * nb;
+            const uint16_t *m = w->min + o * nb;
+            const float *rs = w->steps && n > 1 ? w->steps + 2 * o : NULL;   /* its group's */
             if (s->wide)
                 (n > 1 ? dot_i4w_tile_batch : dot_i4w_batch)(q, d, m, s->xq, s->sxq, s->xs,
                                                              s->xsum, s->sxs, B, nb, y + o, ys,
-                                                             NULL);
+                                                             NULL, rs);
             else {
                 if (n == 1)   /* a tile's contiguous bytes stream faster without (matvec.c) */
                     prefetch_i4(w->data, o, in / 2, w->rows);
                 (n > 1 ? dot_i4_tile_batch : dot_i4_batch)(q, d, m, (int8_t *)s->xq,
                                                            2 * s->sxq, s->xs, s->xsum, s->sxs,
-                                                           B, nb, y + o, ys, NULL);
+                                                           B, nb, y + o, ys, NULL, rs);
             }
         }
     } else if (w->dtype == W_I8) {   /* groups of input rows share each widened block */

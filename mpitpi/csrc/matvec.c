@@ -114,14 +114,73 @@ void tile_i8(int8_t *w, float *scale, int64_t rows, int64_t in, int64_t group) {
 /* The number of rows of a tile in this build (0: int4 and int8 matrices keep plain rows) */
 int64_t weight_tile(void) { return TILE; }
 
+/* Coded tiles (quant.py): the smallest step F 2^e >= x with F in 4..7 and e >= -24, and the
+ * step after s. A code of at most 8 bits times such a step has at most 11 significant bits,
+ * so it is a value of fp16 and of fp32 exactly. */
+static float code_step(float x) {
+    int e;
+    if (!(x > 0.f))
+        return ldexpf(4.f, -24);
+    float f = frexpf(x, &e), F = ceilf(f * 8.f);   /* x = f 2^e, f in [0.5, 1) */
+    e -= 3;
+    if (F >= 8.f) {
+        F = 4.f;
+        e++;
+    }
+    return e < -24 ? ldexpf(4.f, -24) : ldexpf(F, e);
+}
+static float next_step(float s) {
+    int e;
+    float F = frexpf(s, &e) * 8.f + 1.f;
+    return F >= 8.f ? ldexpf(4.f, e - 2) : ldexpf(F, e - 3);
+}
+
+/* A row's nb fp16 values v as integer codes in [lo, hi] times one step: *step, or 0 where no
+ * step of the first eight from the values' largest magnitude holds them all (a GGUF file's
+ * blocks: arbitrary fp16). */
+static int row_codes(const uint16_t *v, int64_t nb, int lo, int hi, float *step) {
+    float top = 0.f;
+    for (int64_t b = 0; b < nb; b++) top = fmaxf(top, fabsf(f16_to_f32(v[b])));
+    /* no step under top / (largest code) holds top: from just under it (-ffast-math's
+     * division is a multiplication by the reciprocal, not exact) */
+    float s = code_step(0.99f * top / (float)(hi > -lo ? hi : -lo));
+    for (int tries = 0; tries < 8; tries++, s = next_step(s)) {
+        int64_t b = 0;
+        for (; b < nb; b++) {
+            float x = f16_to_f32(v[b]), c = rintf(x / s);
+            if (c < (float)lo || c > (float)hi || c * s != x)
+                break;
+        }
+        if (b == nb) {
+            *step = s;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* An int4 (or int6) matrix's full groups of TILE rows, written as plain rows (q (rows,
  * in / 2), d and m (rows, in / 32); int6: m NULL and h (rows, in / 8)), rearranged in place
- * into tiles (common.h). One thread: it runs beside the model's compute (the layer
- * prefetcher). */
-void tile_i4(uint8_t *q, uint16_t *d, uint16_t *m, uint8_t *h, int64_t rows, int64_t in) {
+ * into tiles (common.h). With rs ((rows / TILE) 2 TILE fp32, which may lie in m's tiled rows:
+ * in / 32 >= 4 gives them room) and an int4 matrix whose tiled rows' scales are unsigned
+ * 8-bit codes and offsets signed ones, each times a step of the row (quant.py's coded rows),
+ * the tiles are coded: block b of group g holds, in d's bytes at (g nb + b) 2 TILE, the rows'
+ * TILE scale codes then their TILE offset codes; rs gets group g's TILE scale steps then its
+ * TILE offset steps at g 2 TILE, and m's tiled rows are no longer read (the rows after the
+ * last group keep theirs). Returns 1 when it coded the tiles. One thread: it runs beside the
+ * model's compute (the layer prefetcher). */
+int64_t tile_i4(uint8_t *q, uint16_t *d, uint16_t *m, uint8_t *h, int64_t rows, int64_t in,
+                float *rs) {
     const int64_t T = TILE ? TILE : 1, nb = in / 32;   /* as tile_i8 */
     if (!TILE || rows < T)
-        return;
+        return 0;
+    int coded = rs && m && !h && nb >= 4;
+    float *st = coded ? malloc(sizeof(float) * rows / T * 2 * T) : NULL;   /* rs, once m is read */
+    for (int64_t o = 0; coded && o < rows / T * T; o++) {
+        float *at = st + o / T * 2 * T + o % T;
+        coded = row_codes(d + o * nb, nb, 0, 255, at) && row_codes(m + o * nb, nb, -128, 127,
+                                                                    at + T);
+    }
     uint8_t *tq = malloc((size_t)(T * nb * 16)), *th = malloc((size_t)(T * nb * 8));
     uint16_t *td = malloc(sizeof(uint16_t) * T * nb), *tm = malloc(sizeof(uint16_t) * T * nb);
     for (int64_t g = 0; g < rows / T; g++) {
@@ -139,23 +198,36 @@ void tile_i4(uint8_t *q, uint16_t *d, uint16_t *m, uint8_t *h, int64_t rows, int
                     memcpy(qg + ((b * 4 + t) * T + k) * 4, tq + (k * nb + b) * 16 + 4 * t, 4);
                 for (int u = 0; hg && u < 2; u++)   /* int6: chunk u, row k's bytes 4u.. */
                     memcpy(hg + ((b * 2 + u) * T + k) * 4, th + (k * nb + b) * 8 + 4 * u, 4);
+                if (coded) {
+                    const float *sg = st + g * 2 * T;
+                    uint8_t *c = (uint8_t *)dg + b * 2 * T;
+                    c[k] = (uint8_t)rintf(f16_to_f32(td[k * nb + b]) / sg[k]);
+                    c[T + k] = (uint8_t)(int8_t)rintf(f16_to_f32(tm[k * nb + b]) / sg[T + k]);
+                    continue;
+                }
                 dg[b * T + k] = td[k * nb + b];
                 if (mg)
                     mg[b * T + k] = tm[k * nb + b];
             }
     }
+    if (coded)   /* m's tiled rows were read: rs may take their place */
+        memcpy(rs, st, sizeof(float) * rows / T * 2 * T);
+    free(st);
     free(tq);
     free(th);
     free(td);
     free(tm);
+    return coded;
 }
 
 /* tile: 0 for plain rows, TILE for a matrix tile_i4 rearranged; wide: x in int16 per block
  * (quantize_x16: prompt rows and logits), else int8 (quantize_x8: decode). h: NULL for int4;
  * int6's top-bit plane (m unused, NULL): always wide, with the offset -32 d of every block
- * taken as m = d against xsum times -32 (both exact). */
+ * taken as m = d against xsum times -32 (both exact). rs: a coded matrix's steps (tile_i4),
+ * else NULL. */
 void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_t *restrict d,
-               const uint16_t *m, const uint8_t *restrict h, float *restrict y, int64_t T,
+               const uint16_t *m, const uint8_t *restrict h, const float *rs,
+               float *restrict y, int64_t T,
                int64_t in, int64_t out, int64_t tile, int64_t wide) {
     int64_t nb = in / 32;
     if (h) {
@@ -175,16 +247,17 @@ void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_
         int64_t o, n = tile_unit(u, out, tile, &o);
         const uint8_t *qo = q + o * (in / 2);
         const uint16_t *dq = d + o * nb, *mq = m + o * nb;
+        const float *ro = rs && n > 1 ? rs + 2 * o : NULL;   /* group o / n: 2 n steps */
         if (wide)
             (n > 1 ? dot_i4w_tile_batch : dot_i4w_batch)(qo, dq, mq, xq, in, xs, xsum, nb, T,
                                                          nb, y + o, out, h ? h + o * nb * 8
-                                                                           : NULL);
+                                                                           : NULL, ro);
         else {
             if (n == 1)   /* a tile's rows lie together: prefetches measured slower there
                            * (67 MB of int4 tiles, 1 thread: 3.8-4.7 ms without, 5.2-7.0 with) */
                 prefetch_i4(q, o, in / 2, out);
             (n > 1 ? dot_i4_tile_batch : dot_i4_batch)(qo, dq, mq, xq, in, xs, xsum, nb, T, nb,
-                                                       y + o, out, NULL);
+                                                       y + o, out, NULL, ro);
         }
     }
     free(xq);
@@ -208,11 +281,11 @@ static inline void put_row(const float *v, int64_t n, void *w, int64_t at, int b
 }
 
 /* Every thread's room for one unit's rows (i4_unit_rows) */
-typedef struct { uint8_t *q, *h; uint16_t *d, *m; } i4_buf_t;
+typedef struct { uint8_t *q, *h; float *d, *m; } i4_buf_t;
 static i4_buf_t i4_buf(int64_t nb) {
     int64_t n = TILE ? TILE : 1;
     i4_buf_t b = {malloc((size_t)(n * nb * 16)), malloc((size_t)(n * nb * 8)),
-                  malloc(sizeof(uint16_t) * n * nb), malloc(sizeof(uint16_t) * n * nb)};
+                  malloc(sizeof(float) * n * nb), malloc(sizeof(float) * n * nb)};
     return b;
 }
 static void i4_buf_free(i4_buf_t b) {
@@ -222,17 +295,42 @@ static void i4_buf_free(i4_buf_t b) {
     free(b.m);
 }
 
+/* Block b's scale and offset of weight row o of an int4 or int6 matrix (h, m as matvec_i4;
+ * rs: coded tiles; full: the rows in tiles of tile rows) in fp32: where a tile holds it, and
+ * int6's offset -32 d. */
+static void i4_scale_at(const uint16_t *d, const uint16_t *m, const float *rs, int64_t o,
+                        int64_t b, int64_t nb, int64_t tile, int64_t full, float *dv,
+                        float *mv) {
+    if (o < full) {
+        int64_t g = o / tile, k = o % tile;
+        if (rs) {
+            const int8_t *c = (const int8_t *)(d + g * tile * nb) + b * 2 * tile;
+            *dv = (float)(uint8_t)c[k] * rs[g * 2 * tile + k];
+            *mv = (float)c[tile + k] * rs[g * 2 * tile + tile + k];
+            return;
+        }
+        *dv = f16_to_f32(d[(g * nb + b) * tile + k]);
+        *mv = m ? f16_to_f32(m[(g * nb + b) * tile + k]) : -32.f * *dv;
+        return;
+    }
+    *dv = f16_to_f32(d[o * nb + b]);
+    *mv = m ? f16_to_f32(m[o * nb + b]) : -32.f * *dv;
+}
+
 /* Rows [o, o + n) of an int4 (int6: h, m NULL) matrix, one unit of tile_unit, in the row
- * layout: a whole tile is copied out of its tiles into buf; plain rows are pointed at where
- * they lie. *r: the rows' bytes, top bits, scales and offsets (each NULL where the matrix
- * has none). */
+ * layout: a whole tile's bytes are copied out of its tiles into buf, plain rows pointed at
+ * where they lie; every row's scales and offsets in fp32 (buf). *r: the rows' bytes, top
+ * bits (NULL where the matrix has none), scales and offsets. */
 static void i4_unit_rows(const uint8_t *q, const uint8_t *h, const uint16_t *d,
-                         const uint16_t *m, int64_t o, int64_t n, int64_t nb, i4_buf_t buf,
-                         i4_buf_t *r) {
-    r->q = (uint8_t *)q + o * nb * 16;
-    r->h = h ? (uint8_t *)h + o * nb * 8 : NULL;
-    r->d = (uint16_t *)d + o * nb;
-    r->m = m ? (uint16_t *)m + o * nb : NULL;
+                         const uint16_t *m, const float *rs, int64_t o, int64_t n, int64_t nb,
+                         int64_t rows, int64_t tile, i4_buf_t buf, i4_buf_t *r) {
+    int64_t full = tile ? rows / tile * tile : 0;
+    *r = (i4_buf_t){(uint8_t *)q + o * nb * 16, h ? (uint8_t *)h + o * nb * 8 : NULL, buf.d,
+                    buf.m};
+    for (int64_t k = 0; k < n; k++)
+        for (int64_t b = 0; b < nb; b++)
+            i4_scale_at(d, m, rs, o + k, b, nb, tile, full, buf.d + k * nb + b,
+                        buf.m + k * nb + b);
     if (n == 1)
         return;
     for (int64_t b = 0; b < nb; b++)
@@ -241,29 +339,22 @@ static void i4_unit_rows(const uint8_t *q, const uint8_t *h, const uint16_t *d,
                 memcpy(buf.q + (k * nb + b) * 16 + 4 * t, r->q + ((b * 4 + t) * n + k) * 4, 4);
             for (int u = 0; h && u < 2; u++)
                 memcpy(buf.h + (k * nb + b) * 8 + 4 * u, r->h + ((b * 2 + u) * n + k) * 4, 4);
-            buf.d[k * nb + b] = r->d[b * n + k];
-            if (m)
-                buf.m[k * nb + b] = r->m[b * n + k];
         }
-    *r = (i4_buf_t){buf.q, h ? buf.h : NULL, buf.d, m ? buf.m : NULL};
+    r->q = buf.q;
+    r->h = h ? buf.h : NULL;
 }
 
-/* A block's offset: m's, or int6's -32 d */
-static inline float i4_offset(const uint16_t *m, int64_t at, float d) {
-    return m ? f16_to_f32(m[at]) : -32.f * d;
-}
-
-/* out (n, in) fp32 = rows index[0..n) of an int4 matrix (int6: h, m NULL; tile: as
+/* out (n, in) fp32 = rows index[0..n) of an int4 matrix (int6: h, m NULL; tile, rs: as
  * matvec_i4), the numbers dequant_i4 gives them. */
 void rows_i4(const uint8_t *q, const uint16_t *d, const uint16_t *m, const uint8_t *h,
-             const int64_t *index, int64_t n, float *out, int64_t rows, int64_t in,
-             int64_t tile) {
+             const float *rs, const int64_t *index, int64_t n, float *out, int64_t rows,
+             int64_t in, int64_t tile) {
     int64_t nb = in / 32, full = tile ? rows / tile * tile : 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t o = index[i];
         for (int64_t b = 0; b < nb; b++) {
             uint8_t raw[16], top[8];
-            int64_t at = o * nb + b;   /* plain rows: the block and its scale */
+            int64_t at = o * nb + b;   /* plain rows: the block */
             const uint8_t *p = q + at * 16, *hp = h ? h + at * 8 : NULL;
             if (o < full) {            /* a tile: 4 chunks of 4 tile bytes, this row at 4 k */
                 int64_t g = o / tile, k = o % tile;
@@ -273,20 +364,20 @@ void rows_i4(const uint8_t *q, const uint16_t *d, const uint16_t *m, const uint8
                     memcpy(top + 4 * u, h + (g * nb + b) * 8 * tile + (u * tile + k) * 4, 4);
                 p = raw;
                 hp = h ? top : NULL;
-                at = (g * nb + b) * tile + k;
             }
-            float dv = f16_to_f32(d[at]);
-            dequant_i4_block(p, hp, dv, i4_offset(m, at, dv), out + i * in + b * 32);
+            float dv, mv;
+            i4_scale_at(d, m, rs, o, b, nb, tile, full, &dv, &mv);
+            dequant_i4_block(p, hp, dv, mv, out + i * in + b * 32);
         }
     }
 }
 
-/* w (rows, in) = n d + m of an int4 matrix ((n - 32) d of an int6 one: h, m NULL; tile: as
- * matvec_i4), in fp32 or (bf16 == 1)
+/* w (rows, in) = n d + m of an int4 matrix ((n - 32) d of an int6 one: h, m NULL; tile, rs:
+ * as matvec_i4), in fp32 or (bf16 == 1)
  * bf16 bits: torch's prompt product runs on such a copy (weights.Weight, choices.py). */
 void dequant_i4(const uint8_t *restrict q, const uint16_t *restrict d,
-                const uint16_t *restrict m, const uint8_t *restrict h, void *restrict w,
-                int64_t rows, int64_t in, int bf16, int64_t tile) {
+                const uint16_t *restrict m, const uint8_t *restrict h, const float *rs,
+                void *restrict w, int64_t rows, int64_t in, int bf16, int64_t tile) {
     int64_t nb = in / 32;
     #pragma omp parallel
     {
@@ -295,13 +386,13 @@ void dequant_i4(const uint8_t *restrict q, const uint16_t *restrict d,
         for (int64_t u = 0; u < tile_units(rows, tile); u++) {
             int64_t o, n = tile_unit(u, rows, tile, &o);
             i4_buf_t r;
-            i4_unit_rows(q, h, d, m, o, n, nb, buf, &r);
+            i4_unit_rows(q, h, d, m, rs, o, n, nb, rows, tile, buf, &r);
             for (int64_t k = 0; k < n; k++)
                 for (int64_t b = 0; b < nb; b++) {
-                    float v[32], dv = f16_to_f32(r.d[k * nb + b]);
+                    float v[32];
                     const uint8_t *hb = r.h ? r.h + (k * nb + b) * 8 : NULL;
-                    dequant_i4_block(r.q + (k * nb + b) * 16, hb, dv,
-                                     i4_offset(r.m, k * nb + b, dv), v);
+                    dequant_i4_block(r.q + (k * nb + b) * 16, hb, r.d[k * nb + b],
+                                     r.m[k * nb + b], v);
                     put_row(v, 32, w, (o + k) * in + b * 32, bf16);
                 }
         }

@@ -17,7 +17,8 @@ void matvec_f16(const float *, const uint16_t *, float *, int64_t, int64_t, int6
 void matvec_i8(const float *, const int8_t *, const float *, float *, int64_t, int64_t, int64_t,
                int64_t, int64_t);
 void matvec_i4(const float *, const uint8_t *, const uint16_t *, const uint16_t *,
-               const uint8_t *, float *, int64_t, int64_t, int64_t, int64_t, int64_t);
+               const uint8_t *, const float *, float *, int64_t, int64_t, int64_t, int64_t,
+               int64_t);
 
 static void *take(FILE *f, size_t n) {
     void *p = malloc(n ? n : 1);
@@ -47,11 +48,11 @@ int main(int argc, char **argv) {
     } else if (kind == 6) {
         uint8_t *w = take(f, out * in / 2), *top = take(f, out * in / 4);
         uint16_t *d = take(f, 2 * out * (in / 32));
-        matvec_i4(x, w, d, NULL, top, y, T, in, out, 0, 1);
+        matvec_i4(x, w, d, NULL, top, NULL, y, T, in, out, 0, 1);
     } else {
         uint8_t *w = take(f, out * in / 2);
         uint16_t *d = take(f, 2 * out * (in / 32)), *m = take(f, 2 * out * (in / 32));
-        matvec_i4(x, w, d, m, NULL, y, T, in, out, 0, kind == 5);
+        matvec_i4(x, w, d, m, NULL, NULL, y, T, in, out, 0, kind == 5);
     }
     fclose(f);
     FILE *o = fopen(argv[2], "wb");

@@ -1,0 +1,119 @@
+"""Coded int4 tiles: quantize_int4 writes each row's scales and offsets as 8-bit codes times
+a step of the row, so that the tiles can hold a byte per value instead of fp16 (a tenth
+fewer bytes per product) and compute the very numbers of fp16 tiles. Also: a row-parallel
+matrix quantized in column slices with the whole rows' steps equals the whole one's slices
+(a split quantizes alike on any number of ranks)."""
+import pytest
+import torch
+
+from mpitpi import choices, kernels, quant, weights
+from mpitpi.quant import code_step, dequantize_int4, int4_steps, quantize_int4
+from mpitpi.weights import Weight
+
+def test_code_steps_are_exact_in_fp16():
+    x = torch.tensor([0.0, 1e-12, 3e-7, 3e-5, 0.01, 0.0123, 0.3, 1.0, 7.5])
+    s = code_step(x)
+    assert (s >= x).all() and (s >= 2.0 ** -22).all()
+    f, _ = torch.frexp(s)   # F 2^e with F in 4..7: the significand is 0.5, .625, .75, .875
+    assert set((f * 8).tolist()) <= {4.0, 5.0, 6.0, 7.0}
+    # the least such step: the one below is under x (where x is above the smallest)
+    below = torch.where(f * 8 == 4, s * 7 / 8, s * (f * 8 - 1) / (f * 8))
+    assert ((below < x) | (s == 2.0 ** -22)).all()
+    codes = torch.arange(-128, 256, dtype=torch.float32)
+    for step in s.tolist():
+        v = codes * step
+        assert torch.equal(v.half().float(), v)   # every code times step is an fp16 value
+
+
+def test_column_slices_with_the_rows_steps_equal_the_whole():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 320, generator=g) * torch.logspace(-2, 0, 40)[:, None]
+    q, d, m = quantize_int4(w)
+    steps = int4_steps(w)
+    for c0, c1 in ((0, 64), (64, 192), (96, 320)):
+        qs, ds, ms = quantize_int4(w[:, c0:c1].contiguous(), steps)
+        assert torch.equal(qs, q[:, c0 // 2:c1 // 2])
+        assert torch.equal(ds, d[:, c0 // 32:c1 // 32]) and torch.equal(ms, m[:, c0 // 32:c1 // 32])
+
+
+def pair(n_out, n_in, seed=0):
+    """The same int4 matrix twice: tiled as the model tiles it (coded) and in fp16 tiles."""
+    g = torch.Generator().manual_seed(seed)
+    q, d, m = quantize_int4(torch.randn(n_out, n_in, generator=g) * 0.05 + 0.01)
+    coded = Weight(q.clone(), d.clone(), None, m.clone())
+    coded.tile_rows()
+    plain = Weight(q.clone(), d.clone(), None, m.clone())
+    plain.tile = kernels.tile_i4(plain.data, plain.scale, plain.min)
+    return coded, plain, dequantize_int4(q, d, m)
+
+
+# rows: whole tiles, whole tiles and some rows after them, fewer rows than a tile; rows of
+# fewer than 4 blocks (no room for the steps in the offsets' rows: fp16 tiles)
+@pytest.mark.parametrize("n_out, n_in", [(64, 288), (75, 576), (37, 2048), (5, 96), (32, 96)])
+def test_coded_tiles_give_the_numbers_of_fp16_tiles(n_out, n_in, monkeypatch):
+    coded, plain, ref = pair(n_out, n_in)
+    tile = kernels.weight_tile()   # 0: a build without tiles (plain C) keeps plain rows
+    full = n_out // tile * tile if tile else 0
+    if full and n_in >= 128:
+        assert coded.steps is not None and coded.steps.shape == (n_out // tile, 2 * tile)
+        # the steps lie in the offsets' tiled rows (one address for a refilled buffer)
+        assert coded.steps.data_ptr() == coded.min.data_ptr()
+    else:
+        assert coded.steps is None
+    assert torch.equal(coded.dequantized(), ref)
+    index = torch.tensor([0, n_out - 1, n_out // 2, 0])
+    assert torch.equal(coded.rows(index), ref[index])
+    g = torch.Generator().manual_seed(1)
+    for T in (1, 3, 9):
+        x = torch.randn(T, n_in, generator=g)
+        for wide in (False, True):
+            a = kernels.matvec(x, coded.data, coded.scale, coded.min, wide, coded.tile,
+                               steps=coded.steps)
+            b = kernels.matvec(x, plain.data, plain.scale, plain.min, wide, plain.tile)
+            assert torch.equal(a, b), (T, wide)
+    # the prompt path through torch's product: two tiles of rows dequantized at a time
+    x = torch.randn(max(65, choices.host().kernel_rows("int4") + 1), n_in, generator=g)
+    monkeypatch.setattr(weights, "DEQUANT_AT_ONCE", 2 * max(tile, 1) * n_in)
+    assert torch.equal(coded(x), plain(x))
+
+
+def test_gguf_scales_keep_fp16_tiles():
+    """Scales that are no codes (a GGUF file's Q4_1 blocks: any fp16) keep fp16 tiles."""
+    g = torch.Generator().manual_seed(2)
+    q, d, m = quantize_int4(torch.randn(32, 256, generator=g))
+    d = d * torch.tensor(1.0 + 1e-3).half()   # off the codes' grid
+    w = Weight(q.clone(), d.clone(), None, m.clone())
+    w.tile_rows()
+    assert w.tile == kernels.weight_tile() and w.steps is None and w.min.shape == m.shape
+    assert torch.equal(w.dequantized(), dequantize_int4(q, d, m))
+
+
+def test_quantize_int4_rows_at_a_time_equal_the_whole(monkeypatch):
+    w = torch.randn(50, 128) * 0.1
+    whole = quantize_int4(w)
+    monkeypatch.setattr(quant, "ROWS_AT_ONCE", 3 * 128)
+    for a, b in zip(whole, quantize_int4(w)):
+        assert torch.equal(a, b)
+    for a, b in zip(whole, quantize_int4(w, int4_steps(w))):
+        assert torch.equal(a, b)
+
+
+def test_a_refilled_buffer_is_tiled_again():
+    """The layer prefetcher reads layer after layer into the same buffers and tiles them
+    again: coded, then fp16 (scales off the codes' grid), then coded; each time the fused
+    step's view of the weight (Weight.c) and the products follow the new numbers."""
+    g = torch.Generator().manual_seed(3)
+    layers = [quantize_int4(torch.randn(48, 256, generator=g) * 0.1) for _ in range(3)]
+    q, d, m = layers[1]
+    layers[1] = (q, d * torch.tensor(1.0 + 1e-3).half(), m)
+    w = Weight(*(torch.empty_like(t) for t in layers[0][:2]), None, torch.empty_like(m))
+    x = torch.randn(2, 256, generator=g)
+    for q, d, m in layers:
+        w.data.copy_(q), w.scale.copy_(d), w.min.copy_(m)
+        w.tile_rows()
+        assert (w.steps is None) == (d is layers[1][1]) or not kernels.weight_tile()
+        c = w.c
+        assert c.steps == (None if w.steps is None else w.steps.data_ptr())
+        ref = x @ dequantize_int4(q, d, m).T
+        assert torch.allclose(w(x, decode=True), ref, rtol=0.05, atol=0.05)
+        assert torch.equal(w.dequantized(), dequantize_int4(q, d, m))
