@@ -14,7 +14,17 @@ int4: w (out, in), in a multiple of BLOCK (32), is q (out, in / 2) uint8, d and 
 column j of block b in 0..15. Within a block's 16 bytes, byte j holds column j in its low
 nibble and column j + 16 in its high nibble: the layout of GGUF's Q4_0 and Q4_1 blocks, which
 therefore carry over unchanged (Q4_0's (n - 8) d is n d + m with m = -8 d, exact in fp16).
-Quantizing a float matrix maps each block's minimum to 0 and maximum to 15.
+Quantizing a float matrix writes coded rows: each row has two steps of the form F 2^e (F in
+4..7, code_step), M for its offsets and D for its scales, and every m is k M with k in
+-128..127 and every d is c D with c in 0..255, so that a code times its step has at most 11
+significant bits and is an fp16 value exactly. The steps are the least that hold every block
+(the offset at or below the block's minimum, the range up to its maximum); of the codes
+around that, each block keeps the pair with the smaller squared error. The kernels' coded
+tiles (kernels.tile_i4_coded) then read one byte per scale and per offset instead of two
+and compute the same numbers: a tenth fewer bytes per int4 product. Requantizing
+SmolLM2's layers so moved its perplexity 71.42 -> 71.46 (docs/BENCHMARKS.md). A matrix whose
+columns are split across ranks takes the whole rows' steps (int4_steps), so a column gets
+the same numbers on any number of ranks.
 
 int6 (the vocabulary of int4 shards, as GGUF quantizers keep the output matrix at 6 bits):
 w (out, in), in a multiple of 32, is q (out, in / 2) uint8 as int4's (the low 4 bits n & 15
