@@ -3,7 +3,8 @@ vocabulary holds b-bit symmetric blocks of 32 (the block's largest |w| at code -
 fp16 scale); with --layers-q4-0, their layers offset-free 4-bit blocks (w = (n - 8) d); with
 --layers-subscale B, their layers' per-block scales and offsets as B-bit codes under one
 scale and offset per --superblock columns (Q4_K's form: d = D c, m = M k), the nibbles
-rounded again to the coarser scales.
+rounded again to the coarser scales; with --layers-requant, their layers quantized again
+from their values by quant.quantize_int4 (whatever it writes at this commit).
 The int8 (group 32) and int4 storages hold those numbers exactly, so the existing kernels
 then compute what kernels for the new storage would, and `mpitpi perplexity --shards COPY
 --no-verify` measures its cost in quality (the checksums no longer match, hence
@@ -64,14 +65,19 @@ def coarse_scales(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int,
 
 
 def rewrite(path: str, vocab_bits: int, layers_q4_0: bool, subscale: int = 0,
-            superblock: int = 256) -> None:
+            superblock: int = 256, requant: bool = False) -> None:
     with h5py.File(path, "r+") as f:
         names = []
         f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
         for name in names:
             if name.endswith((".scale", ".min", ".hi")):
                 continue
-            if layers_q4_0 and name.startswith("layers/") and name + ".min" in f:
+            if requant and name.startswith("layers/") and name + ".min" in f:
+                q, d, m = (torch.from_numpy(f[name + s][()]) for s in ("", ".scale", ".min"))
+                arrays = quant.quantize_int4(quant.dequantize_int4(q, d, m))
+                for s, a in zip(("", ".scale", ".min"), arrays):
+                    f[name + s][...] = a.numpy()
+            elif layers_q4_0 and name.startswith("layers/") and name + ".min" in f:
                 q, d, m = (torch.from_numpy(f[name + s][()]) for s in ("", ".scale", ".min"))
                 n, d4 = symmetric(quant.dequantize_int4(q, d, m), 4)
                 n = (n + 8).to(torch.uint8)
@@ -98,12 +104,14 @@ def main() -> None:
     p.add_argument("shards", help="a copy of an int4 shard folder: rewritten in place")
     p.add_argument("--vocab-bits", type=int, default=8, choices=range(2, 9))
     p.add_argument("--layers-q4-0", action="store_true")
+    p.add_argument("--layers-requant", action="store_true")
     p.add_argument("--layers-subscale", type=int, default=0, metavar="BITS")
     p.add_argument("--superblock", type=int, default=256,
                    help="columns per scale and offset of the codes (0: the whole row)")
     a = p.parse_args()
     for path in sorted(glob.glob(os.path.join(a.shards, "rank*.h5"))):
-        rewrite(path, a.vocab_bits, a.layers_q4_0, a.layers_subscale, a.superblock)
+        rewrite(path, a.vocab_bits, a.layers_q4_0, a.layers_subscale, a.superblock,
+                a.layers_requant)
 
 
 if __name__ == "__main__":
