@@ -98,14 +98,19 @@ class Weight:
         return kernels.c_weight(self.data, self.scale, self.min, self.bias, self.tile,
                                 self.steps)
 
-    def tile_rows(self) -> None:
+    def tile_rows(self, coded: bool = True) -> None:
         """This int4 or int8 matrix's rows were just written, plain: rearrange them in place
         into the tiles the host's kernels read fastest (kernels.tile_i4 / tile_i8: groups of
         16 rows on AVX-512 builds, 8 on AVX2; 8 decode rows of SmolLM2 ran 2-3x faster).
         int4 whose scales and offsets are codes (quant.quantize_int4's, not a GGUF file's)
-        goes into coded tiles: a tenth fewer bytes to read per product, the same numbers.
-        Float dtypes, and builds without tiles, keep their rows."""
-        if self.kind == "int4" and kernels.available():
+        goes into coded tiles (``coded``): a tenth fewer bytes to read per product, the same
+        numbers. Float dtypes, and builds without tiles, keep their rows."""
+        if self.kind == "int4" and kernels.available() and not coded:
+            self.tile = kernels.tile_i4(self.data, self.scale, self.min)
+            if self.steps is not None:
+                self.steps = None
+                self.__dict__.pop("c", None)
+        elif self.kind == "int4" and kernels.available():
             was = self.steps
             self.tile, self.steps = kernels.tile_i4_coded(self.data, self.scale, self.min)
             if (was is None) != (self.steps is None):   # a refilled buffer, coded otherwise
@@ -256,11 +261,12 @@ class LayerWeights:
         return cls(*(Weight.from_stored(tensors, n) for n in BIAS),
                    *(tensors[n] for n in NORMS))
 
-    def tile_rows(self) -> LayerWeights:
+    def tile_rows(self, coded: bool = True) -> LayerWeights:
         """Its matrices were just written (read from a shard): the int4 and int8 ones into
-        the kernels' tiles (Weight.tile_rows), in place. Returns self."""
+        the kernels' tiles (Weight.tile_rows; int4 coded where it can be and ``coded``), in
+        place. Returns self."""
         for w in self.matrices():
-            w.tile_rows()
+            w.tile_rows(coded)
         return self
 
     def matrices(self) -> tuple[Weight, Weight, Weight, Weight]:

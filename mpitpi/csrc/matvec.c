@@ -117,41 +117,51 @@ int64_t weight_tile(void) { return TILE; }
 /* Coded tiles (quant.py): the smallest step F 2^e >= x with F in 4..7 and e >= -24, and the
  * step after s. A code of at most 8 bits times such a step has at most 11 significant bits,
  * so it is a value of fp16 and of fp32 exactly. */
-static float code_step(float x) {
-    int e;
-    if (!(x > 0.f))
-        return ldexpf(4.f, -24);
-    float f = frexpf(x, &e), F = ceilf(f * 8.f);   /* x = f 2^e, f in [0.5, 1) */
-    e -= 3;
-    if (F >= 8.f) {
-        F = 4.f;
-        e++;
-    }
-    return e < -24 ? ldexpf(4.f, -24) : ldexpf(F, e);
+static float code_step(float x) {   /* x rounded up to 3 significant bits, at least 2^-22 */
+    const float least = 0x1p-22f;
+    if (!(x > least))
+        return least;
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    u = (u + (1u << 21) - 1) & ~((1u << 21) - 1);   /* a carry out of the mantissa: 8 -> 4 */
+    memcpy(&x, &u, 4);
+    return x;
 }
-static float next_step(float s) {
-    int e;
-    float F = frexpf(s, &e) * 8.f + 1.f;
-    return F >= 8.f ? ldexpf(4.f, e - 2) : ldexpf(F, e - 3);
+static float next_step(float s) {   /* s has 3 significant bits: the next such float */
+    uint32_t u;
+    memcpy(&u, &s, 4);
+    u += 1u << 21;
+    memcpy(&s, &u, 4);
+    return s;
 }
 
 /* A row's nb fp16 values v as integer codes in [lo, hi] times one step: *step, or 0 where no
  * step of the first eight from the values' largest magnitude holds them all (a GGUF file's
- * blocks: arbitrary fp16). */
-static int row_codes(const uint16_t *v, int64_t nb, int lo, int hi, float *step) {
+ * blocks: arbitrary fp16); the codes go to code (nb bytes, as int8 where lo < 0). x: room for
+ * nb floats. Loops without early exits, which the compiler vectorises: the layer prefetcher
+ * tiles every streamed layer again per token. */
+static int row_codes(const uint16_t *v, int64_t nb, int lo, int hi, float *step, float *x,
+                     uint8_t *code) {
     float top = 0.f;
-    for (int64_t b = 0; b < nb; b++) top = fmaxf(top, fabsf(f16_to_f32(v[b])));
-    /* no step under top / (largest code) holds top: from just under it (-ffast-math's
-     * division is a multiplication by the reciprocal, not exact) */
-    float s = code_step(0.99f * top / (float)(hi > -lo ? hi : -lo));
+    int64_t b0 = 0;
+#if defined(HAVE_F16X8)
+    for (; b0 + 8 <= nb; b0 += 8) _mm256_storeu_ps(x + b0, f16x8(v + b0));
+#endif
+    for (int64_t b = b0; b < nb; b++) x[b] = f16_to_f32(v[b]);
+    for (int64_t b = 0; b < nb; b++) top = fmaxf(top, fabsf(x[b]));
+    /* quant.py's steps: the least at or above top / hi (in double: -ffast-math divides by
+     * a reciprocal, and a float one can land above a step that top / hi equals) */
+    float s = code_step((float)((double)top / (double)hi));
     for (int tries = 0; tries < 8; tries++, s = next_step(s)) {
-        int64_t b = 0;
-        for (; b < nb; b++) {
-            float x = f16_to_f32(v[b]), c = rintf(x / s);
-            if (c < (float)lo || c > (float)hi || c * s != x)
-                break;
+        float inv = 1.f / s, lo_c = 0.f, hi_c = 0.f, off = 0.f;
+        for (int64_t b = 0; b < nb; b++) {
+            float c = rintf(x[b] * inv);
+            lo_c = fminf(lo_c, c);
+            hi_c = fmaxf(hi_c, c);
+            off = fmaxf(off, fabsf(c * s - x[b]));
         }
-        if (b == nb) {
+        if (lo_c >= (float)lo && hi_c <= (float)hi && off == 0.f) {
+            for (int64_t b = 0; b < nb; b++) code[b] = (uint8_t)(int)rintf(x[b] * inv);
             *step = s;
             return 1;
         }
@@ -176,11 +186,15 @@ int64_t tile_i4(uint8_t *q, uint16_t *d, uint16_t *m, uint8_t *h, int64_t rows, 
         return 0;
     int coded = rs && m && !h && nb >= 4;
     float *st = coded ? malloc(sizeof(float) * rows / T * 2 * T) : NULL;   /* rs, once m is read */
+    float *x = coded ? malloc(sizeof(float) * nb) : NULL;
+    uint8_t *dc = coded ? malloc((size_t)(rows * nb)) : NULL;   /* codes, plain rows */
+    uint8_t *mc = coded ? malloc((size_t)(rows * nb)) : NULL;
     for (int64_t o = 0; coded && o < rows / T * T; o++) {
         float *at = st + o / T * 2 * T + o % T;
-        coded = row_codes(d + o * nb, nb, 0, 255, at) && row_codes(m + o * nb, nb, -128, 127,
-                                                                    at + T);
+        coded = row_codes(d + o * nb, nb, 0, 255, at, x, dc + o * nb) &&
+                row_codes(m + o * nb, nb, -128, 127, at + T, x, mc + o * nb);
     }
+    free(x);
     uint8_t *tq = malloc((size_t)(T * nb * 16)), *th = malloc((size_t)(T * nb * 8));
     uint16_t *td = malloc(sizeof(uint16_t) * T * nb), *tm = malloc(sizeof(uint16_t) * T * nb);
     for (int64_t g = 0; g < rows / T; g++) {
@@ -199,10 +213,9 @@ int64_t tile_i4(uint8_t *q, uint16_t *d, uint16_t *m, uint8_t *h, int64_t rows, 
                 for (int u = 0; hg && u < 2; u++)   /* int6: chunk u, row k's bytes 4u.. */
                     memcpy(hg + ((b * 2 + u) * T + k) * 4, th + (k * nb + b) * 8 + 4 * u, 4);
                 if (coded) {
-                    const float *sg = st + g * 2 * T;
                     uint8_t *c = (uint8_t *)dg + b * 2 * T;
-                    c[k] = (uint8_t)rintf(f16_to_f32(td[k * nb + b]) / sg[k]);
-                    c[T + k] = (uint8_t)(int8_t)rintf(f16_to_f32(tm[k * nb + b]) / sg[T + k]);
+                    c[k] = dc[(g * T + k) * nb + b];
+                    c[T + k] = mc[(g * T + k) * nb + b];
                     continue;
                 }
                 dg[b * T + k] = td[k * nb + b];
@@ -213,6 +226,8 @@ int64_t tile_i4(uint8_t *q, uint16_t *d, uint16_t *m, uint8_t *h, int64_t rows, 
     if (coded)   /* m's tiled rows were read: rs may take their place */
         memcpy(rs, st, sizeof(float) * rows / T * 2 * T);
     free(st);
+    free(dc);
+    free(mc);
     free(tq);
     free(th);
     free(td);
