@@ -214,9 +214,10 @@ def tile_i4_coded(q: torch.Tensor, scale: torch.Tensor, min: torch.Tensor
     instead of fp16 pairs (int4's bytes read per weight 0.625 -> 0.5625), the same numbers.
     Returns (tile, steps): steps (out / tile, 2 tile) fp32, each group's scale steps then
     offset steps, or None where the tiles hold fp16 (a GGUF file's blocks, or rows of fewer
-    than 4 blocks). The steps lie in ``min``'s tiled rows, which coded tiles no longer read
-    (its rows after the last tile stay offsets): a buffer refilled layer after layer keeps
-    them at one address."""
+    than 4 blocks). The steps lie in ``min``'s tiled rows, which coded tiles no longer read;
+    its rows after the last tile stay offsets. Then ``matvec``, ``dequantize`` and ``rows``
+    take ``steps`` and the offsets of the rows after the last tile alone as ``min``
+    (weights.Weight keeps those two and lets the rest go)."""
     tile, (out, nb) = weight_tile(), min.shape
     if not tile:
         return tile, None
@@ -254,8 +255,8 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     beside it, in a tile or not); ``tile``:
     the int4 or int8 matrix's rows are in tiles (``tile_i4``, ``tile_i8``) or plain (0).
     int6 (quant.py): uint8 ``w`` with ``scale``, ``hi`` and no ``min``; always ``wide``.
-    ``steps``: an int4 matrix in coded tiles (``tile_i4_coded``), ``min`` its rows after the
-    last tile.
+    ``steps``: an int4 matrix in coded tiles (``tile_i4_coded``), ``min`` the offsets of its
+    rows after the last tile.
     """
     lib = _load()
     x = x.contiguous()

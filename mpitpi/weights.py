@@ -54,8 +54,9 @@ class Weight:
            (``tile_rows``); 0: plain rows, as stored
     hi:    (out, in / 4) uint8, the values' top 2 bits, for int6; else None
     steps: int4 in coded tiles (``tile_rows``, kernels.tile_i4_coded): (out / tile, 2 tile)
-           fp32, each tile's scale and offset steps, a view into ``min``'s tiled rows;
-           ``scale`` then holds the tiles' codes (same bytes). Else None.
+           fp32, each tile's scale and offset steps; ``scale`` then holds the tiles' codes
+           (same bytes) and ``min`` the offsets of the rows after the last tile alone. Else
+           None.
     """
     data: torch.Tensor
     scale: torch.Tensor | None = None
@@ -107,13 +108,16 @@ class Weight:
         numbers. Float dtypes, and builds without tiles, keep their rows."""
         if self.kind == "int4" and kernels.available() and not coded:
             self.tile = kernels.tile_i4(self.data, self.scale, self.min)
-            if self.steps is not None:
-                self.steps = None
-                self.__dict__.pop("c", None)
         elif self.kind == "int4" and kernels.available():
-            was = self.steps
-            self.tile, self.steps = kernels.tile_i4_coded(self.data, self.scale, self.min)
-            if (was is None) != (self.steps is None):   # a refilled buffer, coded otherwise
+            self.tile, steps = kernels.tile_i4_coded(self.data, self.scale, self.min)
+            if steps is not None:   # keep the steps and the rows after the tiles: one tensor
+                full, n = steps.shape[0] * self.tile, steps.numel() * 2
+                keep = torch.empty(n + (self.min.shape[0] - full) * self.min.shape[1],
+                                   dtype=torch.float16)
+                keep[:n] = steps.reshape(-1).view(torch.float16)
+                keep[n:] = self.min[full:].reshape(-1)
+                self.steps = keep[:n].view(torch.float32).view(steps.shape)
+                self.min = keep[n:].view(-1, self.min.shape[1])
                 self.__dict__.pop("c", None)
         elif self.kind == "int6" and kernels.available():
             self.tile = kernels.tile_i4(self.data, self.scale, self.min, self.hi)
@@ -191,9 +195,13 @@ class Weight:
         """Rows [r0, r1) without the bias, r0 at a tile's start when the rows are tiled."""
         def part(t):
             return None if t is None else t[r0:r1]
-        steps = None if self.steps is None else self.steps[r0 // self.tile:-(-r1 // self.tile)]
-        return Weight(part(self.data), part(self.scale), None, part(self.min), self.tile,
-                      part(self.hi), steps)
+        if self.steps is None:
+            return Weight(part(self.data), part(self.scale), None, part(self.min), self.tile,
+                          part(self.hi))
+        full = self.steps.shape[0] * self.tile   # coded: steps per tile, min after the tiles
+        return Weight(part(self.data), part(self.scale), None,
+                      self.min[max(0, r0 - full):max(0, r1 - full)], self.tile, None,
+                      self.steps[r0 // self.tile:-(-r1 // self.tile)])
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` (n,) as (n, in) fp32: an embedding lookup."""
@@ -210,7 +218,7 @@ class Weight:
     def nbytes(self) -> int:
         """Bytes this weight holds in memory: the matrix, its scales and its bias."""
         return sum(t.numel() * t.element_size()
-                   for t in (self.data, self.scale, self.min, self.bias, self.hi)
+                   for t in (self.data, self.scale, self.min, self.bias, self.hi, self.steps)
                    if t is not None)
 
     @classmethod

@@ -29,6 +29,10 @@ SHAPES = {
     "llama-deep": dict(num_hidden_layers=6, max_position_embeddings=4096),
     "llama-wide": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=16,
                        num_attention_heads=8, num_key_value_heads=8, vocab_size=256),
+    # int4 in coded tiles with rows after the last tile: on 3 ranks wqkv has (3 + 2) 40 =
+    # 200 rows (12 tiles of 16 and 8 rows, or 25 tiles of 8), every width >= 4 blocks
+    "llama-coded": dict(hidden_size=320, intermediate_size=256, num_attention_heads=8,
+                        num_key_value_heads=2),
 }
 
 

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from mpitpi import choices, kernels, quant, weights
+from mpitpi.checkpoint import open_checkpoint
+from mpitpi.shards import write_shards
 from mpitpi.quant import code_step, dequantize_int4, int4_steps, quantize_int4
 from mpitpi.weights import Weight
 
@@ -56,8 +58,10 @@ def test_coded_tiles_give_the_numbers_of_fp16_tiles(n_out, n_in, monkeypatch):
     full = n_out // tile * tile if tile else 0
     if full and n_in >= 128:
         assert coded.steps is not None and coded.steps.shape == (n_out // tile, 2 * tile)
-        # the steps lie in the offsets' tiled rows (one address for a refilled buffer)
-        assert coded.steps.data_ptr() == coded.min.data_ptr()
+        # kept: the steps and the offsets of the rows after the tiles; the rest let go
+        assert coded.min.shape == (n_out - full, n_in // 32)
+        assert coded.nbytes == plain.nbytes - full * (n_in // 32) * 2 + coded.steps.numel() * 4
+        assert coded.c.steps == coded.steps.data_ptr()
     else:
         assert coded.steps is None
     assert torch.equal(coded.dequantized(), ref)
@@ -98,22 +102,41 @@ def test_quantize_int4_rows_at_a_time_equal_the_whole(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_a_refilled_buffer_is_tiled_again():
+def test_a_refilled_buffer_is_tiled_again_in_fp16():
     """The layer prefetcher reads layer after layer into the same buffers and tiles them
-    again: coded, then fp16 (scales off the codes' grid), then coded; each time the fused
-    step's view of the weight (Weight.c) and the products follow the new numbers."""
+    again (``coded=False``: fp16 tiles, cheaper to make every token); each time the fused
+    step's view of the weight (Weight.c, made once) and the products follow the new numbers."""
     g = torch.Generator().manual_seed(3)
     layers = [quantize_int4(torch.randn(48, 256, generator=g) * 0.1) for _ in range(3)]
-    q, d, m = layers[1]
-    layers[1] = (q, d * torch.tensor(1.0 + 1e-3).half(), m)
-    w = Weight(*(torch.empty_like(t) for t in layers[0][:2]), None, torch.empty_like(m))
+    w = Weight(*(torch.empty_like(t) for t in layers[0][:2]), None,
+               torch.empty_like(layers[0][2]))
     x = torch.randn(2, 256, generator=g)
+    pointers = None
     for q, d, m in layers:
         w.data.copy_(q), w.scale.copy_(d), w.min.copy_(m)
-        w.tile_rows()
-        assert (w.steps is None) == (d is layers[1][1]) or not kernels.weight_tile()
+        w.tile_rows(coded=False)
+        assert w.steps is None and w.tile == kernels.weight_tile()
         c = w.c
-        assert c.steps == (None if w.steps is None else w.steps.data_ptr())
+        assert pointers in (None, (c.data, c.scale, c.min))
+        pointers = (c.data, c.scale, c.min)
         ref = x @ dequantize_int4(q, d, m).T
         assert torch.allclose(w(x, decode=True), ref, rtol=0.05, atol=0.05)
         assert torch.equal(w.dequantized(), dequantize_int4(q, d, m))
+
+
+def test_the_fused_step_gives_coded_tiles_the_numbers_of_fp16_tiles(models, tmp_path,
+                                                                     monkeypatch):
+    """A model in int4 on 3 ranks (rows after the last tile in wqkv), decoded through the
+    fused C step: the logits with coded tiles equal those with fp16 tiles, bit for bit."""
+    from test_house import run_ranks
+    folder, _ = models("llama-coded")
+    write_shards(open_checkpoint(folder), str(tmp_path / "s"), 3, None, "int4",
+                 progress=False)
+    steps = [torch.tensor([1, 17, 42, 5, 99])] + [torch.tensor([t]) for t in (31, 12, 77)]
+    starts = [0, 5, 6, 7]
+    coded = run_ranks(str(tmp_path / "s"), 3, steps, starts, fused=True)
+    monkeypatch.setattr(kernels, "tile_i4_coded",
+                        lambda q, s, m: (kernels.tile_i4(q, s, m), None))
+    plain = run_ranks(str(tmp_path / "s"), 3, steps, starts, fused=True)
+    for a, b in zip(coded, plain):
+        assert torch.equal(a, b)

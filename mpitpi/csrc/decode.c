@@ -31,7 +31,8 @@ typedef struct {            /* one (rows, cols) matrix as stored, see weights.py
     int64_t rows, cols, dtype, group;
     int64_t tile;           /* int4, int8: TILE when tile_i4 / tile_i8 rearranged its rows,
                                else 0 */
-    const float *steps;     /* int4 in coded tiles: tile_i4's rs, else NULL */
+    const float *steps;     /* int4 in coded tiles: tile_i4's rs (min then holds the rows
+                               after the last tile alone), else NULL */
 } weight_t;
 
 typedef struct {            /* caller-owned buffers, sized for the largest use; per row: */
@@ -65,7 +66,7 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
             n = o < tiled ? w->tile : 1;   /* a whole tile: chunks start at tiles */
             const uint8_t *q = (const uint8_t *)w->data + o * (in / 2);
             const uint16_t *d = (const uint16_t *)w->scale + o * nb;
-            const uint16_t *m = w->min + o * nb;
+            const uint16_t *m = w->min + (w->steps && o >= tiled ? o - tiled : o) * nb;
             const float *rs = w->steps && n > 1 ? w->steps + 2 * o : NULL;   /* its group's */
             if (s->wide)
                 (n > 1 ? dot_i4w_tile_batch : dot_i4w_batch)(q, d, m, s->xq, s->sxq, s->xs,

@@ -238,13 +238,13 @@ int64_t tile_i4(uint8_t *q, uint16_t *d, uint16_t *m, uint8_t *h, int64_t rows, 
 /* tile: 0 for plain rows, TILE for a matrix tile_i4 rearranged; wide: x in int16 per block
  * (quantize_x16: prompt rows and logits), else int8 (quantize_x8: decode). h: NULL for int4;
  * int6's top-bit plane (m unused, NULL): always wide, with the offset -32 d of every block
- * taken as m = d against xsum times -32 (both exact). rs: a coded matrix's steps (tile_i4),
- * else NULL. */
+ * taken as m = d against xsum times -32 (both exact). rs: a coded matrix's steps (tile_i4;
+ * m then holds the offsets of the rows after the last tile alone), else NULL. */
 void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_t *restrict d,
                const uint16_t *m, const uint8_t *restrict h, const float *rs,
                float *restrict y, int64_t T,
                int64_t in, int64_t out, int64_t tile, int64_t wide) {
-    int64_t nb = in / 32;
+    int64_t nb = in / 32, full = tile ? out / tile * tile : 0;
     if (h) {
         wide = 1;
         m = d;
@@ -261,7 +261,7 @@ void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_
     for (int64_t u = 0; u < tile_units(out, tile); u++) {
         int64_t o, n = tile_unit(u, out, tile, &o);
         const uint8_t *qo = q + o * (in / 2);
-        const uint16_t *dq = d + o * nb, *mq = m + o * nb;
+        const uint16_t *dq = d + o * nb, *mq = m + (rs && o >= full ? o - full : o) * nb;
         const float *ro = rs && n > 1 ? rs + 2 * o : NULL;   /* group o / n: 2 n steps */
         if (wide)
             (n > 1 ? dot_i4w_tile_batch : dot_i4w_batch)(qo, dq, mq, xq, in, xs, xsum, nb, T,
@@ -329,7 +329,7 @@ static void i4_scale_at(const uint16_t *d, const uint16_t *m, const float *rs, i
         return;
     }
     *dv = f16_to_f32(d[o * nb + b]);
-    *mv = m ? f16_to_f32(m[o * nb + b]) : -32.f * *dv;
+    *mv = m ? f16_to_f32(m[(rs ? o - full : o) * nb + b]) : -32.f * *dv;
 }
 
 /* Rows [o, o + n) of an int4 (int6: h, m NULL) matrix, one unit of tile_unit, in the row
