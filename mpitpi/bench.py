@@ -54,8 +54,15 @@ def disk_bandwidth_gbs(path: str, chunk: int = 64 * 2**20) -> float:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of weights this rank reads per token: its layer slices + lm_head rows."""
-    return model.layers.layer_nbytes * len(model.layers) + model.top.lm_head.nbytes
+    """Bytes of weights this rank reads per token: its layer slices + lm_head rows. Resident
+    layers count as they lie in memory (int4 in coded tiles: a tenth less than stored),
+    streamed ones as stored."""
+    store = model.layers
+    resident = [store.get(i) for i in range(store.n_resident)]
+    held = sum(sum(w.nbytes for w in layer.matrices()) +
+               4 * (layer.attn_norm.numel() + layer.ffn_norm.numel()) for layer in resident)
+    return (held + store.layer_nbytes * (len(store) - store.n_resident) +
+            model.top.lm_head.nbytes)
 
 
 def run_bench(comm, loaded, prompt_len: int, gen_len: int, reps: int, seed: int = 0,

@@ -140,3 +140,24 @@ def test_the_fused_step_gives_coded_tiles_the_numbers_of_fp16_tiles(models, tmp_
     plain = run_ranks(str(tmp_path / "s"), 3, steps, starts, fused=True)
     for a, b in zip(coded, plain):
         assert torch.equal(a, b)
+
+
+def test_the_roofline_counts_resident_coded_layers_as_they_lie_in_memory(models, tmp_path):
+    """bench.weight_bytes: resident int4 layers in coded tiles read fewer bytes than their
+    shard holds (the tiled offsets are let go); streamed ones (fp16 tiles) as stored."""
+    from mpitpi.bench import weight_bytes
+    from mpitpi.loader import open_rank
+    from mpitpi.model import Transformer
+    folder, _ = models("llama-coded")
+    write_shards(open_checkpoint(folder), str(tmp_path / "s"), 1, None, "int4",
+                 progress=False)
+    sizes = {}
+    for window in (None, 1):
+        args, plan, top, layers = open_rank(str(tmp_path / "s"), 0, 1, None, window=window)
+        model = Transformer(args, plan, 0, top, layers)
+        sizes[window] = weight_bytes(model)
+        stored = layers.layer_nbytes * len(layers) + top.lm_head.nbytes
+        layers.close()
+    assert sizes[1] == stored   # streamed: as stored
+    coded = kernels.weight_tile() > 0
+    assert (sizes[None] < stored) == coded and (sizes[None] == stored) == (not coded)
