@@ -103,8 +103,11 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
 }
 
 /* Inside a parallel region, every thread: y[b] = W x[b] for B rows, weight rows handed out
- * in chunks. */
+ * in chunks. CHUNK_BYTES can be set at build time (CC wrapper passing -DCHUNK_BYTES=N) to
+ * compare sizes on a host. */
+#ifndef CHUNK_BYTES
 #define CHUNK_BYTES (512 * 1024)
+#endif
 static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
                     const scratch_t *s, float *y, int64_t ys) {
     #pragma omp for schedule(static)
