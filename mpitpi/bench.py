@@ -58,9 +58,7 @@ def weight_bytes(model) -> int:
     layers count as they lie in memory (int4 in coded tiles: a tenth less than stored),
     streamed ones as stored."""
     store = model.layers
-    resident = [store.get(i) for i in range(store.n_resident)]
-    held = sum(sum(w.nbytes for w in layer.matrices()) +
-               4 * (layer.attn_norm.numel() + layer.ffn_norm.numel()) for layer in resident)
+    held = sum(store.get(i).nbytes for i in range(store.n_resident))
     return (held + store.layer_nbytes * (len(store) - store.n_resident) +
             model.top.lm_head.nbytes)
 

@@ -127,15 +127,16 @@ def int4_steps(w: torch.Tensor) -> torch.Tensor:
     step M and scale step D, as quantize_int4 chooses them for the whole row."""
     assert can_int4(w.shape[1]), w.shape[1]
     def one(part):
-        return (_int4_steps(part.float().reshape(part.shape[0], -1, BLOCK)),)
+        blocks = part.float().reshape(part.shape[0], -1, BLOCK)
+        return (_int4_steps(blocks.amin(dim=2), blocks.amax(dim=2)),)
     return _by_rows(w, one)[0]
 
 
-def _int4_steps(blocks: torch.Tensor) -> torch.Tensor:
-    """blocks (out, B, 32) fp32 -> (out, 2): M, the step of the offsets' signed 8-bit codes,
-    and D, the step of the scales' unsigned ones, each the least that holds every block of
-    the row (the offset at or below the block's minimum, the scale reaching its maximum)."""
-    lo, hi = blocks.amin(dim=2), blocks.amax(dim=2)                       # (out, B)
+def _int4_steps(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Each block's minimum and maximum lo, hi (out, B) fp32 -> (out, 2): M, the step of the
+    offsets' signed 8-bit codes, and D, the step of the scales' unsigned ones, each the least
+    that holds every block of the row (the offset at or below the block's minimum, the scale
+    reaching its maximum)."""
     M = code_step(lo.abs().amax(dim=1, keepdim=True) / 127)               # (out, 1)
     D = code_step(((hi - torch.floor(lo / M) * M) / 15).amax(dim=1, keepdim=True) / 255)
     return torch.cat([M, D], dim=1)
@@ -160,7 +161,7 @@ def _quantize_int4(w: torch.Tensor, steps: torch.Tensor | None = None
     # coded rows: m = k M (k in -128..127), d = c D (c in 0..255), M and D steps of the row;
     # of the codes around the block's minimum and range, the pair with the least squared
     # error (SmolLM2's layers requantized so: perplexity 71.42 -> 71.46, docs/BENCHMARKS.md)
-    M, D = (steps if steps is not None else _int4_steps(blocks)).split(1, dim=1)   # (out, 1)
+    M, D = (steps if steps is not None else _int4_steps(lo, hi)).split(1, dim=1)   # (out, 1)
     best = d = m = None
     for k in (torch.floor(lo / M), torch.round(lo / M)):
         mk = k.clamp(-128, 127) * M

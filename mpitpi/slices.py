@@ -14,7 +14,6 @@ from mpitpi.weights import STORAGE, Weight, quantized, storage_for
 READ_ROWS_AT_ONCE = 1 << 24   # weights a split reads at a time where it quantizes them
 
 
-
 def rank_tensors(ckpt: Checkpoint, args: ModelArgs, s: RankSlice, layer: int | None,
                  dtype: str = "fp32", vocab_dtype: str | None = None,
                  row_steps: dict[str, torch.Tensor] | None = None):
@@ -61,8 +60,10 @@ def rank_tensors(ckpt: Checkpoint, args: ModelArgs, s: RankSlice, layer: int | N
         t = ckpt.cols_as(name, c0, c1, dtype)
         if isinstance(t, Weight) or storage_for(dataset, c1 - c0, dtype, vocab_dtype) != "int4":
             return t
-        if name not in row_steps:
-            n, width = ckpt.shape(name)
+        n, width = ckpt.shape(name)
+        if c1 - c0 == width:   # the whole rows (one rank): their steps need no second read
+            row_steps[name] = int4_steps(t)
+        elif name not in row_steps:
             step = max(1, READ_ROWS_AT_ONCE // width)
             row_steps[name] = torch.cat([int4_steps(ckpt.rows(name, r, min(n, r + step)))
                                          for r in range(0, n, step)])

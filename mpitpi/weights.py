@@ -280,6 +280,12 @@ class LayerWeights:
     def matrices(self) -> tuple[Weight, Weight, Weight, Weight]:
         return self.wqkv, self.wo, self.w13, self.w2
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes this layer holds in memory: its matrices (as tiled) and norms."""
+        return (sum(w.nbytes for w in self.matrices()) +
+                4 * (self.attn_norm.numel() + self.ffn_norm.numel()))
+
     def kinds(self) -> set[str]:
         """The storages of its matrices (keys of DTYPES)."""
         return {w.kind for w in self.matrices()}
