@@ -761,6 +761,35 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
  * horizontal sums: the 8 decode rows of SmolLM2's int8 vocabulary slice (24576 x 576) 5.1 ->
  * 2.0 ms in a C harness.
  * Rows past the last full group keep the row layout. */
+
+/* Tiles read their bytes in order, but the kernels compute between loads, so the hardware
+ * prefetcher alone keeps too few lines in flight: every block asks for the line PF_BYTES
+ * ahead of it in the weight stream, and the same number of blocks ahead in the streams of
+ * scales (and int6's top bits) beside it. 300 MB of coded int4 tiles, 2048 / 8192 columns,
+ * C harness, AMD EPYC with VNNI: 2 threads 53-60 / 43-48 -> 72-82 / 70-82 GB/s (a plain read
+ * 77-85), 1 thread 28 / 23 -> 41 / 40 (docs/BENCHMARKS.md). Settable at build time (a CC
+ * wrapper passing -DPF_BYTES=N) to compare distances on a host. */
+#ifndef PF_BYTES
+#define PF_BYTES 8192
+#endif
+#define PF_AT(p, ahead) __builtin_prefetch((const char *)(p) + (ahead), 0, 3)
+/* int4 tiles, block b at qb (16 TILE bytes): the scales' 2 TILE bytes a block (coded:
+ * d alone; fp16: d and m), int6's 8 TILE bytes of top bits */
+#define I4_TILE_PREFETCH(qb, d, m, rs, h, b)                                              \
+    do {                                                                                  \
+        for (int k_ = 0; k_ < 16 * TILE; k_ += 64) PF_AT((qb) + k_, PF_BYTES);            \
+        PF_AT((const uint8_t *)(d) + (b) * 2 * TILE, PF_BYTES / 8);                       \
+        if (!(rs)) PF_AT((const uint8_t *)(m) + (b) * 2 * TILE, PF_BYTES / 8);            \
+        if (h) PF_AT((h) + (b) * 8 * TILE, PF_BYTES / 2);                                 \
+    } while (0)
+/* int8 tiles: pair p's 2 TILE bytes at w (asked for once per 64-byte line); column group j's
+ * TILE fp32 scales at ws, a group of ``group`` columns being group TILE bytes of weights */
+#define I8_TILE_PREFETCH_W(w, p)                                                          \
+    do {                                                                                  \
+        if ((p) * 2 * TILE % 64 == 0) PF_AT((w) + (p) * 2 * TILE, PF_BYTES);              \
+    } while (0)
+#define I8_TILE_PREFETCH_S(ws, j, group) PF_AT((ws) + (j) * TILE, PF_BYTES * 4 / (group))
+
 #if defined(I4_GROUPED) && defined(HAVE_F16X8)
 #define TILE 16
 /* The group's scales and offsets of block b in fp32, one row per lane: fp16 values, or in a
@@ -819,6 +848,7 @@ static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uin
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                             \
     for (int64_t b = 0; b < nb; b++) {                                                    \
         const uint8_t *qb = q + b * 256;                                                  \
+        I4_TILE_PREFETCH(qb, d, m, rs, h, b);                                             \
         __m512i w[8];                                                                     \
         for (int t = 0; t < 4; t++) {                                                     \
             __m512i v = _mm512_loadu_si512((const void *)(qb + 64 * t));                  \
@@ -853,7 +883,9 @@ static inline void dot_i8_tile##R(const int8_t *w, int16_t *const *xq, const flo
     for (int64_t j = 0; j < in / group; j++) {                                            \
         __m512i a[R];                                                                     \
         for (int r = 0; r < R; r++) a[r] = _mm512_setzero_si512();                        \
+        I8_TILE_PREFETCH_S(ws, j, group);                                                 \
         for (int64_t p = j * group / 2; p < (j + 1) * group / 2; p++) {                   \
+            I8_TILE_PREFETCH_W(w, p);                                                     \
             __m512i wp = _mm512_cvtepi8_epi16(                                            \
                 _mm256_loadu_si256((const __m256i *)(w + p * 32)));                       \
             for (int r = 0; r < R; r++) a[r] = DPWSSD512(a[r], wp, X2(xq[r], p));         \
@@ -893,6 +925,7 @@ static inline void dot_i4w_tile##R(const uint8_t *q, const uint16_t *d, const ui
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                             \
     for (int64_t b = 0; b < nb; b++) {                                                    \
         const uint8_t *qb = q + b * 256;                                                  \
+        I4_TILE_PREFETCH(qb, d, m, rs, h, b);                                             \
         __m512i w[16];                                                                    \
         for (int t = 0; t < 4; t++) {                                                     \
             __m512i v = _mm512_loadu_si512((const void *)(qb + 64 * t));                  \
@@ -955,6 +988,7 @@ static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uin
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                             \
     for (int64_t b = 0; b < nb; b++) {                                                    \
         const uint8_t *qb = q + b * 128;                                                  \
+        I4_TILE_PREFETCH(qb, d, m, rs, h, b);                                             \
         __m256i w[8];                                                                     \
         for (int t = 0; t < 4; t++) {                                                     \
             __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * t));               \
@@ -996,7 +1030,9 @@ static inline void dot_i8_tile##R(const int8_t *w, int16_t *const *xq, const flo
     for (int64_t j = 0; j < in / group; j++) {                                            \
         __m256i a[R];                                                                     \
         for (int r = 0; r < R; r++) a[r] = _mm256_setzero_si256();                        \
+        I8_TILE_PREFETCH_S(ws, j, group);                                                 \
         for (int64_t p = j * group / 2; p < (j + 1) * group / 2; p++) {                   \
+            I8_TILE_PREFETCH_W(w, p);                                                     \
             __m256i wp = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + p * 16))); \
             for (int r = 0; r < R; r++) a[r] = DPWSSD(a[r], wp, X2(xq[r], p));            \
         }                                                                                 \
@@ -1027,6 +1063,7 @@ static inline void dot_i4w_tile##R(const uint8_t *q, const uint16_t *d, const ui
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                             \
     for (int64_t b = 0; b < nb; b++) {                                                    \
         const uint8_t *qb = q + b * 128;                                                  \
+        I4_TILE_PREFETCH(qb, d, m, rs, h, b);                                             \
         __m256 dv, mv;                                                                    \
         I4_DM256(d, m, rs, b, dv, mv);                                                    \
         __m256i p[R];                                                                     \
