@@ -108,8 +108,31 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
 #ifndef CHUNK_BYTES
 #define CHUNK_BYTES (512 * 1024)
 #endif
+/* How the threads of a product share its chunks: thread t owns chunks [n t / T, n (t + 1) / T)
+ * and takes them in order, so each thread streams one contiguous stretch of the matrix (as
+ * a static split: its prefetches run on across chunks); a thread done with its own stretch
+ * takes the next chunks of the others' (through the same counters), so one slowed by other
+ * work on its core is helped as with a dynamic schedule. claim: the caller's, CLAIM_STRIDE
+ * int64 per thread (a cache line each), at least MAX_CLAIM threads. */
+#define CLAIM_STRIDE 8
+#define MAX_CLAIM 256
 static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
-                    const scratch_t *s, float *y, int64_t ys) {
+                    const scratch_t *s, float *y, int64_t ys, int64_t *claim) {
+    int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
+    int64_t chunk = w->rows / (8 * T);
+    /* at most 64 rows, or for int4 and int8 as many as make CHUNK_BYTES: longer chunks
+     * keep each thread's stream going (the 1B shape: int8 3-6% and int4 5-7% faster than in
+     * 64-row chunks, docs/BENCHMARKS.md); float weights keep 64 rows (2048 fp32 columns:
+     * the same bytes) */
+    int64_t row_bytes = w->dtype == W_I4 ? w->cols / 2 : w->cols;
+    int64_t most = w->dtype == W_I4 || w->dtype == W_I8 ? CHUNK_BYTES / row_bytes : 64;
+    most = most < 64 ? 64 : most;
+    chunk = chunk < 4 ? 4 : chunk > most ? most : chunk;
+    if (w->tile)   /* int4 and int8 in tiles: whole tiles */
+        chunk = (chunk + w->tile - 1) / w->tile * w->tile;
+    int64_t n = (w->rows + chunk - 1) / chunk;
+    #pragma omp single nowait   /* read after the barrier that ends the loop below */
+    for (int64_t u = 0; u < T && T <= MAX_CLAIM; u++) claim[u * CLAIM_STRIDE] = n * u / T;
     #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++) {
         if (w->dtype == W_I8)
@@ -125,23 +148,23 @@ static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
             x_to_bf16(x + b * xs, w->cols, (uint16_t *)(s->xq + b * s->sxq));
 #endif
     }
-    int64_t chunk = w->rows / (8 * omp_get_num_threads());
-    /* at most 64 rows, or for int4 and int8 as many as make CHUNK_BYTES: longer chunks
-     * keep each thread's stream going (the 1B shape: int8 3-6% and int4 5-7% faster than in
-     * 64-row chunks, docs/BENCHMARKS.md); float weights keep 64 rows (2048 fp32 columns:
-     * the same bytes) */
-    int64_t row_bytes = w->dtype == W_I4 ? w->cols / 2 : w->cols;
-    int64_t most = w->dtype == W_I4 || w->dtype == W_I8 ? CHUNK_BYTES / row_bytes : 64;
-    most = most < 64 ? 64 : most;
-    chunk = chunk < 4 ? 4 : chunk > most ? most : chunk;
-    if (w->tile)   /* int4 and int8 in tiles: whole tiles */
-        chunk = (chunk + w->tile - 1) / w->tile * w->tile;
-    int64_t n = (w->rows + chunk - 1) / chunk;
-    #pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < n; c++) {
-        int64_t o0 = c * chunk, o1 = o0 + chunk < w->rows ? o0 + chunk : w->rows;
-        rows(w, x, xs, B, s, y, ys, o0, o1);
+    if (T > MAX_CLAIM) {
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < n; c++) {
+            int64_t o0 = c * chunk, o1 = o0 + chunk < w->rows ? o0 + chunk : w->rows;
+            rows(w, x, xs, B, s, y, ys, o0, o1);
+        }
+        return;
     }
+    for (int64_t k = 0; k < T; k++) {   /* its own stretch, then the others' in turn */
+        int64_t u = (t + k) % T, end = n * (u + 1) / T;
+        for (int64_t c; (c = __atomic_fetch_add(claim + u * CLAIM_STRIDE, 1,
+                                                __ATOMIC_RELAXED)) < end;) {
+            int64_t o0 = c * chunk, o1 = o0 + chunk < w->rows ? o0 + chunk : w->rows;
+            rows(w, x, xs, B, s, y, ys, o0, o1);
+        }
+    }
+    #pragma omp barrier
 }
 
 static void rms_norm(const float *x, const float *w, float eps, int64_t n, float *h) {
@@ -398,11 +421,11 @@ void decode_attn(float *x, const float *norm, float eps, const weight_t *wqkv,
                  const weight_t *wo, const row_t *r, int64_t B, int64_t n_q, int64_t n_kv,
                  int64_t hd, const int64_t *kv_of_q, const scratch_t *s, float *out,
                  int64_t add) {
-    int64_t dim = wqkv->cols, nh = n_q + n_kv;
+    int64_t dim = wqkv->cols, nh = n_q + n_kv, claim[MAX_CLAIM * CLAIM_STRIDE];
     #pragma omp parallel
     {
         NORM_ROWS(x, norm, eps, dim, B, s)
-        product(wqkv, s->h, s->sh, B, s, s->mid, s->smid);
+        product(wqkv, s->h, s->sh, B, s, s->mid, s->smid, claim);
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * nh; i++) {
             int64_t b = i / nh, j = i % nh;
@@ -423,7 +446,7 @@ void decode_attn(float *x, const float *norm, float eps, const weight_t *wqkv,
             attend_item(s->mid + b * s->smid + j * hd, r, i, B, n_q, kv_of_q, hd,
                         s->act + b * s->sact + j * hd);
         }
-        product(wo, s->act, s->sact, B, s, out, dim);
+        product(wo, s->act, s->sact, B, s, out, dim, claim);
         if (add) accumulate(x, out, B * dim);
     }
 }
@@ -435,10 +458,11 @@ void decode_attn(float *x, const float *norm, float eps, const weight_t *wqkv,
 void decode_mlp(float *x, const float *norm, float eps, const weight_t *w13,
                 const weight_t *w2, int64_t B, const scratch_t *s, float *out, int64_t add) {
     int64_t dim = w13->cols, f = w13->rows / 2, nc = (f + SILU_CHUNK - 1) / SILU_CHUNK;
+    int64_t claim[MAX_CLAIM * CLAIM_STRIDE];
     #pragma omp parallel
     {
         NORM_ROWS(x, norm, eps, dim, B, s)
-        product(w13, s->h, s->sh, B, s, s->mid, s->smid);
+        product(w13, s->h, s->sh, B, s, s->mid, s->smid, claim);
         #pragma omp for schedule(static)
         for (int64_t c = 0; c < B * nc; c++) {
             const float *g = s->mid + (c / nc) * s->smid, *u = g + f;
@@ -447,7 +471,7 @@ void decode_mlp(float *x, const float *norm, float eps, const weight_t *w13,
             for (int64_t i = (c % nc) * SILU_CHUNK; i < i1; i++)
                 a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
         }
-        product(w2, s->act, s->sact, B, s, out, dim);
+        product(w2, s->act, s->sact, B, s, out, dim, claim);
         if (add) accumulate(x, out, B * dim);
     }
 }
