@@ -154,7 +154,9 @@ def _load():
         lib.decode_attn.argtypes = [p, p, f, w, w, p, i64, i64, i64, i64, p, s, p, i64]
         lib.decode_mlp.argtypes = [p, p, f, w, w, i64, s, p, i64]
         lib.attend_rows.argtypes = [p, p, i64, i64, i64, p, p]
+        lib.decode_layers.argtypes = [p, i64, p, f, w, p, i64, i64, i64, i64, p, s, p]
         lib.decode_attn.restype = lib.decode_mlp.restype = lib.attend_rows.restype = None
+        lib.decode_layers.restype = None
         _lib = lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _why_not = str(e)
@@ -384,6 +386,21 @@ def attend_rows(q: torch.Tensor, rows: np.ndarray, kv_of_q: torch.Tensor) -> tor
     return out
 
 
+class LayerStack:
+    """Every layer's norms and matrices as ``DecodeStep.layers`` reads them: ``norms`` (2 n)
+    pointers, attention then FFN norm per layer; ``weights`` (4 n) CWeight, wqkv, wo, w13, w2
+    per layer (copies of each Weight's ``c``). The layers' tensors must stay where they are
+    while it is used: resident layers, which are never refilled."""
+
+    def __init__(self, layers: list):
+        self.n = len(layers)
+        self.keep = layers   # the tensors the pointers point into
+        self.norms = (ctypes.c_void_p * (2 * self.n))(
+            *(t.data_ptr() for w in layers for t in (w.attn_norm, w.ffn_norm)))
+        self.weights = (CWeight * (4 * self.n))(
+            *(m.c for w in layers for m in (w.wqkv, w.wo, w.w13, w.w2)))
+
+
 class DecodeStep:
     """The fused step for B rows, each a token at its own position of its own KV cache.
 
@@ -425,6 +442,7 @@ class DecodeStep:
         self.tables, self.n = (table, cos, sin), B
         base, step = table.ctypes.data, B * ROW_WORDS * 8
         self.row_ptrs = [base + i * step for i in range(table.shape[0])]   # per layer
+        self.table_ptr = base
         self.ptrs = (self.x.data_ptr(), self.part.data_ptr(), self.kv_of_q.data_ptr())
         return self.x
 
@@ -434,6 +452,15 @@ class DecodeStep:
         _lib.decode_attn(x, norm.data_ptr(), self.eps, wqkv, wo, self.row_ptrs[i], self.n,
                          self.n_q, self.n_kv, self.hd, kv, self.scratch.c, part, self.add)
         return not self.add
+
+    def layers(self, stack: LayerStack) -> None:
+        """Every layer of ``stack`` for the rows set by ``places``, in one C call: only in a
+        world of one rank (``add``: no all-reduce between halves) with every layer in
+        memory. The same numbers as ``attn`` and ``mlp`` layer by layer."""
+        assert self.add, "layers() runs in a world of one rank"
+        x, part, kv = self.ptrs
+        _lib.decode_layers(x, stack.n, stack.norms, self.eps, stack.weights, self.table_ptr,
+                           self.n, self.n_q, self.n_kv, self.hd, kv, self.scratch.c, part)
 
     def mlp(self, norm: torch.Tensor, w13: CWeight, w2: CWeight) -> bool:
         """A layer's MLP half; w13 holds gate rows, then up rows."""

@@ -163,6 +163,10 @@ class Transformer:
         self.fused = kernels.available() and os.environ.get("MPITPI_FUSED", "1") != "0"
         self.c_attention = kernels.available()   # prompt rows' attention, row by row in C
         self.step: kernels.DecodeStep | None = None
+        # a world of one rank with every layer resident runs all layers in one C call
+        # (kernels.LayerStack); False: one call per layer half, as with several ranks
+        self.one_call = True
+        self._stack: kernels.LayerStack | None = None
         if self.fused:
             qkv = (s.n_q + 2 * s.n_kv) * hd
             dims = (args.dim, max(qkv, 2 * s.n_ffn), max(s.n_q * hd, s.n_ffn))
@@ -333,6 +337,12 @@ class Transformer:
         would get alone -> (R, dim). ``prompt``: prompt rows (int4 products in int16)."""
         xs = self.step.places(self._row_table(segs), self.cos, self.sin, prompt)
         xs.copy_(x)
+        if self.step.add and self.layers.n_resident == self.n_layers and self.one_call:
+            if self._stack is None:   # one C call for every layer (resident, one rank)
+                self._stack = kernels.LayerStack([self.layers.get(i)
+                                                  for i in range(self.n_layers)])
+            self.step.layers(self._stack)
+            return xs
         for i in range(self.n_layers):
             self.decode_layer(i, self.layers.get(i))
         return xs

@@ -84,3 +84,32 @@ def test_prompt_and_decode_rows_store_the_same_fp16_bits(models, tmp_path):
     for c32, c16 in zip(caches["fp32"], caches["fp16"]):
         assert c16.dtype == torch.float16
         assert torch.equal(c16, c32.clamp(-65504, 65504).half())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("name", ["llama-odd", "qwen2", "llama-coded"])
+def test_one_call_for_every_layer_gives_the_numbers_of_a_call_per_half(models, tmp_path,
+                                                                       name, dtype):
+    """One rank, every layer resident: the step runs all layers in one C call
+    (kernels.LayerStack); the logits are those of one call per layer half, bit for bit, in
+    each decode step (batches of two rows too: the one call takes the rows' places per
+    layer from the same table)."""
+    folder, _ = models(name)
+    write_shards(open_checkpoint(folder), str(tmp_path / "s"), 1, None, dtype,
+                 progress=False)
+    logits = {}
+    for one_call in (True, False):
+        args, plan, top, layers = open_rank(str(tmp_path / "s"), 0, 1, None)
+        model = Transformer(args, plan, 0, top, layers)
+        assert model.step is not None and model.step.add
+        model.one_call = one_call
+        model.forward_batch([Segment(0, 0, torch.tensor(PROMPT)),
+                             Segment(1, 0, torch.tensor(PROMPT[:7]))])
+        got = []
+        for i, t in enumerate(NEW):
+            got.append(model.forward_batch([
+                Segment(0, len(PROMPT) + i, torch.tensor([t]), 1, False),
+                Segment(1, 7 + i, torch.tensor([NEW[-1 - i]]), 1, False)]))
+        assert (model._stack is not None) == one_call
+        logits[one_call] = torch.stack(got)
+    assert torch.equal(logits[True], logits[False])

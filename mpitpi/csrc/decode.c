@@ -476,6 +476,21 @@ void decode_mlp(float *x, const float *norm, float eps, const weight_t *w13,
     }
 }
 
+/* A world of one rank with every layer in memory: layers [0, n) for the rows of a step in
+ * one call, each as decode_attn then decode_mlp with ``add`` set (the partial sums go into x;
+ * there is nothing to all-reduce). norms: (2 n) each layer's attention norm, then its FFN
+ * norm; w: (4 n) each layer's wqkv, wo, w13, w2; r: (n, B) the rows' places in each layer
+ * (the DecodeStep's table). The same calls as one per half from Python, the same numbers. */
+void decode_layers(float *x, int64_t n, const float *const *norms, float eps,
+                   const weight_t *w, const row_t *r, int64_t B, int64_t n_q, int64_t n_kv,
+                   int64_t hd, const int64_t *kv_of_q, const scratch_t *s, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        decode_attn(x, norms[2 * i], eps, w + 4 * i, w + 4 * i + 1, r + i * B, B, n_q, n_kv,
+                    hd, kv_of_q, s, out, 1);
+        decode_mlp(x, norms[2 * i + 1], eps, w + 4 * i + 2, w + 4 * i + 3, B, s, out, 1);
+    }
+}
+
 /* Prompt rows' attention, each row as the decode step attends it alone (the same loop, so
  * a row's numbers do not depend on the other rows of its chunk): q (T, n_q, hd) with rope
  * applied; row t attends keys [r[t].start, r[t].pos] of its KV head in r[t]'s cache,
