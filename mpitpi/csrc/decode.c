@@ -10,9 +10,11 @@
  *   decode_mlp:  h = rmsnorm(x) * w; g, u = W13 h (+b); a = silu(g) * u; out = W2 a (+b).
  *
  * Python keeps the layer loop and the all-reduce of ``out``; everything between two
- * all-reduces is here, in one OpenMP parallel region per call. Products hand out rows in
- * small chunks (dynamic schedule), so when one core is busy with other work the free
- * threads take over its share instead of waiting for it. Weights stay in their storage
+ * all-reduces is here, in one OpenMP parallel region per call (a world of one rank with
+ * every layer resident runs all layers in one call: decode_layers). Each thread streams its
+ * own stretch of a product's rows, then takes what is left of the others' stretches in
+ * chunks, so when one core is busy with other work the free threads take over its share
+ * instead of waiting for it (product). Weights stay in their storage
  * dtype (a weight_t says which); scratch buffers come from the caller: nothing is allocated
  * per token. Attention takes the keys in blocks of ATT_BLOCK (a score buffer on the stack). */
 #include <float.h>
