@@ -115,9 +115,9 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
  * a static split: its prefetches run on across chunks); a thread done with its own stretch
  * takes the next chunks of the others' (through the same counters), so one slowed by other
  * work on its core is helped as with a dynamic schedule. claim: the caller's, CLAIM_STRIDE
- * int64 per thread (a cache line each), at least MAX_CLAIM threads. */
+ * int64 per thread of the team (a cache line each; CLAIM_WORDS sizes it). */
 #define CLAIM_STRIDE 8
-#define MAX_CLAIM 256
+#define CLAIM_WORDS (omp_get_max_threads() * CLAIM_STRIDE)
 static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
                     const scratch_t *s, float *y, int64_t ys, int64_t *claim) {
     int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
@@ -134,7 +134,7 @@ static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
         chunk = (chunk + w->tile - 1) / w->tile * w->tile;
     int64_t n = (w->rows + chunk - 1) / chunk;
     #pragma omp single nowait   /* read after the barrier that ends the loop below */
-    for (int64_t u = 0; u < T && T <= MAX_CLAIM; u++) claim[u * CLAIM_STRIDE] = n * u / T;
+    for (int64_t u = 0; u < T; u++) claim[u * CLAIM_STRIDE] = n * u / T;
     #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++) {
         if (w->dtype == W_I8)
@@ -149,14 +149,6 @@ static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
         if (w->dtype == W_BF16)
             x_to_bf16(x + b * xs, w->cols, (uint16_t *)(s->xq + b * s->sxq));
 #endif
-    }
-    if (T > MAX_CLAIM) {
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < n; c++) {
-            int64_t o0 = c * chunk, o1 = o0 + chunk < w->rows ? o0 + chunk : w->rows;
-            rows(w, x, xs, B, s, y, ys, o0, o1);
-        }
-        return;
     }
     for (int64_t k = 0; k < T; k++) {   /* its own stretch, then the others' in turn */
         int64_t u = (t + k) % T, end = n * (u + 1) / T;
@@ -423,7 +415,7 @@ void decode_attn(float *x, const float *norm, float eps, const weight_t *wqkv,
                  const weight_t *wo, const row_t *r, int64_t B, int64_t n_q, int64_t n_kv,
                  int64_t hd, const int64_t *kv_of_q, const scratch_t *s, float *out,
                  int64_t add) {
-    int64_t dim = wqkv->cols, nh = n_q + n_kv, claim[MAX_CLAIM * CLAIM_STRIDE];
+    int64_t dim = wqkv->cols, nh = n_q + n_kv, claim[CLAIM_WORDS];
     #pragma omp parallel
     {
         NORM_ROWS(x, norm, eps, dim, B, s)
@@ -460,7 +452,7 @@ void decode_attn(float *x, const float *norm, float eps, const weight_t *wqkv,
 void decode_mlp(float *x, const float *norm, float eps, const weight_t *w13,
                 const weight_t *w2, int64_t B, const scratch_t *s, float *out, int64_t add) {
     int64_t dim = w13->cols, f = w13->rows / 2, nc = (f + SILU_CHUNK - 1) / SILU_CHUNK;
-    int64_t claim[MAX_CLAIM * CLAIM_STRIDE];
+    int64_t claim[CLAIM_WORDS];
     #pragma omp parallel
     {
         NORM_ROWS(x, norm, eps, dim, B, s)
