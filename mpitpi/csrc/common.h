@@ -767,20 +767,32 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
  * ahead of it in the weight stream, and the same number of blocks ahead in the streams of
  * scales (and int6's top bits) beside it. 300 MB of coded int4 tiles, 2048 / 8192 columns,
  * C harness, AMD EPYC with VNNI: 2 threads 53-60 / 43-48 -> 72-82 / 70-82 GB/s (a plain read
- * 77-85), 1 thread 28 / 23 -> 41 / 40 (docs/BENCHMARKS.md). Settable at build time (a CC
- * wrapper passing -DPF_BYTES=N) to compare distances on a host. */
+ * 77-85), 1 thread 28 / 23 -> 41 / 40 (docs/BENCHMARKS.md). The lines are asked for as
+ * non-temporal (PF_LOC 0, prefetchnta): a weight is read once a pass, so it need not push
+ * other lines out of L2 and L3. Same harness, 600 MB, 2 threads, 30 rounds against a plain
+ * read of the same bytes in the same round (AMD EPYC, avx512 vnni bf16): int4 0.94 -> 1.02,
+ * int6 0.98 -> 1.04 of it (hints 1 and 2 read as 3); the 1B shape's int4 decode 0.96 of the
+ * time. Scales are asked for once a 64-byte line, int6's top bits every line (one in two
+ * before): int6 1.04 -> 1.06, int4 in L2 3.4 -> 3.9 times the read. PF_BYTES and PF_LOC
+ * are settable at build time (a CC wrapper passing -DPF_BYTES=N) to compare on a host. */
 #ifndef PF_BYTES
 #define PF_BYTES 8192
 #endif
-#define PF_AT(p, ahead) __builtin_prefetch((const char *)(p) + (ahead), 0, 3)
+#ifndef PF_LOC
+#define PF_LOC 0
+#endif
+#define PF_AT(p, ahead) __builtin_prefetch((const char *)(p) + (ahead), 0, PF_LOC)
 /* int4 tiles, block b at qb (16 TILE bytes): the scales' 2 TILE bytes a block (coded:
  * d alone; fp16: d and m), int6's 8 TILE bytes of top bits */
 #define I4_TILE_PREFETCH(qb, d, m, rs, h, b)                                              \
     do {                                                                                  \
         for (int k_ = 0; k_ < 16 * TILE; k_ += 64) PF_AT((qb) + k_, PF_BYTES);            \
-        PF_AT((const uint8_t *)(d) + (b) * 2 * TILE, PF_BYTES / 8);                       \
-        if (!(rs)) PF_AT((const uint8_t *)(m) + (b) * 2 * TILE, PF_BYTES / 8);            \
-        if (h) PF_AT((h) + (b) * 8 * TILE, PF_BYTES / 2);                                 \
+        if ((b) * 2 * TILE % 64 == 0) {                                                   \
+            PF_AT((const uint8_t *)(d) + (b) * 2 * TILE, PF_BYTES / 8);                   \
+            if (!(rs)) PF_AT((const uint8_t *)(m) + (b) * 2 * TILE, PF_BYTES / 8);        \
+        }                                                                                 \
+        for (int k_ = 0; (h) && k_ < 8 * TILE; k_ += 64)                                  \
+            PF_AT((h) + (b) * 8 * TILE + k_, PF_BYTES / 2);                               \
     } while (0)
 /* int8 tiles: pair p's 2 TILE bytes at w (asked for once per 64-byte line); column group j's
  * TILE fp32 scales at ws, a group of ``group`` columns being group TILE bytes of weights */
@@ -812,6 +824,13 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
 #define X4(x, c) _mm512_set1_epi32(*(const int32_t *)((x) + 4 * (c)))   /* 4 bytes, each lane */
 #if defined(__AVX512VNNI__)
 #define DP512(acc, a, b) _mm512_dpbusd_epi32(acc, a, b)
+/* The high nibbles of a chunk v stay in place (v & 0xf0: 16 times their value, an unsigned
+ * byte vpdpbusd takes as it is): one instruction, not a shift and a mask. Their products
+ * are then sums of multiples of 16 (at most 4 x 4 x 240 x 128 in a lane: no overflow), so
+ * shifting the sum right by 4 gives exactly the sum of the nibbles' products. C harness,
+ * data in L2, 2 threads, AMD EPYC: 158-178 -> 175-180 GB/s on a quiet host, 88-150 ->
+ * 92-190 while another tenant took arithmetic (docs/BENCHMARKS.md). */
+#define I4_HIGH(v, low) _mm512_and_si512(v, _mm512_set1_epi8((char)0xf0))
 /* A block's eight column quads for one input row: the int32 sums of each row's lane */
 #define I4_TILE_SUMS(w, xl, xh)                                                           \
     ({ __m512i p0 = DP512(_mm512_setzero_si512(), w[0], X4(xl, 0));                       \
@@ -819,9 +838,11 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
        p0 = DP512(p0, w[1], X4(xl, 1)); p1 = DP512(p1, w[5], X4(xh, 1));                  \
        p0 = DP512(p0, w[2], X4(xl, 2)); p1 = DP512(p1, w[6], X4(xh, 2));                  \
        p0 = DP512(p0, w[3], X4(xl, 3)); p1 = DP512(p1, w[7], X4(xh, 3));                  \
-       _mm512_add_epi32(p0, p1); })
+       _mm512_add_epi32(p0, _mm512_srai_epi32(p1, 4)); })
 #else   /* without VNNI: the eight vpmaddubsw summed in int16 (at most 8 x 2 x 15 x 127 =
-         * 30480, no saturation), widened once by vpmaddwd (as the AVX2 tile) */
+         * 30480, no saturation), widened once by vpmaddwd (as the AVX2 tile); high nibbles
+         * kept in place would saturate those sums, so they are shifted down */
+#define I4_HIGH(v, low) _mm512_and_si512(_mm512_srli_epi16(v, 4), low)
 #define I4_TILE_SUMS(w, xl, xh)                                                           \
     ({ __m512i s0 = _mm512_add_epi16(_mm512_maddubs_epi16(w[0], X4(xl, 0)),                \
                                      _mm512_maddubs_epi16(w[1], X4(xl, 1)));               \
@@ -853,7 +874,7 @@ static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uin
         for (int t = 0; t < 4; t++) {                                                     \
             __m512i v = _mm512_loadu_si512((const void *)(qb + 64 * t));                  \
             w[t] = _mm512_and_si512(v, low);                      /* columns 4t..4t+3 */  \
-            w[4 + t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);   /* 16+4t.. */    \
+            w[4 + t] = I4_HIGH(v, low);                           /* 16+4t.. */    \
         }                                                                                 \
         __m512 dv, mv;                                                                    \
         I4_DM512(d, m, rs, b, dv, mv);                                                    \
