@@ -1,0 +1,74 @@
+/* The fused step's tile kernels on one matrix, outside the model: how fast they stream
+ * weights against a plain read of the same bytes (jobs/tile-stream.sh builds one binary per
+ * variant of mpitpi/csrc/common.h's build-time settings and alternates them).
+ *
+ *   tile_stream KIND MB [PASSES]
+ *
+ * KIND 0: a plain read (64-byte loads) of an int4 matrix's bytes; 4: coded int4 tiles against
+ * one row of int8 activations (decode); 6: coded int6 tiles against int16 activations (the
+ * vocabulary's logits). MB: the matrix's size (600: out of every cache; 1: in L2). Two OpenMP
+ * threads (OMP_NUM_THREADS) each take half of the tiles, as a static split. Prints GB/s of
+ * each pass. The values are arbitrary: only the time counts. */
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "common.h"
+
+int main(int argc, char **argv) {
+    if (argc < 3) {
+        fprintf(stderr, "usage: %s KIND(0|4|6) MB [PASSES]\n", argv[0]);
+        return 2;
+    }
+    int kind = atoi(argv[1]), passes = argc > 3 ? atoi(argv[3]) : 3;
+    double mb = atof(argv[2]);
+    int64_t cols = 2048, nb = cols / 32;
+    double row_bytes = cols / 2 + nb * 2 + (kind == 6 ? cols / 4 : 0);   /* q, codes, top bits */
+    int64_t rows = (int64_t)(mb * 1e6 / row_bytes) / TILE * TILE;
+    uint8_t *q = aligned_alloc(64, rows * cols / 2), *h = aligned_alloc(64, rows * cols / 4 + 64);
+    uint16_t *d = aligned_alloc(64, rows * nb * 2);
+    float *rs = aligned_alloc(64, rows * 2 * 4 + 64), *y = aligned_alloc(64, rows * 4);
+    int16_t *xq = aligned_alloc(64, cols * 2);
+    float *xs = aligned_alloc(64, nb * 4), *xsum = aligned_alloc(64, nb * 4);
+    if (!q || !h || !d || !rs || !y || !xq || !xs || !xsum || rows < TILE) {
+        fprintf(stderr, "cannot allocate %.0f MB\n", mb);
+        return 1;
+    }
+    for (int64_t i = 0; i < rows * cols / 2; i++) q[i] = (uint8_t)(i * 2654435761u >> 13);
+    for (int64_t i = 0; i < rows * cols / 4; i++) h[i] = (uint8_t)(i * 2654435761u >> 11);
+    for (int64_t i = 0; i < rows * nb; i++) d[i] = (uint16_t)(i * 40503u);
+    for (int64_t i = 0; i < rows * 2; i++) rs[i] = 1e-3f;
+    for (int64_t i = 0; i < cols; i++) xq[i] = (int16_t)(i * 7);
+    for (int64_t i = 0; i < nb; i++) xs[i] = xsum[i] = 0.5f;
+    int reps = mb < 50 ? (int)(1500 / mb) + 1 : 1;   /* small matrices: many passes a timing */
+    for (int p = 0; p < passes; p++) {
+        double t = omp_get_wtime();
+        #pragma omp parallel
+        {
+            int th = omp_get_thread_num(), nt = omp_get_num_threads();
+            int64_t g0 = rows / TILE * th / nt, g1 = rows / TILE * (th + 1) / nt;
+            for (int r = 0; r < reps; r++)
+                for (int64_t g = g0; g < g1; g++) {
+                    int64_t o = g * TILE;
+                    if (kind == 0) {   /* the tile's weight bytes, then its scale codes */
+                        __m256i a = _mm256_setzero_si256();
+                        const char *w = (const char *)q + o * cols / 2, *c = (const char *)(d + o * nb);
+                        for (int64_t i = 0; i < TILE * cols / 2; i += 32)
+                            a = _mm256_xor_si256(a, _mm256_load_si256((const __m256i *)(w + i)));
+                        for (int64_t i = 0; i < TILE * nb * 2; i += 32)
+                            a = _mm256_xor_si256(a, _mm256_load_si256((const __m256i *)(c + i)));
+                        y[o] = (float)_mm256_extract_epi32(a, 0);
+                    } else if (kind == 4)
+                        dot_i4_tile_batch(q + o * cols / 2, d + o * nb, NULL, (int8_t *)xq, cols,
+                                          xs, xsum, nb, 1, nb, y + o, rows, NULL, rs + 2 * o);
+                    else
+                        dot_i4w_tile_batch(q + o * cols / 2, d + o * nb, d + o * nb, xq, cols, xs,
+                                           xsum, nb, 1, nb, y + o, rows, h + o * nb * 8,
+                                           rs + 2 * o);
+                }
+        }
+        printf("%.1f%s", rows * row_bytes * reps / (omp_get_wtime() - t) / 1e9,
+               p + 1 < passes ? " " : "\n");
+    }
+    return 0;
+}
