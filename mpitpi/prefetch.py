@@ -125,7 +125,8 @@ class Streamed:
         first, names = self.streamed[0], self.reader.layer_names(self.streamed[0])
         slots = []
         for _ in range(self.window):
-            raw = {n: self.reader.empty(f"layers/{first}/{n}") for n in names}
+            raw = dict(zip(names, self.reader.empty_many([f"layers/{first}/{n}"
+                                                           for n in names])))
             tensors = {n: from_numpy(a) for n, a in raw.items()}
             vectors = {n: torch.empty(t.shape) for n, t in tensors.items() if t.dim() == 1}
             slots.append((raw, vectors, LayerWeights.from_stored({**tensors, **vectors})))

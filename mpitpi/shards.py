@@ -381,6 +381,10 @@ class ShardReader:
         _, shape, dt = self.index[name]
         return pages.empty(shape, dt)
 
+    def empty_many(self, names: list[str]) -> list[np.ndarray]:
+        """Buffers for datasets ``names``, in one mapping (pages.empty_many)."""
+        return pages.empty_many([(self.index[n][1], self.index[n][2]) for n in names])
+
     def read_into(self, name: str, out: np.ndarray) -> np.ndarray:
         """Read dataset ``name`` into ``out`` (from ``empty``); GIL released while reading."""
         offset, shape, dt = self.index[name]
@@ -417,7 +421,20 @@ class ShardReader:
         return [n[len(prefix):] for n in self.checksums if n.startswith(prefix)]
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
-        return {n: self.read(f"layers/{i}/{n}") for n in self.layer_names(i)}
+        """Layer i's datasets: its matrices and scales read into one mapping (empty_many;
+        1B shape, int4, 1 rank: 0.96x the time per token while memory was fast), the rest
+        each in its own buffer: int4 offsets (``.min``), which coded tiles replace by a small
+        tensor (Weight.tile_rows), so that their memory is freed, and the 1-D vectors."""
+        names = self.layer_names(i)
+        for n in names:
+            if f"layers/{i}/{n}" not in self.index:
+                raise MpitpiError(f"{self.path} has no dataset layers/{i}/{n}. Fix: split the "
+                                  f"model again.")
+        shared = [n for n in names if not n.endswith(".min")
+                  and len(self.index[f"layers/{i}/{n}"][1]) == 2]
+        bufs = dict(zip(shared, self.empty_many([f"layers/{i}/{n}" for n in shared])))
+        return {n: from_numpy(self.read_into(f"layers/{i}/{n}", bufs[n])) if n in bufs
+                else self.read(f"layers/{i}/{n}") for n in names}
 
     def close(self) -> None:
         if self.fd is not None:

@@ -27,3 +27,21 @@ def test_buffers_hold_what_np_empty_holds_and_big_ones_sit_in_huge_pages():
         assert anon_huge_kb() - before >= 8 * pages.HUGE // 1024, (before, anon_huge_kb())
     else:   # no THP to ask for: plain memory
         assert pages.empty((8, 1 << 20), np.float32).base is None
+
+
+def test_many_buffers_share_one_mapping_each_as_np_empty_gives():
+    specs = [((3, 1 << 20), np.uint8), ((3000,), np.float16), ((7, 5), np.int8),
+             ((1 << 20,), np.float32), ((0,), np.float32)]
+    bufs = pages.empty_many(specs)
+    for b, (shape, dtype) in zip(bufs, specs):
+        assert b.shape == shape and b.dtype == dtype and b.flags.c_contiguous
+        assert b.flags.writeable and b.ctypes.data % pages.ALIGN == 0
+    for i, b in enumerate(bufs):   # none overlaps another
+        b[...] = i + 1
+    for i, b in enumerate(bufs):
+        assert np.all(b == i + 1)
+    if pages.thp_mode() in ("always", "madvise"):   # one mapping, starting on a huge page
+        assert bufs[0].ctypes.data % pages.HUGE == 0
+        assert all(b.base is bufs[0].base for b in bufs if b.size)
+    small = pages.empty_many([((10,), np.float32), ((3, 3), np.int8)])   # under a huge page
+    assert [b.shape for b in small] == [(10,), (3, 3)] and small[0].base is None
