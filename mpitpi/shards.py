@@ -422,7 +422,7 @@ class ShardReader:
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's datasets: its matrices and scales read into one mapping (empty_many;
-        1B shape, int4, 1 rank: 0.96x the time per token while memory was fast), the rest
+        1B shape, int4, 1 rank, fast moments: 0.96-1.0x the time per token), the rest
         each in its own buffer: int4 offsets (``.min``), which coded tiles replace by a small
         tensor (Weight.tile_rows), so that their memory is freed, and the 1-D vectors."""
         names = self.layer_names(i)
