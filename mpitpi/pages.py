@@ -39,15 +39,7 @@ _ADVISE = hasattr(mmap, "MADV_HUGEPAGE") and thp_mode() in ("always", "madvise")
 
 def empty(shape: tuple, dtype) -> np.ndarray:
     """np.empty(shape, dtype), in 2 MiB pages where the kernel gives them (above)."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if not _ADVISE or nbytes < HUGE:
-        return np.empty(shape, dtype)
-    mm = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    raw = np.frombuffer(mm, np.uint8)   # keeps the mapping alive as long as any view
-    start = -raw.ctypes.data % HUGE     # a multiple of 4 KiB: mmap returns whole pages
-    mm.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE * HUGE)
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    return empty_many([(shape, dtype)])[0]
 
 
 ALIGN = 4096     # where each buffer of ``empty_many`` starts in the shared mapping
@@ -59,15 +51,15 @@ def empty_many(specs: list[tuple[tuple, object]]) -> list[np.ndarray]:
     mapping lives as long as any of the buffers (or a view of one)."""
     specs = [(tuple(shape), np.dtype(dtype)) for shape, dtype in specs]
     sizes = [int(np.prod(shape, dtype=np.int64)) * dt.itemsize for shape, dt in specs]
-    offsets, total = [], 0
+    offsets, end = [], 0
     for n in sizes:
-        offsets.append(total)
-        total += -(-n // ALIGN) * ALIGN
-    if not _ADVISE or total < HUGE:
+        offsets.append(-(-end // ALIGN) * ALIGN)
+        end = offsets[-1] + n                # where the last buffer's bytes stop
+    if not _ADVISE or end < HUGE:
         return [np.empty(shape, dt) for shape, dt in specs]
-    mm = mmap.mmap(-1, total + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    raw = np.frombuffer(mm, np.uint8)
-    start = -raw.ctypes.data % HUGE
-    mm.madvise(mmap.MADV_HUGEPAGE, start, total // HUGE * HUGE)
+    mm = mmap.mmap(-1, end + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = np.frombuffer(mm, np.uint8)   # keeps the mapping alive as long as any view
+    start = -raw.ctypes.data % HUGE     # a multiple of 4 KiB: mmap returns whole pages
+    mm.madvise(mmap.MADV_HUGEPAGE, start, end // HUGE * HUGE)
     return [raw[start + o:start + o + n].view(dt).reshape(shape)
             for o, n, (shape, dt) in zip(offsets, sizes, specs)]
