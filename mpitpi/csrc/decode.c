@@ -104,6 +104,49 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
             for (int64_t o = o0; o < o1; o++) y[b * ys + o] += w->bias[o];
 }
 
+/* Thread t of T's span [*e0, *e1) of a row of w's input (w->cols elements): split at
+ * multiples of 256 (whole SILU_CHUNKs and groups of 4 int4 blocks, as quantize_x8 lays them
+ * out), for int8 at multiples of its column groups as well. With one row per step, every
+ * thread prepares its span of the row (norm, silu, quantisation) instead of one thread the
+ * whole row while the others wait; each element, group or block gets the same arithmetic
+ * whatever the split, so a row's numbers do not depend on it. */
+#define SILU_CHUNK 256   /* silu(g) * u in pieces of this many, the same split for any B */
+static void span(const weight_t *w, int64_t t, int64_t T, int64_t *e0, int64_t *e1) {
+    int64_t a = SILU_CHUNK;
+    if (w->dtype == W_I8)   /* the least common multiple with the group */
+        for (int64_t g = w->group, k = a; ; k += a)
+            if (k % g == 0) { a = k; break; }
+    int64_t n = w->cols / a;
+    *e0 = n * t / T * a;
+    *e1 = t + 1 == T ? w->cols : n * (t + 1) / T * a;
+}
+
+/* Thread t of T quantizes its span of input row b (x: (cols,)) for w's kernels: int8
+ * weights by their groups, int4 by blocks (int16 for prompt rows, else int8), bf16 weights
+ * (BF16_DOT) to bf16; nothing for float weights. No barrier: the caller's. */
+static void quantize_span(const weight_t *w, const float *x, const scratch_t *s, int64_t b,
+                          int64_t t, int64_t T) {
+    int64_t e0, e1;
+    span(w, t, T, &e0, &e1);
+    if (e1 <= e0)
+        return;
+    if (w->dtype == W_I8) {
+        int64_t g0 = e0 / w->group;
+        quantize_x(x + e0, e1 - e0, w->group, s->xq + b * s->sxq + e0, s->xs + b * s->sxs + g0);
+    } else if (w->dtype == W_I4) {
+        int64_t k0 = e0 / 32, nb = (e1 - e0) / 32;
+        float *xs = s->xs + b * s->sxs + k0, *xsum = s->xsum + b * s->sxs + k0;
+        if (s->wide)
+            quantize_x16(x + e0, nb, s->xq + b * s->sxq + e0, xs, xsum);
+        else   /* k0 and nb multiples of 4 but at the end: i4_slot's groups carry over */
+            quantize_x8(x + e0, nb, (int8_t *)(s->xq + b * s->sxq) + e0, xs, xsum);
+    }
+#ifdef BF16_DOT
+    else if (w->dtype == W_BF16)
+        x_to_bf16(x + e0, e1 - e0, (uint16_t *)(s->xq + b * s->sxq) + e0);
+#endif
+}
+
 /* Inside a parallel region, every thread: y[b] = W x[b] for B rows, weight rows handed out
  * in chunks. CHUNK_BYTES can be set at build time (CC wrapper passing -DCHUNK_BYTES=N) to
  * compare sizes on a host. */
@@ -115,13 +158,13 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
  * a static split: its prefetches run on across chunks); a thread done with its own stretch
  * takes the next chunks of the others' (through the same counters), so one slowed by other
  * work on its core is helped as with a dynamic schedule. claim: the caller's, CLAIM_STRIDE
- * int64 per thread of the team (a cache line each; CLAIM_WORDS sizes it). */
+ * int64 per thread of the team (a cache line each; CLAIM_WORDS sizes it), each thread's
+ * stretch's next chunk. */
 #define CLAIM_STRIDE 8
 #define CLAIM_WORDS (omp_get_max_threads() * CLAIM_STRIDE)
-static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
-                    const scratch_t *s, float *y, int64_t ys, int64_t *claim) {
-    int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
-    int64_t chunk = w->rows / (8 * T);
+/* w's rows in ``*chunk``-row chunks, ``*n`` of them */
+static void chunking(const weight_t *w, int64_t T, int64_t *chunk, int64_t *n) {
+    int64_t c = w->rows / (8 * T);
     /* at most 64 rows, or for int4 and int8 as many as make CHUNK_BYTES: longer chunks
      * keep each thread's stream going (the 1B shape: int8 3-6% and int4 5-7% faster than in
      * 64-row chunks, docs/BENCHMARKS.md); float weights keep 64 rows (2048 fp32 columns:
@@ -129,27 +172,31 @@ static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
     int64_t row_bytes = w->dtype == W_I4 ? w->cols / 2 : w->cols;
     int64_t most = w->dtype == W_I4 || w->dtype == W_I8 ? CHUNK_BYTES / row_bytes : 64;
     most = most < 64 ? 64 : most;
-    chunk = chunk < 4 ? 4 : chunk > most ? most : chunk;
+    c = c < 4 ? 4 : c > most ? most : c;
     if (w->tile)   /* int4 and int8 in tiles: whole tiles */
-        chunk = (chunk + w->tile - 1) / w->tile * w->tile;
-    int64_t n = (w->rows + chunk - 1) / chunk;
-    #pragma omp single nowait   /* read after the barrier that ends the loop below */
-    for (int64_t u = 0; u < T; u++) claim[u * CLAIM_STRIDE] = n * u / T;
-    #pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; b++) {
-        if (w->dtype == W_I8)
-            quantize_x(x + b * xs, w->cols, w->group, s->xq + b * s->sxq, s->xs + b * s->sxs);
-        if (w->dtype == W_I4 && s->wide)
-            quantize_x16(x + b * xs, w->cols / 32, s->xq + b * s->sxq, s->xs + b * s->sxs,
-                         s->xsum + b * s->sxs);
-        else if (w->dtype == W_I4)
-            quantize_x8(x + b * xs, w->cols / 32, (int8_t *)(s->xq + b * s->sxq),
-                        s->xs + b * s->sxs, s->xsum + b * s->sxs);
-#ifdef BF16_DOT
-        if (w->dtype == W_BF16)
-            x_to_bf16(x + b * xs, w->cols, (uint16_t *)(s->xq + b * s->sxq));
-#endif
-    }
+        c = (c + w->tile - 1) / w->tile * w->tile;
+    *chunk = c;
+    *n = (w->rows + c - 1) / c;
+}
+
+/* Before a product, every thread: its stretch's counter to the stretch's first chunk, and
+ * its span of each input row quantized. The caller's barrier then separates this from
+ * product_rows (and the previous product_rows' barrier from this: no thread still claims). */
+static void product_start(const weight_t *w, const float *x, int64_t xs, int64_t B,
+                          const scratch_t *s, int64_t *claim) {
+    int64_t T = omp_get_num_threads(), t = omp_get_thread_num(), chunk, n;
+    chunking(w, T, &chunk, &n);
+    claim[t * CLAIM_STRIDE] = n * t / T;
+    for (int64_t b = 0; b < B; b++)
+        quantize_span(w, x + b * xs, s, b, t, T);
+}
+
+/* Every thread: y[b] = W x[b] for B rows, its stretch's chunks then the others' (above);
+ * ends with a barrier, after which y is complete. */
+static void product_rows(const weight_t *w, const float *x, int64_t xs, int64_t B,
+                         const scratch_t *s, float *y, int64_t ys, int64_t *claim) {
+    int64_t T = omp_get_num_threads(), t = omp_get_thread_num(), chunk, n;
+    chunking(w, T, &chunk, &n);
     for (int64_t k = 0; k < T; k++) {   /* its own stretch, then the others' in turn */
         int64_t u = (t + k) % T, end = n * (u + 1) / T;
         for (int64_t c; (c = __atomic_fetch_add(claim + u * CLAIM_STRIDE, 1,
@@ -161,11 +208,35 @@ static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
     #pragma omp barrier
 }
 
-static void rms_norm(const float *x, const float *w, float eps, int64_t n, float *h) {
+/* Inside a parallel region, every thread: y[b] = W x[b] for B rows (x complete). */
+static void product(const weight_t *w, const float *x, int64_t xs, int64_t B,
+                    const scratch_t *s, float *y, int64_t ys, int64_t *claim) {
+    product_start(w, x, xs, B, s, claim);
+    #pragma omp barrier
+    product_rows(w, x, xs, B, s, y, ys, claim);
+}
+
+/* 1 / rms of x (n,) with eps: one out-of-line loop, so a row's scale is the same number
+ * whichever thread computes it. */
+static __attribute__((noinline)) float inv_rms(const float *x, float eps, int64_t n) {
     float ss = 0.f;
     for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
-    float r = 1.f / sqrtf(ss / (float)n + eps);
-    for (int64_t i = 0; i < n; i++) h[i] = w[i] * (x[i] * r);
+    return 1.f / sqrtf(ss / (float)n + eps);
+}
+
+/* Inside a parallel region, every thread: its span (for the product ``next``) of h[b] =
+ * rmsnorm(x[b]) * w for B rows (x: (B, dim)), each row's scale computed by every thread
+ * itself; then product_start for ``next`` on the same span. The caller's barrier follows. */
+static void norm_rows(const float *x, const float *w, float eps, int64_t B, const scratch_t *s,
+                      const weight_t *next, int64_t *claim) {
+    int64_t T = omp_get_num_threads(), t = omp_get_thread_num(), dim = next->cols, i0, i1;
+    span(next, t, T, &i0, &i1);
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * dim;
+        float r = inv_rms(xb, eps, dim), *h = s->h + b * s->sh;
+        for (int64_t i = i0; i < i1; i++) h[i] = w[i] * (xb[i] * r);
+    }
+    product_start(next, s->h, s->sh, B, s, claim);
 }
 
 /* Rotate-half rope of one head in place; cos, sin: (hd,) at this position. */
@@ -404,84 +475,112 @@ static void accumulate(float *x, const float *out, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += out[i];
 }
 
-#define NORM_ROWS(x, norm, eps, dim, B, s)                                              \
-    _Pragma("omp for schedule(static)")                                                 \
-    for (int64_t b = 0; b < (B); b++) rms_norm((x) + b * (dim), norm, eps, dim, (s)->h + b * (s)->sh);
+/* The attention half inside a parallel region, every thread. x: (B, dim) rows, r: (B,)
+ * their places; kv_of_q: (n_q,) local KV head of each query head; out: (B, dim) this rank's
+ * partial sums, also added into x when ``add`` is set. Rows of one sequence come in
+ * position order: a row attends to the keys the rows before wrote. Ends with a barrier. */
+static void attn_half(float *x, const float *norm, float eps, const weight_t *wqkv,
+                      const weight_t *wo, const row_t *r, int64_t B, int64_t n_q,
+                      int64_t n_kv, int64_t hd, const int64_t *kv_of_q, const scratch_t *s,
+                      float *out, int64_t add, int64_t *claim) {
+    int64_t dim = wqkv->cols, nh = n_q + n_kv;
+    int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
+    norm_rows(x, norm, eps, B, s, wqkv, claim);
+    #pragma omp barrier
+    product_rows(wqkv, s->h, s->sh, B, s, s->mid, s->smid, claim);
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < B * nh; i++) {
+        int64_t b = i / nh, j = i % nh;
+        const row_t *rb = r + b;
+        float *q = s->mid + b * s->smid, *k = q + n_q * hd, *v = k + n_kv * hd;
+        if (j < n_q) {
+            rope(q + j * hd, rb->cos, rb->sin, hd);
+        } else {
+            int64_t h = j - n_q;
+            rope(k + h * hd, rb->cos, rb->sin, hd);
+            store_kv(rb->cache_k, rb, h, k + h * hd, hd);
+            store_kv(rb->cache_v, rb, h, v + h * hd, hd);
+        }
+    }
+    /* each thread a contiguous run of the B n_q items (row, query head): whole KV heads'
+     * query heads where they divide evenly, so a KV head is read by one core, and the one
+     * after it asked for on the core that uses it (static against dynamic, 1B shape: 13 ->
+     * 9 us a layer) */
+    int64_t i0 = B * n_q * t / T, i1 = B * n_q * (t + 1) / T;
+    if (i0 < i1)
+        prefetch_kv(r + i0 / n_q, kv_of_q[i0 % n_q], hd);
+    for (int64_t i = i0; i < i1; i++) {
+        int64_t b = i / n_q, j = i % n_q;
+        attend_item(s->mid + b * s->smid + j * hd, r, i, B, n_q, kv_of_q, hd,
+                    s->act + b * s->sact + j * hd);
+    }
+    #pragma omp barrier
+    product(wo, s->act, s->sact, B, s, out, dim, claim);
+    if (add) accumulate(x, out, B * dim);
+}
 
-/* x: (B, dim) rows, r: (B,) their places; kv_of_q: (n_q,) local KV head of each query head;
- * out: (B, dim) this rank's partial sums, also added into x when ``add`` is set. Rows of
- * one sequence come in position order: a row attends to the keys the rows before wrote. */
+/* The FFN half inside a parallel region, every thread. x: (B, dim); out: (B, dim) this
+ * rank's partial sums, added into x when ``add`` is set; w13 holds gate rows, then up rows.
+ * Each thread computes silu(g) * u on its span of w2's input and quantizes that span: one
+ * barrier between the products. Ends with a barrier. */
+static void mlp_half(float *x, const float *norm, float eps, const weight_t *w13,
+                     const weight_t *w2, int64_t B, const scratch_t *s, float *out,
+                     int64_t add, int64_t *claim) {
+    int64_t dim = w13->cols, f = w13->rows / 2, e0, e1;
+    int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
+    norm_rows(x, norm, eps, B, s, w13, claim);
+    #pragma omp barrier
+    product_rows(w13, s->h, s->sh, B, s, s->mid, s->smid, claim);
+    span(w2, t, T, &e0, &e1);   /* whole SILU_CHUNKs, the same pieces for any split */
+    for (int64_t b = 0; b < B; b++) {
+        const float *g = s->mid + b * s->smid, *u = g + f;
+        float *a = s->act + b * s->sact;
+        for (int64_t c0 = e0; c0 < e1; c0 += SILU_CHUNK) {
+            int64_t c1 = c0 + SILU_CHUNK < f ? c0 + SILU_CHUNK : f;
+            for (int64_t i = c0; i < c1; i++)
+                a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        }
+    }
+    product_start(w2, s->act, s->sact, B, s, claim);
+    #pragma omp barrier
+    product_rows(w2, s->act, s->sact, B, s, out, dim, claim);
+    if (add) accumulate(x, out, B * dim);
+}
+
+/* One layer's attention half for B rows in one parallel region (attn_half). */
 void decode_attn(float *x, const float *norm, float eps, const weight_t *wqkv,
                  const weight_t *wo, const row_t *r, int64_t B, int64_t n_q, int64_t n_kv,
                  int64_t hd, const int64_t *kv_of_q, const scratch_t *s, float *out,
                  int64_t add) {
-    int64_t dim = wqkv->cols, nh = n_q + n_kv, claim[CLAIM_WORDS];
-    #pragma omp parallel
-    {
-        NORM_ROWS(x, norm, eps, dim, B, s)
-        product(wqkv, s->h, s->sh, B, s, s->mid, s->smid, claim);
-        #pragma omp for schedule(static)
-        for (int64_t i = 0; i < B * nh; i++) {
-            int64_t b = i / nh, j = i % nh;
-            const row_t *rb = r + b;
-            float *q = s->mid + b * s->smid, *k = q + n_q * hd, *v = k + n_kv * hd;
-            if (j < n_q) {
-                rope(q + j * hd, rb->cos, rb->sin, hd);
-            } else {
-                int64_t h = j - n_q;
-                rope(k + h * hd, rb->cos, rb->sin, hd);
-                store_kv(rb->cache_k, rb, h, k + h * hd, hd);
-                store_kv(rb->cache_v, rb, h, v + h * hd, hd);
-            }
-        }
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < B * n_q; i++) {
-            int64_t b = i / n_q, j = i % n_q;
-            attend_item(s->mid + b * s->smid + j * hd, r, i, B, n_q, kv_of_q, hd,
-                        s->act + b * s->sact + j * hd);
-        }
-        product(wo, s->act, s->sact, B, s, out, dim, claim);
-        if (add) accumulate(x, out, B * dim);
-    }
-}
-
-#define SILU_CHUNK 256   /* silu(g) * u in pieces of this many, the same split for any B */
-
-/* x: (B, dim); out: (B, dim) this rank's partial sums, added into x when ``add`` is set;
- * w13 holds gate rows, then up rows. */
-void decode_mlp(float *x, const float *norm, float eps, const weight_t *w13,
-                const weight_t *w2, int64_t B, const scratch_t *s, float *out, int64_t add) {
-    int64_t dim = w13->cols, f = w13->rows / 2, nc = (f + SILU_CHUNK - 1) / SILU_CHUNK;
     int64_t claim[CLAIM_WORDS];
     #pragma omp parallel
-    {
-        NORM_ROWS(x, norm, eps, dim, B, s)
-        product(w13, s->h, s->sh, B, s, s->mid, s->smid, claim);
-        #pragma omp for schedule(static)
-        for (int64_t c = 0; c < B * nc; c++) {
-            const float *g = s->mid + (c / nc) * s->smid, *u = g + f;
-            float *a = s->act + (c / nc) * s->sact;
-            int64_t i1 = (c % nc + 1) * SILU_CHUNK < f ? (c % nc + 1) * SILU_CHUNK : f;
-            for (int64_t i = (c % nc) * SILU_CHUNK; i < i1; i++)
-                a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
-        }
-        product(w2, s->act, s->sact, B, s, out, dim, claim);
-        if (add) accumulate(x, out, B * dim);
-    }
+    attn_half(x, norm, eps, wqkv, wo, r, B, n_q, n_kv, hd, kv_of_q, s, out, add, claim);
+}
+
+/* One layer's FFN half for B rows in one parallel region (mlp_half). */
+void decode_mlp(float *x, const float *norm, float eps, const weight_t *w13,
+                const weight_t *w2, int64_t B, const scratch_t *s, float *out, int64_t add) {
+    int64_t claim[CLAIM_WORDS];
+    #pragma omp parallel
+    mlp_half(x, norm, eps, w13, w2, B, s, out, add, claim);
 }
 
 /* A world of one rank with every layer in memory: layers [0, n) for the rows of a step in
- * one call, each as decode_attn then decode_mlp with ``add`` set (the partial sums go into x;
- * there is nothing to all-reduce). norms: (2 n) each layer's attention norm, then its FFN
- * norm; w: (4 n) each layer's wqkv, wo, w13, w2; r: (n, B) the rows' places in each layer
- * (the DecodeStep's table). The same calls as one per half from Python, the same numbers. */
+ * one parallel region, each as attn_half then mlp_half with ``add`` set (the partial sums
+ * go into x; there is nothing to all-reduce; accumulate's barrier orders each half before
+ * the next norm). norms: (2 n) each layer's attention norm, then its FFN norm; w: (4 n) each
+ * layer's wqkv, wo, w13, w2; r: (n, B) the rows' places in each layer (the DecodeStep's
+ * table). The same arithmetic as a call per half from Python, the same numbers. */
 void decode_layers(float *x, int64_t n, const float *const *norms, float eps,
                    const weight_t *w, const row_t *r, int64_t B, int64_t n_q, int64_t n_kv,
                    int64_t hd, const int64_t *kv_of_q, const scratch_t *s, float *out) {
+    int64_t claim[CLAIM_WORDS];
+    #pragma omp parallel
     for (int64_t i = 0; i < n; i++) {
-        decode_attn(x, norms[2 * i], eps, w + 4 * i, w + 4 * i + 1, r + i * B, B, n_q, n_kv,
-                    hd, kv_of_q, s, out, 1);
-        decode_mlp(x, norms[2 * i + 1], eps, w + 4 * i + 2, w + 4 * i + 3, B, s, out, 1);
+        attn_half(x, norms[2 * i], eps, w + 4 * i, w + 4 * i + 1, r + i * B, B, n_q, n_kv,
+                  hd, kv_of_q, s, out, 1, claim);
+        mlp_half(x, norms[2 * i + 1], eps, w + 4 * i + 2, w + 4 * i + 3, B, s, out, 1,
+                 claim);
     }
 }
 
