@@ -11,7 +11,9 @@
  *
  * Python keeps the layer loop and the all-reduce of ``out``; everything between two
  * all-reduces is here, in one OpenMP parallel region per call (a world of one rank with
- * every layer resident runs all layers in one call: decode_layers). Each thread streams its
+ * every layer resident runs all layers in one call and one region: decode_layers). The
+ * small per-row steps (norm, SiLU, quantising a product's input) are split by spans of the
+ * row, so one row a step keeps every thread busy (span). Each thread streams its
  * own stretch of a product's rows, then takes what is left of the others' stretches in
  * chunks, so when one core is busy with other work the free threads take over its share
  * instead of waiting for it (product). Weights stay in their storage
