@@ -226,11 +226,11 @@ static __attribute__((noinline)) float inv_rms(const float *x, float eps, int64_
     return 1.f / sqrtf(ss / (float)n + eps);
 }
 
-/* Inside a parallel region, every thread: its span (for the product ``next``) of h[b] =
- * rmsnorm(x[b]) * w for B rows (x: (B, dim)), each row's scale computed by every thread
- * itself; then product_start for ``next`` on the same span. The caller's barrier follows. */
+/* Inside a parallel region, every thread: its span (for the product ``next``, whose
+ * product_start quantizes the same span) of h[b] = rmsnorm(x[b]) * w for B rows (x: (B,
+ * dim)), each row's scale computed by every thread itself. No barrier: the caller's. */
 static void norm_rows(const float *x, const float *w, float eps, int64_t B, const scratch_t *s,
-                      const weight_t *next, int64_t *claim) {
+                      const weight_t *next) {
     int64_t T = omp_get_num_threads(), t = omp_get_thread_num(), dim = next->cols, i0, i1;
     span(next, t, T, &i0, &i1);
     for (int64_t b = 0; b < B; b++) {
@@ -238,7 +238,6 @@ static void norm_rows(const float *x, const float *w, float eps, int64_t B, cons
         float r = inv_rms(xb, eps, dim), *h = s->h + b * s->sh;
         for (int64_t i = i0; i < i1; i++) h[i] = w[i] * (xb[i] * r);
     }
-    product_start(next, s->h, s->sh, B, s, claim);
 }
 
 /* Rotate-half rope of one head in place; cos, sin: (hd,) at this position. */
@@ -487,7 +486,8 @@ static void attn_half(float *x, const float *norm, float eps, const weight_t *wq
                       float *out, int64_t add, int64_t *claim) {
     int64_t dim = wqkv->cols, nh = n_q + n_kv;
     int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
-    norm_rows(x, norm, eps, B, s, wqkv, claim);
+    norm_rows(x, norm, eps, B, s, wqkv);
+    product_start(wqkv, s->h, s->sh, B, s, claim);
     #pragma omp barrier
     product_rows(wqkv, s->h, s->sh, B, s, s->mid, s->smid, claim);
     #pragma omp for schedule(static)
@@ -530,7 +530,8 @@ static void mlp_half(float *x, const float *norm, float eps, const weight_t *w13
                      int64_t add, int64_t *claim) {
     int64_t dim = w13->cols, f = w13->rows / 2, e0, e1;
     int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
-    norm_rows(x, norm, eps, B, s, w13, claim);
+    norm_rows(x, norm, eps, B, s, w13);
+    product_start(w13, s->h, s->sh, B, s, claim);
     #pragma omp barrier
     product_rows(w13, s->h, s->sh, B, s, s->mid, s->smid, claim);
     span(w2, t, T, &e0, &e1);   /* whole SILU_CHUNKs, the same pieces for any split */
