@@ -259,6 +259,8 @@ class Comm:
         Returns the R tokens on rank 0, None elsewhere."""
         a = local.numpy()                                         # (R, n_vocab_r)
         idx = a.argmax(axis=1)              # (R,) first of ties; 10x torch's max here
+        if self.size == 1:
+            return (idx + offset).tolist()
         mine = np.stack([a[np.arange(a.shape[0]), idx].astype(np.float64),
                          idx.astype(np.float64) + offset], axis=1)
         if self.size == 1:
