@@ -157,6 +157,8 @@ def _load():
         lib.decode_layers.argtypes = [p, i64, p, f, w, p, i64, i64, i64, i64, p, s, p]
         lib.decode_attn.restype = lib.decode_mlp.restype = lib.attend_rows.restype = None
         lib.decode_layers.restype = None
+        lib.norm_out.argtypes = [p, p, f, i64, i64, p]   # x, w, eps, B, dim, out
+        lib.norm_out.restype = None
         _lib = lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _why_not = str(e)
@@ -426,6 +428,8 @@ class DecodeStep:
             dim, mid, act = self.dims
             self.scratch = Scratch(dim, mid, act, B)
             self.x_all, self.part_all = torch.empty(B, dim), torch.empty(B, dim)
+            self.h_all = torch.empty(B, dim)
+            self.views = {}   # B -> the first B rows of x_all, part_all, h_all
             self.B = B
 
     def places(self, table: np.ndarray, cos: torch.Tensor, sin: torch.Tensor,
@@ -438,7 +442,9 @@ class DecodeStep:
         B = table.shape[1]
         self.resize(B)
         self.scratch.c.wide = int(prompt)
-        self.x, self.part = self.x_all[:B], self.part_all[:B]
+        if B not in self.views:   # a pass's slicing is three torch ops: kept per B
+            self.views[B] = (self.x_all[:B], self.part_all[:B], self.h_all[:B])
+        self.x, self.part, self.h = self.views[B]
         self.tables, self.n = (table, cos, sin), B
         base, step = table.ctypes.data, B * ROW_WORDS * 8
         self.row_ptrs = [base + i * step for i in range(table.shape[0])]   # per layer
@@ -461,6 +467,15 @@ class DecodeStep:
         x, part, kv = self.ptrs
         _lib.decode_layers(x, stack.n, stack.norms, self.eps, stack.weights, self.table_ptr,
                            self.n, self.n_q, self.n_kv, self.hd, kv, self.scratch.c, part)
+
+    def final_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        """The rows' (B, dim) x after the last layer, normed by ``norm`` (dim,) in C, into a
+        buffer of the step's (valid until the next pass): torch's rms_norm is the first
+        torch op after the weights have streamed through the caches, and costs 0.1 ms a
+        token there."""
+        _lib.norm_out(self.ptrs[0], norm.data_ptr(), self.eps, self.n, self.x.shape[1],
+                      self.h.data_ptr())
+        return self.h
 
     def mlp(self, norm: torch.Tensor, w13: CWeight, w2: CWeight) -> bool:
         """A layer's MLP half; w13 holds gate rows, then up rows."""

@@ -376,15 +376,16 @@ class Transformer:
         tokens = segs[0].tokens if len(segs) == 1 else torch.cat([g.tokens for g in segs])
         x = self.embed_tokens(tokens)                             # (R, dim)
         decode = not any(g.prompt for g in segs)
-        if self.fused and (decode or self._prompt_fused(x.shape[0])):
-            x = self._fused(segs, x, prompt=not decode)
-        else:
-            x = self._layers(x, segs, decode)
+        fused = self.fused and (decode or self._prompt_fused(x.shape[0]))
+        x = self._fused(segs, x, prompt=not decode) if fused else self._layers(x, segs, decode)
         ends = list(accumulate(g.tokens.shape[0] for g in segs))
         rows = [r for g, e in zip(segs, ends) for r in range(e - g.n_out, e)]
-        h = x if len(rows) == x.shape[0] else x[rows]             # (n_out total, dim)
-        return self.top.lm_head(rms_norm(h, self.top.norm, self.args.norm_eps), decode=decode,
-                                logits=True)
+        if fused and decode and len(rows) == x.shape[0]:   # every row: the step norms in C
+            h = self.step.final_norm(self.top.norm)
+        else:
+            h = x if len(rows) == x.shape[0] else x[rows]         # (n_out total, dim)
+            h = rms_norm(h, self.top.norm, self.args.norm_eps)
+        return self.top.lm_head(h, decode=decode, logits=True)
 
     def _prompt_fused(self, R: int) -> bool:
         """Whether R prompt rows run the fused step: where Weight.__call__ would take the C

@@ -587,6 +587,16 @@ void decode_layers(float *x, int64_t n, const float *const *norms, float eps,
     }
 }
 
+/* The fused step's last norm, one thread: out[b] = rmsnorm(x[b]) * w for B rows (x, out:
+ * (B, dim)), each row's scale by inv_rms as the layers' norms. */
+void norm_out(const float *x, const float *w, float eps, int64_t B, int64_t dim, float *out) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * dim;
+        float r = inv_rms(xb, eps, dim), *o = out + b * dim;
+        for (int64_t i = 0; i < dim; i++) o[i] = w[i] * (xb[i] * r);
+    }
+}
+
 /* Prompt rows' attention, each row as the decode step attends it alone (the same loop, so
  * a row's numbers do not depend on the other rows of its chunk): q (T, n_q, hd) with rope
  * applied; row t attends keys [r[t].start, r[t].pos] of its KV head in r[t]'s cache,
