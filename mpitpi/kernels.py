@@ -429,7 +429,7 @@ class DecodeStep:
             self.scratch = Scratch(dim, mid, act, B)
             self.x_all, self.part_all = torch.empty(B, dim), torch.empty(B, dim)
             self.h_all = torch.empty(B, dim)
-            self.views = {}   # B -> the first B rows of x_all, part_all, h_all
+            self.views = {}   # B -> the first B rows of x_all, part_all, h_all; C's pointers
             self.B = B
 
     def places(self, table: np.ndarray, cos: torch.Tensor, sin: torch.Tensor,
@@ -443,19 +443,19 @@ class DecodeStep:
         self.resize(B)
         self.scratch.c.wide = int(prompt)
         if B not in self.views:   # a pass's slicing is three torch ops: kept per B
-            self.views[B] = (self.x_all[:B], self.part_all[:B], self.h_all[:B])
-        self.x, self.part, self.h = self.views[B]
+            x, part, h = self.x_all[:B], self.part_all[:B], self.h_all[:B]
+            ptrs = (x.data_ptr(), part.data_ptr(), self.kv_of_q.data_ptr())
+            self.views[B] = (x, part, h, ptrs)
+        self.x, self.part, self.h, self.ptrs = self.views[B]
         self.tables, self.n = (table, cos, sin), B
-        base, step = table.ctypes.data, B * ROW_WORDS * 8
-        self.row_ptrs = [base + i * step for i in range(table.shape[0])]   # per layer
-        self.table_ptr = base
-        self.ptrs = (self.x.data_ptr(), self.part.data_ptr(), self.kv_of_q.data_ptr())
+        self.table_ptr = table.ctypes.data   # layer i's rows: B ROW_WORDS int64 further each
         return self.x
 
     def attn(self, i: int, norm: torch.Tensor, wqkv: CWeight, wo: CWeight) -> bool:
         """Layer i's attention half for the rows set by ``places``."""
         x, part, kv = self.ptrs
-        _lib.decode_attn(x, norm.data_ptr(), self.eps, wqkv, wo, self.row_ptrs[i], self.n,
+        rows = self.table_ptr + i * self.n * ROW_WORDS * 8
+        _lib.decode_attn(x, norm.data_ptr(), self.eps, wqkv, wo, rows, self.n,
                          self.n_q, self.n_kv, self.hd, kv, self.scratch.c, part, self.add)
         return not self.add
 
