@@ -263,8 +263,6 @@ class Comm:
             return (idx + offset).tolist()
         mine = np.stack([a[np.arange(a.shape[0]), idx].astype(np.float64),
                          idx.astype(np.float64) + offset], axis=1)
-        if self.size == 1:
-            return [int(i) for i in mine[:, 1]]
         every = np.empty((self.size,) + mine.shape, np.float64) if self.rank == 0 else None
         self._wait([self.comm.Igather(np.ascontiguousarray(mine), every, root=0)])
         if self.rank != 0:

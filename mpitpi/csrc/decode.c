@@ -11,7 +11,8 @@
  *
  * Python keeps the layer loop and the all-reduce of ``out``; everything between two
  * all-reduces is here, in one OpenMP parallel region per call (a world of one rank with
- * every layer resident runs all layers in one call and one region: decode_layers). The
+ * every layer resident runs all layers in one call and one region: decode_layers; norm_out
+ * then norms the rows for the vocabulary product, the same way in either case). The
  * small per-row steps (norm, SiLU, quantising a product's input) are split by spans of the
  * row, so one row a step keeps every thread busy (span). Each thread streams its
  * own stretch of a product's rows, then takes what is left of the others' stretches in
