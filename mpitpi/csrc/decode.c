@@ -227,6 +227,12 @@ static __attribute__((noinline)) float inv_rms(const float *x, float eps, int64_
     return 1.f / sqrtf(ss / (float)n + eps);
 }
 
+/* h[i] = w[i] * (x[i] * r) for i in [i0, i1): a row's norm once its scale r is known */
+static void scale_row(const float *x, const float *w, float r, int64_t i0, int64_t i1,
+                      float *h) {
+    for (int64_t i = i0; i < i1; i++) h[i] = w[i] * (x[i] * r);
+}
+
 /* Inside a parallel region, every thread: its span (for the product ``next``, whose
  * product_start quantizes the same span) of h[b] = rmsnorm(x[b]) * w for B rows (x: (B,
  * dim)), each row's scale computed by every thread itself. No barrier: the caller's. */
@@ -234,11 +240,8 @@ static void norm_rows(const float *x, const float *w, float eps, int64_t B, cons
                       const weight_t *next) {
     int64_t T = omp_get_num_threads(), t = omp_get_thread_num(), dim = next->cols, i0, i1;
     span(next, t, T, &i0, &i1);
-    for (int64_t b = 0; b < B; b++) {
-        const float *xb = x + b * dim;
-        float r = inv_rms(xb, eps, dim), *h = s->h + b * s->sh;
-        for (int64_t i = i0; i < i1; i++) h[i] = w[i] * (xb[i] * r);
-    }
+    for (int64_t b = 0; b < B; b++)
+        scale_row(x + b * dim, w, inv_rms(x + b * dim, eps, dim), i0, i1, s->h + b * s->sh);
 }
 
 /* Rotate-half rope of one head in place; cos, sin: (hd,) at this position. */
@@ -589,13 +592,10 @@ void decode_layers(float *x, int64_t n, const float *const *norms, float eps,
 }
 
 /* The fused step's last norm, one thread: out[b] = rmsnorm(x[b]) * w for B rows (x, out:
- * (B, dim)), each row's scale by inv_rms as the layers' norms. */
+ * (B, dim)), each row by inv_rms and scale_row as the layers' norms. */
 void norm_out(const float *x, const float *w, float eps, int64_t B, int64_t dim, float *out) {
-    for (int64_t b = 0; b < B; b++) {
-        const float *xb = x + b * dim;
-        float r = inv_rms(xb, eps, dim), *o = out + b * dim;
-        for (int64_t i = 0; i < dim; i++) o[i] = w[i] * (xb[i] * r);
-    }
+    for (int64_t b = 0; b < B; b++)
+        scale_row(x + b * dim, w, inv_rms(x + b * dim, eps, dim), 0, dim, out + b * dim);
 }
 
 /* Prompt rows' attention, each row as the decode step attends it alone (the same loop, so
