@@ -132,7 +132,9 @@ class Runner:
         for src, dst, n in p.copies:
             self.model.copy_prefix(src, dst, n)
         logits = best = None
-        if p.segs:
+        if p.segs and p.n_out and not p.full:   # a world of one: maybe the whole pass in C
+            best = self.model.greedy_batch(p.segs)
+        if p.segs and best is None:
             local = self.model.forward_batch(p.segs)             # (n_out, n_vocab_r)
             if p.n_out and p.full:
                 logits = self.comm.gather_rows(local, self.model.vocab_counts)

@@ -159,6 +159,8 @@ def _load():
         lib.decode_layers.restype = None
         lib.norm_out.argtypes = [p, p, f, i64, i64, p]   # x, w, eps, B, dim, out
         lib.norm_out.restype = None
+        lib.decode_token.argtypes = [ctypes.POINTER(CToken), p, p, p]   # t, tokens, rows, best
+        lib.decode_token.restype = None
         _lib = lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _why_not = str(e)
@@ -345,6 +347,27 @@ def c_weight(data: torch.Tensor, scale: torch.Tensor | None, min: torch.Tensor |
                    DTYPE_CODES[data.dtype], group, tile, ptr(steps))
 
 
+class CVocab(ctypes.Structure):
+    """csrc/decode.c's vocab_t: a vocabulary matrix (a CWeight; int6 as int4 without
+    offsets) and int6's top-bit plane."""
+    _fields_ = [("w", CWeight), ("hi", ctypes.c_void_p)]
+
+
+def c_vocab(data: torch.Tensor, scale: torch.Tensor | None, min: torch.Tensor | None,
+            tile: int, hi: torch.Tensor | None, steps: torch.Tensor | None) -> CVocab:
+    """A CVocab over a bias-less vocabulary matrix as weights.Weight holds it."""
+    return CVocab(c_weight(data, scale, min, None, tile, steps), _ptr(hi))
+
+
+class CToken(ctypes.Structure):
+    """csrc/decode.c's token_t: a world of one rank's whole step for B rows."""
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "out", "h", "logits", "embed", "head",
+                                                 "norms", "w")] +
+                [(n, ctypes.c_int64) for n in ("n_layers", "B", "n_q", "n_kv", "hd")] +
+                [(n, ctypes.c_void_p) for n in ("kv_of_q", "s", "norm")] +
+                [("eps", ctypes.c_float)])
+
+
 class CScratch(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_void_p) for n in ("h", "mid", "act", "xq", "xs", "xsum")] +
                 [(n, ctypes.c_int64) for n in ("sh", "smid", "sact", "sxq", "sxs", "wide")])
@@ -430,7 +453,17 @@ class DecodeStep:
             self.x_all, self.part_all = torch.empty(B, dim), torch.empty(B, dim)
             self.h_all = torch.empty(B, dim)
             self.views = {}   # B -> the first B rows of x_all, part_all, h_all; C's pointers
+            self.calls = {}   # B -> decode_token's CToken, its best (B,) and what they hold
             self.B = B
+
+    def _view(self, B: int) -> tuple:
+        """The first B rows of x_all, part_all, h_all and their C pointers (kept per B: a
+        pass's slicing is three torch ops)."""
+        if B not in self.views:
+            x, part, h = self.x_all[:B], self.part_all[:B], self.h_all[:B]
+            ptrs = (x.data_ptr(), part.data_ptr(), self.kv_of_q.data_ptr())
+            self.views[B] = (x, part, h, ptrs)
+        return self.views[B]
 
     def places(self, table: np.ndarray, cos: torch.Tensor, sin: torch.Tensor,
                prompt: bool = False) -> torch.Tensor:
@@ -442,11 +475,7 @@ class DecodeStep:
         B = table.shape[1]
         self.resize(B)
         self.scratch.c.wide = int(prompt)
-        if B not in self.views:   # a pass's slicing is three torch ops: kept per B
-            x, part, h = self.x_all[:B], self.part_all[:B], self.h_all[:B]
-            ptrs = (x.data_ptr(), part.data_ptr(), self.kv_of_q.data_ptr())
-            self.views[B] = (x, part, h, ptrs)
-        self.x, self.part, self.h, self.ptrs = self.views[B]
+        self.x, self.part, self.h, self.ptrs = self._view(B)
         self.tables, self.n = (table, cos, sin), B
         self.table_ptr = table.ctypes.data   # layer i's rows: B ROW_WORDS int64 further each
         return self.x
@@ -467,6 +496,36 @@ class DecodeStep:
         x, part, kv = self.ptrs
         _lib.decode_layers(x, stack.n, stack.norms, self.eps, stack.weights, self.table_ptr,
                            self.n, self.n_q, self.n_kv, self.hd, kv, self.scratch.c, part)
+
+    def token(self, table: np.ndarray, tokens: torch.Tensor | None, x: torch.Tensor | None,
+              stack: LayerStack, embed: CVocab | None, head: CVocab, norm: torch.Tensor
+              ) -> np.ndarray:
+        """A world of one rank with every layer resident, greedy: B decode rows in one C
+        call (decode_token) -> their (B,) int64 argmax tokens over ``head``'s rows. The rows
+        are ``tokens`` (B,) int64 looked up in ``embed``, or (``embed`` None) the embedded
+        rows ``x`` (B, dim); ``table`` as for ``places``. The same numbers and tokens as
+        ``places``, ``layers``, ``final_norm`` and the vocabulary product in turn. ``stack``,
+        ``embed``, ``head`` and ``norm`` must be the same objects on every call."""
+        B = table.shape[1]
+        self.resize(B)
+        self.scratch.c.wide = 0
+        call = self.calls.get(B)
+        if call is None:
+            xs, part, h, _ = self._view(B)
+            logits, best = torch.empty(B, head.w.rows), np.empty(B, np.int64)
+            addr = ctypes.addressof
+            c = CToken(xs.data_ptr(), part.data_ptr(), h.data_ptr(), logits.data_ptr(),
+                       None if embed is None else addr(embed), addr(head),
+                       addr(stack.norms), addr(stack.weights), stack.n, B, self.n_q,
+                       self.n_kv, self.hd, self.kv_of_q.data_ptr(), addr(self.scratch.c),
+                       norm.data_ptr(), self.eps)
+            call = self.calls[B] = (c, best, best.ctypes.data, xs, (logits, embed, head, stack))
+        c, best, best_ptr, xs = call[:4]
+        if x is not None:
+            xs.copy_(x)
+        _lib.decode_token(c, None if tokens is None else tokens.data_ptr(), table.ctypes.data,
+                          best_ptr)
+        return best
 
     def final_norm(self, norm: torch.Tensor) -> torch.Tensor:
         """The rows' (B, dim) x after the last layer, normed by ``norm`` (dim,) in C, into a

@@ -352,6 +352,41 @@ class Transformer:
             self.decode_layer(i, self.layers.get(i))
         return xs
 
+    def _hold(self, segs: list[Segment]) -> None:
+        """Grow each segment's slot cache to hold it; ``cached[slot]`` becomes the tokens
+        before ``start`` and the segment's."""
+        for seg in segs:
+            self.reserve(seg.end, seg.slot)
+            held = self.cached[seg.slot]          # in place: a copy grew with the sequence
+            del held[seg.start:]
+            held.extend(seg.tokens.tolist())
+
+    def greedy_batch(self, segs: list[Segment]) -> list[int] | None:
+        """A world of one rank with every layer resident: decode rows of ``segs`` (each
+        row's logits wanted) in one C call (kernels.DecodeStep.token) -> each row's greedy
+        token, as ``forward_batch`` and an argmax of its logits give it (the same numbers).
+        None, having done nothing, where that call does not apply: several ranks, layers
+        streamed, prompt rows, no kernels; the caller runs ``forward_batch`` then."""
+        step = self.step
+        if (step is None or not step.add or not self.one_call
+                or self.layers.n_resident != self.n_layers
+                or any(g.prompt or g.n_out != g.tokens.shape[0] for g in segs)):
+            return None
+        self._hold(segs)
+        if self._stack is None:
+            self._stack = kernels.LayerStack([self.layers.get(i) for i in range(self.n_layers)])
+        top = self.top
+        tokens = segs[0].tokens if len(segs) == 1 else torch.cat([g.tokens for g in segs])
+        table = self._row_table(segs)
+        if top.embed.c_rows:
+            best = step.token(table, tokens, None, self._stack, top.embed.c_vocab,
+                              top.lm_head.c_vocab, top.norm)
+        else:   # plain quantized rows: looked up in torch, as forward_batch does
+            with torch.inference_mode():   # the step's buffers are inference tensors
+                best = step.token(table, None, self.embed_tokens(tokens), self._stack, None,
+                                  top.lm_head.c_vocab, top.norm)
+        return best.tolist()
+
     @torch.inference_mode()
     def forward_batch(self, segs: list[Segment]) -> torch.Tensor:
         """Rows of every segment in one pass -> (sum of n_out, n_vocab_r) logits of each
@@ -368,11 +403,7 @@ class Transformer:
         segments. Each slot's cache is grown as needed and written at its segment's
         positions; ``cached[slot]`` becomes the tokens before ``start`` and these.
         """
-        for seg in segs:
-            self.reserve(seg.end, seg.slot)
-            held = self.cached[seg.slot]          # in place: a copy grew with the sequence
-            del held[seg.start:]
-            held.extend(seg.tokens.tolist())
+        self._hold(segs)
         tokens = segs[0].tokens if len(segs) == 1 else torch.cat([g.tokens for g in segs])
         x = self.embed_tokens(tokens)                             # (R, dim)
         decode = not any(g.prompt for g in segs)

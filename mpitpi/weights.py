@@ -99,6 +99,20 @@ class Weight:
         return kernels.c_weight(self.data, self.scale, self.min, self.bias, self.tile,
                                 self.steps)
 
+    @cached_property
+    def c_vocab(self) -> kernels.CVocab:
+        """This vocabulary matrix (bias-less) as csrc/decode.c's decode_token reads it, for
+        its product and, where ``c_rows``, its lookups (made once, after ``tile_rows``)."""
+        assert self.bias is None, "a vocabulary matrix has no bias"
+        return kernels.c_vocab(self.data, self.scale, self.min, self.tile, self.hi,
+                               self.steps)
+
+    @property
+    def c_rows(self) -> bool:
+        """Whether ``rows`` gathers in C or plainly (float storage, or tiled rows): then
+        decode_token's lookup gives the same numbers."""
+        return self.scale is None or bool(self.tile)
+
     def tile_rows(self, coded: bool = True) -> None:
         """This int4 or int8 matrix's rows were just written, plain: rearrange them in place
         into the tiles the host's kernels read fastest (kernels.tile_i4 / tile_i8: groups of
@@ -119,6 +133,7 @@ class Weight:
                 self.steps = keep[:n].view(torch.float32).view(steps.shape)
                 self.min = keep[n:].view(-1, self.min.shape[1])
                 self.__dict__.pop("c", None)
+                self.__dict__.pop("c_vocab", None)
         elif self.kind == "int6" and kernels.available():
             self.tile = kernels.tile_i4(self.data, self.scale, self.min, self.hi)
         elif self.kind == "int8" and kernels.available():

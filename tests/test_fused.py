@@ -113,3 +113,57 @@ def test_one_call_for_every_layer_gives_the_numbers_of_a_call_per_half(models, t
         assert (model._stack is not None) == one_call
         logits[one_call] = torch.stack(got)
     assert torch.equal(logits[True], logits[False])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("name", ["llama-odd", "qwen2", "llama-coded"])
+def test_the_whole_greedy_step_in_one_call_picks_the_tokens_of_the_logits(models, tmp_path,
+                                                                           name, dtype):
+    """One rank, every layer resident, greedy decode rows: Transformer.greedy_batch runs the
+    lookup, the layers, the final norm, the vocabulary product and the argmax in one C call
+    (kernels.DecodeStep.token). Its logits are forward_batch's bit for bit and its tokens
+    their argmax, for one row and for two rows of two sequences, each fed its own pick;
+    embeddings looked up in C (tied, tiled, float) or in torch (plain quantized rows)."""
+    folder, _ = models(name)
+    write_shards(open_checkpoint(folder), str(tmp_path / "s"), 1, None, dtype,
+                 progress=False)
+    runs = []
+    for whole in (True, False):
+        args, plan, top, layers = open_rank(str(tmp_path / "s"), 0, 1, None)
+        model = Transformer(args, plan, 0, top, layers)
+        model.forward_batch([Segment(0, 0, torch.tensor(PROMPT)),
+                             Segment(1, 0, torch.tensor(PROMPT[:7]))])
+        picks, logits, last = [], [], [NEW[0], NEW[1]]
+        for i in range(4):
+            segs = [Segment(0, len(PROMPT) + i, torch.tensor([last[0]]), 1, False)]
+            if i % 2:   # every other step, a second sequence's row beside it
+                segs.append(Segment(1, 7 + i // 2, torch.tensor([last[1]]), 1, False))
+            if whole:
+                got = model.greedy_batch(segs)
+                logits.append(model.step.calls[len(segs)][4][0].clone())
+            else:
+                out = model.forward_batch(segs)
+                got = out.argmax(-1).tolist()
+                logits.append(out)
+            picks.append(got)
+            last = got + last[len(got):]
+        runs.append((picks, logits))
+    (picks, logits), (ref_picks, ref_logits) = runs
+    assert picks == ref_picks
+    for a, b in zip(logits, ref_logits):
+        assert torch.equal(a, b)
+
+
+def test_the_whole_greedy_step_declines_what_it_does_not_run(models, tmp_path):
+    """greedy_batch returns None, with nothing cached, for prompt rows and for rows whose
+    logits are not all wanted; the caller runs forward_batch then."""
+    folder, _ = models("llama-odd")
+    write_shards(open_checkpoint(folder), str(tmp_path / "s"), 1, None, "int4",
+                 progress=False)
+    args, plan, top, layers = open_rank(str(tmp_path / "s"), 0, 1, None)
+    model = Transformer(args, plan, 0, top, layers)
+    assert model.greedy_batch([Segment(0, 0, torch.tensor(PROMPT))]) is None
+    assert model.greedy_batch([Segment(0, 0, torch.tensor(PROMPT[:2]), 1, False)]) is None
+    assert model.cached.get(0, []) == []
+    model.one_call = False
+    assert model.greedy_batch([Segment(0, 0, torch.tensor(PROMPT[:1]), 1, False)]) is None

@@ -598,6 +598,107 @@ void norm_out(const float *x, const float *w, float eps, int64_t B, int64_t dim,
         scale_row(x + b * dim, w, inv_rms(x + b * dim, eps, dim), 0, dim, out + b * dim);
 }
 
+/* matvec.c's products and lookups, which decode_token calls as kernels.py does */
+void matvec_f32(const float *x, const float *w, float *y, int64_t T, int64_t in, int64_t out);
+void matvec_bf16(const float *x, const uint16_t *w, float *y, int64_t T, int64_t in,
+                 int64_t out);
+void matvec_f16(const float *x, const uint16_t *w, float *y, int64_t T, int64_t in,
+                int64_t out);
+void matvec_i8(const float *x, const int8_t *w, const float *scale, float *y, int64_t T,
+               int64_t in, int64_t out, int64_t group, int64_t tile);
+void matvec_i4(const float *x, const uint8_t *q, const uint16_t *d, const uint16_t *m,
+               const uint8_t *h, const float *rs, float *y, int64_t T, int64_t in,
+               int64_t out, int64_t tile, int64_t wide);
+void rows_i4(const uint8_t *q, const uint16_t *d, const uint16_t *m, const uint8_t *h,
+             const float *rs, const int64_t *index, int64_t n, float *out, int64_t rows,
+             int64_t in, int64_t tile);
+void rows_i8(const int8_t *q, const float *scale, const int64_t *index, int64_t n, float *out,
+             int64_t rows, int64_t in, int64_t group, int64_t tile);
+
+typedef struct {            /* a vocabulary matrix: a weight_t, and int6's top-bit plane */
+    weight_t w;
+    const uint8_t *hi;      /* int6 (w.dtype W_I4, w.min NULL): (rows, cols / 4), else NULL */
+} vocab_t;
+
+typedef struct {            /* a world of one rank's whole step for B decode rows */
+    float *x, *out, *h;     /* (B, dim) each: the rows, the layers' partial sums, normed x */
+    float *logits;          /* (B, vocab) */
+    const vocab_t *embed;   /* the rows' lookup; NULL: the caller wrote x */
+    const vocab_t *head;    /* the vocabulary product */
+    const float *const *norms;   /* the layer stack, as decode_layers takes it */
+    const weight_t *w;
+    int64_t n_layers, B, n_q, n_kv, hd;
+    const int64_t *kv_of_q;
+    const scratch_t *s;
+    const float *norm;      /* (dim,) the final norm */
+    float eps;
+} token_t;
+
+/* out (n, cols) fp32 = rows index[0..n) of v as weights.Weight.rows gives them: float
+ * storage widened, int4 / int6 / int8 as rows_i4 / rows_i8 (kernels.rows; the caller
+ * passes quantized matrices only when their rows are tiled, as Weight.rows sends to C). */
+static void lookup(const vocab_t *v, const int64_t *index, int64_t n, float *out) {
+    const weight_t *w = &v->w;
+    int64_t in = w->cols;
+    if (w->dtype == W_I4)
+        rows_i4(w->data, w->scale, w->min, v->hi, w->steps, index, n, out, w->rows, in,
+                w->tile);
+    else if (w->dtype == W_I8)
+        rows_i8(w->data, w->scale, index, n, out, w->rows, in, w->group, w->tile);
+    else
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t c = 0; c < in; c++) {
+                int64_t at = index[i] * in + c;
+                out[i * in + c] = w->dtype == W_F32 ? ((const float *)w->data)[at]
+                                : w->dtype == W_BF16 ? bf16_to_f32(((const uint16_t *)w->data)[at])
+                                : f16_to_f32(((const uint16_t *)w->data)[at]);
+            }
+}
+
+/* y (B, rows) = x (B, cols) @ v.T as weights.Weight.__call__(x, decode=True, logits=True)
+ * computes it with the kernels (no bias: a vocabulary has none). */
+static void vocab_product(const vocab_t *v, const float *x, int64_t B, float *y) {
+    const weight_t *w = &v->w;
+    if (w->dtype == W_I4)
+        matvec_i4(x, w->data, w->scale, w->min, v->hi, w->steps, y, B, w->cols, w->rows,
+                  w->tile, 0);
+    else if (w->dtype == W_I8)
+        matvec_i8(x, w->data, w->scale, y, B, w->cols, w->rows, w->group, w->tile);
+    else if (w->dtype == W_F32)
+        matvec_f32(x, w->data, y, B, w->cols, w->rows);
+    else if (w->dtype == W_BF16)
+        matvec_bf16(x, w->data, y, B, w->cols, w->rows);
+    else
+        matvec_f16(x, w->data, y, B, w->cols, w->rows);
+}
+
+/* The index of the largest of y[0..n), the first of ties (numpy's argmax; NaN aside). */
+static int64_t argmax(const float *y, int64_t n) {
+    float m = y[0];
+    for (int64_t i = 1; i < n; i++) m = y[i] > m ? y[i] : m;   /* vectorised */
+    int64_t i = 0;
+    while (i < n - 1 && y[i] != m) i++;
+    return i;
+}
+
+/* A world of one rank with every layer in memory, greedy: the whole step for B decode rows
+ * in one call. tokens (B,) are looked up into x (unless t->embed is NULL), run through every
+ * layer (decode_layers, r: its (n_layers, B) places), normed (norm_out), multiplied by the
+ * vocabulary (vocab_product) and best (B,) gets each row's argmax: the numbers and tokens
+ * of the calls kernels.py makes one by one, without Python between them (after the weights
+ * have streamed through the caches, each Python step between two calls ran cold). */
+void decode_token(const token_t *t, const int64_t *tokens, const row_t *r, int64_t *best) {
+    int64_t B = t->B, dim = t->w[0].cols, vocab = t->head->w.rows;
+    if (t->embed)
+        lookup(t->embed, tokens, B, t->x);
+    decode_layers(t->x, t->n_layers, t->norms, t->eps, t->w, r, B, t->n_q, t->n_kv, t->hd,
+                  t->kv_of_q, t->s, t->out);
+    norm_out(t->x, t->norm, t->eps, B, dim, t->h);
+    vocab_product(t->head, t->h, B, t->logits);
+    for (int64_t b = 0; b < B; b++)
+        best[b] = argmax(t->logits + b * vocab, vocab);
+}
+
 /* Prompt rows' attention, each row as the decode step attends it alone (the same loop, so
  * a row's numbers do not depend on the other rows of its chunk): q (T, n_q, hd) with rope
  * applied; row t attends keys [r[t].start, r[t].pos] of its KV head in r[t]'s cache,
