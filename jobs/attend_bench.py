@@ -1,4 +1,4 @@
-"""Time the C attention (csrc/decode.c, through kernels.attend_rows) over a server's worth of
+"""Time the C attention (csrc/decode.c, through fused_step.attend_rows) over a server's worth of
 KV caches: L layers x B sequences, each with its own fp32 or fp16 cache of P positions.
 "cold" cycles through every layer's caches, as a forward pass does (each layer's keys were
 last read a pass ago); "hot" reads layer 0's again and again (the caches in cache).
@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from mpitpi import kernels
+from mpitpi import fused_step, kernels
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
                        for _ in range(B)] for _ in range(L)]      # (nkv, cap, hd) each
             tables = []
             for layer in caches:
-                t = np.zeros((B, kernels.ROW_WORDS), np.int64)    # row_t of each row
+                t = np.zeros((B, fused_step.ROW_WORDS), np.int64)    # row_t of each row
                 for b, (k, v) in enumerate(layer):
                     t[b, :4] = k.data_ptr(), v.data_ptr(), rope, rope
                     t[b, 4:] = cap, 0, P - 1, int(dt == torch.float16)
@@ -51,7 +51,7 @@ def main() -> None:
                 for _ in range(7):
                     t0 = time.perf_counter()
                     for i in range(L):
-                        kernels.attend_rows(q, tables[i if mode == "cold" else 0], kv_of_q)
+                        fused_step.attend_rows(q, tables[i if mode == "cold" else 0], kv_of_q)
                     best = min(best, time.perf_counter() - t0)
                 print(f"{str(dt)[6:]:8} P {P:5} {mode}: {best * 1e3:7.3f} ms for {L} layers, "
                       f"{best / (L * B * nq * P) * 1e9:5.2f} ns per key and query head",

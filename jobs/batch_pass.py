@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from mpitpi import kernels
+from mpitpi import fused_step
 from mpitpi.llm import LLM
 from mpitpi.model import KV_DTYPES, Segment
 
@@ -45,8 +45,8 @@ def main() -> None:
               kv_dtype=a.kv_dtype)
     model, comm = llm.loaded.model, llm.comm
     spent: dict[str, float] = {}
-    kernels.DecodeStep.attn = timed(spent, "attn", kernels.DecodeStep.attn)
-    kernels.DecodeStep.mlp = timed(spent, "mlp", kernels.DecodeStep.mlp)
+    fused_step.DecodeStep.attn = timed(spent, "attn", fused_step.DecodeStep.attn)
+    fused_step.DecodeStep.mlp = timed(spent, "mlp", fused_step.DecodeStep.mlp)
     model.reduce = timed(spent, "reduce", model.reduce)
     model.top.lm_head = timed(spent, "head", model.top.lm_head)
     g = torch.Generator().manual_seed(0)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpitpi import choices, kernels
+from mpitpi import choices, fused_step, kernels
 from mpitpi.config import ModelArgs
 from mpitpi.plan import RankSlice, vocab_counts
 from mpitpi.prefetch import LayerStore
@@ -161,19 +161,19 @@ class Transformer:
         self.kv_of_q = kv_of_q
         hd = args.head_dim
         self.split_qkv = (s.n_q * hd, s.n_kv * hd, s.n_kv * hd)
-        # decode rows run the fused C step per layer half (kernels.DecodeStep) unless the
+        # decode rows run the fused C step per layer half (fused_step.DecodeStep) unless the
         # kernels are missing or MPITPI_FUSED=0; the torch path is the reference
         self.fused = kernels.available() and os.environ.get("MPITPI_FUSED", "1") != "0"
         self.c_attention = kernels.available()   # prompt rows' attention, row by row in C
-        self.step: kernels.DecodeStep | None = None
+        self.step: fused_step.DecodeStep | None = None
         # a world of one rank with every layer resident runs all layers in one C call
-        # (kernels.LayerStack); False: one call per layer half, as with several ranks
+        # (fused_step.LayerStack); False: one call per layer half, as with several ranks
         self.one_call = True
-        self._stack: kernels.LayerStack | None = None
+        self._stack: fused_step.LayerStack | None = None
         if self.fused:
             qkv = (s.n_q + 2 * s.n_kv) * hd
             dims = (args.dim, max(qkv, 2 * s.n_ffn), max(s.n_q * hd, s.n_ffn))
-            self.step = kernels.DecodeStep(dims, kv_of_q, s.n_q, s.n_kv, hd, args.norm_eps,
+            self.step = fused_step.DecodeStep(dims, kv_of_q, s.n_q, s.n_kv, hd, args.norm_eps,
                                            add=len(plan) == 1)
         self.rope_len = 0
         self.cache_k: dict[int, list[torch.Tensor]] = {}   # slot -> (n_kv, cap, hd) per layer
@@ -271,7 +271,7 @@ class Transformer:
             self._store(cache_v[:, start:end], v[:, row:row + T])
             row += T
             if table is not None:   # each row as it would be alone, whatever the chunk
-                outs.append(kernels.attend_rows(qs.transpose(0, 1).contiguous(),
+                outs.append(fused_step.attend_rows(qs.transpose(0, 1).contiguous(),
                                                 table[i, row - T:row], self.kv_of_q))
                 continue
             keys, vals = cache_k[:, :end].float(), cache_v[:, :end].float()   # (n_kv, end, hd)
@@ -295,7 +295,7 @@ class Transformer:
         attends (a sliding window's start, else 0) and its position."""
         win, hd = self.args.sliding_window, self.args.head_dim
         pos = np.concatenate([np.arange(g.start, g.end, dtype=np.int64) for g in segs])
-        table = np.empty((self.n_layers, pos.size, kernels.ROW_WORDS), np.int64)
+        table = np.empty((self.n_layers, pos.size, fused_step.ROW_WORDS), np.int64)
         row = 0
         for g in segs:
             T = g.tokens.shape[0]
@@ -325,7 +325,7 @@ class Transformer:
         return self.reduce(x)
 
     def decode_layer(self, i: int, w: LayerWeights) -> None:
-        """Layer i for the rows placed in the fused step (kernels.DecodeStep): its x
+        """Layer i for the rows placed in the fused step (fused_step.DecodeStep): its x
         (B, dim) is updated in place, with the same two ``reduce`` calls as the torch path
         on the partial sums (none in a world of one rank: the C step adds them itself)."""
         step = self.step
@@ -344,7 +344,7 @@ class Transformer:
         xs.copy_(x)
         if self.step.add and self.layers.n_resident == self.n_layers and self.one_call:
             if self._stack is None:   # one C call for every layer (resident, one rank)
-                self._stack = kernels.LayerStack([self.layers.get(i)
+                self._stack = fused_step.LayerStack([self.layers.get(i)
                                                   for i in range(self.n_layers)])
             self.step.layers(self._stack)
             return xs
@@ -363,7 +363,7 @@ class Transformer:
 
     def greedy_batch(self, segs: list[Segment]) -> list[int] | None:
         """A world of one rank with every layer resident: decode rows of ``segs`` (each
-        row's logits wanted) in one C call (kernels.DecodeStep.token) -> each row's greedy
+        row's logits wanted) in one C call (fused_step.DecodeStep.token) -> each row's greedy
         token, as ``forward_batch`` and an argmax of its logits give it (the same numbers).
         None, having done nothing, where that call does not apply: several ranks, layers
         streamed, prompt rows, no kernels; the caller runs ``forward_batch`` then."""
@@ -374,7 +374,7 @@ class Transformer:
             return None
         self._hold(segs)
         if self._stack is None:
-            self._stack = kernels.LayerStack([self.layers.get(i) for i in range(self.n_layers)])
+            self._stack = fused_step.LayerStack([self.layers.get(i) for i in range(self.n_layers)])
         top = self.top
         tokens = segs[0].tokens if len(segs) == 1 else torch.cat([g.tokens for g in segs])
         table = self._row_table(segs)

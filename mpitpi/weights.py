@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpitpi import choices, kernels
+from mpitpi import choices, fused_step, kernels
 from mpitpi.quant import (can_int4, dequantize_int4, dequantize_int6, dequantize_int8,
                           quantize_int4, quantize_int6, quantize_int8)
 
@@ -91,20 +91,20 @@ class Weight:
         return self.data.float()
 
     @cached_property
-    def c(self) -> kernels.CWeight:
+    def c(self) -> fused_step.CWeight:
         """This weight as the fused C step reads it (made once; it points into the tensors
         above, which this object keeps alive). Never int6: only the vocabulary is, whose
         product runs through ``__call__``."""
         assert self.hi is None, "int6 has no fused-step kernels"
-        return kernels.c_weight(self.data, self.scale, self.min, self.bias, self.tile,
+        return fused_step.c_weight(self.data, self.scale, self.min, self.bias, self.tile,
                                 self.steps)
 
     @cached_property
-    def c_vocab(self) -> kernels.CVocab:
+    def c_vocab(self) -> fused_step.CVocab:
         """This vocabulary matrix (bias-less) as csrc/decode.c's decode_token reads it, for
         its product and, where ``c_rows``, its lookups (made once, after ``tile_rows``)."""
         assert self.bias is None, "a vocabulary matrix has no bias"
-        return kernels.c_vocab(self.data, self.scale, self.min, self.tile, self.hi,
+        return fused_step.c_vocab(self.data, self.scale, self.min, self.tile, self.hi,
                                self.steps)
 
     @property

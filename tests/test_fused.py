@@ -91,7 +91,7 @@ def test_prompt_and_decode_rows_store_the_same_fp16_bits(models, tmp_path):
 def test_one_call_for_every_layer_gives_the_numbers_of_a_call_per_half(models, tmp_path,
                                                                        name, dtype):
     """One rank, every layer resident: the step runs all layers in one C call
-    (kernels.LayerStack); the logits are those of one call per layer half, bit for bit, in
+    (fused_step.LayerStack); the logits are those of one call per layer half, bit for bit, in
     each decode step (batches of two rows too: the one call takes the rows' places per
     layer from the same table)."""
     folder, _ = models(name)
@@ -121,7 +121,7 @@ def test_the_whole_greedy_step_in_one_call_picks_the_tokens_of_the_logits(models
                                                                            name, dtype):
     """One rank, every layer resident, greedy decode rows: Transformer.greedy_batch runs the
     lookup, the layers, the final norm, the vocabulary product and the argmax in one C call
-    (kernels.DecodeStep.token). Its logits are forward_batch's bit for bit and its tokens
+    (fused_step.DecodeStep.token). Its logits are forward_batch's bit for bit and its tokens
     their argmax, for one row and for two rows of two sequences, each fed its own pick;
     embeddings looked up in C (tied, tiled, float) or in torch (plain quantized rows)."""
     folder, _ = models(name)

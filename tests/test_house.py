@@ -105,7 +105,7 @@ def run_ranks(folder: str, n: int, steps: list[torch.Tensor], starts: list[int],
               fused: bool = False, kv_dtype: str = "fp32"):
     """Every rank's Transformer in its own thread; returns, per forward pass, the full
     logits (ranks' vocabulary rows concatenated in rank order). ``fused``: one-token steps
-    through the fused C step (kernels.DecodeStep), else the torch path; ``kv_dtype``: what
+    through the fused C step (fused_step.DecodeStep), else the torch path; ``kv_dtype``: what
     the KV caches store."""
     reduce = ThreadReduce(n)
     out: list[list[torch.Tensor]] = [[] for _ in range(n)]
