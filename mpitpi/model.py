@@ -173,8 +173,8 @@ class Transformer:
         if self.fused:
             qkv = (s.n_q + 2 * s.n_kv) * hd
             dims = (args.dim, max(qkv, 2 * s.n_ffn), max(s.n_q * hd, s.n_ffn))
-            self.step = fused_step.DecodeStep(dims, kv_of_q, s.n_q, s.n_kv, hd, args.norm_eps,
-                                           add=len(plan) == 1)
+            self.step = fused_step.DecodeStep(dims, kv_of_q, s.n_q, s.n_kv, hd,
+                                              args.norm_eps, add=len(plan) == 1)
         self.rope_len = 0
         self.cache_k: dict[int, list[torch.Tensor]] = {}   # slot -> (n_kv, cap, hd) per layer
         self.cache_v: dict[int, list[torch.Tensor]] = {}
@@ -272,7 +272,7 @@ class Transformer:
             row += T
             if table is not None:   # each row as it would be alone, whatever the chunk
                 outs.append(fused_step.attend_rows(qs.transpose(0, 1).contiguous(),
-                                                table[i, row - T:row], self.kv_of_q))
+                                                   table[i, row - T:row], self.kv_of_q))
                 continue
             keys, vals = cache_k[:, :end].float(), cache_v[:, :end].float()   # (n_kv, end, hd)
             if not self.gqa:
@@ -343,14 +343,19 @@ class Transformer:
         xs = self.step.places(self._row_table(segs), self.cos, self.sin, prompt)
         xs.copy_(x)
         if self.step.add and self.layers.n_resident == self.n_layers and self.one_call:
-            if self._stack is None:   # one C call for every layer (resident, one rank)
-                self._stack = fused_step.LayerStack([self.layers.get(i)
-                                                  for i in range(self.n_layers)])
-            self.step.layers(self._stack)
+            self.step.layers(self._layer_stack())   # one C call for every layer
             return xs
         for i in range(self.n_layers):
             self.decode_layer(i, self.layers.get(i))
         return xs
+
+    def _layer_stack(self) -> fused_step.LayerStack:
+        """Every layer as one C call reads them (made once: only for a world of one rank
+        with every layer resident, whose layers never move)."""
+        if self._stack is None:
+            self._stack = fused_step.LayerStack([self.layers.get(i)
+                                                 for i in range(self.n_layers)])
+        return self._stack
 
     def _hold(self, segs: list[Segment]) -> None:
         """Grow each segment's slot cache to hold it; ``cached[slot]`` becomes the tokens
@@ -373,17 +378,15 @@ class Transformer:
                 or any(g.prompt or g.n_out != g.tokens.shape[0] for g in segs)):
             return None
         self._hold(segs)
-        if self._stack is None:
-            self._stack = fused_step.LayerStack([self.layers.get(i) for i in range(self.n_layers)])
-        top = self.top
+        top, stack = self.top, self._layer_stack()
         tokens = segs[0].tokens if len(segs) == 1 else torch.cat([g.tokens for g in segs])
         table = self._row_table(segs)
         if top.embed.c_rows:
-            best = step.token(table, tokens, None, self._stack, top.embed.c_vocab,
+            best = step.token(table, tokens, None, stack, top.embed.c_vocab,
                               top.lm_head.c_vocab, top.norm)
         else:   # plain quantized rows: looked up in torch, as forward_batch does
             with torch.inference_mode():   # the step's buffers are inference tensors
-                best = step.token(table, None, self.embed_tokens(tokens), self._stack, None,
+                best = step.token(table, None, self.embed_tokens(tokens), stack, None,
                                   top.lm_head.c_vocab, top.norm)
         return best.tolist()
 

@@ -97,7 +97,7 @@ class Weight:
         product runs through ``__call__``."""
         assert self.hi is None, "int6 has no fused-step kernels"
         return fused_step.c_weight(self.data, self.scale, self.min, self.bias, self.tile,
-                                self.steps)
+                                   self.steps)
 
     @cached_property
     def c_vocab(self) -> fused_step.CVocab:
@@ -105,7 +105,7 @@ class Weight:
         its product and, where ``c_rows``, its lookups (made once, after ``tile_rows``)."""
         assert self.bias is None, "a vocabulary matrix has no bias"
         return fused_step.c_vocab(self.data, self.scale, self.min, self.tile, self.hi,
-                               self.steps)
+                                  self.steps)
 
     @property
     def c_rows(self) -> bool:
