@@ -1,6 +1,9 @@
 """Coded int4 tiles: quantize_int4 writes each row's scales and offsets as 8-bit codes times
 a step of the row, so that the tiles can hold a byte per value instead of fp16 (a tenth
-fewer bytes per product) and compute the very numbers of fp16 tiles. Also: a row-parallel
+fewer bytes per product). With int16 activations (prompt rows, logits) they compute the very
+numbers of fp16 tiles; with int8 ones (decode) the codes multiply the integer sums and the
+steps the finished rows, so the numbers differ from fp16 tiles' by float rounding alone.
+Also: a row-parallel
 matrix quantized in column slices with the whole rows' steps equals the whole one's slices
 (a split quantizes alike on any number of ranks)."""
 import pytest
@@ -74,7 +77,12 @@ def test_coded_tiles_give_the_numbers_of_fp16_tiles(n_out, n_in, monkeypatch):
             a = kernels.matvec(x, coded.data, coded.scale, coded.min, wide, coded.tile,
                                steps=coded.steps)
             b = kernels.matvec(x, plain.data, plain.scale, plain.min, wide, plain.tile)
-            assert torch.equal(a, b), (T, wide)
+            if wide or coded.steps is None:
+                assert torch.equal(a, b), (T, wide)
+            else:   # rounding only: a wrong code or step would be far off
+                err = ((a - b).abs().max() / b.abs().max()).item()
+                assert err < 2e-6, (T, err)
+                assert torch.equal(a[:, full:], b[:, full:])   # the rows after the tiles
     # the prompt path through torch's product: two tiles of rows dequantized at a time
     x = torch.randn(max(65, choices.host().kernel_rows("int4") + 1), n_in, generator=g)
     monkeypatch.setattr(weights, "DEQUANT_AT_ONCE", 2 * max(tile, 1) * n_in)
@@ -127,7 +135,11 @@ def test_a_refilled_buffer_is_tiled_again_in_fp16():
 def test_the_fused_step_gives_coded_tiles_the_numbers_of_fp16_tiles(models, tmp_path,
                                                                      monkeypatch):
     """A model in int4 on 3 ranks (rows after the last tile in wqkv), decoded through the
-    fused C step: the logits with coded tiles equal those with fp16 tiles, bit for bit."""
+    fused C step: the logits with coded tiles equal those with fp16 tiles up to float
+    rounding, and the tokens are the same. The decode products take other float steps, and
+    a rounding that moves an activation across an int8 step of the next product carries on
+    through the layers: 2e-5 of the largest logit on AVX-512, 1.4e-3 on AVX2 (a wrong code or
+    step would be off by its whole size)."""
     from test_house import run_ranks
     folder, _ = models("llama-coded")
     write_shards(open_checkpoint(folder), str(tmp_path / "s"), 3, None, "int4",
@@ -139,7 +151,8 @@ def test_the_fused_step_gives_coded_tiles_the_numbers_of_fp16_tiles(models, tmp_
                         lambda q, s, m: (kernels.tile_i4(q, s, m), None))
     plain = run_ranks(str(tmp_path / "s"), 3, steps, starts, fused=True)
     for a, b in zip(coded, plain):
-        assert torch.equal(a, b)
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-2
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
 def test_the_roofline_counts_resident_coded_layers_as_they_lie_in_memory(models, tmp_path):

@@ -832,6 +832,14 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
 #define X4(x, c) _mm512_set1_epi32(*(const int32_t *)((x) + 4 * (c)))   /* 4 bytes, each lane */
 #if defined(__AVX512VNNI__)
 #define DP512(acc, a, b) _mm512_dpbusd_epi32(acc, a, b)
+/* DP512 against 4 activation bytes at x, broadcast to every lane by vpdpbusd's own memory
+ * operand ({1to16}). Compilers load them with a vpbroadcastd apiece instead; the loads, not
+ * the arithmetic, then bounded the tile loop (C harness, 1 MB in L2, AMD EPYC with VNNI, 1
+ * thread: 47 -> 52-58 GB/s with the changes beside it in DOT_I4_TILE, docs/BENCHMARKS.md). */
+static inline __m512i dp512_x4(__m512i acc, __m512i w, const int8_t *x) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const int32_t *)x));
+    return acc;
+}
 /* The high nibbles of a chunk v stay in place (v & 0xf0: 16 times their value, an unsigned
  * byte vpdpbusd takes as it is): one instruction, not a shift and a mask. Their products
  * are then sums of multiples of 16 (at most 4 x 4 x 240 x 128 in a lane: no overflow), so
@@ -841,11 +849,11 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
 #define I4_HIGH(v, low) _mm512_and_si512(v, _mm512_set1_epi8((char)0xf0))
 /* A block's eight column quads for one input row: the int32 sums of each row's lane */
 #define I4_TILE_SUMS(w, xl, xh)                                                           \
-    ({ __m512i p0 = DP512(_mm512_setzero_si512(), w[0], X4(xl, 0));                       \
-       __m512i p1 = DP512(_mm512_setzero_si512(), w[4], X4(xh, 0));                       \
-       p0 = DP512(p0, w[1], X4(xl, 1)); p1 = DP512(p1, w[5], X4(xh, 1));                  \
-       p0 = DP512(p0, w[2], X4(xl, 2)); p1 = DP512(p1, w[6], X4(xh, 2));                  \
-       p0 = DP512(p0, w[3], X4(xl, 3)); p1 = DP512(p1, w[7], X4(xh, 3));                  \
+    ({ __m512i p0 = dp512_x4(_mm512_setzero_si512(), w[0], xl);                           \
+       __m512i p1 = dp512_x4(_mm512_setzero_si512(), w[4], xh);                           \
+       p0 = dp512_x4(p0, w[1], (xl) + 4); p1 = dp512_x4(p1, w[5], (xh) + 4);              \
+       p0 = dp512_x4(p0, w[2], (xl) + 8); p1 = dp512_x4(p1, w[6], (xh) + 8);              \
+       p0 = dp512_x4(p0, w[3], (xl) + 12); p1 = dp512_x4(p1, w[7], (xh) + 12);            \
        _mm512_add_epi32(p0, _mm512_srai_epi32(p1, 4)); })
 #else   /* without VNNI: the eight vpmaddubsw summed in int16 (at most 8 x 2 x 15 x 127 =
          * 30480, no saturation), widened once by vpmaddwd (as the AVX2 tile); high nibbles
@@ -870,15 +878,24 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
  * groups of four (a block's activation offsets are then a pointer step, not i4_slot's
  * arithmetic per block), and coded and fp16 scales each get their own copy of the loop
  * (dot_i4_tile calls the body with rs known non-NULL, or NULL): about 25 scalar
- * instructions fewer per 256-byte block. */
+ * instructions fewer per 256-byte block.
+ * Each 64-byte chunk is loaded once (I4_IN_REG): left alone, the compiler folds the load
+ * into both of its masks and reads it twice. A coded block's scale codes multiply its integer
+ * sums in integer (|sum| <= 32 x 15 x 127 = 60960, times a code <= 255 stays below 2^24: the
+ * product and its conversion to fp32 are exact), its offset codes go to an accumulator of
+ * their own, and the rows' steps multiply both once, after the last block: four vector
+ * operations a block fewer than scaling every block's codes by the steps. A coded row's
+ * numbers then differ from an fp16 tile's by float rounding alone (the same integer sums,
+ * other float steps). */
+#define I4_IN_REG(v) __asm__("" : "+v"(v))
 #define DOT_I4_TILE(R)                                                                    \
 static inline __attribute__((always_inline)) void dot_i4_tile##R##_body(                   \
         const uint8_t *q, const uint16_t *d, const uint16_t *m, int8_t *const *xq,         \
         float *const *xs, float *const *xsum, int64_t nb, float *y, int64_t ys,           \
         const uint8_t *h, const float *rs) {                                              \
     const __m512i low = _mm512_set1_epi8(15);                                             \
-    __m512 acc[R];                                                                        \
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                             \
+    __m512 acc[R], macc[R];   /* coded: the scales' and the offsets' terms, in codes */   \
+    for (int r = 0; r < R; r++) acc[r] = macc[r] = _mm512_setzero_ps();                   \
     for (int64_t g0 = 0; g0 < nb; g0 += 4) {                                              \
         int64_t n4 = nb - g0 < 4 ? nb - g0 : 4;   /* blocks in this group of i4_slot's */ \
         for (int64_t k = 0; k < n4; k++) {                                                \
@@ -888,8 +905,22 @@ static inline __attribute__((always_inline)) void dot_i4_tile##R##_body(        
             __m512i w[8];                                                                 \
             for (int t = 0; t < 4; t++) {                                                 \
                 __m512i v = _mm512_loadu_si512((const void *)(qb + 64 * t));              \
+                I4_IN_REG(v);                                                             \
                 w[t] = _mm512_and_si512(v, low);                      /* columns 4t.. */  \
                 w[4 + t] = I4_HIGH(v, low);                           /* 16+4t.. */       \
+            }                                                                             \
+            if (rs) {   /* 16 unsigned scale codes, then 16 signed offset codes */        \
+                const __m128i *c_ = (const __m128i *)((const uint8_t *)d + b * 32);       \
+                __m512i dc = _mm512_cvtepu8_epi32(_mm_loadu_si128(c_));                   \
+                __m512 mc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c_ + 1))); \
+                for (int r = 0; r < R; r++) {                                             \
+                    const int8_t *xl = xq[r] + lo, *xh = xq[r] + hi;                      \
+                    __m512i p = _mm512_mullo_epi32(I4_TILE_SUMS(w, xl, xh), dc);          \
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(xs[r][b]), \
+                                             acc[r]);                                     \
+                    macc[r] = _mm512_fmadd_ps(mc, _mm512_set1_ps(xsum[r][b]), macc[r]);   \
+                }                                                                         \
+                continue;                                                                 \
             }                                                                             \
             __m512 dv, mv;                                                                \
             I4_DM512(d, m, rs, b, dv, mv);                                                \
@@ -902,6 +933,10 @@ static inline __attribute__((always_inline)) void dot_i4_tile##R##_body(        
             }                                                                             \
         }                                                                                 \
     }                                                                                     \
+    if (rs)   /* steps: the rows' 16 scale steps, then their 16 offset steps */           \
+        for (int r = 0; r < R; r++)                                                       \
+            acc[r] = _mm512_fmadd_ps(macc[r], _mm512_loadu_ps(rs + 16),                   \
+                                     _mm512_mul_ps(acc[r], _mm512_loadu_ps(rs)));         \
     for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ys, acc[r]);                    \
     (void)h;                                                                              \
 }                                                                                         \
@@ -1036,15 +1071,16 @@ static inline void dot_i4w_tile##R(const uint8_t *q, const uint16_t *d, const ui
 
 /* The AVX2 int4 tile: 8 rows. The eight vpmaddubsw of a block (unsigned 4-bit weights times
  * signed 8-bit activations, pairs added) are summed in int16 (at most 8 x 2 x 15 x 127 =
- * 30480, no saturation), then widened once with vpmaddwd. */
+ * 30480, no saturation), then widened once with vpmaddwd. Coded scales as in the AVX-512
+ * tile: codes times integer sums, the steps after the last block. */
 #define DOT_I4_TILE(R)                                                                    \
 static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
                                   int8_t *const *xq, float *const *xs,                     \
                                   float *const *xsum, int64_t nb, float *y, int64_t ys,   \
                                   const uint8_t *h, const float *rs) {                    \
     const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);                \
-    __m256 acc[R];                                                                        \
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                             \
+    __m256 acc[R], macc[R];                                                               \
+    for (int r = 0; r < R; r++) acc[r] = macc[r] = _mm256_setzero_ps();                   \
     for (int64_t b = 0; b < nb; b++) {                                                    \
         const uint8_t *qb = q + b * 128;                                                  \
         I4_TILE_PREFETCH(qb, d, m, rs, h, b);                                             \
@@ -1054,8 +1090,15 @@ static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uin
             w[t] = _mm256_and_si256(v, low);                      /* columns 4t..4t+3 */  \
             w[4 + t] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);   /* 16+4t.. */    \
         }                                                                                 \
-        __m256 dv, mv;                                                                    \
-        I4_DM256(d, m, rs, b, dv, mv);                                                    \
+        __m256 dv = _mm256_setzero_ps(), mv = dv;                                        \
+        __m256i dc = _mm256_setzero_si256();                                              \
+        if (rs) {   /* 8 unsigned scale codes, then 8 signed offset codes */              \
+            const uint8_t *c_ = (const uint8_t *)d + b * 16;                              \
+            dc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)c_));              \
+            __m128i mc_ = _mm_loadl_epi64((const __m128i *)(c_ + 8));                     \
+            mv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(mc_));                           \
+        } else                                                                            \
+            I4_DM256(d, m, rs, b, dv, mv);                                                \
         int64_t lo = i4_slot(b, 0, nb), hi = i4_slot(b, 16, nb);                          \
         for (int r = 0; r < R; r++) {                                                     \
             const int8_t *xl = xq[r] + lo, *xh = xq[r] + hi;                              \
@@ -1069,11 +1112,21 @@ static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uin
                                           _mm256_maddubs_epi16(w[7], X4(xh, 3)));          \
             __m256i p = _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(s0, s1),       \
                                                            _mm256_add_epi16(s2, s3)), ones); \
+            if (rs) {                                                                     \
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_mullo_epi32(p, dc)),    \
+                                         _mm256_set1_ps(xs[r][b]), acc[r]);               \
+                macc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[r][b]), macc[r]);       \
+                continue;                                                                 \
+            }                                                                             \
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),                               \
                                      _mm256_mul_ps(dv, _mm256_set1_ps(xs[r][b])), acc[r]); \
             acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[r][b]), acc[r]);             \
         }                                                                                 \
     }                                                                                     \
+    if (rs)   /* steps: the rows' 8 scale steps, then their 8 offset steps */             \
+        for (int r = 0; r < R; r++)                                                       \
+            acc[r] = _mm256_fmadd_ps(macc[r], _mm256_loadu_ps(rs + 8),                    \
+                                     _mm256_mul_ps(acc[r], _mm256_loadu_ps(rs)));         \
     for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ys, acc[r]);                    \
     (void)h;                                                                              \
 }
