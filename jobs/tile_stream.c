@@ -5,8 +5,9 @@
  *   tile_stream KIND MB [PASSES]
  *
  * KIND 0: a plain read (64-byte loads) of an int4 matrix's bytes; 4: coded int4 tiles against
- * one row of int8 activations (decode); 6: coded int6 tiles against int16 activations (the
- * vocabulary's logits). MB: the matrix's size (600: out of every cache; 1: in L2). Two OpenMP
+ * one row of int8 activations (decode); 6: int6 tiles against int16 activations (prompt rows,
+ * logits); 7: int6 tiles against int8 activations (decode, builds with dot_i6_tile). MB: the
+ * matrix's size (600: out of every cache; 1: in L2). Two OpenMP
  * threads (OMP_NUM_THREADS) each take half of the tiles, as a static split. Prints GB/s of
  * each pass. The values are arbitrary: only the time counts. */
 #include <omp.h>
@@ -17,13 +18,19 @@
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s KIND(0|4|6) MB [PASSES]\n", argv[0]);
+        fprintf(stderr, "usage: %s KIND(0|4|6|7) MB [PASSES]\n", argv[0]);
         return 2;
     }
+#if !defined(I6_NARROW)
+    if (atoi(argv[1]) == 7) {
+        fprintf(stderr, "this build has no int6 kernel for int8 activations\n");
+        return 2;
+    }
+#endif
     int kind = atoi(argv[1]), passes = argc > 3 ? atoi(argv[3]) : 3;
     double mb = atof(argv[2]);
     int64_t cols = 2048, nb = cols / 32;
-    double row_bytes = cols / 2 + nb * 2 + (kind == 6 ? cols / 4 : 0);   /* q, codes, top bits */
+    double row_bytes = cols / 2 + nb * 2 + (kind >= 6 ? cols / 4 : 0);   /* q, codes, top bits */
     int64_t rows = (int64_t)(mb * 1e6 / row_bytes) / TILE * TILE;
     uint8_t *q = aligned_alloc(64, rows * cols / 2), *h = aligned_alloc(64, rows * cols / 4 + 64);
     uint16_t *d = aligned_alloc(64, rows * nb * 2);
@@ -61,6 +68,12 @@ int main(int argc, char **argv) {
                     } else if (kind == 4)
                         dot_i4_tile_batch(q + o * cols / 2, d + o * nb, NULL, (int8_t *)xq, cols,
                                           xs, xsum, nb, 1, nb, y + o, rows, NULL, rs + 2 * o);
+#if defined(I6_NARROW)
+                    else if (kind == 7)
+                        dot_i6_tile_batch(q + o * cols / 2, d + o * nb, d + o * nb,
+                                          (int8_t *)xq, cols, xs, xsum, nb, 1, nb, y + o, rows,
+                                          h + o * nb * 8, NULL);
+#endif
                     else
                         dot_i4w_tile_batch(q + o * cols / 2, d + o * nb, d + o * nb, xq, cols, xs,
                                            xsum, nb, 1, nb, y + o, rows, h + o * nb * 8,

@@ -140,6 +140,7 @@ def _load():
         lib.tile_i4.argtypes = [p, p, p, p, i64, i64, p]   # q, d, m, h, rows, in, steps
         lib.tile_i4.restype = i64
         lib.weight_tile.restype = i64
+        lib.int6_decode_int8.restype = i64
         # q, scale, w, rows, in, group, bf16, tile
         lib.dequant_i8.argtypes = [p, p, p, i64, i64, i64, c_int, i64]
         lib.tile_i8.argtypes = [p, p, i64, i64, i64]   # w, scale, rows, in, group
@@ -186,6 +187,13 @@ def weight_tile() -> int:
     kernels are built for AVX-512, 8 for AVX2), 0 where such matrices keep plain rows (plain
     C, NEON, and without kernels)."""
     return int(_lib.weight_tile()) if _load() is not None else 0
+
+
+def int6_decode_int8() -> bool:
+    """Whether this host's build multiplies int6 tiles' decode rows against int8 activations
+    (AVX-512 with VNNI and GFNI: csrc/common.h, dot_i6_tile), not int16 ones. The rows after
+    the last tile, prompt rows and logits=True keep int16 activations."""
+    return _load() is not None and bool(_lib.int6_decode_int8())
 
 
 def tile_i4(q: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None,
@@ -250,7 +258,8 @@ def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     logits: 1/65534 of the block's largest |x|, and a row's numbers do not depend on the rows
     beside it, in a tile or not); ``tile``:
     the int4 or int8 matrix's rows are in tiles (``tile_i4``, ``tile_i8``) or plain (0).
-    int6 (quant.py): uint8 ``w`` with ``scale``, ``hi`` and no ``min``; always ``wide``.
+    int6 (quant.py): uint8 ``w`` with ``scale``, ``hi`` and no ``min``; ``wide`` except
+    where int6_decode_int8() and the matrix is tiled (or smaller than a tile).
     ``steps``: an int4 matrix in coded tiles (``tile_i4_coded``), ``min`` the offsets of its
     rows after the last tile.
     """

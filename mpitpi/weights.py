@@ -156,7 +156,8 @@ class Weight:
         bf16 instructions and it measured faster, else in fp32; int8 and int4 on a copy made
         for the call (kernels.dequantize, in bf16 or fp32 by the same rule),
         ``DEQUANT_AT_ONCE`` weights at a time. int6 (a vocabulary) always takes the C
-        kernels, with int16 activations in decode too.
+        kernels, its decode rows against int8 activations where the build has that kernel
+        (kernels.int6_decode_int8: AVX-512 with VNNI and GFNI), else int16.
         """
         w, c = self.data, choices.host()
         T = x.shape[0]

@@ -199,7 +199,11 @@ def test_int4_model_matches_fp32_on_the_same_weights(models, tmp_path, name, n, 
 
 
 def test_int4_generate_across_ranks(models, tmp_path):
-    """The CLI path: `generate --dtype int4` on 2 ranks, tokens equal to 1 rank's."""
+    """The CLI path: `generate --dtype int4` on 2 ranks, tokens equal to 1 rank's up to a
+    near tie. int8 activations in decode (the layers, and an int6 vocabulary where the
+    kernels have its int8 product) turn the last-bit differences of another split into
+    rounding steps: where 1 rank's top two logits lie within 1% of the largest, the other
+    split may take the second (README, limits)."""
     folder, _ = models("llama-wide")
     runs = []
     for n in (1, 2):
@@ -208,7 +212,18 @@ def test_int4_generate_across_ranks(models, tmp_path):
                         "--json"])
         assert r.returncode == 0, r.stderr
         runs.append(json.loads(r.stdout)["token_ids"])
-    assert len(runs[0]) == 8 and runs[0] == runs[1]
+    assert len(runs[0]) == len(runs[1]) == 8
+    k = next((i for i in range(8) if runs[0][i] != runs[1][i]), 8)
+    if k < 8:   # 1 rank's logits at the first difference, along its own tokens
+        write_shards(open_checkpoint(folder), str(tmp_path / "s"), 1, None, "int4",
+                     progress=False)
+        steps = [torch.tensor(PROMPT)] + [torch.tensor([t]) for t in runs[0][:k]]
+        starts = [0] + [len(PROMPT) + i for i in range(k)]
+        last = run_ranks(str(tmp_path / "s"), 1, steps, starts, fused=True)[-1]
+        logits = last.reshape(-1, last.shape[-1])[-1]                     # (vocab,)
+        assert int(logits.argmax()) == runs[0][k]
+        gap = float(logits[runs[0][k]] - logits[runs[1][k]])
+        assert 0 <= gap < 0.01 * float(logits.abs().max()), (k, gap, runs)
 
 
 def test_vocab_dtype_int4_stores_and_runs_the_vocabulary_in_int4(models, tmp_path):

@@ -40,11 +40,23 @@ def test_quantize_int6_layout_and_error():
     assert torch.equal(back[4], torch.zeros(96))
 
 
+def int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x (T, in) rounded as the decode kernels round it: int8 per block of 32 columns, the
+    step the block's largest |x| / 127, to nearest even."""
+    b = x.reshape(x.shape[0], -1, BLOCK)
+    s = b.abs().amax(dim=2, keepdim=True) / 127
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return (torch.round(b * (1 / s)) * s).reshape(x.shape)
+
+
 @pytest.mark.parametrize("T,n_in,n_out", SHAPES)
 def test_int6_kernel_matches_dequantized_product(T, n_in, n_out):
-    """The product with int16 activations (every int6 product: decode and prompt rows)
-    against the dequantized matrix; tiles give plain rows' numbers bit for bit, and a row of
-    x gets the same numbers whatever rows come with it."""
+    """The product with int16 activations (prompt rows, logits, plain rows) against the
+    dequantized matrix; tiles give plain rows' numbers bit for bit, and a row of x gets the
+    same numbers whatever rows come with it. Where the build has the int8 kernel
+    (kernels.int6_decode_int8), the decode rows of a tiled matrix are the dequantized
+    matrix times x rounded to int8 per block, up to float rounding, the same numbers in its
+    tiles and after them."""
     g = torch.Generator().manual_seed(n_in + T)
     x = torch.randn(T, n_in, generator=g)
     x[:, 3] = 40.0   # an outlier column
@@ -53,7 +65,7 @@ def test_int6_kernel_matches_dequantized_product(T, n_in, n_out):
     assert torch.equal(kernels.dequantize(q, d, None, hi=h), w)
     assert torch.equal(kernels.dequantize(q, d, None, torch.bfloat16, hi=h), w.bfloat16())
     expect = x.double() @ w.double().T
-    plain = kernels.matvec(x, q, d, None, hi=h)
+    plain = kernels.matvec(x, q, d, None, wide=True, hi=h)
     assert ((plain.double() - expect).abs().max() / expect.abs().max()).item() < 2e-4
     qt, dt, ht = q.clone(), d.clone(), h.clone()
     tile = kernels.tile_i4(qt, dt, None, ht)
@@ -66,10 +78,24 @@ def test_int6_kernel_matches_dequantized_product(T, n_in, n_out):
     assert torch.equal(tiled.rows(torch.tensor([0, n_out - 1, n_out // 2])),
                        w[[0, n_out - 1, n_out // 2]])
     got = tiled(x, decode=True)
-    assert torch.equal(got, plain) and torch.equal(tiled(x, logits=True), plain)
+    assert torch.equal(tiled(x, logits=True), plain)
+    if kernels.int6_decode_int8():   # every row with int8 activations
+        expect8 = int8_blocks(x).double() @ w.double().T
+        err = ((got.double() - expect8).abs().max() / expect8.abs().max()).item()
+        assert err < 2e-6, err
+        # the outlier's block rounds the others to steps of 40 / 127: far off int16's
+        assert ((got.double() - expect).abs().max() / expect.abs().max()).item() < 2e-2
+        # rows get the same numbers in a tile and out of one: the last rows of the matrix
+        # (the last tile's and those after it) on their own, too few to tile
+        if full:
+            rest = slice(full - 1, n_out)
+            last = Weight(q[rest].clone(), d[rest].clone(), None, None, 0, h[rest].clone())
+            assert torch.equal(last(x, decode=True), got[:, rest])
+    else:
+        assert torch.equal(got, plain)
     for T0 in range(1, T):
-        assert torch.equal(tiled(x[T0:T0 + 1], decode=True), plain[T0:T0 + 1])
-        assert torch.equal(kernels.matvec(x[T0:], q, d, None, hi=h), plain[T0:])
+        assert torch.equal(tiled(x[T0:T0 + 1], decode=True), got[T0:T0 + 1])
+        assert torch.equal(kernels.matvec(x[T0:], q, d, None, wide=True, hi=h), plain[T0:])
 
 
 def test_int4_shards_store_the_vocabulary_in_int6(tmp_path, models):

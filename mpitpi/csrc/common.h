@@ -950,6 +950,74 @@ static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uin
         dot_i4_tile##R##_body(q, d, m, xq, xs, xsum, nb, y, ys, h, NULL);                 \
 }
 
+#if defined(__AVX512VNNI__) && defined(__GFNI__)
+/* int6 tiles (the layout below, DOT_I4W_TILE) against int8 activations: the vocabulary's
+ * decode rows. With int16 activations (vpdpwssd, two columns a lane) unpacking the 6-bit
+ * values into int16 lanes took about 60 vector operations per 16 x 32 block and the product
+ * ran at 50-60 GB/s in L2 on 2 threads, below the memory's fast moments (C harness, AMD EPYC
+ * with VNNI, docs/BENCHMARKS.md). Here each chunk t of q gives its low-nibble columns' bytes
+ * L = (q & 15) | (top << 4) and its high-nibble columns' bytes H = (q >> 4) | (top << 4),
+ * values 0..63 that vpdpbusd takes as unsigned bytes against the int8 activations (i4_slot
+ * order, quantize_x8). gf2p8affineqb moves bits within each byte without the spill across
+ * bytes of a 16-bit shift: the top-bit field to bits 4-5, q's high nibble down. About 34
+ * operations a block. The offset -32 d is int4's offset term with m = d against xsum times
+ * -32 (matvec_i4), as in the int16 kernels. An int8 activation's rounding (1/254 of its
+ * block's largest |x|) is a quarter of an int6 weight's (1/64 of its block's largest |w|). */
+#define I6_NARROW 1
+/* gf2p8affineqb's matrix: output bit o gets input bit i when byte 7 - o of the qword has bit
+ * i set. GF_MOVE(o, i, n): n bits from i.. to o.. */
+#define GF_MOVE(o, i, n)                                                                  \
+    ((n) > 0 ? ((uint64_t)1 << (i)) << 8 * (7 - (o)) : 0) |                              \
+    ((n) > 1 ? ((uint64_t)1 << ((i) + 1)) << 8 * (6 - (o)) : 0) |                         \
+    ((n) > 2 ? ((uint64_t)1 << ((i) + 2)) << 8 * (5 - (o)) : 0) |                         \
+    ((n) > 3 ? ((uint64_t)1 << ((i) + 3)) << 8 * (4 - (o)) : 0)
+static inline __m512i gf_move(__m512i x, uint64_t matrix) {
+    return _mm512_gf2p8affine_epi64_epi8(x, _mm512_set1_epi64((long long)matrix), 0);
+}
+#define DOT_I6_TILE(R)                                                                    \
+static inline void dot_i6_tile##R(const uint8_t *q, const uint16_t *d, const uint16_t *m,  \
+                                  int8_t *const *xq, float *const *xs,                     \
+                                  float *const *xsum, int64_t nb, float *y, int64_t ys,   \
+                                  const uint8_t *h, const float *rs) {                    \
+    const __m512i low = _mm512_set1_epi8(15);                                             \
+    __m512 acc[R];                                                                        \
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                             \
+    for (int64_t g0 = 0; g0 < nb; g0 += 4) {                                              \
+        int64_t n4 = nb - g0 < 4 ? nb - g0 : 4;   /* blocks in this group of i4_slot's */ \
+        for (int64_t k = 0; k < n4; k++) {                                                \
+            int64_t b = g0 + k, lo = 32 * g0 + 16 * k, hi = lo + 16 * n4;   /* i4_slot */ \
+            const uint8_t *qb = q + b * 256;                                              \
+            I4_TILE_PREFETCH(qb, d, m, rs, h, b);                                         \
+            __m512i w[8];                                                                 \
+            for (int t = 0; t < 4; t++) {   /* fields: low nibbles of f for t < 2 */      \
+                __m512i v = _mm512_loadu_si512((const void *)(qb + 64 * t));              \
+                __m512i f = _mm512_loadu_si512((const void *)(h + b * 128 + 64 * (t & 1))); \
+                I4_IN_REG(v);                                                             \
+                __m512i tl = gf_move(f, t < 2 ? GF_MOVE(4, 0, 2) : GF_MOVE(4, 4, 2));     \
+                __m512i th = gf_move(f, t < 2 ? GF_MOVE(4, 2, 2) : GF_MOVE(4, 6, 2));     \
+                w[t] = _mm512_ternarylogic_epi32(v, tl, low, 0xec);   /* (v & low) | tl */ \
+                w[4 + t] = _mm512_or_si512(gf_move(v, GF_MOVE(0, 4, 4)), th);             \
+            }                                                                             \
+            __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + b * 16))); \
+            for (int r = 0; r < R; r++) {                                                 \
+                const int8_t *xl = xq[r] + lo, *xh = xq[r] + hi;                          \
+                __m512i p0 = dp512_x4(_mm512_setzero_si512(), w[0], xl);                  \
+                __m512i p1 = dp512_x4(_mm512_setzero_si512(), w[4], xh);                  \
+                for (int c = 1; c < 4; c++) {                                             \
+                    p0 = dp512_x4(p0, w[c], xl + 4 * c);                                  \
+                    p1 = dp512_x4(p1, w[4 + c], xh + 4 * c);                              \
+                }                                                                         \
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p0, p1)),     \
+                                         _mm512_mul_ps(dv, _mm512_set1_ps(xs[r][b])), acc[r]); \
+                acc[r] = _mm512_fmadd_ps(dv, _mm512_set1_ps(xsum[r][b]), acc[r]);         \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ys, acc[r]);                    \
+    (void)m, (void)rs;                                                                    \
+}
+#endif
+
 /* One group of 16 int8 rows (w, ws at the group's start) against R input rows of int16
  * activations (quantize_x): y[r * ys + k] = row k's product with input row r. */
 #define X2(x, p) _mm512_set1_epi32(*(const int32_t *)((x) + 2 * (p)))   /* 2 int16, each lane */
@@ -1236,6 +1304,17 @@ DOT_I4W_TILE(2)
 DOT_I4W_TILE(3)
 DOT_I4W_TILE(4)
 I4_BATCH_G(dot_i4_tile_batch, dot_i4_tile, int8_t, 8, ROWS_CALL8)
+#if defined(I6_NARROW)
+DOT_I6_TILE(1)
+DOT_I6_TILE(2)
+DOT_I6_TILE(3)
+DOT_I6_TILE(4)
+DOT_I6_TILE(5)
+DOT_I6_TILE(6)
+DOT_I6_TILE(7)
+DOT_I6_TILE(8)
+I4_BATCH_G(dot_i6_tile_batch, dot_i6_tile, int8_t, 8, ROWS_CALL8)
+#endif
 #if TILE == 16   /* AVX-512: eight rows of int16 activations per unpacked block too */
 DOT_I4W_TILE(5)
 DOT_I4W_TILE(6)

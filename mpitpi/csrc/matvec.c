@@ -114,6 +114,15 @@ void tile_i8(int8_t *w, float *scale, int64_t rows, int64_t in, int64_t group) {
 /* The number of rows of a tile in this build (0: int4 and int8 matrices keep plain rows) */
 int64_t weight_tile(void) { return TILE; }
 
+/* 1 where int6 tiles' decode rows take int8 activations (dot_i6_tile), else 0: int16 */
+int64_t int6_decode_int8(void) {
+#if defined(I6_NARROW)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Coded tiles (quant.py): the smallest step F 2^e >= x with F in 4..7 and e >= -24, and the
  * step after s. A code of at most 8 bits times such a step has at most 11 significant bits,
  * so it is a value of fp16 and of fp32 exactly. */
@@ -235,18 +244,53 @@ int64_t tile_i4(uint8_t *q, uint16_t *d, uint16_t *m, uint8_t *h, int64_t rows, 
     return coded;
 }
 
+#if defined(I6_NARROW)
+/* One plain int6 row (the layout of quant.py; q, d, h at the row's start) against one row of
+ * int8 activations (quantize_x8: i4_slot order; xsum times -32, as matvec_i4 passes it):
+ * the numbers dot_i6_tile gives a row of a tile (the same exact integer sums, then the same
+ * float steps block by block), so that a vocabulary row gets them whether a rank's slice puts
+ * it in a tile or after the last one. These are at most TILE - 1 rows a matrix: plain C. */
+static float dot_i6_row(const uint8_t *q, const uint16_t *d, const uint8_t *h,
+                        const int8_t *xq, const float *xs, const float *xsum, int64_t nb) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        int32_t p = 0;
+        for (int j = 0; j < 16; j++) {   /* q byte j: columns j and j + 16 */
+            int field = h[b * 8 + (j & 7)] >> (j < 8 ? 0 : 4);
+            int lo = (q[b * 16 + j] & 15) | (field & 3) << 4;
+            int hi = q[b * 16 + j] >> 4 | (field >> 2 & 3) << 4;
+            p += lo * xq[i4_slot(b, j, nb)] + hi * xq[i4_slot(b, j + 16, nb)];
+        }
+        float dv = f16_to_f32(d[b]);
+        acc = fmaf((float)p, dv * xs[b], acc);
+        acc = fmaf(dv, xsum[b], acc);
+        __asm__("" : "+x"(acc));   /* block by block, in order, as the tile's lanes */
+    }
+    return acc;
+}
+#endif
+
 /* tile: 0 for plain rows, TILE for a matrix tile_i4 rearranged; wide: x in int16 per block
  * (quantize_x16: prompt rows and logits), else int8 (quantize_x8: decode). h: NULL for int4;
- * int6's top-bit plane (m unused, NULL): always wide, with the offset -32 d of every block
- * taken as m = d against xsum times -32 (both exact). rs: a coded matrix's steps (tile_i4;
- * m then holds the offsets of the rows after the last tile alone), else NULL. */
+ * int6's top-bit plane (m unused, NULL), with the offset -32 d of every block taken as m = d
+ * against xsum times -32 (both exact): always wide, except decode rows where the build has
+ * dot_i6_tile (I6_NARROW) and the matrix is tiled or has fewer rows than a tile: its tiles
+ * and dot_i6_row for the rows after them. rs: a coded
+ * matrix's steps (tile_i4; m then holds the offsets of the rows after the last tile alone),
+ * else NULL. */
 void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_t *restrict d,
                const uint16_t *m, const uint8_t *restrict h, const float *rs,
                float *restrict y, int64_t T,
                int64_t in, int64_t out, int64_t tile, int64_t wide) {
     int64_t nb = in / 32, full = tile ? out / tile * tile : 0;
+#if defined(I6_NARROW)
+    /* int6 decode rows of a tiled matrix (or one too small to tile): int8 activations */
+    int narrow6 = h && !wide && (full || out < TILE);
+#else
+    int narrow6 = 0;
+#endif
     if (h) {
-        wide = 1;
+        wide = !narrow6;
         m = d;
     }
     void *xq = malloc((size_t)(T * in) * (wide ? 2 : 1));
@@ -263,6 +307,18 @@ void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_
         const uint8_t *qo = q + o * (in / 2);
         const uint16_t *dq = d + o * nb, *mq = m + (rs && o >= full ? o - full : o) * nb;
         const float *ro = rs && n > 1 ? rs + 2 * o : NULL;   /* group o / n: 2 n steps */
+#if defined(I6_NARROW)
+        if (narrow6 && n > 1) {
+            dot_i6_tile_batch(qo, dq, mq, xq, in, xs, xsum, nb, T, nb, y + o, out,
+                              h + o * nb * 8, NULL);
+            continue;
+        }
+        for (int64_t t = 0; narrow6 && t < T; t++)   /* a row after the last tile */
+            y[t * out + o] = dot_i6_row(qo, dq, h + o * nb * 8, (int8_t *)xq + t * in,
+                                        xs + t * nb, xsum + t * nb, nb);
+        if (narrow6)
+            continue;
+#endif
         if (wide)
             (n > 1 ? dot_i4w_tile_batch : dot_i4w_batch)(qo, dq, mq, xq, in, xs, xsum, nb, T,
                                                          nb, y + o, out, h ? h + o * nb * 8
