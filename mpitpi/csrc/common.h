@@ -833,9 +833,9 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
 #if defined(__AVX512VNNI__)
 #define DP512(acc, a, b) _mm512_dpbusd_epi32(acc, a, b)
 /* DP512 against 4 activation bytes at x, broadcast to every lane by vpdpbusd's own memory
- * operand ({1to16}). Compilers load them with a vpbroadcastd apiece instead; the loads, not
- * the arithmetic, then bounded the tile loop (C harness, 1 MB in L2, AMD EPYC with VNNI, 1
- * thread: 47 -> 52-58 GB/s with the changes beside it in DOT_I4_TILE, docs/BENCHMARKS.md). */
+ * operand ({1to16}). Compilers load them with a vpbroadcastd apiece instead, and the loads
+ * bounded the tile loop as much as the arithmetic (C harness, 1 MB in L2, AMD EPYC with VNNI,
+ * 1 thread: with the two changes in DOT_I4_TILE, 55 -> 69 GB/s, docs/BENCHMARKS.md). */
 static inline __m512i dp512_x4(__m512i acc, __m512i w, const int8_t *x) {
     __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const int32_t *)x));
     return acc;
@@ -883,7 +883,7 @@ static inline __m512i dp512_x4(__m512i acc, __m512i w, const int8_t *x) {
  * into both of its masks and reads it twice. A coded block's scale codes multiply its integer
  * sums in integer (|sum| <= 32 x 15 x 127 = 60960, times a code <= 255 stays below 2^24: the
  * product and its conversion to fp32 are exact), its offset codes go to an accumulator of
- * their own, and the rows' steps multiply both once, after the last block: four vector
+ * their own, and the rows' steps multiply both once, after the last block: three vector
  * operations a block fewer than scaling every block's codes by the steps. A coded row's
  * numbers then differ from an fp16 tile's by float rounding alone (the same integer sums,
  * other float steps). */
