@@ -6,7 +6,7 @@ alternating: the ratio a kernel change makes, measured under the same background
 OTHER_LIB is the library another checkout builds, for instance an earlier commit's:
 
     git worktree add /tmp/old COMMIT
-    PYTHONPATH=/tmp/old python -c "from mpitpi import kernels; print(kernels.library_path_or_none())"
+    cd /tmp/old && python -c "from mpitpi import kernels as k; print(k.library_path_or_none())"
 
 On a shared host the memory bandwidth and the arithmetic another tenant leaves move from
 second to second, so timing one build after the other compares moments, not builds. Here
