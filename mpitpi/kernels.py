@@ -190,9 +190,10 @@ def weight_tile() -> int:
 
 
 def int6_decode_int8() -> bool:
-    """Whether this host's build multiplies int6 tiles' decode rows against int8 activations
-    (AVX-512 with VNNI and GFNI: csrc/common.h, dot_i6_tile), not int16 ones. The rows after
-    the last tile, prompt rows and logits=True keep int16 activations."""
+    """Whether this host's build multiplies int6 decode rows against int8 activations
+    (AVX-512 with VNNI and GFNI: csrc/common.h, dot_i6_tile; the rows after the last tile and
+    matrices too small to tile get the same numbers from matvec.c's dot_i6_row), not int16
+    ones. Prompt rows (``wide``) keep int16 activations."""
     return _load() is not None and bool(_lib.int6_decode_int8())
 
 

@@ -275,9 +275,8 @@ static float dot_i6_row(const uint8_t *q, const uint16_t *d, const uint8_t *h,
  * int6's top-bit plane (m unused, NULL), with the offset -32 d of every block taken as m = d
  * against xsum times -32 (both exact): always wide, except decode rows where the build has
  * dot_i6_tile (I6_NARROW) and the matrix is tiled or has fewer rows than a tile: its tiles
- * and dot_i6_row for the rows after them. rs: a coded
- * matrix's steps (tile_i4; m then holds the offsets of the rows after the last tile alone),
- * else NULL. */
+ * and dot_i6_row for the rows after them. rs: a coded matrix's steps (tile_i4; m then holds
+ * the offsets of the rows after the last tile alone), else NULL. */
 void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_t *restrict d,
                const uint16_t *m, const uint8_t *restrict h, const float *rs,
                float *restrict y, int64_t T,
@@ -308,16 +307,16 @@ void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_
         const uint16_t *dq = d + o * nb, *mq = m + (rs && o >= full ? o - full : o) * nb;
         const float *ro = rs && n > 1 ? rs + 2 * o : NULL;   /* group o / n: 2 n steps */
 #if defined(I6_NARROW)
-        if (narrow6 && n > 1) {
-            dot_i6_tile_batch(qo, dq, mq, xq, in, xs, xsum, nb, T, nb, y + o, out,
-                              h + o * nb * 8, NULL);
+        if (narrow6) {
+            if (n > 1)
+                dot_i6_tile_batch(qo, dq, mq, xq, in, xs, xsum, nb, T, nb, y + o, out,
+                                  h + o * nb * 8, NULL);
+            else   /* a row after the last tile */
+                for (int64_t t = 0; t < T; t++)
+                    y[t * out + o] = dot_i6_row(qo, dq, h + o * nb * 8, (int8_t *)xq + t * in,
+                                                xs + t * nb, xsum + t * nb, nb);
             continue;
         }
-        for (int64_t t = 0; narrow6 && t < T; t++)   /* a row after the last tile */
-            y[t * out + o] = dot_i6_row(qo, dq, h + o * nb * 8, (int8_t *)xq + t * in,
-                                        xs + t * nb, xsum + t * nb, nb);
-        if (narrow6)
-            continue;
 #endif
         if (wide)
             (n > 1 ? dot_i4w_tile_batch : dot_i4w_batch)(qo, dq, mq, xq, in, xs, xsum, nb, T,
