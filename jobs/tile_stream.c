@@ -6,7 +6,8 @@
  *
  * KIND 0: a plain read (64-byte loads) of an int4 matrix's bytes; 4: coded int4 tiles against
  * one row of int8 activations (decode); 6: int6 tiles against int16 activations (prompt rows,
- * logits); 7: int6 tiles against int8 activations (decode, builds with dot_i6_tile). MB: the
+ * logits); 7: int6 tiles against int8 activations (decode, builds with dot_i6_tile); 8: int8
+ * tiles (groups of 64 columns, fp32 scales) against int16 activations (decode). MB: the
  * matrix's size (600: out of every cache; 1: in L2). Two OpenMP
  * threads (OMP_NUM_THREADS) each take half of the tiles, as a static split. Prints GB/s of
  * each pass. The values are arbitrary: only the time counts. */
@@ -16,9 +17,12 @@
 
 #include "common.h"
 
+/* which tiles ask for lines ahead (common.h): PREFETCH=N in the environment, else all */
+int mpitpi_prefetch = 7;
+
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s KIND(0|4|6|7) MB [PASSES]\n", argv[0]);
+        fprintf(stderr, "usage: %s KIND(0|4|6|7|8) MB [PASSES]\n", argv[0]);
         return 2;
     }
 #if !defined(I6_NARROW)
@@ -27,13 +31,15 @@ int main(int argc, char **argv) {
         return 2;
     }
 #endif
+    if (getenv("PREFETCH")) mpitpi_prefetch = atoi(getenv("PREFETCH"));
     int kind = atoi(argv[1]), passes = argc > 3 ? atoi(argv[3]) : 3;
     double mb = atof(argv[2]);
     int64_t cols = 2048, nb = cols / 32;
-    double row_bytes = cols / 2 + nb * 2 + (kind >= 6 ? cols / 4 : 0);   /* q, codes, top bits */
+    /* q, codes, top bits; int8: weights and a scale a group */
+    double row_bytes = kind == 8 ? cols + cols / 64 * 4 : cols / 2 + nb * 2 + (kind >= 6 ? cols / 4 : 0);
     int64_t rows = (int64_t)(mb * 1e6 / row_bytes) / TILE * TILE;
-    uint8_t *q = aligned_alloc(64, rows * cols / 2), *h = aligned_alloc(64, rows * cols / 4 + 64);
-    uint16_t *d = aligned_alloc(64, rows * nb * 2);
+    uint8_t *q = aligned_alloc(64, rows * cols / (kind == 8 ? 1 : 2)), *h = aligned_alloc(64, rows * cols / 4 + 64);
+    uint16_t *d = aligned_alloc(64, rows * nb * 2 * (kind == 8 ? 2 : 1));
     float *rs = aligned_alloc(64, rows * 2 * 4 + 64), *y = aligned_alloc(64, rows * 4);
     int16_t *xq = aligned_alloc(64, cols * 2);
     float *xs = aligned_alloc(64, nb * 4), *xsum = aligned_alloc(64, nb * 4);
@@ -41,9 +47,11 @@ int main(int argc, char **argv) {
         fprintf(stderr, "cannot allocate %.0f MB\n", mb);
         return 1;
     }
-    for (int64_t i = 0; i < rows * cols / 2; i++) q[i] = (uint8_t)(i * 2654435761u >> 13);
+    for (int64_t i = 0; i < rows * cols / (kind == 8 ? 1 : 2); i++) q[i] = (uint8_t)(i * 2654435761u >> 13);
     for (int64_t i = 0; i < rows * cols / 4; i++) h[i] = (uint8_t)(i * 2654435761u >> 11);
     for (int64_t i = 0; i < rows * nb; i++) d[i] = (uint16_t)(i * 40503u);
+    if (kind == 8)   /* fp32 scales: 1e-3 */
+        for (int64_t i = 0; i < rows * cols / 64; i++) ((float *)d)[i] = 1e-3f;
     for (int64_t i = 0; i < rows * 2; i++) rs[i] = 1e-3f;
     for (int64_t i = 0; i < cols; i++) xq[i] = (int16_t)(i * 7);
     for (int64_t i = 0; i < nb; i++) xs[i] = xsum[i] = 0.5f;
@@ -68,6 +76,10 @@ int main(int argc, char **argv) {
                     } else if (kind == 4)
                         dot_i4_tile_batch(q + o * cols / 2, d + o * nb, NULL, (int8_t *)xq, cols,
                                           xs, xsum, nb, 1, nb, y + o, rows, NULL, rs + 2 * o);
+                    else if (kind == 8)
+                        dot_i8_tile_batch((const int8_t *)q + o * cols,
+                                          (const float *)d + o * (cols / 64), xq, cols, xs, 0,
+                                          NULL, 0, 1, cols, 64, cols, y + o, rows);
 #if defined(I6_NARROW)
                     else if (kind == 7)
                         dot_i6_tile_batch(q + o * cols / 2, d + o * nb, d + o * nb,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from mpitpi import lookahead
 from mpitpi.choices import PREFILL_ROWS
 from mpitpi.comm import Comm
 from mpitpi.draft import lookup
@@ -99,6 +100,7 @@ class Runner:
         self.passes = 0          # passes run so far, every run together
         self.ms = 0.0            # the last pass's wall time
         self.fault = _fault_pass(comm.rank)
+        self.lookahead = lookahead.control()   # which tiles ask for lines ahead, tuned
 
     def exchange(self, p: Pass | None) -> Pass | None:
         """Rank 0 sends ``p`` (None: the end), the others receive it (None at the end)."""
@@ -132,6 +134,9 @@ class Runner:
         for src, dst, n in p.copies:
             self.model.copy_prefix(src, dst, n)
         logits = best = None
+        rows = sum(g.tokens.shape[0] for g in p.segs)
+        self.lookahead.before(rows)
+        t1, c1 = time.perf_counter(), self.comm.allreduce_s
         if p.segs and p.n_out and not p.full:   # a world of one: maybe the whole pass in C
             best = self.model.greedy_batch(p.segs)
         if p.segs and best is None:
@@ -140,7 +145,10 @@ class Runner:
                 logits = self.comm.gather_rows(local, self.model.vocab_counts)
             elif p.n_out:
                 best = self.comm.argmax_rows(local, self.model.vocab_offset)
-        self.ms = ms = (time.perf_counter() - t0) * 1e3
+        t2 = time.perf_counter()
+        # this rank's own time: waiting in all-reduce for the others is not its kernels'
+        self.lookahead.after(rows, t2 - t1 - (self.comm.allreduce_s - c1))
+        self.ms = ms = (t2 - t0) * 1e3
         if self.on_pass is not None:
             self.on_pass(self.passes, ms, (self.comm.allreduce_s - c0) * 1e3,
                          self.comm.allreduce_bytes - b0)

@@ -197,6 +197,17 @@ def int6_decode_int8() -> bool:
     return _load() is not None and bool(_lib.int6_decode_int8())
 
 
+PREFETCH_ALL = 7   # csrc/common.h's mpitpi_prefetch: int4 (1), int6 (2) and int8 (4) tiles
+PREFETCH_INT8 = 4  # int8 tiles alone: the int4 and int6 ones left to the hardware prefetcher
+
+
+def set_prefetch(mode: int) -> None:
+    """Which tile kernels ask for weight lines ahead from now on (bits of PREFETCH_ALL).
+    Changes timing only, never a number; call between products. No-op without kernels."""
+    if _load() is not None:
+        ctypes.c_int.in_dll(_lib, "mpitpi_prefetch").value = mode
+
+
 def tile_i4(q: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None,
             hi: torch.Tensor | None = None) -> int:
     """Rearrange an int4 matrix written in plain rows (q (out, in / 2) uint8, scale and min

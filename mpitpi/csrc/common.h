@@ -781,6 +781,13 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
 #ifndef PF_LOC
 #define PF_LOC 0
 #endif
+/* Which tiles ask for lines ahead, a bit each: 1 int4, 2 int6, 4 int8 (matvec.c; all by
+ * default). Set between passes (kernels.set_prefetch, lookahead.py), never during one: it
+ * changes how soon bytes arrive, not one number. Whether asking pays moves with the moment
+ * on a shared host. 1B int4 decode, AMD EPYC with VNNI, memory slow (torch sum 30-57 GB/s):
+ * the int4 and int6 tiles without it 0.95-0.97x the time, int8 1.05-1.34x; in earlier
+ * sessions' fast moments (80-90 GB/s) the int4 tiles needed it (53-60 -> 72-82 GB/s). */
+extern int mpitpi_prefetch;
 #define PF_AT(p, ahead) __builtin_prefetch((const char *)(p) + (ahead), 0, PF_LOC)
 /* int4 tiles, block b at qb (16 TILE bytes): the scales' 2 TILE bytes a block (coded:
  * d alone; fp16: d and m), int6's 8 TILE bytes of top bits. int6 asks twice as many blocks
@@ -790,6 +797,7 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
 #define I4_TILE_PREFETCH(qb, d, m, rs, h, b)                                              \
     do {                                                                                  \
         const int64_t a_ = (h) ? 2 * PF_BYTES : PF_BYTES;   /* weight bytes ahead */      \
+        if (!(mpitpi_prefetch & ((h) ? 2 : 1))) break;                                    \
         for (int k_ = 0; k_ < 16 * TILE; k_ += 64) PF_AT((qb) + k_, a_);                  \
         if ((b) * 2 * TILE % 64 == 0) {                                                   \
             PF_AT((const uint8_t *)(d) + (b) * 2 * TILE, a_ / 8);                         \
@@ -802,9 +810,13 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
  * TILE fp32 scales at ws, a group of ``group`` columns being group TILE bytes of weights */
 #define I8_TILE_PREFETCH_W(w, p)                                                          \
     do {                                                                                  \
-        if ((p) * 2 * TILE % 64 == 0) PF_AT((w) + (p) * 2 * TILE, PF_BYTES);              \
+        if ((mpitpi_prefetch & 4) && (p) * 2 * TILE % 64 == 0)                            \
+            PF_AT((w) + (p) * 2 * TILE, PF_BYTES);                                        \
     } while (0)
-#define I8_TILE_PREFETCH_S(ws, j, group) PF_AT((ws) + (j) * TILE, PF_BYTES * 4 / (group))
+#define I8_TILE_PREFETCH_S(ws, j, group)                                                  \
+    do {                                                                                  \
+        if (mpitpi_prefetch & 4) PF_AT((ws) + (j) * TILE, PF_BYTES * 4 / (group));        \
+    } while (0)
 
 #if defined(I4_GROUPED) && defined(HAVE_F16X8)
 #define TILE 16

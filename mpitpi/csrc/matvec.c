@@ -13,6 +13,8 @@
  */
 #include "common.h"
 
+int mpitpi_prefetch = 7;
+
 /* Float weights: output rows split over the threads, each weight row against the T rows of
  * x by fours (dot_float_batch: each row's numbers are the same whatever T is). */
 static void matvec_float(int kind, size_t size, const float *x, const void *w, float *y,

@@ -1,0 +1,134 @@
+"""Whether the int4 and int6 tile kernels ask for weight lines ahead, chosen while decoding.
+
+Asking for lines ahead (csrc/common.h, mpitpi_prefetch) pays or costs with the moment on a
+shared host. 1B int4 decode on a 2-core AMD EPYC VM with VNNI, both modes alternating in one
+process (docs/BENCHMARKS.md): with memory slow (a torch sum 30-57 GB/s) the int4 and int6
+tiles left to the hardware prefetcher take 0.95-0.97x the time; in earlier sessions' fast
+moments (80-90 GB/s) the int4 tiles needed the requests (53-60 -> 72-82 GB/s in a C
+harness). A choice made once at start would be wrong part of the time, so each rank tunes
+its own while it runs. The requests change no number, so ranks need not agree.
+
+Passes are told apart by their row count (a decode pass of one sequence, of two, ...);
+passes of more than MAX_ROWS rows (prompts) are compute-bound and left alone. For each row
+count, of every ``period`` passes the last ``probe`` run the other mode and the ``probe``
+before them the current one; when the probes' median time is below the others' by more than
+``margin``, the other mode becomes current. A probe that confirms the current mode doubles
+the period (up to ``max_period``), a switch resets it: probing costs little while the memory
+holds still, and a change is found within a period. The time of a pass is the rank's own:
+its wall time less the time it spent in all-reduce (waiting for the other ranks included).
+
+``MPITPI_PREFETCH``: ``auto`` (the default) tunes; a number fixes the mode (bits of
+kernels.PREFETCH_ALL: 7 every tile asks ahead, 4 int8 tiles alone), for benchmarks.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+
+from mpitpi import kernels
+from mpitpi.errors import MpitpiError
+
+MAX_ROWS = 8
+
+
+class Tuner:
+    """One process's choice between ``modes`` (mpitpi_prefetch values), per row count."""
+
+    def __init__(self, modes: tuple[int, int] = (kernels.PREFETCH_ALL, kernels.PREFETCH_INT8),
+                 period: int = 32, max_period: int = 256, probe: int = 4,
+                 margin: float = 0.02):
+        if not 2 * probe < period <= max_period:
+            raise ValueError(f"need 2 * probe < period <= max_period, got {probe}, {period}, "
+                             f"{max_period}")
+        self.modes, self.period, self.max_period = modes, period, max_period
+        self.probe, self.margin = probe, margin
+        self.state: dict[int, _Shape] = {}
+        self.switches = 0    # how often the current mode changed (every row count)
+
+    def mode(self, rows: int) -> int | None:
+        """The mode for the next pass of ``rows`` rows (None: a prompt pass, not tuned)."""
+        if rows > MAX_ROWS:
+            return None
+        s = self.state.get(rows)
+        if s is None:
+            # the first comparison a few passes in, past the first passes' warm-up
+            s = self.state[rows] = _Shape(i=self.period - 2 * self.probe - 4,
+                                          period=self.period)
+        probing = s.i % s.period >= s.period - self.probe
+        return self.modes[s.best ^ probing]
+
+    def record(self, rows: int, seconds: float) -> None:
+        """The time of the pass of ``rows`` rows just run in ``mode(rows)``'s mode."""
+        s = self.state.get(rows)
+        if s is None or rows > MAX_ROWS:
+            return
+        pos = s.i % s.period
+        if pos >= s.period - 2 * self.probe:
+            (s.probes if pos >= s.period - self.probe else s.base).append(seconds)
+        s.i += 1
+        if pos == s.period - 1:
+            if statistics.median(s.probes) < statistics.median(s.base) * (1 - self.margin):
+                s.best ^= 1
+                s.period = self.period
+                self.switches += 1
+            else:
+                s.period = min(2 * s.period, self.max_period)
+            s.i, s.base, s.probes = 0, [], []
+
+
+class _Shape:
+    """A row count's state: passes counted in the period, the current mode's index, the
+    period, and the times of this period's last current-mode passes and probes."""
+
+    def __init__(self, i: int, period: int):
+        self.i, self.best, self.period = i, 0, period
+        self.base: list[float] = []
+        self.probes: list[float] = []
+
+
+class Control:
+    """What a Runner calls around each pass: sets the kernels' mode before it (tuned, or
+    fixed by MPITPI_PREFETCH) and reports its time after."""
+
+    def __init__(self, setting: str | None = None):
+        setting = os.environ.get("MPITPI_PREFETCH", "auto") if setting is None else setting
+        self.tuner: Tuner | None = None
+        self.current: int | None = None
+        if setting == "auto":
+            self.tuner = Tuner()
+        else:
+            try:
+                fixed = int(setting)
+            except ValueError:
+                fixed = -1
+            if not 0 <= fixed <= kernels.PREFETCH_ALL:
+                raise MpitpiError(f"MPITPI_PREFETCH={setting!r} is not a setting. Fix: auto "
+                                  "(the default), or 0-7 (bits: 1 int4 tiles, 2 int6, 4 int8 "
+                                  "ask for lines ahead).")
+            self._set(fixed)
+
+    def _set(self, mode: int) -> None:
+        if mode != self.current:
+            kernels.set_prefetch(mode)
+            self.current = mode
+
+    def before(self, rows: int) -> None:
+        if self.tuner is not None:
+            mode = self.tuner.mode(rows)
+            if mode is not None:
+                self._set(mode)
+
+    def after(self, rows: int, seconds: float) -> None:
+        if self.tuner is not None:
+            self.tuner.record(rows, seconds)
+
+
+_control: Control | None = None
+
+
+def control() -> Control:
+    """The process's Control (one: the kernels' mode is the process's)."""
+    global _control
+    if _control is None:
+        _control = Control()
+    return _control

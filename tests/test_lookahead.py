@@ -1,0 +1,106 @@
+"""Which tile kernels ask for weight lines ahead (lookahead.py, csrc/common.h): the tuner's
+choices on synthetic pass times, the setting's errors, and that no mode changes a number."""
+import pytest
+import torch
+
+from mpitpi import kernels, lookahead
+from mpitpi.errors import MpitpiError
+from mpitpi.weights import quantized
+
+
+def drive(tuner, rows, passes, cost):
+    """Run ``passes`` passes of ``rows`` rows, each taking ``cost(mode, i)`` seconds; the
+    modes used, in order."""
+    used = []
+    for i in range(passes):
+        mode = tuner.mode(rows)
+        used.append(mode)
+        tuner.record(rows, cost(mode, i))
+    return used
+
+
+def wobble(i):
+    """A pass-to-pass spread of +-1.5%, the same for both modes."""
+    return 1 + 0.015 * ((i * 7919) % 13 - 6) / 6
+
+
+def test_the_tuner_takes_the_faster_mode_and_probes_less_while_it_holds():
+    t = lookahead.Tuner(modes=(7, 4), period=32, max_period=256, probe=4)
+    used = drive(t, 1, 2000, lambda m, i: (1.0 if m == 4 else 1.05) * wobble(i))
+    assert t.state[1].best == 1 and t.switches == 1
+    late = used[500:]
+    # the slower mode only in probes: 4 passes a period of (by then) 256
+    assert late.count(7) <= 4 * (len(late) // 256 + 1)
+
+
+def test_the_tuner_follows_the_memory_when_it_changes():
+    t = lookahead.Tuner(modes=(7, 4), period=32, max_period=256, probe=4)
+    slow = lambda m, i: (1.0 if m == 4 else 1.04) * wobble(i)   # noqa: E731
+    fast = lambda m, i: (0.6 if m == 7 else 0.8) * wobble(i)    # noqa: E731
+    drive(t, 1, 1000, slow)
+    assert t.state[1].best == 1
+    used = drive(t, 1, 600, fast)
+    first = used.index(7, 256 + 4)   # past the longest period: current again, not a probe
+    assert used[first:first + 20] == [7] * 20 and t.state[1].best == 0
+    drive(t, 1, 600, slow)
+    assert t.state[1].best == 1
+
+
+def test_equal_modes_stay_put():
+    t = lookahead.Tuner(modes=(7, 4), period=32, max_period=128, probe=4)
+    used = drive(t, 2, 3000, lambda m, i: wobble(i))
+    # a spread of +-1.5% a pass: the medians of 4 passes never 2% apart
+    assert t.switches == 0 and t.state[2].best == 0
+    assert used.count(4) <= 4 * (3000 // 128 + 5)
+
+
+def test_row_counts_are_tuned_apart_and_prompts_not_at_all():
+    t = lookahead.Tuner(modes=(7, 4), period=16, max_period=64, probe=2)
+    for _ in range(400):
+        for rows, faster in ((1, 4), (3, 7)):
+            mode = t.mode(rows)
+            t.record(rows, (1.0 if mode == faster else 1.1))
+    assert t.mode(1) in (4, 7) and t.state[1].best == 1 and t.state[3].best == 0
+    assert t.mode(lookahead.MAX_ROWS + 1) is None
+    t.record(lookahead.MAX_ROWS + 1, 5.0)   # ignored
+    assert lookahead.MAX_ROWS + 1 not in t.state
+    with pytest.raises(ValueError, match="2 \\* probe < period"):
+        lookahead.Tuner(period=6, probe=3)
+
+
+@pytest.mark.parametrize("setting", ["sometimes", "9", "-1"])
+def test_a_wrong_setting_names_the_fix(setting):
+    with pytest.raises(MpitpiError, match="MPITPI_PREFETCH.*Fix: auto"):
+        lookahead.Control(setting)
+
+
+def test_a_fixed_setting_is_kept(monkeypatch):
+    seen = []
+    monkeypatch.setattr(kernels, "set_prefetch", seen.append)
+    c = lookahead.Control("4")
+    c.before(1)
+    c.after(1, 1.0)
+    assert seen == [4] and c.tuner is None
+    a = lookahead.Control("auto")
+    a.before(1)
+    a.before(lookahead.MAX_ROWS + 5)   # a prompt pass leaves the mode as it is
+    assert seen == [4, kernels.PREFETCH_ALL]
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the C kernels are not built here")
+@pytest.mark.parametrize("dtype", ["int4", "int6", "int8"])
+def test_asking_ahead_changes_no_number(dtype):
+    g = torch.Generator().manual_seed(3)
+    w = quantized(torch.randn(200, 640, generator=g) * 0.05, dtype)
+    w.tile_rows()
+    x = torch.randn(3, 640, generator=g)
+    got = {}
+    try:
+        for mode in (kernels.PREFETCH_ALL, 0, kernels.PREFETCH_INT8):
+            kernels.set_prefetch(mode)
+            got[mode] = (w(x, decode=True), w(x, logits=True))
+    finally:
+        kernels.set_prefetch(kernels.PREFETCH_ALL)
+    for mode, (dec, full) in got.items():
+        assert torch.equal(dec, got[kernels.PREFETCH_ALL][0]), mode
+        assert torch.equal(full, got[kernels.PREFETCH_ALL][1]), mode
