@@ -135,7 +135,7 @@ class Runner:
             self.model.copy_prefix(src, dst, n)
         logits = best = None
         rows = sum(g.tokens.shape[0] for g in p.segs)
-        self.lookahead.before(rows)
+        self.lookahead.before(self.model, rows)
         t1, c1 = time.perf_counter(), self.comm.allreduce_s
         if p.segs and p.n_out and not p.full:   # a world of one: maybe the whole pass in C
             best = self.model.greedy_batch(p.segs)
@@ -147,7 +147,7 @@ class Runner:
                 best = self.comm.argmax_rows(local, self.model.vocab_offset)
         t2 = time.perf_counter()
         # this rank's own time: waiting in all-reduce for the others is not its kernels'
-        self.lookahead.after(rows, t2 - t1 - (self.comm.allreduce_s - c1))
+        self.lookahead.after(self.model, rows, t2 - t1 - (self.comm.allreduce_s - c1))
         self.ms = ms = (t2 - t0) * 1e3
         if self.on_pass is not None:
             self.on_pass(self.passes, ms, (self.comm.allreduce_s - c0) * 1e3,

@@ -8,14 +8,15 @@ moments (80-90 GB/s) the int4 tiles needed the requests (53-60 -> 72-82 GB/s in 
 harness). A choice made once at start would be wrong part of the time, so each rank tunes
 its own while it runs. The requests change no number, so ranks need not agree.
 
-Passes are told apart by their row count (a decode pass of one sequence, of two, ...);
-passes of more than MAX_ROWS rows (prompts) are compute-bound and left alone. For each row
-count, of every ``period`` passes the last ``probe`` run the other mode and the ``probe``
-before them the current one; when the probes' median time is below the others' by more than
-``margin``, the other mode becomes current. A probe that confirms the current mode doubles
-the period (up to ``max_period``), a switch resets it: probing costs little while the memory
-holds still, and a change is found within a period. The time of a pass is the rank's own:
-its wall time less the time it spent in all-reduce (waiting for the other ranks included).
+Passes are told apart by their model and row count (a decode pass of one sequence, of two,
+...); passes of more than MAX_ROWS rows (prompts) are compute-bound and left alone. For each
+kind of pass, of every ``period`` passes the last ``probe`` run the other mode and the
+``probe`` before them the current one; when the probes' median time is below the others' by
+more than ``margin``, the other mode becomes current. A probe that confirms the current mode
+doubles the period (up to ``max_period``), a switch resets it: probing costs little while
+the memory holds still, and a change is found within a period. The time of a pass is the
+rank's own: its wall time less the time it spent in all-reduce (waiting for the other ranks
+included).
 
 ``MPITPI_PREFETCH``: ``auto`` (the default) tunes; a number fixes the mode (bits of
 kernels.PREFETCH_ALL: 7 every tile asks ahead, 4 int8 tiles alone), for benchmarks.
@@ -32,7 +33,8 @@ MAX_ROWS = 8
 
 
 class Tuner:
-    """One process's choice between ``modes`` (mpitpi_prefetch values), per row count."""
+    """One process's choice between ``modes`` (mpitpi_prefetch values), per kind of pass
+    (a key: the Runner's is its model and the pass's row count)."""
 
     def __init__(self, modes: tuple[int, int] = (kernels.PREFETCH_ALL, kernels.PREFETCH_INT8),
                  period: int = 32, max_period: int = 256, probe: int = 4,
@@ -45,22 +47,20 @@ class Tuner:
         self.state: dict[int, _Shape] = {}
         self.switches = 0    # how often the current mode changed (every row count)
 
-    def mode(self, rows: int) -> int | None:
-        """The mode for the next pass of ``rows`` rows (None: a prompt pass, not tuned)."""
-        if rows > MAX_ROWS:
-            return None
-        s = self.state.get(rows)
+    def mode(self, key) -> int:
+        """The mode for the next pass of this kind."""
+        s = self.state.get(key)
         if s is None:
             # the first comparison a few passes in, past the first passes' warm-up
-            s = self.state[rows] = _Shape(i=self.period - 2 * self.probe - 4,
+            s = self.state[key] = _Shape(i=self.period - 2 * self.probe - 4,
                                           period=self.period)
         probing = s.i % s.period >= s.period - self.probe
         return self.modes[s.best ^ probing]
 
-    def record(self, rows: int, seconds: float) -> None:
-        """The time of the pass of ``rows`` rows just run in ``mode(rows)``'s mode."""
-        s = self.state.get(rows)
-        if s is None or rows > MAX_ROWS:
+    def record(self, key, seconds: float) -> None:
+        """The time of the pass of this kind just run in ``mode(key)``'s mode."""
+        s = self.state.get(key)
+        if s is None:
             return
         pos = s.i % s.period
         if pos >= s.period - 2 * self.probe:
@@ -77,7 +77,7 @@ class Tuner:
 
 
 class _Shape:
-    """A row count's state: passes counted in the period, the current mode's index, the
+    """A kind of pass's state: passes counted in the period, the current mode's index, the
     period, and the times of this period's last current-mode passes and probes."""
 
     def __init__(self, i: int, period: int):
@@ -112,15 +112,15 @@ class Control:
             kernels.set_prefetch(mode)
             self.current = mode
 
-    def before(self, rows: int) -> None:
-        if self.tuner is not None:
-            mode = self.tuner.mode(rows)
-            if mode is not None:
-                self._set(mode)
+    def before(self, model, rows: int) -> None:
+        """A pass of ``rows`` rows of ``model`` is about to run."""
+        if self.tuner is not None and rows <= MAX_ROWS:
+            self._set(self.tuner.mode((id(model), rows)))
 
-    def after(self, rows: int, seconds: float) -> None:
-        if self.tuner is not None:
-            self.tuner.record(rows, seconds)
+    def after(self, model, rows: int, seconds: float) -> None:
+        """It took this rank ``seconds``."""
+        if self.tuner is not None and rows <= MAX_ROWS:
+            self.tuner.record((id(model), rows), seconds)
 
 
 _control: Control | None = None

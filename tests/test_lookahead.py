@@ -54,16 +54,22 @@ def test_equal_modes_stay_put():
     assert used.count(4) <= 4 * (3000 // 128 + 5)
 
 
-def test_row_counts_are_tuned_apart_and_prompts_not_at_all():
-    t = lookahead.Tuner(modes=(7, 4), period=16, max_period=64, probe=2)
+def test_kinds_of_pass_are_tuned_apart_and_prompts_not_at_all(monkeypatch):
+    seen = []
+    monkeypatch.setattr(kernels, "set_prefetch", seen.append)
+    c = lookahead.Control("auto")
+    c.tuner = lookahead.Tuner(modes=(7, 4), period=16, max_period=64, probe=2)
+    a, b = object(), object()   # two models in one process (a benchmark's, a draft's)
     for _ in range(400):
-        for rows, faster in ((1, 4), (3, 7)):
-            mode = t.mode(rows)
-            t.record(rows, (1.0 if mode == faster else 1.1))
-    assert t.mode(1) in (4, 7) and t.state[1].best == 1 and t.state[3].best == 0
-    assert t.mode(lookahead.MAX_ROWS + 1) is None
-    t.record(lookahead.MAX_ROWS + 1, 5.0)   # ignored
-    assert lookahead.MAX_ROWS + 1 not in t.state
+        for model, rows, faster in ((a, 1, 4), (a, 3, 7), (b, 1, 7)):
+            c.before(model, rows)
+            c.after(model, rows, 1.0 if seen[-1] == faster else 1.1)
+    st = c.tuner.state
+    assert st[id(a), 1].best == 1 and st[id(a), 3].best == 0 and st[id(b), 1].best == 0
+    n = len(seen)
+    c.before(a, lookahead.MAX_ROWS + 1)   # a prompt pass: the mode left as it is
+    c.after(a, lookahead.MAX_ROWS + 1, 5.0)
+    assert len(seen) == n and (id(a), lookahead.MAX_ROWS + 1) not in st
     with pytest.raises(ValueError, match="2 \\* probe < period"):
         lookahead.Tuner(period=6, probe=3)
 
@@ -78,12 +84,11 @@ def test_a_fixed_setting_is_kept(monkeypatch):
     seen = []
     monkeypatch.setattr(kernels, "set_prefetch", seen.append)
     c = lookahead.Control("4")
-    c.before(1)
-    c.after(1, 1.0)
+    c.before(None, 1)
+    c.after(None, 1, 1.0)
     assert seen == [4] and c.tuner is None
     a = lookahead.Control("auto")
-    a.before(1)
-    a.before(lookahead.MAX_ROWS + 5)   # a prompt pass leaves the mode as it is
+    a.before(None, 1)
     assert seen == [4, kernels.PREFETCH_ALL]
 
 
