@@ -14,11 +14,21 @@
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 
 #include "common.h"
 
 /* which tiles ask for lines ahead (common.h): PREFETCH=N in the environment, else all */
 int mpitpi_prefetch = 7;
+
+/* n bytes on a 2 MiB boundary in 2 MiB pages where the kernel gives them (as the model's
+ * weights, mpitpi/pages.py); HUGE=0 in the environment: 4 KiB pages */
+static void *weights_alloc(size_t n) {
+    size_t huge = 2 << 20, size = (n + huge - 1) / huge * huge;
+    void *p = aligned_alloc(huge, size);
+    if (p && !(getenv("HUGE") && atoi(getenv("HUGE")) == 0)) madvise(p, size, MADV_HUGEPAGE);
+    return p;
+}
 
 int main(int argc, char **argv) {
     if (argc < 3) {
@@ -38,9 +48,9 @@ int main(int argc, char **argv) {
     /* q, codes, top bits; int8: weights and a scale a group */
     double row_bytes = kind == 8 ? cols + cols / 64 * 4 : cols / 2 + nb * 2 + (kind >= 6 ? cols / 4 : 0);
     int64_t rows = (int64_t)(mb * 1e6 / row_bytes) / TILE * TILE;
-    uint8_t *q = aligned_alloc(64, rows * cols / (kind == 8 ? 1 : 2)), *h = aligned_alloc(64, rows * cols / 4 + 64);
-    uint16_t *d = aligned_alloc(64, rows * nb * 2 * (kind == 8 ? 2 : 1));
-    float *rs = aligned_alloc(64, rows * 2 * 4 + 64), *y = aligned_alloc(64, rows * 4);
+    uint8_t *q = weights_alloc(rows * cols / (kind == 8 ? 1 : 2)), *h = weights_alloc(rows * cols / 4 + 64);
+    uint16_t *d = weights_alloc(rows * nb * 2 * (kind == 8 ? 2 : 1));
+    float *rs = weights_alloc(rows * 2 * 4 + 64), *y = aligned_alloc(64, rows * 4);
     int16_t *xq = aligned_alloc(64, cols * 2);
     float *xs = aligned_alloc(64, nb * 4), *xsum = aligned_alloc(64, nb * 4);
     if (!q || !h || !d || !rs || !y || !xq || !xs || !xsum || rows < TILE) {
