@@ -114,12 +114,12 @@ class Control:
 
     def before(self, model, rows: int) -> None:
         """A pass of ``rows`` rows of ``model`` is about to run."""
-        if self.tuner is not None and rows <= MAX_ROWS:
+        if self.tuner is not None and 0 < rows <= MAX_ROWS:
             self._set(self.tuner.mode((id(model), rows)))
 
     def after(self, model, rows: int, seconds: float) -> None:
         """It took this rank ``seconds``."""
-        if self.tuner is not None and rows <= MAX_ROWS:
+        if self.tuner is not None and 0 < rows <= MAX_ROWS:
             self.tuner.record((id(model), rows), seconds)
 
 
