@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mpitpi import lookahead
 from mpitpi.generate import generate
 from mpitpi.session import Session
 
@@ -113,6 +114,7 @@ def run_bench(comm, loaded, prompt_len: int, gen_len: int, reps: int, seed: int 
         "allreduce_bytes_per_token": int(statistics.median(nbytes)),
         "weight_bytes_per_token": wbytes,
         "resident_layers": layers.n_resident,
+        "lookahead": lookahead.control().summary(),   # which tiles asked ahead, at the end
         "disk_gbs": round(disk_bandwidth_gbs(os.path.join(
             loaded.shards, f"rank{comm.rank}.h5")), 3) if disk else None,
     }
@@ -154,6 +156,10 @@ def format_bench(r: dict) -> str:
              f" ms/token at {r['memory_gbs']:.1f} GB/s"]
     if "disk_bound_ms_per_token" in r:
         lines.append(f"disk-bound estimate {r['disk_bound_ms_per_token']:.1f} ms/token")
+    la = r["ranks"][0]["lookahead"]
+    lines.append(f"tiles asking for lines ahead (MPITPI_PREFETCH={la['setting']}): rank 0 ended "
+                 f"in mode {la['mode'] if la['mode'] is not None else 'default'}, "
+                 f"{la['switches']} switches")
     lines.append("rank  peak MB  comm ms/tok  io wait ms/tok  all-reduce kB/tok  resident layers")
     for i, x in enumerate(r["ranks"]):
         lines.append(f"{i:4d}  {x['peak_rss_mb']:7.1f}  {x['comm_ms_per_token']:11.2f}  "

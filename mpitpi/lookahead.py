@@ -107,6 +107,13 @@ class Control:
                                   "ask for lines ahead).")
             self._set(fixed)
 
+    def summary(self) -> dict:
+        """For `mpitpi bench`: the setting, the mode the kernels are in (None: never set,
+        the build's default, every tile asking) and how often the tuner switched."""
+        return {"setting": "auto" if self.tuner is not None else str(self.current),
+                "mode": self.current,
+                "switches": self.tuner.switches if self.tuner is not None else 0}
+
     def _set(self, mode: int) -> None:
         if mode != self.current:
             kernels.set_prefetch(mode)

@@ -23,10 +23,12 @@ def test_bench_json_fields(models, tmp_path, n, extra):
         assert rank["peak_rss_mb"] > 50
         assert rank["weight_bytes_per_token"] > 0
         assert rank["comm_ms_per_token"] >= 0 and rank["io_wait_ms_per_token"] >= 0
+        la = rank["lookahead"]   # tuned (the default): one of its two modes by the end
+        assert la["setting"] == "auto" and la["mode"] in (7, 4) and la["switches"] >= 0
         if n > 1:   # 6 layers x 2 + the embedding
             assert rank["allreduce_calls_per_token"] == 13
             assert rank["allreduce_bytes_per_token"] > 0
     if "--disk" in extra:
         assert b["window"] == 2 and b["disk_bound_ms_per_token"] > 0
         assert all(rank["disk_gbs"] > 0 for rank in b["ranks"])
-    assert "ms/token" in r.stdout
+    assert "ms/token" in r.stdout and "MPITPI_PREFETCH=auto" in r.stdout
