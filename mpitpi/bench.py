@@ -159,7 +159,7 @@ def format_bench(r: dict) -> str:
     la = r["ranks"][0]["lookahead"]
     lines.append(f"tiles asking for lines ahead (MPITPI_PREFETCH={la['setting']}): rank 0 ended "
                  f"in mode {la['mode'] if la['mode'] is not None else 'default'}, "
-                 f"{la['switches']} switches")
+                 f"{la['switches']} switch{'' if la['switches'] == 1 else 'es'}")
     lines.append("rank  peak MB  comm ms/tok  io wait ms/tok  all-reduce kB/tok  resident layers")
     for i, x in enumerate(r["ranks"]):
         lines.append(f"{i:4d}  {x['peak_rss_mb']:7.1f}  {x['comm_ms_per_token']:11.2f}  "
