@@ -2,6 +2,7 @@
 storage formats (int8 / int4, ...) measured under the same background load.
 
     mpiexec -n 1 python jobs/ab_decode.py bench/s1b-int8 bench/s1b-int4 [--rounds 9]
+    python jobs/ab_decode.py bench/s1b-int8 bench/s1b-int4 bench/s1b-int4@7
 
 On a shared host the memory bandwidth another tenant leaves moves from second to second;
 timing one folder after the other compares those moments, not the formats. Here every
@@ -17,15 +18,19 @@ each folder's share of the roofline (its weight bytes a token over that bandwidt
 its time) is taken in the same second as the ratio. Rounds whose bandwidth is at least
 --fast GB/s are summarised apart: a shared host's memory flips between slow and fast moments,
 and the two give different answers.
+
+FOLDER@N runs that folder (loaded once, whatever its arms) with the tiles' requests for lines
+ahead fixed to mode N (as MPITPI_PREFETCH=N; lookahead.py); arms without @ share the
+process's tuner, which tells their models apart.
 """
 import argparse
 import json
 import statistics
-
 import time
 
 import torch
 
+from mpitpi import lookahead
 from mpitpi.bench import weight_bytes
 from mpitpi.comm import Comm
 from mpitpi.generate import generate
@@ -35,7 +40,8 @@ from mpitpi.session import Session
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("shards", nargs="+", help="shard folders made by `mpitpi split -n 1`")
+    p.add_argument("shards", nargs="+",
+                   help="shard folders made by `mpitpi split -n 1`, each maybe with @MODE")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=16)
@@ -50,11 +56,16 @@ def main() -> None:
     if comm.size != 1:
         raise SystemExit("ab_decode.py runs at world size 1 (mpiexec -n 1 or plain python).")
     threads = a.threads if a.threads == "auto" else int(a.threads)
-    models = [start_model(comm, None, s, threads=threads, progress=False) for s in a.shards]
+    folders = {s.rsplit("@", 1)[0] for s in a.shards}
+    loaded = {f: start_model(comm, None, f, threads=threads, progress=False) for f in folders}
+    models = [loaded[s.rsplit("@", 1)[0]] for s in a.shards]
+    tuned = lookahead.control()
+    controls = [lookahead.Control(s.rsplit("@", 1)[1]) if "@" in s else tuned
+                for s in a.shards]
     vocab = min(m.args.vocab_size for m in models)
     prompt = torch.randint(3, vocab, (a.prompt_len,),
                            generator=torch.Generator().manual_seed(0)).tolist()
-    for m in models:   # warm-up: first touches, allocator
+    for m in loaded.values():   # warm-up: first touches, allocator
         generate(comm, m.model, Session(prompt, 4), reuse=False)
     nbytes = [weight_bytes(m.model) for m in models]
     src = torch.ones(256 * 2**20 // 4)
@@ -63,6 +74,7 @@ def main() -> None:
     for r in range(a.rounds):
         order = [(r + i) % len(models) for i in range(len(models))]
         for i in order:
+            use(controls[i])
             res = generate(comm, models[i].model, Session(prompt, a.gen_len), reuse=False)
             ms[i].append(statistics.median(res.step_ms))
         gbs.append(bandwidth_gbs(src, a.bw_passes))
@@ -73,6 +85,17 @@ def main() -> None:
             json.dump({"shards": a.shards, "ms_per_token": ms, "gen_len": a.gen_len,
                        "weight_bytes": nbytes, "memory_gbs": gbs,
                        "threads": torch.get_num_threads()}, f, indent=1)
+
+
+def use(c: lookahead.Control) -> None:
+    """Make ``c`` the process's lookahead control (the one every Runner asks) and put the
+    kernels in its mode (another control may have changed them since)."""
+    lookahead._control = c
+    if c.tuner is None and c.current is not None:
+        mode, c.current = c.current, None
+        c._set(mode)
+    else:
+        c.current = None   # the tuner sets its mode before the next pass
 
 
 def bandwidth_gbs(src: torch.Tensor, passes: int) -> float:
