@@ -197,8 +197,9 @@ def int6_decode_int8() -> bool:
     return _load() is not None and bool(_lib.int6_decode_int8())
 
 
-PREFETCH_ALL = 7   # csrc/common.h's mpitpi_prefetch: int4 (1), int6 (2) and int8 (4) tiles
-PREFETCH_INT8 = 4  # int8 tiles alone: the int4 and int6 ones left to the hardware prefetcher
+# csrc/common.h's mpitpi_prefetch: which tiles ask for weight lines ahead, a bit each
+PREFETCH_INT4, PREFETCH_INT6, PREFETCH_INT8 = 1, 2, 4
+PREFETCH_ALL = 7
 
 
 def set_prefetch(mode: int) -> None:

@@ -1,25 +1,27 @@
-"""Whether the int4 and int6 tile kernels ask for weight lines ahead, chosen while decoding.
+"""Which tile kernels ask for weight lines ahead, chosen while decoding.
 
 Asking for lines ahead (csrc/common.h, mpitpi_prefetch) pays or costs with the moment on a
-shared host. 1B int4 decode on a 2-core AMD EPYC VM with VNNI, both modes alternating in one
+shared host. 1B int4 decode on a 2-core AMD EPYC VM with VNNI, modes alternating in one
 process (docs/BENCHMARKS.md): with memory slow (a torch sum 30-57 GB/s) the int4 and int6
-tiles left to the hardware prefetcher take 0.95-0.97x the time; in earlier sessions' fast
-moments (80-90 GB/s) the int4 tiles needed the requests (53-60 -> 72-82 GB/s in a C
-harness). A choice made once at start would be wrong part of the time, so each rank tunes
-its own while it runs. The requests change no number, so ranks need not agree.
+tiles left to the hardware prefetcher took 0.95-0.97x the time of asking (four lines at a
+block's start); the int4 tile asking a line as it loads each chunk 0.98-1.0x of that; int8
+tiles without requests 1.05-1.34x. In earlier sessions' fast moments (80-90 GB/s) the int4
+tiles needed the requests (53-60 -> 72-82 GB/s in a C harness). A choice made once at start
+would be wrong part of the time, so each rank tunes its own while it runs, among MODES. The
+requests change no number, so ranks need not agree.
 
 Passes are told apart by their model and row count (a decode pass of one sequence, of two,
 ...); passes of more than MAX_ROWS rows (prompts) are compute-bound and left alone. For each
-kind of pass, of every ``period`` passes the last ``probe`` run the other mode and the
-``probe`` before them the current one; when the probes' median time is below the others' by
-more than ``margin``, the other mode becomes current. A probe that confirms the current mode
-doubles the period (up to ``max_period``), a switch resets it: probing costs little while
-the memory holds still, and a change is found within a period. The time of a pass is the
-rank's own: its wall time less the time it spent in all-reduce (waiting for the other ranks
-included).
+kind of pass, of every ``period`` passes the last ``probe`` run another mode (the others in
+turn) and the ``probe`` before them the current one; when the probes' median time is below
+the others' by more than ``margin``, the probed mode becomes current. A probe that confirms
+the current mode doubles the period (up to ``max_period``), a switch resets it: probing costs
+little while the memory holds still, and a change is found within a few periods. The time of
+a pass is the rank's own: its wall time less the time it spent in all-reduce (waiting for the
+other ranks included).
 
-``MPITPI_PREFETCH``: ``auto`` (the default) tunes; a number fixes the mode (bits of
-kernels.PREFETCH_ALL: 7 every tile asks ahead, 4 int8 tiles alone), for benchmarks.
+``MPITPI_PREFETCH``: ``auto`` (the default) tunes; a number fixes the mode (bits: 1 int4, 2
+int6, 4 int8 tiles ask ahead; 7 all, 0 none), for benchmarks.
 """
 from __future__ import annotations
 
@@ -32,16 +34,23 @@ from mpitpi.errors import MpitpiError
 MAX_ROWS = 8
 
 
-class Tuner:
-    """One process's choice between ``modes`` (mpitpi_prefetch values), per kind of pass
-    (a key: the Runner's is its model and the pass's row count)."""
+# the modes tried, the first to start with: int8 tiles alone asking (the int4 and int6 ones
+# left to the hardware: as fast or faster in every moment measured on 2026-11-29), every tile
+# (what earlier sessions' fast moments wanted). A third, int4 and int8 tiles asking, measured
+# no better than either (1B int4, 14 rounds: 1.03x the time of none).
+MODES = (kernels.PREFETCH_INT8, kernels.PREFETCH_ALL)
 
-    def __init__(self, modes: tuple[int, int] = (kernels.PREFETCH_ALL, kernels.PREFETCH_INT8),
-                 period: int = 32, max_period: int = 256, probe: int = 4,
-                 margin: float = 0.02):
-        if not 2 * probe < period <= max_period:
-            raise ValueError(f"need 2 * probe < period <= max_period, got {probe}, {period}, "
-                             f"{max_period}")
+
+class Tuner:
+    """One process's choice among ``modes`` (mpitpi_prefetch values), per kind of pass
+    (a key: the Runner's is its model and the pass's row count). With more than two modes
+    the probes take the others in turn."""
+
+    def __init__(self, modes: tuple[int, ...] = MODES, period: int = 32, max_period: int = 256,
+                 probe: int = 4, margin: float = 0.02):
+        if not 2 * probe < period <= max_period or len(modes) < 2:
+            raise ValueError(f"need 2 * probe < period <= max_period and two modes or more, "
+                             f"got {probe}, {period}, {max_period}, {modes}")
         self.modes, self.period, self.max_period = modes, period, max_period
         self.probe, self.margin = probe, margin
         self.state: dict[int, _Shape] = {}
@@ -54,8 +63,12 @@ class Tuner:
             # the first comparison a few passes in, past the first passes' warm-up
             s = self.state[key] = _Shape(i=self.period - 2 * self.probe - 4,
                                           period=self.period)
-        probing = s.i % s.period >= s.period - self.probe
-        return self.modes[s.best ^ probing]
+        return self.modes[self._probed(s) if s.i % s.period >= s.period - self.probe
+                          else s.best]
+
+    def _probed(self, s: _Shape) -> int:
+        """The index of the mode this period's probes run."""
+        return (s.best + 1 + s.turn % (len(self.modes) - 1)) % len(self.modes)
 
     def record(self, key, seconds: float) -> None:
         """The time of the pass of this kind just run in ``mode(key)``'s mode."""
@@ -68,20 +81,21 @@ class Tuner:
         s.i += 1
         if pos == s.period - 1:
             if statistics.median(s.probes) < statistics.median(s.base) * (1 - self.margin):
-                s.best ^= 1
+                s.best = self._probed(s)
                 s.period = self.period
                 self.switches += 1
             else:
                 s.period = min(2 * s.period, self.max_period)
-            s.i, s.base, s.probes = 0, [], []
+            s.i, s.base, s.probes, s.turn = 0, [], [], s.turn + 1
 
 
 class _Shape:
     """A kind of pass's state: passes counted in the period, the current mode's index, the
-    period, and the times of this period's last current-mode passes and probes."""
+    period, how many periods have ended (which mode the probes take), and the times of this
+    period's last current-mode passes and probes."""
 
     def __init__(self, i: int, period: int):
-        self.i, self.best, self.period = i, 0, period
+        self.i, self.best, self.period, self.turn = i, 0, period, 0
         self.base: list[float] = []
         self.probes: list[float] = []
 

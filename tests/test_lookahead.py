@@ -46,6 +46,18 @@ def test_the_tuner_follows_the_memory_when_it_changes():
     assert t.state[1].best == 1
 
 
+def test_three_modes_are_probed_in_turn():
+    t = lookahead.Tuner(modes=(5, 4, 7), period=32, max_period=256, probe=4)
+    cost = {5: 1.05, 4: 1.10, 7: 1.0}   # the last mode the fastest
+    used = drive(t, 1, 3000, lambda m, i: cost[m] * wobble(i))
+    assert t.modes[t.state[1].best] == 7
+    assert {4, 5} <= set(used[1500:])   # the others still probed now and then
+    assert used[1500:].count(7) > 0.9 * 1500
+    cost = {5: 0.8, 4: 1.10, 7: 1.0}   # the memory changes: the first one now
+    drive(t, 1, 1500, lambda m, i: cost[m] * wobble(i))
+    assert t.modes[t.state[1].best] == 5
+
+
 def test_equal_modes_stay_put():
     t = lookahead.Tuner(modes=(7, 4), period=32, max_period=128, probe=4)
     used = drive(t, 2, 3000, lambda m, i: wobble(i))
@@ -72,6 +84,8 @@ def test_kinds_of_pass_are_tuned_apart_and_prompts_not_at_all(monkeypatch):
     assert len(seen) == n and (id(a), lookahead.MAX_ROWS + 1) not in st
     with pytest.raises(ValueError, match="2 \\* probe < period"):
         lookahead.Tuner(period=6, probe=3)
+    with pytest.raises(ValueError, match="two modes"):
+        lookahead.Tuner(modes=(7,))
 
 
 @pytest.mark.parametrize("setting", ["sometimes", "9", "-1"])
@@ -89,7 +103,7 @@ def test_a_fixed_setting_is_kept(monkeypatch):
     assert seen == [4] and c.tuner is None
     a = lookahead.Control("auto")
     a.before(None, 1)
-    assert seen == [4, kernels.PREFETCH_ALL]
+    assert seen == [4, lookahead.MODES[0]]
 
 
 @pytest.mark.skipif(not kernels.available(), reason="the C kernels are not built here")
