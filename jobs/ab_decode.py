@@ -78,7 +78,8 @@ def main() -> None:
             res = generate(comm, models[i].model, Session(prompt, a.gen_len), reuse=False)
             ms[i].append(statistics.median(res.step_ms))
         gbs.append(bandwidth_gbs(src, a.bw_passes))
-    print(f"{a.rounds} rounds x {a.gen_len} tokens, {torch.get_num_threads()} threads")
+    print(f"{a.rounds} rounds x {a.gen_len} tokens, {torch.get_num_threads()} threads; the "
+          f"tuned arms' lookahead switched {tuned.summary()['switches']} times")
     report(a.shards, ms, nbytes, gbs, a.fast)
     if a.json:
         with open(a.json, "x") as f:   # never overwrite a result

@@ -46,8 +46,8 @@ class Tuner:
     (a key: the Runner's is its model and the pass's row count). With more than two modes
     the probes take the others in turn."""
 
-    def __init__(self, modes: tuple[int, ...] = MODES, period: int = 32, max_period: int = 256,
-                 probe: int = 4, margin: float = 0.02):
+    def __init__(self, modes: tuple[int, ...] = MODES, period: int = 48, max_period: int = 512,
+                 probe: int = 4, margin: float = 0.03):
         if not 2 * probe < period <= max_period or len(modes) < 2:
             raise ValueError(f"need 2 * probe < period <= max_period and two modes or more, "
                              f"got {probe}, {period}, {max_period}, {modes}")
