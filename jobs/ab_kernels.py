@@ -23,7 +23,7 @@ import statistics
 
 import torch
 
-from mpitpi import fused_step, kernels
+from mpitpi import fused_step, kernels, lookahead
 from mpitpi.comm import Comm
 from mpitpi.generate import generate
 from mpitpi.loader import start_model
@@ -58,6 +58,14 @@ def load_library(path: str) -> tuple[ctypes.CDLL, ctypes.CDLL]:
         kernels._lib, fused_step._lib = ours
 
 
+def same_mode(c: lookahead.Control) -> None:
+    """The library just swapped in gets the lookahead mode the other one had (each library
+    has its own mpitpi_prefetch)."""
+    if c.current is not None:
+        mode, c.current = c.current, None
+        c._set(mode)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("shards", help="a shard folder made by `mpitpi split -n 1`")
@@ -80,10 +88,12 @@ def main() -> None:
     prompt = torch.randint(3, m.args.vocab_size, (a.prompt_len,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     ms: dict[str, list[float]] = {"this": [], "other": []}
+    lookahead.control()   # made now, with this library in: a fixed mode is set in it
     try:
         for r in range(a.rounds + 1):   # round 0: a warm-up of each
             for name in (("this", "other") if r % 2 else ("other", "this")):
                 kernels._lib, fused_step._lib = libs[name]
+                same_mode(lookahead.control())
                 res = generate(comm, m.model, Session(prompt, a.gen_len), reuse=False)
                 if r:
                     ms[name].append(statistics.median(res.step_ms))

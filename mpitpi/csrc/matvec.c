@@ -302,7 +302,15 @@ void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_
         else
             quantize_x8(x + t * in, nb, (int8_t *)xq + t * in, xs + t * nb, xsum + t * nb);
     for (int64_t i = 0; h && i < T * nb; i++) xsum[i] *= -32.f;
-    #pragma omp parallel for schedule(static)   /* rows of x by fours share unpacked blocks */
+    /* rows of x by fours share unpacked blocks. Tiles handed out 32 at a time, not in one
+     * stretch a thread: the 1B shape's int6 vocabulary (213 MB), 1 rank, 2 threads, the
+     * tiles leaving reads ahead to the hardware (lookahead.py), in one process alternating
+     * with the static split: 0.90-0.92x the time (16, 32 or 64 at a time), the token
+     * 0.94-0.98x; the two builds swapped every 16 tokens (jobs/ab_kernels.py, 30 rounds)
+     * 0.985x, 0.96x in the slower half of the rounds (a core slowed by a neighbour is
+     * helped), 1.007x in the faster. int8 (matvec_i8), whose tiles ask ahead, took 1.04x
+     * so: it stays static. */
+    #pragma omp parallel for schedule(dynamic, 32)
     for (int64_t u = 0; u < tile_units(out, tile); u++) {
         int64_t o, n = tile_unit(u, out, tile, &o);
         const uint8_t *qo = q + o * (in / 2);
