@@ -53,8 +53,8 @@ class Tuner:
                              f"got {probe}, {period}, {max_period}, {modes}")
         self.modes, self.period, self.max_period = modes, period, max_period
         self.probe, self.margin = probe, margin
-        self.state: dict[int, _Shape] = {}
-        self.switches = 0    # how often the current mode changed (every row count)
+        self.state: dict[object, _Shape] = {}
+        self.switches = 0    # how often the current mode changed (every kind of pass)
 
     def mode(self, key) -> int:
         """The mode for the next pass of this kind."""
