@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from mpitpi import choices
+from mpitpi import choices, lookahead
 from mpitpi.checkpoint import fingerprint, natural_dtype, open_checkpoint, resolve_model
 from mpitpi.comm import Comm
 from mpitpi.config import ModelArgs
@@ -237,6 +237,7 @@ def start_model(comm: Comm, model_path: str | None, shards: str | None = None,
             raise MpitpiError(f"unknown KV cache dtype {kv_dtype!r}. Fix: one of "
                               f"{', '.join(KV_DTYPES)}, or none for the default.")
     comm.root_checked(check)
+    comm.checked(lookahead.control)   # MPITPI_PREFETCH read now: a wrong one fails before loading
     local_ranks = comm.local_size()
     n = comm.checked(_threads, local_ranks, threads)
     torch.set_num_threads(n)

@@ -49,6 +49,14 @@ def test_truncated_safetensors(models, tmp_path):
     fails_with(r, "is missing, truncated or not safetensors")
 
 
+def test_a_wrong_lookahead_setting_fails_before_loading(models):
+    folder, _ = models("llama-gqa")
+    r = run_mpi(2, ["generate", "--model", folder, "--prompt-ids", IDS],
+                env={"MPITPI_PREFETCH": "often"})
+    fails_with(r, "MPITPI_PREFETCH='often' is not a setting. Fix: auto")
+    assert "load rank" not in r.stderr
+
+
 def test_shards_for_another_world_size(models, tmp_path):
     folder, _ = models("llama-gqa")
     shards = split(folder, tmp_path / "s", 2)
