@@ -92,11 +92,7 @@ def use(c: lookahead.Control) -> None:
     """Make ``c`` the process's lookahead control (the one every Runner asks) and put the
     kernels in its mode (another control may have changed them since)."""
     lookahead._control = c
-    if c.tuner is None and c.current is not None:
-        mode, c.current = c.current, None
-        c._set(mode)
-    else:
-        c.current = None   # the tuner sets its mode before the next pass
+    c.reapply()
 
 
 def bandwidth_gbs(src: torch.Tensor, passes: int) -> float:

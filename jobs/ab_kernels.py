@@ -58,14 +58,6 @@ def load_library(path: str) -> tuple[ctypes.CDLL, ctypes.CDLL]:
         kernels._lib, fused_step._lib = ours
 
 
-def same_mode(c: lookahead.Control) -> None:
-    """The library just swapped in gets the lookahead mode the other one had (each library
-    has its own mpitpi_prefetch)."""
-    if c.current is not None:
-        mode, c.current = c.current, None
-        c._set(mode)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("shards", help="a shard folder made by `mpitpi split -n 1`")
@@ -93,7 +85,7 @@ def main() -> None:
         for r in range(a.rounds + 1):   # round 0: a warm-up of each
             for name in (("this", "other") if r % 2 else ("other", "this")):
                 kernels._lib, fused_step._lib = libs[name]
-                same_mode(lookahead.control())
+                lookahead.control().reapply()   # each library has its own mode
                 res = generate(comm, m.model, Session(prompt, a.gen_len), reuse=False)
                 if r:
                     ms[name].append(statistics.median(res.step_ms))

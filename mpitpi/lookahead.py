@@ -128,6 +128,13 @@ class Control:
                 "mode": self.current,
                 "switches": self.tuner.switches if self.tuner is not None else 0}
 
+    def reapply(self) -> None:
+        """Set this control's mode in the kernels again: something else (another control,
+        another build of the library) may have changed it since (jobs/ab_*.py)."""
+        if self.current is not None:
+            mode, self.current = self.current, None
+            self._set(mode)
+
     def _set(self, mode: int) -> None:
         if mode != self.current:
             kernels.set_prefetch(mode)

@@ -101,9 +101,11 @@ def test_a_fixed_setting_is_kept(monkeypatch):
     c.before(None, 1)
     c.after(None, 1, 1.0)
     assert seen == [4] and c.tuner is None
+    c.reapply()   # after something else changed the kernels' mode: set again
+    assert seen == [4, 4]
     a = lookahead.Control("auto")
     a.before(None, 1)
-    assert seen == [4, lookahead.MODES[0]]
+    assert seen == [4, 4, lookahead.MODES[0]]
 
 
 @pytest.mark.skipif(not kernels.available(), reason="the C kernels are not built here")

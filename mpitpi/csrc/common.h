@@ -794,15 +794,20 @@ extern int mpitpi_prefetch;
  * ahead (its three streams: 600 MB, 2 threads, against a plain read in the same round,
  * 100 rounds: 1.06 -> 1.13 of it while memory was slow, 1.01 -> 1.06 while fast; int4 at
  * that distance 1.03 -> 1.01 slow, 0.89 -> 0.94 fast: kept at PF_BYTES). */
+/* block b's scales (and fp16 offsets), asked for once per 64-byte line, ``ahead`` bytes on */
+#define I4_SCALES_AHEAD(d, m, rs, b, ahead)                                               \
+    do {                                                                                  \
+        if ((b) * 2 * TILE % 64 == 0) {                                                   \
+            PF_AT((const uint8_t *)(d) + (b) * 2 * TILE, ahead);                          \
+            if (!(rs)) PF_AT((const uint8_t *)(m) + (b) * 2 * TILE, ahead);               \
+        }                                                                                 \
+    } while (0)
 #define I4_TILE_PREFETCH(qb, d, m, rs, h, b)                                              \
     do {                                                                                  \
         const int64_t a_ = (h) ? 2 * PF_BYTES : PF_BYTES;   /* weight bytes ahead */      \
         if (!(mpitpi_prefetch & ((h) ? 2 : 1))) break;                                    \
         for (int k_ = 0; k_ < 16 * TILE; k_ += 64) PF_AT((qb) + k_, a_);                  \
-        if ((b) * 2 * TILE % 64 == 0) {                                                   \
-            PF_AT((const uint8_t *)(d) + (b) * 2 * TILE, a_ / 8);                         \
-            if (!(rs)) PF_AT((const uint8_t *)(m) + (b) * 2 * TILE, a_ / 8);              \
-        }                                                                                 \
+        I4_SCALES_AHEAD(d, m, rs, b, a_ / 8);                                             \
         for (int k_ = 0; (h) && k_ < 8 * TILE; k_ += 64)                                  \
             PF_AT((h) + (b) * 8 * TILE + k_, a_ / 2);                                     \
     } while (0)
@@ -813,10 +818,7 @@ extern int mpitpi_prefetch;
  * 0.98-1.03x (lookahead.py chooses). */
 #define I4_TILE_PREFETCH_SCALES(d, m, rs, b)                                              \
     do {                                                                                  \
-        if ((mpitpi_prefetch & 1) && (b) * 2 * TILE % 64 == 0) {                          \
-            PF_AT((const uint8_t *)(d) + (b) * 2 * TILE, PF_BYTES / 8);                   \
-            if (!(rs)) PF_AT((const uint8_t *)(m) + (b) * 2 * TILE, PF_BYTES / 8);        \
-        }                                                                                 \
+        if (mpitpi_prefetch & 1) I4_SCALES_AHEAD(d, m, rs, b, PF_BYTES / 8);              \
     } while (0)
 #define I4_TILE_PREFETCH_LINE(qb, t)                                                      \
     do {                                                                                  \
