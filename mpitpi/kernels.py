@@ -209,6 +209,17 @@ def set_prefetch(mode: int) -> None:
         ctypes.c_int.in_dll(_lib, "mpitpi_prefetch").value = mode
 
 
+def set_streams(n: int) -> None:
+    """How many streams each thread reads an int4 product's single decode row from: 2 (the
+    default: the two halves of its part side by side, csrc/decode.c's rows_pair) or 1 (in
+    order). Changes timing only, never a number; call between products. No-op without
+    kernels, and on builds without the two-stream kernel (AVX-512 tiles)."""
+    if n not in (1, 2):
+        raise ValueError(f"streams must be 1 or 2, got {n}")
+    if _load() is not None:
+        ctypes.c_int.in_dll(_lib, "mpitpi_streams").value = n
+
+
 def tile_i4(q: torch.Tensor, scale: torch.Tensor, min: torch.Tensor | None,
             hi: torch.Tensor | None = None) -> int:
     """Rearrange an int4 matrix written in plain rows (q (out, in / 2) uint8, scale and min

@@ -192,7 +192,7 @@ def test_every_kernel_variant_this_cpu_runs_matches_torch(march, tmp_path):
                  f"{HERE}/test_int4.py::test_int4_kernel_matches_dequantized_product",
                  f"{HERE}/test_int4.py::test_int4_tiles_give_every_row_the_numbers_of_plain_rows",
                  f"{HERE}/test_int6.py::test_int6_kernel_matches_dequantized_product",
-                 f"{HERE}/test_coded.py",
+                 f"{HERE}/test_coded.py", f"{HERE}/test_streams.py",
                  f"{HERE}/test_fused.py", "-k", "not wide"], env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-500:]

@@ -788,6 +788,10 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
  * the int4 and int6 tiles without it 0.95-0.97x the time, int8 1.05-1.34x; in earlier
  * sessions' fast moments (80-90 GB/s) the int4 tiles needed it (53-60 -> 72-82 GB/s). */
 extern int mpitpi_prefetch;
+/* How many streams a thread reads an int4 product's decode row from (2: its stretch's two
+ * halves side by side, decode.c's product_rows; 1: in order). matvec.c; 2 by default. Set
+ * between products (kernels.set_streams), never during one: it changes no number. */
+extern int mpitpi_streams;
 #define PF_AT(p, ahead) __builtin_prefetch((const char *)(p) + (ahead), 0, PF_LOC)
 /* int4 tiles, block b at qb (16 TILE bytes): the scales' 2 TILE bytes a block (coded:
  * d alone; fp16: d and m), int6's 8 TILE bytes of top bits. int6 asks twice as many blocks
@@ -980,6 +984,86 @@ static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uin
     else                                                                                  \
         dot_i4_tile##R##_body(q, d, m, xq, xs, xsum, nb, y, ys, h, NULL);                 \
 }
+
+/* Two groups of 16 weight rows against one input row, block by block: group k's weights
+ * at q[k], its scales at d[k] and m[k] (coded: rs[k]), its 16 products to y[k]. Each group
+ * gets exactly dot_i4_tile1's operations in the same order (the same numbers), but a block of
+ * one group is read beside the same block of the other: two streams of weight lines instead
+ * of one. A thread reading its part of a matrix as two streams a megabyte or more apart
+ * keeps more lines in flight than the hardware prefetcher gives one stream: C harness, 600 MB
+ * of coded int4 tiles, 2 threads, against a plain read in the same round (AMD EPYC with VNNI,
+ * docs/BENCHMARKS.md), while memory was fast (48-52 GB/s) one stream 0.89-0.91 of the read,
+ * two streams 1.1 MB apart 1.00, 4.6 MB or more 0.98-1.01; 288 KB apart 0.96; neighbouring
+ * tiles 0.68; four streams 0.85. While slow (31-34 GB/s) both about 1.0. The 1B shape's int4
+ * decode in one process, both alternating on the same weights: 0.97x the time (30 rounds,
+ * 36-52 GB/s; decode.c's rows_pair pairs each thread's chunks half its part apart). */
+static inline __attribute__((always_inline)) void dot_i4_tile_pair_body(
+        const uint8_t *const *q, const uint16_t *const *d, const uint16_t *const *m,
+        const float *const *rs, const int8_t *xq, const float *xs, const float *xsum,
+        int64_t nb, float *const *y, int coded, int ask) {
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 acc[2], macc[2];
+    for (int k = 0; k < 2; k++) acc[k] = macc[k] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < nb; g0 += 4) {
+        int64_t n4 = nb - g0 < 4 ? nb - g0 : 4;   /* blocks in this group of i4_slot's */
+        for (int64_t j = 0; j < n4; j++) {
+            int64_t b = g0 + j, lo = 32 * g0 + 16 * j, hi = lo + 16 * n4;   /* i4_slot */
+            const int8_t *xl = xq + lo, *xh = xq + hi;
+            for (int k = 0; k < 2; k++) {
+                const uint8_t *qb = q[k] + b * 256;
+                if (ask) I4_SCALES_AHEAD(d[k], m[k], coded, b, PF_BYTES / 8);
+                __m512i w[8];
+                for (int t = 0; t < 4; t++) {
+                    __m512i v = _mm512_loadu_si512((const void *)(qb + 64 * t));
+                    if (ask) PF_AT(qb + 64 * t, PF_BYTES);   /* as I4_TILE_PREFETCH_LINE */
+                    I4_IN_REG(v);
+                    w[t] = _mm512_and_si512(v, low);
+                    w[4 + t] = I4_HIGH(v, low);
+                }
+                if (coded) {   /* as DOT_I4_TILE's coded blocks */
+                    const __m128i *c_ = (const __m128i *)((const uint8_t *)d[k] + b * 32);
+                    __m512i dc = _mm512_cvtepu8_epi32(_mm_loadu_si128(c_));
+                    __m512 mc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c_ + 1)));
+                    __m512i p = _mm512_mullo_epi32(I4_TILE_SUMS(w, xl, xh), dc);
+                    acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(xs[b]),
+                                             acc[k]);
+                    macc[k] = _mm512_fmadd_ps(mc, _mm512_set1_ps(xsum[b]), macc[k]);
+                    continue;
+                }
+                __m512 dv, mv;
+                I4_DM512(d[k], m[k], NULL, b, dv, mv);
+                __m512i p = I4_TILE_SUMS(w, xl, xh);
+                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
+                                         _mm512_mul_ps(dv, _mm512_set1_ps(xs[b])), acc[k]);
+                acc[k] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum[b]), acc[k]);
+            }
+        }
+    }
+    for (int k = 0; k < 2; k++) {
+        if (coded)
+            acc[k] = _mm512_fmadd_ps(macc[k], _mm512_loadu_ps(rs[k] + 16),
+                                     _mm512_mul_ps(acc[k], _mm512_loadu_ps(rs[k])));
+        _mm512_storeu_ps(y[k], acc[k]);
+    }
+}
+/* both groups coded (rs[0], rs[1] set) or both fp16; a copy of the loop for each, with and
+ * without requests for lines ahead (mpitpi_prefetch read once: read at every line, as a
+ * global the loop might change, it cost the loop a fifth of its speed in L2) */
+static inline void dot_i4_tile_pair(const uint8_t *const *q, const uint16_t *const *d,
+                                    const uint16_t *const *m, const float *const *rs,
+                                    const int8_t *xq, const float *xs, const float *xsum,
+                                    int64_t nb, float *const *y) {
+    int ask = mpitpi_prefetch & 1;
+    if (rs[0] && ask)
+        dot_i4_tile_pair_body(q, d, m, rs, xq, xs, xsum, nb, y, 1, 1);
+    else if (rs[0])
+        dot_i4_tile_pair_body(q, d, m, rs, xq, xs, xsum, nb, y, 1, 0);
+    else if (ask)
+        dot_i4_tile_pair_body(q, d, m, rs, xq, xs, xsum, nb, y, 0, 1);
+    else
+        dot_i4_tile_pair_body(q, d, m, rs, xq, xs, xsum, nb, y, 0, 0);
+}
+#define I4_TILE_PAIR 1
 
 #if defined(__AVX512VNNI__) && defined(__GFNI__)
 /* int6 tiles (the layout below, DOT_I4W_TILE) against int8 activations: the vocabulary's

@@ -107,6 +107,51 @@ static void rows(const weight_t *w, const float *x, int64_t xs, int64_t B, const
             for (int64_t o = o0; o < o1; o++) y[b * ys + o] += w->bias[o];
 }
 
+#if defined(I4_TILE_PAIR)
+/* One decode row (B = 1, int8 activations) against weight rows [a0, a1) and [b0, b1) of a
+ * tiled int4 matrix: tile k of the one beside tile k of the other (dot_i4_tile_pair), then
+ * what one has beyond the other and rows past the last tile as rows() takes them. The same
+ * numbers as rows() over each range. */
+static void rows_pair(const weight_t *w, const float *x, const scratch_t *s, float *y,
+                      int64_t a0, int64_t a1, int64_t b0, int64_t b1) {
+    int64_t tile = w->tile, tiled = w->rows / tile * tile, nb = w->cols / 32;
+    int64_t na = ((a1 < tiled ? a1 : tiled) - a0) / tile, nt = ((b1 < tiled ? b1 : tiled) - b0) / tile;
+    int64_t n = na < nt ? na : nt;
+    for (int64_t k = 0; k < n; k++) {
+        const uint8_t *q[2];
+        const uint16_t *d[2], *m[2];
+        const float *rs[2];
+        float *yk[2];
+        for (int i = 0; i < 2; i++) {
+            int64_t o = (i ? b0 : a0) + k * tile;
+            q[i] = (const uint8_t *)w->data + o * (w->cols / 2);
+            d[i] = (const uint16_t *)w->scale + o * nb;
+            m[i] = w->steps ? NULL : w->min + o * nb;   /* coded tiles: no offsets here */
+            rs[i] = w->steps ? w->steps + 2 * o : NULL;
+            yk[i] = y + o;
+        }
+        dot_i4_tile_pair(q, d, m, rs, (const int8_t *)s->xq, s->xs, s->xsum, nb, yk);
+    }
+    for (int64_t k = 0; w->bias && k < n * tile; k++) {
+        y[a0 + k] += w->bias[a0 + k];
+        y[b0 + k] += w->bias[b0 + k];
+    }
+    rows(w, x, 0, 1, s, y, 0, a0 + n * tile, a1);
+    rows(w, x, 0, 1, s, y, 0, b0 + n * tile, b1);
+}
+#endif
+
+/* Whether w's product for B rows reads each thread's stretch as two streams (rows_pair): int4
+ * tiles against one decode row on builds with dot_i4_tile_pair, while mpitpi_streams is 2. */
+static int two_streams(const weight_t *w, int64_t B, const scratch_t *s) {
+#if defined(I4_TILE_PAIR)
+    return mpitpi_streams == 2 && w->dtype == W_I4 && w->tile && B == 1 && !s->wide;
+#else
+    (void)w, (void)B, (void)s;
+    return 0;
+#endif
+}
+
 /* Thread t of T's span [*e0, *e1) of a row of w's input (w->cols elements): split at
  * multiples of 256 (whole SILU_CHUNKs and groups of 4 int4 blocks, as quantize_x8 lays them
  * out), for int8 at multiples of its column groups as well. With one row per step, every
@@ -200,11 +245,23 @@ static void product_rows(const weight_t *w, const float *x, int64_t xs, int64_t 
                          const scratch_t *s, float *y, int64_t ys, int64_t *claim) {
     int64_t T = omp_get_num_threads(), t = omp_get_thread_num(), chunk, n;
     chunking(w, T, &chunk, &n);
+    int pairs = two_streams(w, B, s);
     for (int64_t k = 0; k < T; k++) {   /* its own stretch, then the others' in turn */
-        int64_t u = (t + k) % T, end = n * (u + 1) / T;
+        int64_t u = (t + k) % T, start = n * u / T, end = n * (u + 1) / T;
+        /* two streams: claim i < h takes chunks start + i and start + h + i together, the
+         * last claim of an odd stretch its middle chunk alone */
+        int64_t h = pairs ? (end - start) / 2 : 0, last = end - h;
         for (int64_t c; (c = __atomic_fetch_add(claim + u * CLAIM_STRIDE, 1,
-                                                __ATOMIC_RELAXED)) < end;) {
-            int64_t o0 = c * chunk, o1 = o0 + chunk < w->rows ? o0 + chunk : w->rows;
+                                                __ATOMIC_RELAXED)) < last;) {
+            int64_t o0 = (c < start + h ? c : c + h) * chunk;
+            int64_t o1 = o0 + chunk < w->rows ? o0 + chunk : w->rows;
+#if defined(I4_TILE_PAIR)
+            if (c < start + h) {
+                int64_t p0 = o0 + h * chunk, p1 = p0 + chunk < w->rows ? p0 + chunk : w->rows;
+                rows_pair(w, x, s, y, o0, o1, p0, p1);
+                continue;
+            }
+#endif
             rows(w, x, xs, B, s, y, ys, o0, o1);
         }
     }

@@ -14,6 +14,7 @@
 #include "common.h"
 
 int mpitpi_prefetch = 7;
+int mpitpi_streams = 2;
 
 /* Float weights: output rows split over the threads, each weight row against the T rows of
  * x by fours (dot_float_batch: each row's numbers are the same whatever T is). */
