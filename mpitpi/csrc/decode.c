@@ -210,15 +210,18 @@ static void quantize_span(const weight_t *w, const float *x, const scratch_t *s,
  * stretch's next chunk. */
 #define CLAIM_STRIDE 8
 #define CLAIM_WORDS (omp_get_max_threads() * CLAIM_STRIDE)
-/* w's rows in ``*chunk``-row chunks, ``*n`` of them */
-static void chunking(const weight_t *w, int64_t T, int64_t *chunk, int64_t *n) {
-    int64_t c = w->rows / (8 * T);
+/* w's rows in ``*chunk``-row chunks, ``*n`` of them; ``pairs``: read two at a time
+ * (product_rows), so half as long, a pair the bytes of one chunk read alone: claims as long
+ * as a whole chunk each left the threads waiting at the product's end twice as long */
+static void chunking(const weight_t *w, int64_t T, int pairs, int64_t *chunk, int64_t *n) {
+    int64_t c = w->rows / ((pairs ? 16 : 8) * T);
     /* at most 64 rows, or for int4 and int8 as many as make CHUNK_BYTES: longer chunks
      * keep each thread's stream going (the 1B shape: int8 3-6% and int4 5-7% faster than in
      * 64-row chunks, docs/BENCHMARKS.md); float weights keep 64 rows (2048 fp32 columns:
      * the same bytes) */
     int64_t row_bytes = w->dtype == W_I4 ? w->cols / 2 : w->cols;
     int64_t most = w->dtype == W_I4 || w->dtype == W_I8 ? CHUNK_BYTES / row_bytes : 64;
+    most = pairs ? most / 2 : most;
     most = most < 64 ? 64 : most;
     c = c < 4 ? 4 : c > most ? most : c;
     if (w->tile)   /* int4 and int8 in tiles: whole tiles */
@@ -233,7 +236,7 @@ static void chunking(const weight_t *w, int64_t T, int64_t *chunk, int64_t *n) {
 static void product_start(const weight_t *w, const float *x, int64_t xs, int64_t B,
                           const scratch_t *s, int64_t *claim) {
     int64_t T = omp_get_num_threads(), t = omp_get_thread_num(), chunk, n;
-    chunking(w, T, &chunk, &n);
+    chunking(w, T, two_streams(w, B, s), &chunk, &n);
     claim[t * CLAIM_STRIDE] = n * t / T;
     for (int64_t b = 0; b < B; b++)
         quantize_span(w, x + b * xs, s, b, t, T);
@@ -244,12 +247,12 @@ static void product_start(const weight_t *w, const float *x, int64_t xs, int64_t
 static void product_rows(const weight_t *w, const float *x, int64_t xs, int64_t B,
                          const scratch_t *s, float *y, int64_t ys, int64_t *claim) {
     int64_t T = omp_get_num_threads(), t = omp_get_thread_num(), chunk, n;
-    chunking(w, T, &chunk, &n);
     int pairs = two_streams(w, B, s);
+    chunking(w, T, pairs, &chunk, &n);
     for (int64_t k = 0; k < T; k++) {   /* its own stretch, then the others' in turn */
         int64_t u = (t + k) % T, start = n * u / T, end = n * (u + 1) / T;
         /* two streams: claim i < h takes chunks start + i and start + h + i together, the
-         * last claim of an odd stretch its middle chunk alone */
+         * last claim of an odd stretch its last chunk alone */
         int64_t h = pairs ? (end - start) / 2 : 0, last = end - h;
         for (int64_t c; (c = __atomic_fetch_add(claim + u * CLAIM_STRIDE, 1,
                                                 __ATOMIC_RELAXED)) < last;) {
