@@ -21,8 +21,9 @@ and the two give different answers.
 
 FOLDER@N runs that folder (loaded once, whatever its arms) with the tiles' requests for lines
 ahead fixed to mode N (as MPITPI_PREFETCH=N; lookahead.py); arms without @ share the
-process's tuner, which tells their models apart. FOLDER/1 (before any @N) reads int4 decode
-rows as one stream a thread instead of two (kernels.set_streams; csrc/decode.c's rows_pair).
+process's tuner, which tells their models apart. N's bit 8 reads int4 decode rows as one
+stream a thread instead of two (FOLDER@12: int8 tiles alone asking, one stream; csrc/decode.c's
+rows_pair).
 """
 import argparse
 import json
@@ -31,7 +32,7 @@ import time
 
 import torch
 
-from mpitpi import kernels, lookahead
+from mpitpi import lookahead
 from mpitpi.bench import weight_bytes
 from mpitpi.comm import Comm
 from mpitpi.generate import generate
@@ -57,12 +58,12 @@ def main() -> None:
     if comm.size != 1:
         raise SystemExit("ab_decode.py runs at world size 1 (mpiexec -n 1 or plain python).")
     threads = a.threads if a.threads == "auto" else int(a.threads)
-    arms = [arm(s) for s in a.shards]
+    arms = [s.rsplit("@", 1) if "@" in s else (s, None) for s in a.shards]
     loaded = {f: start_model(comm, None, f, threads=threads, progress=False)
-              for f in {f for f, _, _ in arms}}
-    models = [loaded[f] for f, _, _ in arms]
+              for f in {f for f, _ in arms}}
+    models = [loaded[f] for f, _ in arms]
     tuned = lookahead.control()
-    controls = [lookahead.Control(mode) if mode else tuned for _, mode, _ in arms]
+    controls = [lookahead.Control(mode) if mode else tuned for _, mode in arms]
     vocab = min(m.args.vocab_size for m in models)
     prompt = torch.randint(3, vocab, (a.prompt_len,),
                            generator=torch.Generator().manual_seed(0)).tolist()
@@ -76,7 +77,6 @@ def main() -> None:
         order = [(r + i) % len(models) for i in range(len(models))]
         for i in order:
             use(controls[i])
-            kernels.set_streams(arms[i][2])
             res = generate(comm, models[i].model, Session(prompt, a.gen_len), reuse=False)
             ms[i].append(statistics.median(res.step_ms))
         gbs.append(bandwidth_gbs(src, a.bw_passes))
@@ -88,15 +88,6 @@ def main() -> None:
             json.dump({"shards": a.shards, "ms_per_token": ms, "gen_len": a.gen_len,
                        "weight_bytes": nbytes, "memory_gbs": gbs,
                        "threads": torch.get_num_threads()}, f, indent=1)
-
-
-def arm(spec: str) -> tuple[str, str | None, int]:
-    """FOLDER[/S][@N] -> (folder, lookahead setting N or None: the tuner, streams S: 2)."""
-    spec, _, mode = spec.rpartition("@") if "@" in spec else (spec, "", "")
-    folder, streams = spec, 2
-    if spec.endswith(("/1", "/2")):
-        folder, streams = spec[:-2], int(spec[-1])
-    return folder, mode or None, streams
 
 
 def use(c: lookahead.Control) -> None:

@@ -200,6 +200,8 @@ def int6_decode_int8() -> bool:
 # csrc/common.h's mpitpi_prefetch: which tiles ask for weight lines ahead, a bit each
 PREFETCH_INT4, PREFETCH_INT6, PREFETCH_INT8 = 1, 2, 4
 PREFETCH_ALL = 7
+# lookahead.py's modes add this bit for int4 decode rows read as one stream (set_streams)
+ONE_STREAM = 8
 
 
 def set_prefetch(mode: int) -> None:

@@ -20,8 +20,14 @@ little while the memory holds still, and a change is found within a few periods.
 a pass is the rank's own: its wall time less the time it spent in all-reduce (waiting for the
 other ranks included).
 
+A mode also says how a thread reads a single int4 decode row's products: as two streams
+(its part's two halves side by side, csrc/decode.c's rows_pair; the default) or, with bit 8,
+as one. Two streams took 0.92x the time of one on the AMD host while memory was middling,
+0.98x while slow; the AVX2 build's pair kernel, slower in L2 than its single tile there
+(compute, not memory), may lose on a host whose memory outruns it: the tuner finds out.
+
 ``MPITPI_PREFETCH``: ``auto`` (the default) tunes; a number fixes the mode (bits: 1 int4, 2
-int6, 4 int8 tiles ask ahead; 7 all, 0 none), for benchmarks.
+int6, 4 int8 tiles ask ahead, 8 one stream; 7 all, 0 none), for benchmarks.
 """
 from __future__ import annotations
 
@@ -36,9 +42,11 @@ MAX_ROWS = 8
 
 # the modes tried, the first to start with: int8 tiles alone asking (the int4 and int6 ones
 # left to the hardware: as fast or faster in every moment measured on 2026-11-29), every tile
-# (what earlier sessions' fast moments wanted). A third, int4 and int8 tiles asking, measured
-# no better than either (1B int4, 14 rounds: 1.03x the time of none).
-MODES = (kernels.PREFETCH_INT8, kernels.PREFETCH_ALL)
+# (what earlier sessions' fast moments wanted), both with two streams; and the first with one
+# stream (where the two-stream kernel is slower). Another, int4 and int8 tiles asking,
+# measured no better than either of the first two (1B int4, 14 rounds: 1.03x the time of none).
+MODES = (kernels.PREFETCH_INT8, kernels.PREFETCH_ALL,
+         kernels.PREFETCH_INT8 | kernels.ONE_STREAM)
 
 
 class Tuner:
@@ -115,10 +123,10 @@ class Control:
                 fixed = int(setting)
             except ValueError:
                 fixed = -1
-            if not 0 <= fixed <= kernels.PREFETCH_ALL:
+            if not 0 <= fixed <= kernels.PREFETCH_ALL | kernels.ONE_STREAM:
                 raise MpitpiError(f"MPITPI_PREFETCH={setting!r} is not a setting. Fix: auto "
-                                  "(the default), or 0-7 (bits: 1 int4 tiles, 2 int6, 4 int8 "
-                                  "ask for lines ahead).")
+                                  "(the default), or 0-15 (bits: 1 int4 tiles, 2 int6, 4 int8 "
+                                  "ask for lines ahead; 8 int4 decode rows as one stream).")
             self._set(fixed)
 
     def summary(self) -> dict:
@@ -137,7 +145,8 @@ class Control:
 
     def _set(self, mode: int) -> None:
         if mode != self.current:
-            kernels.set_prefetch(mode)
+            kernels.set_prefetch(mode & kernels.PREFETCH_ALL)
+            kernels.set_streams(1 if mode & kernels.ONE_STREAM else 2)
             self.current = mode
 
     def before(self, model, rows: int) -> None:

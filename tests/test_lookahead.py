@@ -88,7 +88,7 @@ def test_kinds_of_pass_are_tuned_apart_and_prompts_not_at_all(monkeypatch):
         lookahead.Tuner(modes=(7,))
 
 
-@pytest.mark.parametrize("setting", ["sometimes", "9", "-1"])
+@pytest.mark.parametrize("setting", ["sometimes", "16", "-1"])
 def test_a_wrong_setting_names_the_fix(setting):
     with pytest.raises(MpitpiError, match="MPITPI_PREFETCH.*Fix: auto"):
         lookahead.Control(setting)
@@ -106,6 +106,17 @@ def test_a_fixed_setting_is_kept(monkeypatch):
     a = lookahead.Control("auto")
     a.before(None, 1)
     assert seen == [4, 4, lookahead.MODES[0]]
+
+
+def test_bit_8_reads_int4_decode_rows_as_one_stream(monkeypatch):
+    seen = []
+    monkeypatch.setattr(kernels, "set_prefetch", lambda m: seen.append(("prefetch", m)))
+    monkeypatch.setattr(kernels, "set_streams", lambda n: seen.append(("streams", n)))
+    lookahead.Control("12")
+    assert seen == [("prefetch", 4), ("streams", 1)]
+    lookahead.Control("7")
+    assert seen[2:] == [("prefetch", 7), ("streams", 2)]
+    assert kernels.PREFETCH_INT8 | kernels.ONE_STREAM in lookahead.MODES   # the tuner tries it
 
 
 @pytest.mark.skipif(not kernels.available(), reason="the C kernels are not built here")

@@ -792,6 +792,25 @@ extern int mpitpi_prefetch;
  * halves side by side, decode.c's product_rows; 1: in order). matvec.c; 2 by default. Set
  * between products (kernels.set_streams), never during one: it changes no number. */
 extern int mpitpi_streams;
+/* dot_i4_tile_pair (the AVX-512 and AVX2 tile builds) over its body: both groups coded
+ * (rs[0], rs[1] set) or both fp16; a copy of the loop for each, with and without requests
+ * for lines ahead (mpitpi_prefetch read once a call: read at every line, as a global the
+ * loop might change, it cost the AVX-512 loop a fifth of its speed in L2) */
+#define I4_TILE_PAIR_CALL                                                                 \
+static inline void dot_i4_tile_pair(const uint8_t *const *q, const uint16_t *const *d,     \
+                                    const uint16_t *const *m, const float *const *rs,     \
+                                    const int8_t *xq, const float *xs, const float *xsum, \
+                                    int64_t nb, float *const *y) {                        \
+    int ask = mpitpi_prefetch & 1;                                                        \
+    if (rs[0] && ask)                                                                     \
+        dot_i4_tile_pair_body(q, d, m, rs, xq, xs, xsum, nb, y, 1, 1);                   \
+    else if (rs[0])                                                                       \
+        dot_i4_tile_pair_body(q, d, m, rs, xq, xs, xsum, nb, y, 1, 0);                   \
+    else if (ask)                                                                         \
+        dot_i4_tile_pair_body(q, d, m, rs, xq, xs, xsum, nb, y, 0, 1);                   \
+    else                                                                                  \
+        dot_i4_tile_pair_body(q, d, m, rs, xq, xs, xsum, nb, y, 0, 0);                   \
+}
 #define PF_AT(p, ahead) __builtin_prefetch((const char *)(p) + (ahead), 0, PF_LOC)
 /* int4 tiles, block b at qb (16 TILE bytes): the scales' 2 TILE bytes a block (coded:
  * d alone; fp16: d and m), int6's 8 TILE bytes of top bits. int6 asks twice as many blocks
@@ -1046,24 +1065,8 @@ static inline __attribute__((always_inline)) void dot_i4_tile_pair_body(
         _mm512_storeu_ps(y[k], acc[k]);
     }
 }
-/* both groups coded (rs[0], rs[1] set) or both fp16; a copy of the loop for each, with and
- * without requests for lines ahead (mpitpi_prefetch read once: read at every line, as a
- * global the loop might change, it cost the loop a fifth of its speed in L2) */
-static inline void dot_i4_tile_pair(const uint8_t *const *q, const uint16_t *const *d,
-                                    const uint16_t *const *m, const float *const *rs,
-                                    const int8_t *xq, const float *xs, const float *xsum,
-                                    int64_t nb, float *const *y) {
-    int ask = mpitpi_prefetch & 1;
-    if (rs[0] && ask)
-        dot_i4_tile_pair_body(q, d, m, rs, xq, xs, xsum, nb, y, 1, 1);
-    else if (rs[0])
-        dot_i4_tile_pair_body(q, d, m, rs, xq, xs, xsum, nb, y, 1, 0);
-    else if (ask)
-        dot_i4_tile_pair_body(q, d, m, rs, xq, xs, xsum, nb, y, 0, 1);
-    else
-        dot_i4_tile_pair_body(q, d, m, rs, xq, xs, xsum, nb, y, 0, 0);
-}
-#define I4_TILE_PAIR 1
+I4_TILE_PAIR_CALL
+#define I4_TILE_PAIR 1   /* this build has dot_i4_tile_pair (decode.c's rows_pair) */
 
 #if defined(__AVX512VNNI__) && defined(__GFNI__)
 /* int6 tiles (the layout below, DOT_I4W_TILE) against int8 activations: the vocabulary's
@@ -1325,6 +1328,68 @@ static inline void dot_i4_tile##R(const uint8_t *q, const uint16_t *d, const uin
     for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ys, acc[r]);                    \
     (void)h;                                                                              \
 }
+
+/* Two groups of 8 rows against one input row, block by block, as the AVX-512 pair above:
+ * each group gets exactly dot_i4_tile1's operations, the two read side by side. */
+static inline __attribute__((always_inline)) void dot_i4_tile_pair_body(
+        const uint8_t *const *q, const uint16_t *const *d, const uint16_t *const *m,
+        const float *const *rs, const int8_t *xq, const float *xs, const float *xsum,
+        int64_t nb, float *const *y, int coded, int ask) {
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 acc[2], macc[2];
+    for (int k = 0; k < 2; k++) acc[k] = macc[k] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *xl = xq + i4_slot(b, 0, nb), *xh = xq + i4_slot(b, 16, nb);
+        for (int k = 0; k < 2; k++) {
+            const uint8_t *qb = q[k] + b * 128;
+            if (ask) {   /* as I4_TILE_PREFETCH */
+                for (int k_ = 0; k_ < 16 * TILE; k_ += 64) PF_AT(qb + k_, PF_BYTES);
+                I4_SCALES_AHEAD(d[k], m[k], coded, b, PF_BYTES / 8);
+            }
+            __m256i w[8];
+            for (int t = 0; t < 4; t++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * t));
+                w[t] = _mm256_and_si256(v, low);
+                w[4 + t] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            }
+            __m256 dv = _mm256_setzero_ps(), mv = dv;
+            __m256i dc = _mm256_setzero_si256();
+            if (coded) {
+                const uint8_t *c_ = (const uint8_t *)d[k] + b * 16;
+                dc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)c_));
+                mv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(c_ + 8))));
+            } else
+                I4_DM256(d[k], m[k], NULL, b, dv, mv);
+            __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(w[0], X4(xl, 0)),
+                                          _mm256_maddubs_epi16(w[1], X4(xl, 1)));
+            __m256i s1 = _mm256_add_epi16(_mm256_maddubs_epi16(w[2], X4(xl, 2)),
+                                          _mm256_maddubs_epi16(w[3], X4(xl, 3)));
+            __m256i s2 = _mm256_add_epi16(_mm256_maddubs_epi16(w[4], X4(xh, 0)),
+                                          _mm256_maddubs_epi16(w[5], X4(xh, 1)));
+            __m256i s3 = _mm256_add_epi16(_mm256_maddubs_epi16(w[6], X4(xh, 2)),
+                                          _mm256_maddubs_epi16(w[7], X4(xh, 3)));
+            __m256i p = _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(s0, s1),
+                                                           _mm256_add_epi16(s2, s3)), ones);
+            if (coded) {
+                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_mullo_epi32(p, dc)),
+                                         _mm256_set1_ps(xs[b]), acc[k]);
+                macc[k] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[b]), macc[k]);
+                continue;
+            }
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                     _mm256_mul_ps(dv, _mm256_set1_ps(xs[b])), acc[k]);
+            acc[k] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[b]), acc[k]);
+        }
+    }
+    for (int k = 0; k < 2; k++) {
+        if (coded)
+            acc[k] = _mm256_fmadd_ps(macc[k], _mm256_loadu_ps(rs[k] + 8),
+                                     _mm256_mul_ps(acc[k], _mm256_loadu_ps(rs[k])));
+        _mm256_storeu_ps(y[k], acc[k]);
+    }
+}
+I4_TILE_PAIR_CALL
+#define I4_TILE_PAIR 1   /* this build has dot_i4_tile_pair (decode.c's rows_pair) */
 
 /* The AVX2 int8 tile: 8 rows, vpmaddwd against each broadcast pair of int16 activations. */
 #define DOT_I8_TILE(R)                                                                    \
