@@ -1,12 +1,14 @@
 """int4 decode rows read as two streams per thread (csrc/decode.c's rows_pair: each thread's
-part of a product as its two halves side by side) give the numbers of one stream, bit for bit:
-coded tiles and fp16 ones (a GGUF file's), rows past the last tile, one rank and several."""
+part of a product as its two halves side by side; matvec.c's vocabulary product: the matrix's
+two halves) give the numbers of one stream, bit for bit: coded tiles and fp16 ones (a GGUF
+file's), int6, rows past the last tile, an odd count of tiles, one rank and several."""
 import pytest
 import torch
 
 from mpitpi import kernels
 from mpitpi.checkpoint import open_checkpoint
 from mpitpi.shards import write_shards
+from mpitpi.weights import quantized
 
 from test_house import run_ranks
 
@@ -39,3 +41,29 @@ def test_two_streams_give_the_numbers_of_one(models, tmp_path, monkeypatch, name
 def test_a_wrong_stream_count_is_refused():
     with pytest.raises(ValueError, match="1 or 2"):
         kernels.set_streams(3)
+
+
+@pytest.mark.parametrize("dtype", ["int4", "int6"])
+@pytest.mark.parametrize("rows", [16, 48, 96, 100, 161])
+def test_the_vocabulary_product_in_two_streams_gives_the_numbers_of_one(dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    w = quantized(torch.randn(rows, 256, generator=g) * 0.05, dtype)
+    w.tile_rows()
+    plain = quantized(torch.randn(rows, 256, generator=g) * 0.05, dtype) if dtype == "int4" \
+        else None
+    if plain is not None:   # fp16 tiles (a GGUF file's int4)
+        plain.tile_rows(coded=False)
+    x = torch.randn(1, 256, generator=g)
+    try:
+        for m in (w, plain):
+            if m is None:
+                continue
+            got = []
+            for streams in (1, 2):
+                kernels.set_streams(streams)
+                got.append(m(x, decode=True, logits=True))
+            assert torch.equal(got[0], got[1])
+            ref = x @ m.dequantized().T
+            assert torch.allclose(got[1], ref, rtol=0.05, atol=0.05)
+    finally:
+        kernels.set_streams(2)

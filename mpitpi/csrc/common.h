@@ -1134,6 +1134,64 @@ static inline void dot_i6_tile##R(const uint8_t *q, const uint16_t *d, const uin
     for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ys, acc[r]);                    \
     (void)m, (void)rs;                                                                    \
 }
+/* Two groups of 16 int6 rows against one input row, block by block (as dot_i4_tile_pair):
+ * group k at q[k], d[k], h[k], its 16 products to y[k], each with exactly dot_i6_tile1's
+ * operations. matvec.c's decode row of a tiled vocabulary pairs tile u with tile u + half. */
+static inline __attribute__((always_inline)) void dot_i6_tile_pair_body(
+        const uint8_t *const *q, const uint16_t *const *d, const uint8_t *const *h,
+        const int8_t *xq, const float *xs, const float *xsum, int64_t nb, float *const *y,
+        int ask) {
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t g0 = 0; g0 < nb; g0 += 4) {
+        int64_t n4 = nb - g0 < 4 ? nb - g0 : 4;   /* blocks in this group of i4_slot's */
+        for (int64_t j = 0; j < n4; j++) {
+            int64_t b = g0 + j, lo = 32 * g0 + 16 * j, hi = lo + 16 * n4;   /* i4_slot */
+            const int8_t *xl = xq + lo, *xh = xq + hi;
+            for (int k = 0; k < 2; k++) {
+                const uint8_t *qb = q[k] + b * 256;
+                if (ask) {   /* as I4_TILE_PREFETCH for int6 */
+                    for (int k_ = 0; k_ < 16 * TILE; k_ += 64) PF_AT(qb + k_, 2 * PF_BYTES);
+                    I4_SCALES_AHEAD(d[k], d[k], 0, b, 2 * PF_BYTES / 8);
+                    for (int k_ = 0; k_ < 8 * TILE; k_ += 64)
+                        PF_AT(h[k] + b * 8 * TILE + k_, PF_BYTES);
+                }
+                __m512i w[8];
+                for (int t = 0; t < 4; t++) {
+                    __m512i v = _mm512_loadu_si512((const void *)(qb + 64 * t));
+                    __m512i f = _mm512_loadu_si512((const void *)(h[k] + b * 128 + 64 * (t & 1)));
+                    I4_IN_REG(v);
+                    __m512i tl = gf_move(f, t < 2 ? GF_MOVE(4, 0, 2) : GF_MOVE(4, 4, 2));
+                    __m512i th = gf_move(f, t < 2 ? GF_MOVE(4, 2, 2) : GF_MOVE(4, 6, 2));
+                    w[t] = _mm512_ternarylogic_epi32(v, tl, low, 0xec);
+                    w[4 + t] = _mm512_or_si512(gf_move(v, GF_MOVE(0, 4, 4)), th);
+                }
+                __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d[k] + b * 16)));
+                __m512i p0 = dp512_x4(_mm512_setzero_si512(), w[0], xl);
+                __m512i p1 = dp512_x4(_mm512_setzero_si512(), w[4], xh);
+                for (int c = 1; c < 4; c++) {
+                    p0 = dp512_x4(p0, w[c], xl + 4 * c);
+                    p1 = dp512_x4(p1, w[4 + c], xh + 4 * c);
+                }
+                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p0, p1)),
+                                         _mm512_mul_ps(dv, _mm512_set1_ps(xs[b])), acc[k]);
+                acc[k] = _mm512_fmadd_ps(dv, _mm512_set1_ps(xsum[b]), acc[k]);
+            }
+        }
+    }
+    for (int k = 0; k < 2; k++) _mm512_storeu_ps(y[k], acc[k]);
+}
+static inline void dot_i6_tile_pair(const uint8_t *const *q, const uint16_t *const *d,
+                                    const uint8_t *const *h, const int8_t *xq,
+                                    const float *xs, const float *xsum, int64_t nb,
+                                    float *const *y) {
+    if (mpitpi_prefetch & 2)   /* read once a call, as dot_i4_tile_pair */
+        dot_i6_tile_pair_body(q, d, h, xq, xs, xsum, nb, y, 1);
+    else
+        dot_i6_tile_pair_body(q, d, h, xq, xs, xsum, nb, y, 0);
+}
+#define I6_TILE_PAIR 1
+
 #endif
 
 /* One group of 16 int8 rows (w, ws at the group's start) against R input rows of int16

@@ -311,8 +311,46 @@ void matvec_i4(const float *restrict x, const uint8_t *restrict q, const uint16_
      * 0.985x, 0.96x in the slower half of the rounds (a core slowed by a neighbour is
      * helped), 1.007x in the faster. int8 (matvec_i8), whose tiles ask ahead, took 1.04x
      * so: it stays static. */
+    /* one decode row of a tiled matrix: two streams (as decode.c's rows_pair), tile v beside
+     * tile v + P, the two halves of the matrix read side by side, P pairs handed out 16 at a
+     * time (a claim the bytes of 32 tiles, as below); then the tile left over and the rows
+     * after the tiles. */
+    int64_t P = 0;
+#if defined(I4_TILE_PAIR)
+#if defined(I6_TILE_PAIR)
+    const int pair6 = 1;
+#else
+    const int pair6 = 0;   /* int6 keeps one stream */
+#endif
+    if (T == 1 && !wide && mpitpi_streams == 2 && (pair6 || !h))
+        P = tile ? full / tile / 2 : 0;
+    #pragma omp parallel for schedule(dynamic, 16)
+    for (int64_t v = 0; v < P; v++) {
+        const uint8_t *qk[2], *hk[2];
+        const uint16_t *dk[2], *mk[2];
+        const float *rk[2];
+        float *yk[2];
+        for (int k = 0; k < 2; k++) {
+            int64_t o = (v + k * P) * tile;
+            qk[k] = q + o * (in / 2);
+            dk[k] = d + o * nb;
+            mk[k] = rs ? NULL : m + o * nb;   /* coded tiles: no offsets here */
+            hk[k] = h ? h + o * nb * 8 : NULL;
+            rk[k] = rs ? rs + 2 * o : NULL;
+            yk[k] = y + o;
+        }
+#if defined(I6_TILE_PAIR)
+        if (h) {
+            dot_i6_tile_pair(qk, dk, hk, xq, xs, xsum, nb, yk);
+            continue;
+        }
+#endif
+        (void)hk;
+        dot_i4_tile_pair(qk, dk, mk, rk, xq, xs, xsum, nb, yk);
+    }
+#endif
     #pragma omp parallel for schedule(dynamic, 32)
-    for (int64_t u = 0; u < tile_units(out, tile); u++) {
+    for (int64_t u = 2 * P; u < tile_units(out, tile); u++) {
         int64_t o, n = tile_unit(u, out, tile, &o);
         const uint8_t *qo = q + o * (in / 2);
         const uint16_t *dq = d + o * nb, *mq = m + (rs && o >= full ? o - full : o) * nb;
