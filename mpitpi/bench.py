@@ -157,8 +157,8 @@ def format_bench(r: dict) -> str:
     if "disk_bound_ms_per_token" in r:
         lines.append(f"disk-bound estimate {r['disk_bound_ms_per_token']:.1f} ms/token")
     la = r["ranks"][0]["lookahead"]
-    lines.append(f"tiles asking for lines ahead (MPITPI_PREFETCH={la['setting']}): rank 0 ended "
-                 f"in mode {la['mode'] if la['mode'] is not None else 'default'}, "
+    lines.append(f"lines ahead, streams (MPITPI_PREFETCH={la['setting']}): rank 0 ended "
+                 f"in mode {lookahead.describe(la['mode'])}, "
                  f"{la['switches']} switch{'' if la['switches'] == 1 else 'es'}")
     lines.append("rank  peak MB  comm ms/tok  io wait ms/tok  all-reduce kB/tok  resident layers")
     for i, x in enumerate(r["ranks"]):

@@ -49,6 +49,16 @@ MODES = (kernels.PREFETCH_INT8, kernels.PREFETCH_ALL,
          kernels.PREFETCH_INT8 | kernels.ONE_STREAM)
 
 
+def describe(mode: int | None) -> str:
+    """A mode in words: which tiles ask for lines ahead, and the streams (`mpitpi bench`)."""
+    if mode is None:
+        return "the build's default (every tile asking, two streams)"
+    asking = [n for bit, n in ((kernels.PREFETCH_INT4, "int4"), (kernels.PREFETCH_INT6, "int6"),
+                               (kernels.PREFETCH_INT8, "int8")) if mode & bit]
+    streams = "one stream" if mode & kernels.ONE_STREAM else "two streams"
+    return f"{mode}: {'/'.join(asking) or 'no'} tiles asking, {streams}"
+
+
 class Tuner:
     """One process's choice among ``modes`` (mpitpi_prefetch values), per kind of pass
     (a key: the Runner's is its model and the pass's row count). With more than two modes

@@ -117,6 +117,9 @@ def test_bit_8_reads_int4_decode_rows_as_one_stream(monkeypatch):
     lookahead.Control("7")
     assert seen[2:] == [("prefetch", 7), ("streams", 2)]
     assert kernels.PREFETCH_INT8 | kernels.ONE_STREAM in lookahead.MODES   # the tuner tries it
+    assert lookahead.describe(12) == "12: int8 tiles asking, one stream"
+    assert lookahead.describe(3) == "3: int4/int6 tiles asking, two streams"
+    assert lookahead.describe(0) == "0: no tiles asking, two streams"
 
 
 @pytest.mark.skipif(not kernels.available(), reason="the C kernels are not built here")
