@@ -1,7 +1,8 @@
 """int4 decode rows read as two streams per thread (csrc/decode.c's rows_pair: each thread's
 part of a product as its two halves side by side; matvec.c's vocabulary product: the matrix's
 two halves) give the numbers of one stream, bit for bit: coded tiles and fp16 ones (a GGUF
-file's), int6, rows past the last tile, an odd count of tiles, one rank and several."""
+file's), int6, rows past the last tile, an odd count of tiles, biases (qwen2), one rank and
+several."""
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="the C kernels a
 
 @pytest.mark.parametrize("tiles", ["coded", "fp16"])
 @pytest.mark.parametrize("name,n", [("llama-coded", 1), ("llama-coded", 3), ("llama-odd", 2),
-                                    ("llama-wide", 1)])
+                                    ("llama-wide", 1), ("qwen2", 1)])
 def test_two_streams_give_the_numbers_of_one(models, tmp_path, monkeypatch, name, n, tiles):
     folder, _ = models(name)
     write_shards(open_checkpoint(folder), str(tmp_path / "s"), n, None, "int4",

@@ -117,6 +117,7 @@ static void rows_pair(const weight_t *w, const float *x, const scratch_t *s, flo
     int64_t tile = w->tile, tiled = w->rows / tile * tile, nb = w->cols / 32;
     int64_t na = ((a1 < tiled ? a1 : tiled) - a0) / tile, nt = ((b1 < tiled ? b1 : tiled) - b0) / tile;
     int64_t n = na < nt ? na : nt;
+    n = n < 0 ? 0 : n;   /* (chunks start on tiles: a range starts at or before the last) */
     for (int64_t k = 0; k < n; k++) {
         const uint8_t *q[2];
         const uint16_t *d[2], *m[2];
