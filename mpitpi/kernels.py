@@ -214,8 +214,9 @@ def set_prefetch(mode: int) -> None:
 def set_streams(n: int) -> None:
     """How many streams each thread reads an int4 product's single decode row from: 2 (the
     default: the two halves of its part side by side, csrc/decode.c's rows_pair) or 1 (in
-    order). Changes timing only, never a number; call between products. No-op without
-    kernels, and on builds without the two-stream kernel (AVX-512 tiles)."""
+    order); the vocabulary's product likewise, its matrix's halves. Changes timing only,
+    never a number; call between products. No-op without kernels, and on builds without
+    tiles (the two-stream kernels are the AVX-512 and AVX2 tiles')."""
     if n not in (1, 2):
         raise ValueError(f"streams must be 1 or 2, got {n}")
     if _load() is not None:

@@ -789,8 +789,9 @@ I4_BATCH(dot_i4w_batch, dot_i4w_rows, int16_t)
  * sessions' fast moments (80-90 GB/s) the int4 tiles needed it (53-60 -> 72-82 GB/s). */
 extern int mpitpi_prefetch;
 /* How many streams a thread reads an int4 product's decode row from (2: its stretch's two
- * halves side by side, decode.c's product_rows; 1: in order). matvec.c; 2 by default. Set
- * between products (kernels.set_streams), never during one: it changes no number. */
+ * halves side by side, decode.c's product_rows, or the matrix's, matvec.c's matvec_i4; 1: in
+ * order). matvec.c; 2 by default. Set between products (kernels.set_streams), never during
+ * one: it changes no number. */
 extern int mpitpi_streams;
 /* dot_i4_tile_pair (the AVX-512 and AVX2 tile builds) over its body: both groups coded
  * (rs[0], rs[1] set) or both fp16; a copy of the loop for each, with and without requests
